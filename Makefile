@@ -1,0 +1,50 @@
+# One entry point for people and CI. `make test` and `make run` install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: deps test lint typecheck protos check-protos run infra-up infra-down bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "LoopMesh needs Python 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+deps: $(STAMP)
+	bash scripts/system-deps.sh
+	$(BIN)/loopmesh infra fetch
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict services
+
+protos: $(STAMP)
+	$(BIN)/python -m services.mesh.protogen
+
+check-protos: $(STAMP)
+	$(BIN)/python -m services.mesh.protogen --check
+
+test: deps lint typecheck check-protos
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+run: deps
+	$(BIN)/loopmesh run
+
+infra-up: deps
+	$(BIN)/loopmesh infra up
+
+infra-down: $(STAMP)
+	$(BIN)/loopmesh infra down
+
+bench: deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .loopmesh .mypy_cache .ruff_cache .pytest_cache

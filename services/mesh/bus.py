@@ -1,0 +1,311 @@
+"""A typed Kafka layer on aiokafka: pydantic events in and out, dead letters, topic declaration.
+
+Producing waits for the broker's acknowledgement (idempotent producer, ``acks=all``), so a
+caller that acknowledges its own client after ``publish`` never loses an event. Consuming
+commits an offset only after the handler for that message returned; a message that cannot
+be decoded or validated goes to ``<topic>.dlq`` with the reason and its source offset, and
+the consumer moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.helpers import create_ssl_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
+
+from services.mesh.events import DeadLetter, Event
+from services.mesh.settings import KafkaSettings
+from services.mesh.telemetry import KafkaHeaders, extract_context, inject_headers, tracer
+from services.mesh.topics import Topic
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+def client_options(settings: KafkaSettings, service: str) -> dict[str, Any]:
+    """aiokafka keyword arguments for connection and security, shared by every client."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": f"{settings.client_id}-{service}",
+        "request_timeout_ms": settings.request_timeout_ms,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
+            certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+            keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        )
+    if settings.security_protocol.startswith("SASL"):
+        if not settings.sasl_mechanism or not settings.sasl_username:
+            raise ValueError("SASL needs kafka.sasl_mechanism and kafka.sasl_username")
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = (
+            settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+        )
+    return options
+
+
+def encode(event: Event) -> bytes:
+    return event.model_dump_json(by_alias=True).encode()
+
+
+def event_headers(event: Event) -> KafkaHeaders:
+    """Headers every produced event carries: its id, schema and the current trace context."""
+    headers: KafkaHeaders = [
+        ("event_id", event.event_id.encode()),
+        ("schema", event.schema_.encode()),
+        ("content-type", b"application/json"),
+    ]
+    return inject_headers(headers)
+
+
+async def declare_topics(
+    settings: KafkaSettings, topics: Iterable[Topic], *, with_dlq: bool = True
+) -> None:
+    """Create the topics (and their dead-letter topics) that do not exist yet."""
+    wanted: list[NewTopic] = []
+    for topic in topics:
+        wanted.append(
+            NewTopic(
+                topic.name,
+                num_partitions=settings.default_partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=topic.config(),
+            )
+        )
+        if with_dlq:
+            wanted.append(
+                NewTopic(
+                    topic.dlq,
+                    num_partitions=1,
+                    replication_factor=settings.replication_factor,
+                    topic_configs={"retention.ms": str(30 * 24 * 3600 * 1000)},
+                )
+            )
+    admin = AIOKafkaAdminClient(**client_options(settings, "admin"))
+    await admin.start()
+    try:
+        response = await admin.create_topics(wanted)
+        for name, code, *rest in response.topic_errors:
+            if code not in (0, TOPIC_ALREADY_EXISTS):
+                raise RuntimeError(f"creating topic {name!r} failed: error {code} {rest}")
+    finally:
+        await admin.close()
+
+
+class EventProducer:
+    """Produces pydantic events with their key, id and trace headers; waits for acks."""
+
+    def __init__(self, settings: KafkaSettings, service: str, **overrides: Any) -> None:
+        options = client_options(settings, service)
+        options.update(enable_idempotence=True, acks="all", linger_ms=5)
+        options.update(overrides)
+        self._producer = AIOKafkaProducer(**options)
+        self._tracer = tracer(f"loopmesh.{service}.bus")
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(self, topic: Topic, event: Event, *, key: str | None = None) -> None:
+        """Produce one event and wait until the broker acknowledged it."""
+        await self.publish_many(topic, [event], keys=[key] if key is not None else None)
+
+    async def publish_many(
+        self, topic: Topic, events: Sequence[Event], *, keys: Sequence[str | None] | None = None
+    ) -> None:
+        """Produce a batch and wait until every event of it is acknowledged.
+
+        Raises the first delivery error (``KafkaError``); events before it may have landed,
+        which is why consumers deduplicate by event id.
+        """
+        if not events:
+            return
+        with self._tracer.start_as_current_span(
+            f"{topic.name} publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": topic.name,
+                "messaging.batch.message_count": len(events),
+            },
+        ):
+            futures = []
+            for i, event in enumerate(events):
+                key = keys[i] if keys is not None else None
+                if key is None:
+                    key = str(getattr(event, topic.key_field))
+                futures.append(
+                    await self._producer.send(
+                        topic.name,
+                        value=encode(event),
+                        key=key.encode(),
+                        headers=event_headers(event),
+                    )
+                )
+            await asyncio.gather(*futures)
+
+    async def publish_raw(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: KafkaHeaders
+    ) -> None:
+        await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a consumed event came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+Handler = Callable[[E, Delivery], Awaitable[None]]
+
+
+class EventConsumer(Generic[E]):
+    """A consumer-group member that hands valid events to ``handler`` and commits after it.
+
+    A handler that raises leaves the offset uncommitted: the consumer seeks back, waits
+    ``retry_backoff`` and delivers the same message again (at-least-once). Messages that
+    are not valid events are dead-lettered, never retried.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: Topic,
+        group_id: str,
+        handler: Handler[E],
+        *,
+        dlq: EventProducer,
+        service: str,
+        retry_backoff: float = 1.0,
+        max_batch: int = 500,
+        **overrides: Any,
+    ) -> None:
+        options = client_options(settings, service)
+        options.update(
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        options.update(overrides)
+        self.topic = topic
+        self.group_id = group_id
+        self._consumer = AIOKafkaConsumer(topic.name, **options)
+        self._handler = handler
+        self._dlq = dlq
+        self._retry_backoff = retry_backoff
+        self._max_batch = max_batch
+        self._tracer = tracer(f"loopmesh.{service}.bus")
+        self._stopping = asyncio.Event()
+        self.dead_lettered = 0
+        self.handled = 0
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self._consumer.stop()
+
+    async def run(self) -> None:
+        """Consume until ``stop``; returns when stopped."""
+        while not self._stopping.is_set():
+            batches = await self._consumer.getmany(timeout_ms=500, max_records=self._max_batch)
+            for tp, records in batches.items():
+                await self._handle_partition(tp, records)
+
+    async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+        for record in records:
+            try:
+                await self._handle_record(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "handler failed on %s[%d]@%d; retrying", tp.topic, tp.partition, record.offset
+                )
+                self._consumer.seek(tp, record.offset)
+                await asyncio.sleep(self._retry_backoff)
+                return
+            # Commit per message: the effect of this one is durable, later ones may not be.
+            await self._consumer.commit({tp: record.offset + 1})
+
+    async def _handle_record(self, record: Any) -> None:
+        headers = tuple(record.headers or ())
+        delivery = Delivery(record.topic, record.partition, record.offset, record.key, headers)
+        try:
+            event = self.topic.value_type.model_validate_json(record.value or b"")
+        except ValidationError as err:
+            await self._dead_letter(record, delivery, _describe(err))
+            return
+        parent = extract_context(headers)
+        with self._tracer.start_as_current_span(
+            f"{record.topic} process",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.kafka.offset": record.offset,
+                "messaging.consumer.group.name": self.group_id,
+                "messaging.message.id": event.event_id,
+            },
+        ):
+            await self._handler(event, delivery)  # type: ignore[arg-type]
+        self.handled += 1
+
+    async def _dead_letter(self, record: Any, delivery: Delivery, reason: str) -> None:
+        letter = DeadLetter(
+            reason=reason,
+            topic=delivery.topic,
+            partition=delivery.partition,
+            offset=delivery.offset,
+            consumer_group=self.group_id,
+            key=record.key,
+            value=record.value,
+        )
+        log.warning(
+            "dead-lettering %s[%d]@%d: %s",
+            delivery.topic,
+            delivery.partition,
+            delivery.offset,
+            reason,
+        )
+        await self._dlq.publish_raw(
+            f"{delivery.topic}.dlq",
+            value=encode(letter),
+            key=record.key,
+            headers=[*delivery.headers, *event_headers(letter)],
+        )
+        trace.get_current_span().add_event("dead-lettered", {"reason": reason})
+        self.dead_lettered += 1
+
+
+def _describe(err: ValidationError) -> str:
+    """A short reason naming the fields at fault."""
+    parts = []
+    for item in err.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "value"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)

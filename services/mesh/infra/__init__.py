@@ -1,0 +1,1 @@
+"""Local infrastructure for one machine: real Kafka (KRaft), tritonserver and Feast."""

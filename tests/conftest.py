@@ -1,0 +1,73 @@
+"""Session fixtures: one real Kafka broker, one real tritonserver and one real Feast repo.
+
+Each starts once per test run on free loopback ports. Logs go under the session's temporary
+directory; on a failed run the path is printed so they can be read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.mesh.infra.feast_repo import apply_repo, prepare_repo
+from services.mesh.infra.kafka import KafkaBroker
+from services.mesh.infra.triton import TritonServer
+from services.mesh.settings import KafkaSettings
+
+os.environ.setdefault("LOOPMESH_TELEMETRY__SERVICE_NAMESPACE", "loopmesh-tests")
+
+
+@pytest.fixture(scope="session")
+def infra_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("infra")
+
+
+def _keep_logs_on_failure(request: pytest.FixtureRequest, name: str, log: Path) -> None:
+    if request.session.testsfailed and log.exists():
+        keep = Path(os.environ.get("LOOPMESH_TEST_LOGS", ".loopmesh/test-logs"))
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, keep / f"{name}.log")
+        print(f"\n{name} log kept at {keep / f'{name}.log'}")
+
+
+@pytest.fixture(scope="session")
+def kafka(infra_dir: Path, request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(infra_dir / "kafka")
+    broker.start()
+    yield broker
+    broker.stop()
+    _keep_logs_on_failure(request, "kafka", broker.log_path)
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(kafka: KafkaBroker) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, default_partitions=2)
+
+
+@pytest.fixture(scope="session")
+def model_repository(infra_dir: Path) -> Path:
+    path = infra_dir / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton(
+    infra_dir: Path, model_repository: Path, request: pytest.FixtureRequest
+) -> Iterator[TritonServer]:
+    server = TritonServer(model_repository, infra_dir / "triton")
+    server.start()
+    yield server
+    server.stop()
+    _keep_logs_on_failure(request, "triton", server.log_path)
+
+
+@pytest.fixture(scope="session")
+def feast_repo(infra_dir: Path) -> Path:
+    repo = prepare_repo(infra_dir / "feature_store")
+    apply_repo(repo)
+    return repo

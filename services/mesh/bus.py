@@ -257,7 +257,7 @@ class EventConsumer(Generic[E]):
         try:
             event = self.topic.value_type.model_validate_json(record.value or b"")
         except ValidationError as err:
-            await self._dead_letter(record, delivery, _describe(err))
+            await self._dead_letter(record, delivery, describe_validation_error(err))
             return
         parent = extract_context(headers)
         with self._tracer.start_as_current_span(
@@ -302,7 +302,7 @@ class EventConsumer(Generic[E]):
         self.dead_lettered += 1
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     """A short reason naming the fields at fault."""
     parts = []
     for item in err.errors()[:5]:

@@ -172,6 +172,14 @@ class RolloutChanged(Event):
     reason: str = ""
 
 
+class EntityErased(Event):
+    """An entity whose data must be forgotten (``entities.erased``, compacted by entity)."""
+
+    SCHEMA: ClassVar[str] = "erasure.v1"
+    entity_id: Identifier
+    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+
+
 class DeadLetter(Event):
     """A message a consumer could not handle, kept with why and where (``<topic>.dlq``)."""
 

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         want, have = _tree(fresh), _tree(OUT) if OUT.exists() else {}
         if not args.check:
             # Replace the tree in one step so a reader never sees half of it.
-            staged = OUT.with_name(".gen-staged")
-            shutil.rmtree(staged, ignore_errors=True)
+            staged = Path(tempfile.mkdtemp(prefix=".gen-", dir=OUT.parent))
+            shutil.rmtree(staged)
             shutil.copytree(fresh, staged)
             shutil.rmtree(OUT, ignore_errors=True)
             staged.rename(OUT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.mesh.events import (
+    EntityErased,
     Event,
     FeedbackEvent,
     InteractionEvent,
@@ -46,6 +47,7 @@ TRAINING_EXAMPLES = Topic("training.examples", LabelledExample, "entity_id", 30 
 METRICS_LIVE = Topic("metrics.live", VersionMetrics, "model_name", 1 * DAY_MS)
 MODELS_PUBLISHED = Topic("models.published", ModelPublished, "model_name", compacted=False)
 ROLLOUTS = Topic("rollouts", RolloutChanged, "model_name", compacted=True)
+ENTITIES_ERASED = Topic("entities.erased", EntityErased, "entity_id", compacted=True)
 
 ALL_TOPICS: tuple[Topic, ...] = (
     EVENTS_RAW,
@@ -55,4 +57,5 @@ ALL_TOPICS: tuple[Topic, ...] = (
     METRICS_LIVE,
     MODELS_PUBLISHED,
     ROLLOUTS,
+    ENTITIES_ERASED,
 )

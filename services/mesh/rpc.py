@@ -2,7 +2,7 @@
 
 Every service builds its server the same way::
 
-    server = GrpcServer("ingestion", settings.server, interceptors=[...])
+    server = GrpcServer("ingestion", settings.server, auth=settings.auth, method_roles=ROLES)
     add_IngestionServiceServicer_to_server(servicer, server.server)
     await server.start([INGESTION_SERVICE_NAME])
     await server.wait()
@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from services.mesh.auth import AuthSettings, Role, TokenAuthInterceptor
 from services.mesh.settings import GrpcServerSettings
+from services.mesh.telemetry import RpcMetricsInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,24 @@ class GrpcServer:
         name: str,
         settings: GrpcServerSettings,
         *,
+        auth: AuthSettings | None = None,
+        method_roles: Mapping[str, Role] | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.name = name
         self.settings = settings
+        # Tracing outermost so refused calls are traced too; then metrics, then auth.
+        chain: list[grpc.aio.ServerInterceptor] = [
+            aio_server_interceptor(),  # type: ignore[no-untyped-call]
+            RpcMetricsInterceptor(name),
+        ]
+        if auth is not None and auth.enabled:
+            if method_roles is None:
+                raise ValueError(f"{name}: auth is configured but no method roles are declared")
+            chain.append(TokenAuthInterceptor(auth, method_roles))
+        chain.extend(interceptors)
         self.server = grpc.aio.server(
-            interceptors=list(interceptors),
+            interceptors=chain,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

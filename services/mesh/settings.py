@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.mesh.auth import AuthSettings
+
 
 class KafkaSettings(BaseModel):
     """How to reach Kafka and how clients behave."""
@@ -71,6 +73,8 @@ class TelemetrySettings(BaseModel):
     """OTLP collector endpoint; when unset spans stay in-process."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Port of the Prometheus metrics endpoint; None disables it."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the Prometheus metrics endpoint."""
 
 
 class InfraSettings(BaseModel):
@@ -99,6 +103,8 @@ class MeshSettings(BaseSettings):
 
     kafka: KafkaSettings = KafkaSettings()
     """Kafka connection."""
+    auth: AuthSettings = AuthSettings()
+    """Token auth on every gRPC server (off when no tokens are set)."""
     telemetry: TelemetrySettings = TelemetrySettings()
     """Tracing and metrics export."""
     infra: InfraSettings = InfraSettings()

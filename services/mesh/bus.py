@@ -18,7 +18,8 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.helpers import create_ssl_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
@@ -29,6 +30,32 @@ from services.mesh.topics import Topic
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
+
+# Instruments bind to whatever meter provider setup_telemetry installs later (OTel proxies).
+_meter = metrics.get_meter("loopmesh.bus")
+_produced = _meter.create_counter(
+    "loopmesh.kafka.produced", unit="{message}", description="Events acknowledged by Kafka"
+)
+_consumed = _meter.create_counter(
+    "loopmesh.kafka.consumed", unit="{message}", description="Events handled and committed"
+)
+_dead_lettered = _meter.create_counter(
+    "loopmesh.kafka.dead_lettered", unit="{message}", description="Messages sent to a DLQ"
+)
+_lag: dict[tuple[str, str, int], int] = {}
+
+
+def _observe_lag(_options: CallbackOptions) -> Iterable[Observation]:
+    for (group, topic, partition), lag in list(_lag.items()):
+        yield Observation(lag, {"group": group, "topic": topic, "partition": partition})
+
+
+_meter.create_observable_gauge(
+    "loopmesh.kafka.consumer_lag",
+    callbacks=[_observe_lag],
+    unit="{message}",
+    description="Messages behind the partition's high watermark, per group and partition",
+)
 
 TOPIC_ALREADY_EXISTS = 36
 
@@ -159,6 +186,7 @@ class EventProducer:
                     )
                 )
             await asyncio.gather(*futures)
+        _produced.add(len(events), {"topic": topic.name})
 
     async def publish_raw(
         self, topic: str, value: bytes | None, key: bytes | None, headers: KafkaHeaders
@@ -234,6 +262,15 @@ class EventConsumer(Generic[E]):
             batches = await self._consumer.getmany(timeout_ms=500, max_records=self._max_batch)
             for tp, records in batches.items():
                 await self._handle_partition(tp, records)
+            await self._record_lag()
+
+    async def _record_lag(self) -> None:
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await self._consumer.position(tp)
+            _lag[(self.group_id, tp.topic, tp.partition)] = max(0, highwater - position)
 
     async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
         for record in records:
@@ -274,6 +311,7 @@ class EventConsumer(Generic[E]):
         ):
             await self._handler(event, delivery)  # type: ignore[arg-type]
         self.handled += 1
+        _consumed.add(1, {"topic": record.topic, "group": self.group_id})
 
     async def _dead_letter(self, record: Any, delivery: Delivery, reason: str) -> None:
         letter = DeadLetter(
@@ -300,6 +338,7 @@ class EventConsumer(Generic[E]):
         )
         trace.get_current_span().add_event("dead-lettered", {"reason": reason})
         self.dead_lettered += 1
+        _dead_lettered.add(1, {"topic": delivery.topic, "group": self.group_id})
 
 
 def describe_validation_error(err: ValidationError) -> str:

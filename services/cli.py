@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import runpy
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -91,48 +86,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Start the stack and every existing service in the foreground until Ctrl-C."""
-    from services.mesh.infra.stack import LocalStack
-    from services.mesh.settings import MeshSettings
+    """The whole loop in the foreground until Ctrl-C (or ``--duration``)."""
+    import asyncio
+    from pathlib import Path
 
-    stack = LocalStack(MeshSettings())
-    with console.status("starting Kafka, tritonserver and Feast"):
-        state = stack.up()
-    env = {**os.environ, **state.env()}
-    children: list[subprocess.Popen[bytes]] = []
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from services.loop.runner import RunOptions, run_loop
+
+    options = RunOptions(
+        simulator=not args.no_simulator,
+        duration_seconds=args.duration,
+        headless=args.headless,
+        out_dir=Path(args.out),
+    )
     try:
-        for name in available_services():
-            log = stack.state_dir / f"{name}.log"
-            with log.open("ab") as out:
-                children.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", f"services.{name}"],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            console.print(f"started {name} (log {log})")
-        _print_state(state.env(), title="LoopMesh is running — Ctrl-C stops it")
-        while not stop.wait(1.0):
-            for child in children:
-                if child.poll() is not None:
-                    console.print(f"[red]a service exited with code {child.returncode}")
-                    stop.set()
+        asyncio.run(run_loop(options, console))
     except KeyboardInterrupt:
-        pass
-    finally:
-        console.print("stopping…")
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        stack.stop()
+        console.print("stopped")
     return 0
 
 
@@ -145,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("name", choices=SERVICES)
     serve.set_defaults(func=_serve)
-    run = sub.add_parser("run", help="start the local stack and every service")
+    run = sub.add_parser("run", help="the whole loop: local stack, services, simulator, live view")
+    run.add_argument("--no-simulator", action="store_true", help="run the mesh only, for real apps")
+    run.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    run.add_argument("--headless", action="store_true", help="progress lines, no live view")
+    run.add_argument("--out", default=".loopmesh/runs", help="where runs keep data and reports")
     run.set_defaults(func=_run)
     return parser
 

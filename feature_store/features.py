@@ -9,8 +9,10 @@ next to this file (so the path is right from any cwd and, in a copied working re
 points back into the source tree).
 
 ``entity_activity`` (push source ``entity_activity_push``)
-    ``events_1h``, ``events_24h``, ``events_total`` (Int64): interaction counts over sliding
-    windows ending at the latest event, and overall.
+    ``events_1h``, ``events_24h`` (Int64): events with ``latest - 1 h < t <= latest`` (and
+    24 h), where ``latest`` is the time of the entity's newest event: windows slide with the
+    entity's own event time, never the clock, so arrival order does not change them.
+    ``events_total`` (Int64): events seen overall (each ``event_id`` once).
     ``last_event_ts`` (Float64, unix seconds): time of the latest event. Recency
     ("seconds since the last event") changes while nothing happens, so it cannot be stored;
     consumers derive it as ``now - last_event_ts``.
@@ -18,15 +20,23 @@ points back into the source tree).
 ``entity_numeric`` (push source ``entity_numeric_push``)
     Interaction events carry numeric attributes (name -> float) and categorical attributes
     (name -> str). A fixed, small projection of them is served:
-    ``value_mean``, ``amount_mean`` (Float64): running means of the numeric attributes
-    ``value`` and ``amount`` over the events that carried them.
+    ``value_mean``, ``amount_mean`` (Float64): means of the numeric attributes ``value`` and
+    ``amount`` over the events that carried them (null when none did).
     ``last_event_type`` (String): type of the latest event.
     ``last_category`` (String): the categorical attribute ``category`` of the latest event
-    that carried one.
+    that carried one (null when none did).
 
 Every pushed row carries ``entity_id`` and ``event_timestamp`` (the time of the newest event
-folded into it). The SQLite online store writes whatever is pushed last, even an older row,
-so the features service must drop pushes older than what it already wrote.
+folded into it; Feast keeps it to the second). The rules (event time, deduplication, allowed
+lateness, erasure) are in services/features/core.py. The SQLite online store writes whatever
+is pushed last, even an older row, so the features service skips pushes older than what is
+stored; nor does it apply the TTL on online reads, so the service marks values older than the
+TTL as STALE itself.
+
+Online store: SQLite by default; Redis when the features service runs with
+``LOOPMESH_FEATURES__ONLINE_STORE=redis`` and ``LOOPMESH_FEATURES__REDIS_URL`` (the registry
+still comes from the applied repo; ``services/features/repo.py``). ``loopmesh infra up`` and
+the tests apply these definitions in a working copy (services/mesh/infra/feast_repo.py).
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ from feast.types import Float64, Int64, String
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # Generous: the store only serves the latest value per entity, and a quiet entity's
-# features are still the best thing known about it.
+# features are still the best thing known about it. Older values are served as STALE.
+# services/features/core.py mirrors it as DEFAULT_MAX_AGE_SECONDS (a test checks they agree).
 FEATURE_TTL = timedelta(days=7)
 
 entity = Entity(

@@ -31,6 +31,7 @@ def faust_app(
     **overrides: Any,
 ) -> faust.App:
     """A faust app wired to ``settings`` with raw serializers and no web server."""
+    data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     brokers = [f"kafka://{address.strip()}" for address in settings.bootstrap_servers.split(",")]
     options: dict[str, Any] = {
         "broker": brokers,

@@ -177,12 +177,15 @@ class FeatureSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    STALE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """"view:feature"."""
     dtype: _builtins.str
     """Feast value type name, e.g. "Float64", "Int64", "String"."""
     view: _builtins.str
     description: _builtins.str
+    stale_after_seconds: _builtins.float
+    """Values older than this (seconds since their event time) are served as STALE."""
     def __init__(
         self,
         *,
@@ -190,10 +193,11 @@ class FeatureSpec(_message.Message):
         dtype: _builtins.str = ...,
         view: _builtins.str = ...,
         description: _builtins.str = ...,
+        stale_after_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "ref", b"ref", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "ref", b"ref", "stale_after_seconds", b"stale_after_seconds", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +230,7 @@ class DeleteEntityRequest(_message.Message):
     ENTITY_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
+    """The id as stored in Kafka and Feast: where ingestion pseudonymises ids, the pseudonym."""
     reason: _builtins.str
     def __init__(
         self,

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from services.rollout.cli import add_rollout_commands
+
 console = Console()
 
 # Services in the order `loopmesh run` starts them; `serve` accepts these names only.
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--headless", action="store_true", help="progress lines, no live view")
     run.add_argument("--out", default=".loopmesh/runs", help="where runs keep data and reports")
     run.set_defaults(func=_run)
+    add_rollout_commands(sub)
     return parser
 
 

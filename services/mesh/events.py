@@ -141,6 +141,12 @@ class VersionMetrics(Event):
     accuracy: Finite | None = None
     auc: Finite | None = None
     label_rate: Finite | None = None
+    log_loss_var: Finite | None = Field(default=None, ge=0.0)
+    """Variance of the per-example log loss over the window (for the rollout's bound)."""
+    error_rate: Finite | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of the version's requests that failed (gateway; absent: guard skipped)."""
+    latency_p99_ms: Finite | None = Field(default=None, ge=0.0)
+    """99th percentile request latency of the version (gateway; absent: guard skipped)."""
 
 
 class ModelPublished(Event):

@@ -1,0 +1,45 @@
+"""``python -m services.rollout``: the rollout controller until SIGINT/SIGTERM.
+
+Settings come from the environment (``LOOPMESH_ROLLOUT__...``, see settings.py). Run one
+replica: the controller is the only writer of the ``rollouts`` topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.mesh.rpc import install_signal_handlers
+from services.rollout.app import RolloutApp
+from services.rollout.settings import RolloutSettings
+
+log = logging.getLogger("services.rollout")
+
+
+async def run(settings: RolloutSettings) -> int:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    app = RolloutApp(settings)
+    try:
+        await app.start()
+        log.info("rollout controller serving on %s", app.address)
+        stopped = asyncio.create_task(stop.wait())
+        crashed = asyncio.create_task(app.crashed.wait())
+        await asyncio.wait({stopped, crashed}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stopped, crashed):
+            waiter.cancel()
+    finally:
+        await app.stop()
+    # A dead loop ends the process with status 1, for the supervisor to restart it.
+    return 1 if app.crashed.is_set() else 0
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(run(RolloutSettings()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

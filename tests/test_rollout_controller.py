@@ -1,0 +1,162 @@
+"""The controller core with its two outside effects recorded in memory (a unit test of logic:
+the real Kafka and Triton paths are covered in test_rollout_e2e and test_rollout_restart)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.mesh import model_repo
+from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
+from services.rollout.core import RolloutController, UnknownModel
+from services.rollout.machine import Refused
+from services.rollout.policy import PolicySet, RolloutPolicy
+from services.rollout.settings import RolloutScope
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Effects:
+    """Publisher and loader in one, so the order of loads and publications is one list."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, object]] = []
+        self.in_triton: dict[str, set[int]] = {}
+        self.fail_loads = False
+        self.policies: list[PolicySet] = []
+
+    async def rollout_changed(self, event: RolloutChanged) -> None:
+        self.log.append(("publish", (event.state, event.canary_version, event.canary_weight)))
+
+    async def policy_set(self, event: PolicySet) -> None:
+        self.policies.append(event)
+
+    async def loaded(self, model: str) -> set[int]:
+        return set(self.in_triton.get(model, set()))
+
+    async def ensure(
+        self, model: str, versions: set[int], expected_sha: dict[int, str] | None = None
+    ) -> bool:
+        if self.fail_loads:
+            raise RuntimeError("Triton said no")
+        self.log.append(("load", tuple(sorted(versions))))
+        self.in_triton[model] = set(versions)
+        return True
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def published(repo: Path, version: int) -> ModelPublished:
+    model_repo.write_version(repo, "m", version, b"torchscript", {}, n_features=2)
+    sha = model_repo.read_metadata(repo, "m", version)["sha256"]
+    return ModelPublished(model_name="m", model_version=version, sha256=sha, feature_names=[])
+
+
+def controller(repo: Path, effects: Effects, clock: Clock, **policy: object) -> RolloutController:
+    scope = RolloutScope(
+        default_policy=RolloutPolicy(
+            min_samples=10, min_step_seconds=5, step_timeout_seconds=50, **policy
+        )  # type: ignore[arg-type]
+    )
+    return RolloutController(scope, effects, effects, repo, clock=clock)
+
+
+async def feed(ctl: RolloutController, clock: Clock, losses: dict[int, float]) -> None:
+    for version, loss in losses.items():
+        await ctl.on_metrics(
+            VersionMetrics(
+                model_name="m",
+                model_version=version,
+                window_seconds=600,
+                count=500,
+                log_loss=loss,
+                log_loss_var=0.01,
+                event_time=clock(),
+            )
+        )
+
+
+async def test_versions_are_loaded_before_the_change_that_gives_them_traffic(repo: Path) -> None:
+    effects, clock = Effects(), Clock()
+    ctl = controller(repo, effects, clock)
+    await ctl.on_published(published(repo, 1))
+    await ctl.on_published(published(repo, 2))
+    await ctl.on_published(published(repo, 3))  # queued behind v2's rollout
+    assert ctl.pending == {"m": 3}
+    await ctl.tick()
+    assert effects.log == [
+        ("load", (1,)),
+        ("publish", ("stable", None, 0.0)),
+        ("publish", ("candidate", 2, 0.0)),
+        ("load", (1, 2)),
+        ("publish", ("canary", 2, 0.05)),
+    ]
+    effects.log.clear()
+    clock.tick(1)
+    await feed(ctl, clock, {1: 0.5, 2: 0.9})
+    await ctl.tick()
+    # v2 is worse: rolled back; then the pending v3 starts at once.
+    assert [entry[1] for entry in effects.log[:4]] == [
+        ("rolled_back", 2, 0.0),
+        ("candidate", 3, 0.0),
+        (1, 2, 3),  # v2 drains while v3 loads
+        ("canary", 3, 0.05),
+    ]
+    assert ctl.status("m").record.canary_version == 3 and not ctl.pending
+
+
+async def test_a_failed_load_aborts_with_the_reason(repo: Path) -> None:
+    effects, clock = Effects(), Clock()
+    ctl = controller(repo, effects, clock)
+    await ctl.on_published(published(repo, 1))
+    effects.fail_loads = True
+    await ctl.on_published(published(repo, 2))
+    await ctl.tick()
+    record = ctl.status("m").record
+    assert (record.state, record.stable_version, record.canary_version) == ("aborted", 1, 2)
+    assert "Triton said no" in record.reason
+
+
+async def test_restore_resumes_state_policies_and_queued_versions(repo: Path) -> None:
+    effects, clock = Effects(), Clock()
+    ctl = controller(repo, effects, clock)
+    await ctl.on_published(published(repo, 1))
+    await ctl.on_published(published(repo, 2))
+    await ctl.tick()
+    published(repo, 3)  # in the repository; its event was consumed before a crash
+    await ctl.set_policy("m", {"min_samples": 77}, reset=False)
+    history = [h.event for h in ctl.history["m"]]
+
+    again = controller(repo, Effects(), clock)
+    again.restore(history, effects.policies)
+    status = again.status("m")
+    assert (status.record.state, status.record.step, status.record.canary_version) == (
+        "canary",
+        1,
+        2,
+    )
+    assert status.record.changed_at == history[-1].event_time
+    assert status.policy.min_samples == 77 and again.pending == {"m": 3}
+    with pytest.raises(UnknownModel):
+        again.status("other")
+    with pytest.raises(Refused):
+        await again.resume("m", reason="")
+    with pytest.raises(ValueError):
+        await again.pause("../m", reason="")

@@ -1,0 +1,243 @@
+"""The controller as its own process: SIGKILL mid-rollout, restart, same step; CLI commands.
+
+``python -m services.rollout`` runs with settings from the environment, exactly as deployed.
+The trainer and its joiner are simulated by their events (``ModelPublished``, ``VersionMetrics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
+from services.mesh.bus import EventProducer
+from services.mesh.infra.process import free_port
+from services.mesh.infra.triton import TritonServer
+from services.mesh.settings import KafkaSettings
+from services.rollout.cli import add_rollout_commands
+from services.rollout.settings import RolloutTopics
+from tests.helpers import eventually
+from tests.test_rollout_support import (
+    Arm,
+    ChangeLog,
+    MetricsFeeder,
+    publish_version,
+    unique_model,
+    unique_topics,
+    unload_models,
+)
+
+MIN_STEP = 12.0
+"""Longer than OUTAGE plus a restart on a busy 2-core machine (5 s measured)."""
+OUTAGE = 3.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Controller:
+    """``python -m services.rollout`` as a child process with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.address = f"127.0.0.1:{env['LOOPMESH_ROLLOUT__SERVER__PORT']}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.rollout"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+    async def get(self, model: str) -> rollout_pb2.Rollout | None:
+        """The rollout over gRPC; None while the controller is not answering (yet)."""
+        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+        try:
+            async with grpc.aio.insecure_channel(self.address) as channel:
+                stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+                request = rollout_pb2.GetRolloutRequest(model_name=model)
+                return await stub.GetRollout(request, timeout=5)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                return None
+            raise
+
+
+def cli(*argv: str) -> int:
+    """``loopmesh rollout ...`` through the same argparse hook the lead adds to services/cli."""
+    parser = argparse.ArgumentParser(prog="loopmesh")
+    add_rollout_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["rollout", *argv])
+    code: int = args.func(args)
+    return code
+
+
+@pytest.fixture
+def topics() -> RolloutTopics:
+    return unique_topics()
+
+
+@pytest.fixture
+def controller(
+    topics: RolloutTopics,
+    kafka_settings: KafkaSettings,
+    triton: TritonServer,
+    model_repository: Path,
+    tmp_path: Path,
+) -> Iterator[Controller]:
+    env = {
+        **os.environ,
+        "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "LOOPMESH_KAFKA__DEFAULT_PARTITIONS": str(kafka_settings.default_partitions),
+        "LOOPMESH_TRITON_URL": triton.grpc_url,
+        "LOOPMESH_MODEL_REPOSITORY": str(model_repository),
+        "LOOPMESH_ROLLOUT__SERVER__PORT": str(free_port()),
+        "LOOPMESH_ROLLOUT__TOPICS__MODELS_PUBLISHED": topics.models_published,
+        "LOOPMESH_ROLLOUT__TOPICS__METRICS_LIVE": topics.metrics_live,
+        "LOOPMESH_ROLLOUT__TOPICS__ROLLOUTS": topics.rollouts,
+        "LOOPMESH_ROLLOUT__TOPICS__POLICIES": topics.policies,
+        "LOOPMESH_ROLLOUT__CONSUMER_GROUP": f"g-{topics.rollouts}",
+        "LOOPMESH_ROLLOUT__TICK_SECONDS": "0.1",
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_SAMPLES": "30",
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_STEP_SECONDS": str(MIN_STEP),
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__STEP_TIMEOUT_SECONDS": "120",
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__DRAIN_SECONDS": "600",
+    }
+    ctl = Controller(env, tmp_path / "rollout.log")
+    ctl.start()
+    yield ctl
+    if ctl.proc is not None and ctl.proc.poll() is None:
+        ctl.proc.kill()
+        ctl.proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def model(triton: TritonServer) -> AsyncIterator[str]:
+    name = unique_model()
+    yield name
+    await unload_models(triton.grpc_url, [name])
+
+
+@pytest.fixture
+async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[EventProducer]:
+    p = EventProducer(kafka_settings, "rollout-test")
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def test_killed_controller_resumes_at_the_same_step_and_obeys_the_cli(
+    model: str,  # first: unloaded from Triton after the controller process is gone
+    controller: Controller,
+    topics: RolloutTopics,
+    producer: EventProducer,
+    kafka_settings: KafkaSettings,
+    model_repository: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    published, metrics, rollouts, _ = topics.table()
+    feeder = MetricsFeeder(producer, metrics, model)
+    async with ChangeLog(kafka_settings, rollouts.name) as log, feeder:
+        feeder.arms[1] = Arm(log_loss=0.60, per_tick=40)
+        await producer.publish(published, publish_version(model_repository, model, 1))
+        await log.wait_for(lambda e: e.state == "stable" and e.stable_version == 1)
+        feeder.arms[2] = Arm(log_loss=0.40, per_tick=40)
+        await producer.publish(published, publish_version(model_repository, model, 2))
+        step1 = await log.wait_for(lambda e: e.canary_version == 2 and e.step == 1)
+
+        controller.kill()
+        # An outage, not a synchronisation: the controller stays down for a while, so a timer
+        # restarted with the process would fire OUTAGE seconds later than the continued one.
+        await asyncio.sleep(OUTAGE)
+        relaunched = datetime.now(UTC)
+        controller.start()
+
+        async def answering() -> rollout_pb2.Rollout | None:
+            return await controller.get(model)
+
+        status = await eventually(answering, timeout=60)
+        # Rebuilt from the rollouts topic: same step, and the step timer still counts from
+        # the event time of the last change, not from the restart.
+        assert (status.state, status.step, status.canary_version) == ("canary", 1, 2)
+        assert status.canary_weight == pytest.approx(0.05)
+        assert status.changed_at.ToDatetime(tzinfo=UTC) == step1.event_time
+        step2 = await log.wait_for(lambda e: e.canary_version == 2 and e.step == 2)
+        assert (step2.event_time - step1.event_time).total_seconds() >= MIN_STEP
+        assert step2.event_time < relaunched + timedelta(seconds=MIN_STEP), (
+            "the step timer restarted with the process"
+        )
+        assert [e.step for e in log.of(2)] == [0, 1, 2], "a step was repeated after the restart"
+
+        # Manual promotion (one step up, before the timer would) and rollback, from the CLI.
+        promote = ("promote", model, "--reason", "ship it", "--address", controller.address)
+        assert await asyncio.to_thread(cli, *promote) == 0
+        step3 = await log.wait_for(lambda e: e.canary_version == 2 and e.step == 3)
+        assert "manual promote: ship it" in step3.reason and step3.canary_weight == 0.5
+        assert await asyncio.to_thread(cli, "pause", model, "--address", controller.address) == 0
+        await log.wait_for(lambda e: e.state == "paused" and e.canary_weight == 0.5)
+        assert await asyncio.to_thread(cli, "resume", model, "--address", controller.address) == 0
+        await log.wait_for(lambda e: e.state == "canary" and e.reason == "resumed")
+        rollback = (
+            "rollback",
+            model,
+            "--reason",
+            "pager went off",
+            "--address",
+            controller.address,
+        )
+        assert await asyncio.to_thread(cli, *rollback) == 0
+        rolled = await log.wait_for(lambda e: e.state == "rolled_back")
+        assert (rolled.canary_version, rolled.stable_version, rolled.step) == (2, 1, 3)
+        assert "manual rollback: pager went off" in rolled.reason
+
+    # A command that does not apply is refused with a non-zero exit; status tells the story.
+    assert await asyncio.to_thread(cli, "rollback", model, "--address", controller.address) == 1
+    capsys.readouterr()
+    assert (
+        await asyncio.to_thread(cli, "status", model, "--json", "--address", controller.address)
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    [current] = report["rollouts"]
+    assert (current["state"], current["stable_version"], current["canary_version"]) == (
+        "rolled_back",
+        "1",
+        "2",
+    )
+    steps = [(h["state"], h.get("step", 0)) for h in reversed(report["history"])]
+    assert steps == [
+        ("stable", 0),
+        ("candidate", 0),
+        ("canary", 1),
+        ("canary", 2),
+        ("canary", 3),
+        ("paused", 3),
+        ("canary", 3),
+        ("rolled_back", 3),
+    ]
+    assert controller.terminate() == 0, controller.log.read_text()[-3000:]

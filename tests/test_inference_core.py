@@ -1,0 +1,169 @@
+"""Pure logic of the inference gateway: routing hash, coalescing, validation, log queue, specs."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import service_pb2
+
+from services.inference.batching import Coalescer
+from services.inference.catalog import BadModelSpec, ModelCatalog, UnknownModel, is_store_ref
+from services.inference.core import InvalidArgument, PredictInput, PredictionRecord
+from services.inference.oip import override_version
+from services.inference.prediction_log import PredictionLogger
+from services.inference.routing import Route, bucket
+from services.mesh import model_repo
+from services.mesh.bus import EventProducer
+from services.mesh.settings import KafkaSettings
+from services.mesh.topics import PREDICTIONS
+
+
+def route(weight: float, canary: int | None = 2, stable: int | None = 1) -> Route:
+    return Route("m", stable, canary, weight, "admin")
+
+
+def test_bucket_is_stable_and_uniform() -> None:
+    assert bucket("m", 2, "alice") == bucket("m", 2, "alice")
+    assert bucket("m", 2, "alice") != bucket("m", 3, "alice")  # a new canary, a new cohort
+    points = [bucket("m", 2, f"user-{i}") for i in range(20_000)]
+    assert all(0.0 <= p < 1.0 for p in points)
+    for cut in (0.05, 0.1, 0.5):
+        share = sum(p < cut for p in points) / len(points)
+        assert abs(share - cut) < 4 * math.sqrt(cut * (1 - cut) / len(points))
+
+
+def test_route_is_sticky_and_the_canary_cohort_only_grows() -> None:
+    keys = [f"k{i}" for i in range(2000)]
+    small = {k for k in keys if route(0.05).choose(k) == (2, "canary")}
+    large = {k for k in keys if route(0.25).choose(k) == (2, "canary")}
+    assert small and small < large
+    assert all(route(0.25).choose(k) == route(0.25).choose(k) for k in keys[:100])
+    assert route(0.0).choose("x") == (1, "stable")
+    assert route(1.0).choose("x") == (2, "canary")
+    assert route(0.5, stable=None).choose("x") == (2, "canary")
+    assert route(0.0, canary=None).choose("x") == (1, "stable")
+    assert route(0.0, canary=None, stable=None).choose("x") is None
+
+
+async def test_lone_calls_go_at_once_and_concurrent_ones_coalesce() -> None:
+    sizes: list[int] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        await asyncio.sleep(0.01)
+        return [i * 10 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_size=16, max_delay_s=0.5, max_inflight=1)
+    started = time.monotonic()
+    assert await coalescer.submit(1) == 10
+    assert time.monotonic() - started < 0.3  # not held back for max_delay
+    results = await asyncio.gather(*(coalescer.submit(i) for i in range(40)))
+    assert results == [i * 10 for i in range(40)]
+    assert max(sizes) <= 16 and len(sizes) < 41
+    assert coalescer.items == 41 and coalescer.batches == len(sizes)
+
+
+async def test_queued_items_wait_at_most_max_delay() -> None:
+    release = asyncio.Event()
+
+    async def flush(items: Sequence[str]) -> list[str]:
+        if "slow" in items:
+            await release.wait()
+        return list(items)
+
+    coalescer: Coalescer[str, str] = Coalescer(flush, max_size=8, max_delay_s=0.02, max_inflight=1)
+    slow = asyncio.create_task(coalescer.submit("slow"))
+    await asyncio.sleep(0)
+    # The only slot is taken; this item must still leave after ~max_delay, not after "slow".
+    assert await asyncio.wait_for(coalescer.submit("quick"), timeout=2) == "quick"
+    release.set()
+    assert await slow == "slow"
+
+
+async def test_a_failed_batch_fails_every_caller_in_it() -> None:
+    async def flush(items: Sequence[int]) -> list[int]:
+        await asyncio.sleep(0.005)
+        raise RuntimeError("backend down")
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_size=8, max_delay_s=0.01, max_inflight=1)
+    results = await asyncio.gather(*(coalescer.submit(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert coalescer.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"entity_id": ""}, "entity_id"),
+        ({"entity_id": "a", "context": {"x": float("nan")}}, "context.x"),
+        ({"entity_id": "a", "context": {"": 1.0}}, "context."),
+        ({"entity_id": "a" * 300}, "entity_id"),
+    ],
+)
+def test_predict_input_errors_name_the_field(values: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        PredictInput.parse(**values)
+    assert caught.value.field.startswith(field)
+
+
+def test_predict_input_trims_and_keeps_context() -> None:
+    parsed = PredictInput.parse(entity_id=" bob ", context={"hour": 3})
+    assert parsed.entity_id == "bob" and parsed.context == {"hour": 3.0}
+
+
+def test_override_version_retargets_without_touching_tensors() -> None:
+    request = service_pb2.ModelInferRequest(model_name="m", id="r1", model_version="")
+    request.raw_input_contents.append(b"\x00\x01" * 100)
+    request.parameters["routing_key"].string_param = "k"
+    for original in ("", "7"):
+        request.model_version = original
+        forwarded = service_pb2.ModelInferRequest.FromString(
+            override_version(request.SerializeToString(), 123456789012345678)
+        )
+        assert forwarded.model_version == "123456789012345678"
+        forwarded.model_version = original
+        assert forwarded == request
+
+
+async def test_prediction_log_drops_when_full_and_counts() -> None:
+    # Never started: nothing drains, so the bounded queue fills.
+    logger = PredictionLogger(
+        EventProducer(KafkaSettings(), "test"), PREDICTIONS, queue_size=2, batch_size=10
+    )
+    record = PredictionRecord("p", "m", 1, "e", {"a": 1.0}, 0.5, 1.0, datetime.now(UTC))
+    assert [logger.log(record) for _ in range(5)] == [True, True, False, False, False]
+    assert logger.dropped == 3 and logger.pending == 2
+
+
+def test_catalog_reads_specs_and_names_what_is_unknown(tmp_path: Path) -> None:
+    model_repo.write_version(
+        tmp_path,
+        "m",
+        1,
+        b"not-loaded-here",
+        {"feature_names": ["v:a", "b"], "feature_defaults": {"b": 2.0}},
+        n_features=2,
+    )
+    model_repo.write_version(tmp_path, "bare", 1, b"x", {}, n_features=1)
+    catalog = ModelCatalog(tmp_path, defaults={"v:a": 0.5, "b": 9.0}, default_value=-1.0)
+    spec = catalog.spec("m", 1)
+    assert spec.feature_names == ("v:a", "b") and spec.store_refs == ("v:a",)
+    assert catalog.default_for(spec, "b") == 2.0  # the model's declaration wins
+    assert catalog.default_for(spec, "v:a") == 0.5
+    assert catalog.default_for(spec, "other") == -1.0
+    assert catalog.latest("m") == 1
+    with pytest.raises(UnknownModel) as no_version:
+        catalog.spec("m", 2)
+    assert no_version.value.field == "model_version"
+    with pytest.raises(UnknownModel) as no_model:
+        catalog.spec("nope", 1)
+    assert no_model.value.field == "model_name"
+    with pytest.raises(BadModelSpec, match="feature_names"):
+        catalog.spec("bare", 1)
+    assert is_store_ref("view:f") and not is_store_ref("f") and not is_store_ref(":f")

@@ -17,6 +17,7 @@ from services.features.settings import FeaturesSettings
 from services.mesh.bus import EventProducer, declare_topics
 from services.mesh.events import EntityErased
 from services.mesh.rpc import GrpcServer, install_signal_handlers
+from services.mesh.telemetry import setup_telemetry
 from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 
 log = logging.getLogger("services.features")
@@ -31,7 +32,7 @@ async def run(settings: FeaturesSettings) -> int:
     await declare_topics(settings.kafka, [events, erasures])
 
     from services.features.agents import FeatureAgents
-    from services.features.server import SERVICE_NAME, FeatureServicer
+    from services.features.server import METHOD_ROLES, SERVICE_NAME, FeatureServicer
     from services.features.store import FeastGateway
     from services.features.topics import partition_counts
     from services.gen.loopmesh.v1 import features_pb2_grpc
@@ -51,7 +52,9 @@ async def run(settings: FeaturesSettings) -> int:
             async def publish_erasure(event: EntityErased) -> None:
                 await publisher.publish(erasures, event)
 
-            server = GrpcServer("features", scope.server)
+            server = GrpcServer(
+                "features", scope.server, auth=settings.auth, method_roles=METHOD_ROLES
+            )
             features_pb2_grpc.add_FeatureServiceServicer_to_server(
                 FeatureServicer(
                     store,
@@ -93,14 +96,13 @@ def main() -> int:
     # feast imports torch when installed, only for OnlineResponse.to_tensor, which this
     # service never calls: blocking it saves seconds of start-up and hundreds of MB.
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    settings = FeaturesSettings()
+    setup_telemetry("features", settings.telemetry)
     # faust and mode narrate every rebalance at INFO, feast every registry refresh; their
     # warnings are what matters.
     for noisy in ("faust", "mode", "aiokafka", "feast"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return asyncio.run(run(FeaturesSettings()))
+    return asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,18 @@ from services.features.core import (
 )
 from services.features.store import FeastGateway
 from services.gen.loopmesh.v1 import common_pb2, features_pb2, features_pb2_grpc
+from services.mesh.auth import Role
 from services.mesh.bus import describe_validation_error
 from services.mesh.events import EntityErased
 from services.mesh.telemetry import tracer
 
 SERVICE_NAME = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+# Reads are for services that need features (the gateway); erasure is an operator's act.
+METHOD_ROLES: dict[str, Role] = {
+    f"/{SERVICE_NAME}/GetOnlineFeatures": "features",
+    f"/{SERVICE_NAME}/GetFeatureSchema": "features",
+    f"/{SERVICE_NAME}/DeleteEntity": "operator",
+}
 _tracer = tracer("loopmesh.features")
 
 _STATUS = {

@@ -8,6 +8,7 @@ import logging
 from services.inference.app import InferenceGateway
 from services.inference.settings import InferenceSettings
 from services.mesh.rpc import install_signal_handlers
+from services.mesh.telemetry import setup_telemetry
 
 log = logging.getLogger("services.inference")
 
@@ -25,8 +26,9 @@ async def serve(settings: InferenceSettings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(InferenceSettings()))
+    settings = InferenceSettings()
+    setup_telemetry("inference", settings.telemetry)
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

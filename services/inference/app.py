@@ -75,6 +75,7 @@ class InferenceGateway:
             max_batch=scope.batch_max_size,
             max_delay_s=scope.batch_max_delay_ms / 1000.0,
             max_inflight=scope.batch_max_inflight,
+            metadata=settings.auth.client_metadata(),
         )
         self.predictor = Predictor(
             catalog=self.catalog,

@@ -46,8 +46,10 @@ class FeatureClient:
         max_batch: int = 64,
         max_delay_s: float = 0.001,
         max_inflight: int = 2,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.url = url
+        self._metadata = metadata
         self._timeout = timeout_s
         self._channel = grpc.aio.insecure_channel(url, options=channel_options(16 * 1024 * 1024))
         self._stub = features_pb2_grpc.FeatureServiceStub(self._channel)
@@ -72,7 +74,9 @@ class FeatureClient:
         request = features_pb2.GetOnlineFeaturesRequest(entity_ids=unique, feature_refs=refs)
         self.calls += 1
         try:
-            response = await self._stub.GetOnlineFeatures(request, timeout=self._timeout)
+            response = await self._stub.GetOnlineFeatures(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as err:
             raise FeaturesUnavailable(f"{err.code().name}: {err.details()}") from err
         names = list(response.feature_refs) or list(refs)

@@ -38,6 +38,14 @@ class AuthSettings(BaseModel):
 
     tokens: list[TokenSpec] = []
     """JSON list, e.g. ``[{"name":"app","token":"...","roles":["ingest","feedback"]}]``."""
+    client_token: SecretStr | None = None
+    """Token this service presents when it calls another service (e.g. inference → features)."""
+
+    def client_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata for service-to-service calls; empty when no client token is set."""
+        if self.client_token is None:
+            return ()
+        return bearer(self.client_token.get_secret_value())
 
     @property
     def enabled(self) -> bool:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from services.mesh.rpc import install_signal_handlers
+from services.mesh.telemetry import setup_telemetry
 from services.rollout.app import RolloutApp
 from services.rollout.settings import RolloutSettings
 
@@ -35,10 +36,9 @@ async def run(settings: RolloutSettings) -> int:
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return asyncio.run(run(RolloutSettings()))
+    settings = RolloutSettings()
+    setup_telemetry("rollout", settings.telemetry)
+    return asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

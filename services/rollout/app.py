@@ -21,7 +21,7 @@ from services.mesh.rpc import GrpcServer
 from services.rollout.agents import SERVICE, KafkaPublisher, MetricsFollower, read_all
 from services.rollout.core import RolloutController
 from services.rollout.policy import PolicySet
-from services.rollout.server import SERVICE_NAME, RolloutServicer
+from services.rollout.server import METHOD_ROLES, SERVICE_NAME, RolloutServicer
 from services.rollout.settings import RolloutSettings
 from services.rollout.triton import TritonLoader
 
@@ -94,7 +94,9 @@ class RolloutApp:
         await asyncio.wait_for(self._metrics.caught_up.wait(), timeout)
 
         self._spawn(controller.run(self._stop), "rollout-loop")
-        self.server = GrpcServer("rollout", scope.server)
+        self.server = GrpcServer(
+            "rollout", scope.server, auth=self.settings.auth, method_roles=METHOD_ROLES
+        )
         rollout_pb2_grpc.add_RolloutServiceServicer_to_server(
             RolloutServicer(controller), self.server.server
         )

@@ -17,11 +17,14 @@ from pydantic import ValidationError
 
 from services.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
 from services.mesh import model_repo
+from services.mesh.auth import Role
 from services.mesh.events import RolloutChanged
 from services.rollout.core import HistoryEntry, Refused, RolloutController, Status, UnknownModel
 from services.rollout.policy import RolloutPolicy
 
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name
+# Every rollout call, reads included, is an operator's: the history reveals model figures.
+METHOD_ROLES: dict[str, Role] = {f"/{SERVICE_NAME}/": "operator"}
 DEFAULT_HISTORY = 50
 T = TypeVar("T")
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,16 +50,22 @@ class RunOptions:
     headless: bool = False
     """Print progress lines instead of the live dashboard."""
     out_dir: Path = Path(".loopmesh/run")
-    requests_per_second: float = 40.0
+    requests_per_second: float = 50.0
     drift_after_seconds: float | None = 150.0
     bootstrap_examples: int = 1500
     retrain_every_examples: int = 1200
-    canary_min_samples: int = 80
+    canary_weights: tuple[float, ...] = (0.1, 0.5)
+    canary_min_samples: int = 100
     canary_step_seconds: float = 10.0
     canary_timeout_seconds: float = 120.0
+    # A demo-sized gate: a fixed 80% bound that tolerates 0.15 nats of log-loss, so a
+    # candidate as good as stable advances on ~100 samples while a broken one still fails.
+    canary_max_regression: float = 0.15
     metrics_window_seconds: float = 60.0
     seed: int = 7
     extra_env: dict[str, str] = field(default_factory=dict)
+    stop_when: Callable[[LoopState], bool] | None = None
+    """Stop early once this holds (tests stop as soon as what they assert has happened)."""
 
 
 def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -> dict[str, str]:
@@ -81,7 +89,7 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
         "LOOPMESH_TRAINER__JOINER__METRICS_WINDOW_SECONDS": str(options.metrics_window_seconds),
         "LOOPMESH_TRAINER__JOINER__METRICS_PUBLISH_INTERVAL_SECONDS": "2",
         "LOOPMESH_TRAINER__JOINER__SESSION_TIMEOUT_SECONDS": "10",
-        "LOOPMESH_TRAINER__DATASET__WINDOW_ROWS": str(4 * options.retrain_every_examples),
+        "LOOPMESH_TRAINER__DATASET__WINDOW_ROWS": str(2 * options.retrain_every_examples),
         "LOOPMESH_ROLLOUT__SERVER__PORT": str(ports["rollout"]),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_SAMPLES": str(options.canary_min_samples),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_STEP_SECONDS": str(options.canary_step_seconds),
@@ -89,6 +97,10 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
             options.canary_timeout_seconds
         ),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__DRAIN_SECONDS": "5",
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__WEIGHTS": json.dumps(list(options.canary_weights)),
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__METHOD": "fixed",
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__CONFIDENCE": "0.8",
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MAX_REGRESSION": str(options.canary_max_regression),
         "LOOPMESH_ROLLOUT__METRICS_LOOKBACK_SECONDS": str(options.metrics_window_seconds),
         "LOOPMESH_ROLLOUT__TICK_SECONDS": "1",
     }
@@ -283,6 +295,8 @@ async def _watch(
     def finished() -> bool:
         if exited := processes.exited():
             raise RuntimeError(f"services exited: {', '.join(exited)}")
+        if options.stop_when is not None and options.stop_when(loop_state):
+            return True
         return deadline is not None and time.monotonic() >= deadline
 
     if options.headless:

@@ -51,9 +51,10 @@ class RunOptions:
     """Print progress lines instead of the live dashboard."""
     out_dir: Path = Path(".loopmesh/run")
     requests_per_second: float = 50.0
-    drift_after_seconds: float | None = 150.0
+    drift_after_seconds: float | None = 30.0
+    """Concept drift this long after the first promotion (so a cycle shows before it)."""
     bootstrap_examples: int = 1500
-    retrain_every_examples: int = 1200
+    retrain_every_examples: int = 1000
     canary_weights: tuple[float, ...] = (0.1, 0.5)
     canary_min_samples: int = 100
     canary_step_seconds: float = 10.0
@@ -228,7 +229,6 @@ async def run_loop(options: RunOptions, console: Console | None = None) -> dict[
                 SimulatorConfig(
                     model_name=options.model_name,
                     requests_per_second=options.requests_per_second,
-                    drift_after_seconds=options.drift_after_seconds,
                 ),
                 ingestion=f"127.0.0.1:{ports['ingestion']}",
                 inference=f"127.0.0.1:{ports['inference']}",
@@ -238,7 +238,7 @@ async def run_loop(options: RunOptions, console: Console | None = None) -> dict[
             )
             sim_task = asyncio.create_task(simulator.run(stop))
         try:
-            await _watch(options, loop_state, processes, started, notes, console)
+            await _watch(options, loop_state, processes, started, notes, console, simulator)
         except asyncio.CancelledError:
             note("stopping (Ctrl-C)")  # still write the plot and summary below
     finally:
@@ -258,6 +258,18 @@ async def run_loop(options: RunOptions, console: Console | None = None) -> dict[
     summary = loop_state.summary()
     summary.update(extra)
     return summary
+
+
+def _maybe_drift(
+    options: RunOptions, loop_state: LoopState, simulator: TrafficSimulator | None
+) -> None:
+    if simulator is None or options.drift_after_seconds is None or loop_state.drift_at:
+        return
+    promotions = loop_state.promotions()
+    if promotions:
+        since = (datetime.now(UTC) - promotions[0].at).total_seconds()
+        if since >= options.drift_after_seconds:
+            simulator.inject_drift()
 
 
 async def _train_initial(address: str, model_name: str) -> None:
@@ -289,12 +301,14 @@ async def _watch(
     started: float,
     notes: list[str],
     console: Console,
+    simulator: TrafficSimulator | None,
 ) -> None:
     deadline = None if options.duration_seconds is None else started + options.duration_seconds
 
     def finished() -> bool:
         if exited := processes.exited():
             raise RuntimeError(f"services exited: {', '.join(exited)}")
+        _maybe_drift(options, loop_state, simulator)
         if options.stop_when is not None and options.stop_when(loop_state):
             return True
         return deadline is not None and time.monotonic() >= deadline

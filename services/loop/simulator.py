@@ -39,7 +39,6 @@ class SimulatorConfig:
     requests_per_second: float = 40.0
     tick_seconds: float = 0.5
     feedback_delay_seconds: float = 1.0
-    drift_after_seconds: float | None = 150.0
     rpc_timeout_seconds: float = 5.0
 
 
@@ -81,19 +80,9 @@ class TrafficSimulator:
         self._predict = inference_pb2_grpc.InferenceServiceStub(inference)
         self._feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback)
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        drifted = False
         try:
             while not stop.is_set():
                 tick = loop.time()
-                if (
-                    not drifted
-                    and self.config.drift_after_seconds is not None
-                    and tick - started >= self.config.drift_after_seconds
-                ):
-                    self.world.set_rule(1)
-                    drifted = True
-                    self._on_drift(datetime.now(UTC))
                 n = max(1, round(self.config.requests_per_second * self.config.tick_seconds))
                 try:
                     await self._one_tick(n)
@@ -110,6 +99,11 @@ class TrafficSimulator:
                 task.cancel()
             for channel in (ingestion, inference, feedback):
                 await channel.close()
+
+    def inject_drift(self) -> None:
+        """Switch the hidden labelling rule; features keep their distribution."""
+        self.world.set_rule(1)
+        self._on_drift(datetime.now(UTC))
 
     async def _one_tick(self, n: int) -> None:
         batch = self.world.sample(n, self._rng)

@@ -140,7 +140,12 @@ class LoopState:
         return latest
 
     def promotions(self) -> list[RolloutMark]:
-        return [m for m in self.rollout_marks if m.state == "stable" and m.reason != "initial"]
+        """Changes that made a canary the stable version (not a first version's start)."""
+        out = []
+        for before, mark in zip(self.rollout_marks, self.rollout_marks[1:], strict=False):
+            if mark.state == "stable" and mark.stable is not None and mark.stable == before.canary:
+                out.append(mark)
+        return out
 
     def rollbacks(self) -> list[RolloutMark]:
         return [m for m in self.rollout_marks if m.state in ("rolled_back", "aborted")]
@@ -209,7 +214,7 @@ class LoopState:
             "feedback": self.feedback,
             "labelled_examples": self.examples,
             "versions_published": [p.version for p in self.publications],
-            "promotions": [m.canary or m.stable for m in self.promotions()],
+            "promotions": [m.stable for m in self.promotions()],
             "rollbacks": [
                 {"version": m.canary, "state": m.state, "reason": m.reason}
                 for m in self.rollbacks()

@@ -1,0 +1,228 @@
+"""Kafka adapters of the trainer: examples into the dataset, erasures, live metrics, rollouts.
+
+``ExampleSink`` batches ``training.examples`` into parquet files and commits offsets only
+after a file is durable (the bus consumer commits per message, which would acknowledge rows
+still in memory). Malformed messages are dead-lettered like everywhere else. The other
+topics use the bus consumer: each handler's effect is durable or in memory by design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
+
+from services.mesh.bus import (
+    Delivery,
+    EventProducer,
+    client_options,
+    describe_validation_error,
+    encode,
+    event_headers,
+)
+from services.mesh.events import (
+    DeadLetter,
+    EntityErased,
+    LabelledExample,
+    RolloutChanged,
+    VersionMetrics,
+)
+from services.mesh.settings import KafkaSettings
+from services.mesh.telemetry import tracer
+from services.mesh.topics import Topic
+from services.trainer.core import TrainerCore
+from services.trainer.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class ExampleSink:
+    """Consumes LabelledExample events into the dataset, a parquet file per flush."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: Topic,
+        group_id: str,
+        dataset: Dataset,
+        *,
+        model_name: str,
+        dlq: EventProducer,
+        flush_rows: int,
+        flush_seconds: float,
+        on_stored: Callable[[int], Any] = lambda n: None,
+    ) -> None:
+        options = client_options(kafka, "trainer")
+        options.update(
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        self.topic = topic
+        self.group_id = group_id
+        self._consumer = AIOKafkaConsumer(**options)
+        self._dataset = dataset
+        self._model_name = model_name
+        self._dlq = dlq
+        self._flush_rows = flush_rows
+        self._flush_seconds = flush_seconds
+        self._on_stored = on_stored
+        self._buffer: list[tuple[TopicPartition, LabelledExample]] = []
+        self._offsets: dict[TopicPartition, int] = {}
+        self._first_at: float | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._tracer = tracer("loopmesh.trainer.dataset")
+        self.stored = 0
+        self.dead_lettered = 0
+        self.skipped = 0
+
+    async def start(self) -> None:
+        self._consumer.subscribe([self.topic.name], listener=_FlushOnRevoke(self))
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(Exception):
+            await self.flush()
+        await self._consumer.stop()
+
+    async def run(self) -> None:
+        """Consume until ``stop``."""
+        poll_ms = int(min(500.0, self._flush_seconds * 1000))
+        while not self._stopping.is_set():
+            batches = await self._consumer.getmany(timeout_ms=poll_ms, max_records=self._flush_rows)
+            for tp, records in batches.items():
+                for record in records:
+                    await self._take(tp, record)
+            due = self._first_at is not None and (
+                len(self._buffer) >= self._flush_rows
+                or time.monotonic() - self._first_at >= self._flush_seconds
+            )
+            if due:
+                try:
+                    await self.flush()
+                except Exception:
+                    # Nothing was committed; the buffer is kept and the next round retries.
+                    log.exception("storing %d examples failed; retrying", len(self._buffer))
+                    await asyncio.sleep(1.0)
+
+    async def _take(self, tp: TopicPartition, record: Any) -> None:
+        try:
+            example = LabelledExample.model_validate_json(record.value or b"")
+        except ValidationError as err:
+            await self._dead_letter(record, describe_validation_error(err))
+        else:
+            if example.model_name == self._model_name:
+                self._buffer.append((tp, example))
+            else:  # another model's trainer stores it
+                self.skipped += 1
+        self._offsets[tp] = record.offset + 1
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+
+    async def flush(self) -> int:
+        """Write the buffered examples as new files, then commit their offsets."""
+        async with self._lock:
+            # Copies: records taken while the file is written stay for the next flush, and
+            # on failure nothing is dropped (the offsets were not committed either).
+            buffer, offsets = list(self._buffer), dict(self._offsets)
+            if not offsets:
+                return 0
+            with self._tracer.start_as_current_span(
+                f"{self.topic.name} store",
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": self.topic.name,
+                    "messaging.batch.message_count": len(buffer),
+                },
+            ):
+                if buffer:
+                    await asyncio.to_thread(self._dataset.append, [e for _, e in buffer])
+                await self._consumer.commit(offsets)
+            del self._buffer[: len(buffer)]
+            for tp, offset in offsets.items():
+                if self._offsets.get(tp) == offset:
+                    del self._offsets[tp]
+            self._first_at = time.monotonic() if self._offsets else None
+            self.stored += len(buffer)
+        if buffer:
+            self._on_stored(len(buffer))
+        return len(buffer)
+
+    async def release(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions move away: store and commit, or else forget their records."""
+        try:
+            await self.flush()
+        except Exception:
+            # Their offsets stay uncommitted, so the next owner reads them again.
+            log.exception("flush before rebalance failed; leaving %s to the next owner", revoked)
+            async with self._lock:
+                self._buffer = [(tp, e) for tp, e in self._buffer if tp not in revoked]
+                for tp in revoked:
+                    self._offsets.pop(tp, None)
+
+    async def _dead_letter(self, record: Any, reason: str) -> None:
+        letter = DeadLetter(
+            reason=reason,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            consumer_group=self.group_id,
+            key=record.key,
+            value=record.value,
+        )
+        log.warning(
+            "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
+        )
+        await self._dlq.publish_raw(
+            f"{record.topic}.dlq",
+            value=encode(letter),
+            key=record.key,
+            headers=[*(record.headers or ()), *event_headers(letter)],
+        )
+        self.dead_lettered += 1
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Write and commit what is buffered before partitions move to another member."""
+
+    def __init__(self, sink: ExampleSink) -> None:
+        self._sink = sink
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._sink.release(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
+
+
+class TrainerHandlers:
+    """Bus-consumer handlers that feed the core."""
+
+    def __init__(self, core: TrainerCore) -> None:
+        self.core = core
+
+    async def on_erased(self, event: EntityErased, delivery: Delivery) -> None:
+        # Durable before the offset commits: recorded (fsync), then purged from the files.
+        await asyncio.to_thread(self._erase, event.entity_id)
+
+    def _erase(self, entity_id: str) -> None:
+        self.core.dataset.record_erasures([entity_id])
+        removed = self.core.dataset.purge_erased()
+        log.info("erased entity %s: %d stored examples removed", entity_id, removed)
+
+    async def on_metrics(self, event: VersionMetrics, delivery: Delivery) -> None:
+        self.core.observe_metrics(event)
+
+    async def on_rollout(self, event: RolloutChanged, delivery: Delivery) -> None:
+        self.core.observe_rollout(event)

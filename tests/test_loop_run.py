@@ -30,7 +30,14 @@ async def test_loop_cycles_and_recovers_from_drift(tmp_path: Path) -> None:
         duration_seconds=300,
         headless=True,
         out_dir=tmp_path,
-        drift_after_seconds=15,
+        # Small thresholds so a cycle, the drift and a recovery fit in five minutes.
+        requests_per_second=60,
+        retrain_every_examples=500,
+        canary_weights=(0.25, 0.5),
+        canary_min_samples=60,
+        canary_step_seconds=5,
+        metrics_window_seconds=40,
+        drift_after_seconds=5,
         stop_when=_done,
     )
     summary = await run_loop(options, Console(file=out, width=160))

@@ -1,0 +1,1 @@
+"""Feedback: product apps report outcomes of predictions over gRPC into ``feedback``."""

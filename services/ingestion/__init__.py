@@ -1,0 +1,1 @@
+"""Ingestion: product apps stream interaction events over gRPC into ``events.raw``."""

@@ -1,0 +1,26 @@
+"""Settings of the ingestion service: env `LOOPMESH_INGESTION__...` and `LOOPMESH_PRIVACY__...`."""
+
+from __future__ import annotations
+
+from services.mesh.intake_server import IntakeScope, TopicName
+from services.mesh.privacy import PrivacySettings
+from services.mesh.settings import GrpcServerSettings, MeshSettings
+from services.mesh.topics import EVENTS_RAW
+
+
+class IngestionScope(IntakeScope):
+    """The ingestion door."""
+
+    server: GrpcServerSettings = GrpcServerSettings(port=50051)
+    """Where the IngestionService listens."""
+    topic: TopicName = EVENTS_RAW.name
+    """Topic of accepted interaction events."""
+
+
+class IngestionSettings(MeshSettings):
+    """Everything the ingestion process reads."""
+
+    ingestion: IngestionScope = IngestionScope()
+    """The ingestion door."""
+    privacy: PrivacySettings = PrivacySettings()
+    """Entity id pseudonymisation; shared with every service that maps raw ids."""

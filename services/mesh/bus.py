@@ -314,31 +314,32 @@ class EventConsumer(Generic[E]):
         _consumed.add(1, {"topic": record.topic, "group": self.group_id})
 
     async def _dead_letter(self, record: Any, delivery: Delivery, reason: str) -> None:
-        letter = DeadLetter(
-            reason=reason,
-            topic=delivery.topic,
-            partition=delivery.partition,
-            offset=delivery.offset,
-            consumer_group=self.group_id,
-            key=record.key,
-            value=record.value,
-        )
-        log.warning(
-            "dead-lettering %s[%d]@%d: %s",
-            delivery.topic,
-            delivery.partition,
-            delivery.offset,
-            reason,
-        )
-        await self._dlq.publish_raw(
-            f"{delivery.topic}.dlq",
-            value=encode(letter),
-            key=record.key,
-            headers=[*delivery.headers, *event_headers(letter)],
-        )
-        trace.get_current_span().add_event("dead-lettered", {"reason": reason})
+        await dead_letter(self._dlq, record, group=self.group_id, reason=reason)
         self.dead_lettered += 1
-        _dead_lettered.add(1, {"topic": delivery.topic, "group": self.group_id})
+
+
+async def dead_letter(producer: EventProducer, record: Any, *, group: str, reason: str) -> None:
+    """Send a consumed aiokafka record to ``<topic>.dlq`` as a DeadLetter; waits for the ack."""
+    letter = DeadLetter(
+        reason=reason,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        consumer_group=group,
+        key=record.key,
+        value=record.value,
+    )
+    log.warning(
+        "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
+    )
+    await producer.publish_raw(
+        f"{record.topic}.dlq",
+        value=encode(letter),
+        key=record.key,
+        headers=[*(record.headers or ()), *event_headers(letter)],
+    )
+    trace.get_current_span().add_event("dead-lettered", {"reason": reason})
+    _dead_lettered.add(1, {"topic": record.topic, "group": group})
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -23,12 +23,10 @@ from services.mesh.bus import (
     Delivery,
     EventProducer,
     client_options,
+    dead_letter,
     describe_validation_error,
-    encode,
-    event_headers,
 )
 from services.mesh.events import (
-    DeadLetter,
     EntityErased,
     LabelledExample,
     RolloutChanged,
@@ -172,24 +170,7 @@ class ExampleSink:
                     self._offsets.pop(tp, None)
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
-        letter = DeadLetter(
-            reason=reason,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            consumer_group=self.group_id,
-            key=record.key,
-            value=record.value,
-        )
-        log.warning(
-            "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
-        )
-        await self._dlq.publish_raw(
-            f"{record.topic}.dlq",
-            value=encode(letter),
-            key=record.key,
-            headers=[*(record.headers or ()), *event_headers(letter)],
-        )
+        await dead_letter(self._dlq, record, group=self.group_id, reason=reason)
         self.dead_lettered += 1
 
 

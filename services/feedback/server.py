@@ -12,14 +12,14 @@ from services.feedback.core import feedback_intake
 from services.feedback.settings import FeedbackScope, FeedbackSettings
 from services.gen.loopmesh.v1 import feedback_pb2, feedback_pb2_grpc
 from services.mesh.events import FeedbackEvent
-from services.mesh.intake import Intake, Item, Refusal, Unavailable
+from services.mesh.intake import Intake, Item, Unavailable
 from services.mesh.intake_server import (
     IntakeServer,
     KafkaPublisher,
     abort_unavailable,
+    envelope_item,
     item_result,
     none_valid,
-    to_datetime,
 )
 from services.mesh.pipeline import micro_batches, pipelined
 from services.mesh.topics import FEEDBACK
@@ -33,18 +33,11 @@ def feedback_item(message: feedback_pb2.Feedback, index: int) -> Item:
         "prediction_id": message.prediction_id,
         "attributes": dict(message.attributes),
     }
-    if message.event_id:
-        data["event_id"] = message.event_id
     if message.HasField("label"):
         data["label"] = message.label
     if message.HasField("reward"):
         data["reward"] = message.reward
-    if message.HasField("event_time"):
-        event_time = to_datetime(message.event_time)
-        if isinstance(event_time, Refusal):
-            return Item(index, data, refusal=event_time)
-        data["event_time"] = event_time
-    return Item(index, data)
+    return envelope_item(message, index, data)
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):

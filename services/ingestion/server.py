@@ -12,7 +12,7 @@ from services.gen.loopmesh.v1 import ingestion_pb2, ingestion_pb2_grpc
 from services.ingestion.core import ingestion_intake
 from services.ingestion.settings import IngestionScope, IngestionSettings
 from services.mesh.events import InteractionEvent
-from services.mesh.intake import Intake, Item, Refusal, Unavailable
+from services.mesh.intake import Intake, Item, Unavailable
 from services.mesh.intake_server import (
     ACKED_TRAILER,
     IntakeServer,
@@ -20,9 +20,9 @@ from services.mesh.intake_server import (
     StreamTally,
     abort_unavailable,
     count,
+    envelope_item,
     item_result,
     none_valid,
-    to_datetime,
 )
 from services.mesh.pipeline import pipelined
 from services.mesh.privacy import EntityIdMapper
@@ -45,14 +45,7 @@ def event_item(message: ingestion_pb2.InteractionEvent, index: int) -> Item:
         "numeric": {k: numeric[k] for k in numeric} if numeric else {},
         "categorical": {k: categorical[k] for k in categorical} if categorical else {},
     }
-    if message.event_id:
-        data["event_id"] = message.event_id
-    if message.HasField("event_time"):
-        event_time = to_datetime(message.event_time)
-        if isinstance(event_time, Refusal):
-            return Item(index, data, refusal=event_time)
-        data["event_time"] = event_time
-    return Item(index, data)
+    return envelope_item(message, index, data)
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):

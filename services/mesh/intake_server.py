@@ -28,7 +28,7 @@ from services.gen.loopmesh.v1 import common_pb2
 from services.mesh.auth import AuthSettings, Role
 from services.mesh.bus import EventProducer, declare_topics
 from services.mesh.events import Event
-from services.mesh.intake import DedupeSettings, IntakeLimits, Outcome, Refusal, Unavailable
+from services.mesh.intake import DedupeSettings, IntakeLimits, Item, Outcome, Refusal, Unavailable
 from services.mesh.rpc import GrpcServer, install_signal_handlers
 from services.mesh.settings import GrpcServerSettings, KafkaSettings, TelemetrySettings
 from services.mesh.telemetry import setup_telemetry
@@ -106,6 +106,18 @@ def to_datetime(timestamp: Timestamp) -> datetime | Refusal:
     ):
         return Refusal("event_time", "not a valid timestamp (years 1 to 9999, 0 <= nanos < 1e9)")
     return timestamp.ToDatetime(tzinfo=UTC)
+
+
+def envelope_item(message: Any, index: int, data: dict[str, Any]) -> Item:
+    """Complete ``data`` with the fields every intake message shares (event id and time)."""
+    if message.event_id:
+        data["event_id"] = message.event_id
+    if message.HasField("event_time"):
+        event_time = to_datetime(message.event_time)
+        if isinstance(event_time, Refusal):
+            return Item(index, data, refusal=event_time)
+        data["event_time"] = event_time
+    return Item(index, data)
 
 
 def item_result(outcome: Outcome) -> common_pb2.ItemResult:

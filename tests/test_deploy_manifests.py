@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from services.cli import SERVICES
 from services.mesh import healthcheck
+from services.mesh.bus import DLQ_TOPIC_CONFIG
 from services.mesh.infra.kafka import KAFKA_VERSION
 from services.mesh.rpc import GrpcServer
 from services.mesh.settings import GrpcServerSettings, KafkaSettings, MeshSettings
@@ -44,7 +45,6 @@ K8S = ROOT / "infra" / "k8s"
 OVERLAYS = ["base", "overlays/dev", "overlays/gpu"]
 K8S_VERSION = "1.33"
 CRD_GROUPS = {"kafka.strimzi.io", "keda.sh"}
-DLQ_CONFIG = {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3600 * 1000)}  # bus.py
 Obj = dict[str, Any]
 
 
@@ -316,7 +316,7 @@ def test_kafka_topics_match_the_topic_table(rendered: dict[str, list[Obj]], over
     wanted: dict[str, tuple[int, dict[str, str]]] = {}
     for topic in expected_topics():
         wanted[topic.name] = (partitions, topic.config())
-        wanted[topic.dlq] = (1, DLQ_CONFIG)
+        wanted[topic.dlq] = (1, DLQ_TOPIC_CONFIG)
     assert set(actual) == set(wanted), f"{overlay}: {set(actual) ^ set(wanted)}"
     for name, (count, cfg) in wanted.items():
         spec = actual[name]["spec"]

@@ -6,10 +6,7 @@ import asyncio
 import contextlib
 import uuid
 
-import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -18,17 +15,6 @@ from services.mesh.events import InteractionEvent
 from services.mesh.settings import KafkaSettings
 from services.mesh.topics import EVENTS_RAW
 from tests.helpers import eventually, unique_topic
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_consumer_span_continues_producer_trace(

@@ -81,9 +81,15 @@ def test_erased_entities_are_excluded_then_purged(tmp_path: Path) -> None:
     ]
     assert remaining == [["kept"]]  # the file with only erased rows is gone
     assert ds.row_count("m") == 1
-    # Examples of an erased entity arriving later stay excluded.
-    ds.append([ex("d", "gone", 3, 1, x=4.0)])
-    assert ds.load("m").entity_ids.tolist() == ["kept"]
+    # Examples of an erased entity arriving later never reach disk.
+    ds.append([ex("d", "gone", 3, 1, x=4.0), ex("e", "kept", 4, 0, x=5.0)])
+    assert ds.load("m").entity_ids.tolist() == ["kept", "kept"]
+    stored = [
+        e
+        for p in ds.examples_dir.rglob("*.parquet")
+        for e in pq.read_table(p)["entity_id"].to_pylist()
+    ]
+    assert "gone" not in stored
 
 
 def data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, Standardisation]:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from services.features.settings import FeaturesSettings
 from services.mesh.bus import EventProducer, declare_topics
 from services.mesh.events import EntityErased
+from services.mesh.privacy import EntityIdMapper
 from services.mesh.rpc import GrpcServer, install_signal_handlers
 from services.mesh.telemetry import setup_telemetry
 from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
@@ -61,6 +62,7 @@ async def run(settings: FeaturesSettings) -> int:
                     publish_erasure,
                     max_entities=scope.max_entities,
                     stale_after_s=scope.stale_after_s,
+                    entity_ids=EntityIdMapper(settings.privacy),
                 ),
                 server.server,
             )

@@ -27,23 +27,47 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, get_current_span
+from pydantic import field_validator
 
+from services.features import instruments
 from services.features.core import EntityAggregate, Outcome
 from services.features.settings import FeaturesSettings
 from services.mesh.events import EntityErased, Event, InteractionEvent
-from services.mesh.streams import decode_or_dead_letter, faust_app
+from services.mesh.streams import decode_or_dead_letter, faust_app, record_lag
 from services.mesh.telemetry import extract_context, tracer
 
 log = logging.getLogger(__name__)
 TABLE = "entity_state"
+STORABLE_FROM = datetime(1900, 1, 1, tzinfo=UTC)
+STORABLE_UNTIL = datetime(2200, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
 E = TypeVar("E", bound=Event)
 
 Rows = Mapping[str, Mapping[str, Any]]
+
+
+class StorableInteraction(InteractionEvent):
+    """An InteractionEvent whose time the online store can hold; others are dead-lettered.
+
+    Feast keeps pandas nanosecond timestamps (years 1677 to 2262) and the windows reach past
+    the event: a valid event from year 9999 crashed the fold agent, and on every restart again.
+    """
+
+    @field_validator("event_time")
+    @classmethod
+    def _storable(cls, value: datetime) -> datetime:
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        if not STORABLE_FROM <= aware < STORABLE_UNTIL:
+            raise ValueError(
+                f"must be from {STORABLE_FROM.year} to {STORABLE_UNTIL.year - 1} (feature store)"
+            )
+        return value
 
 
 class FeatureSink(Protocol):
@@ -98,6 +122,7 @@ class FeatureAgents:
         erasures = self.app.topic(scope.erasures_topic, partitions=partitions)
         self.app.agent(events, name="features.fold_events")(self._fold_events)
         self.app.agent(erasures, name="features.erase_entities")(self._erase_entities)
+        self.app.timer(scope.lag_interval_s, name="features.consumer_lag")(self._record_lag)
 
     async def start(self) -> None:
         """Start the app; returns once the table is recovered and the agents consume."""
@@ -136,8 +161,9 @@ class FeatureAgents:
         """Fold one batch of faust events and push the rows of every entity it touched."""
         decoded: list[tuple[int, InteractionEvent]] = []
         links = _links(batch)
+        parent = _single_parent(batch)
         for event in batch:
-            parsed = await self._decode(InteractionEvent, event)
+            parsed = await self._decode(StorableInteraction, event)
             if parsed is None:
                 self.stats.dead_lettered += 1
             else:
@@ -150,7 +176,8 @@ class FeatureAgents:
                 "messaging.destination.name": self.scope.events_topic,
                 "messaging.batch.message_count": len(batch),
             },
-            links=links,
+            context=parent,
+            links=[] if parent is not None else links,
         ) as span:
             # No await from loading a state to storing it: an erasure cannot interleave.
             touched: dict[str, tuple[int, EntityAggregate, bool]] = {}
@@ -162,6 +189,7 @@ class FeatureAgents:
                 )
                 outcome = aggregate.apply(event)
                 self.stats.outcomes[outcome.value] += 1
+                instruments.record_event(outcome.value)
                 touched[event.entity_id] = (
                     partition,
                     aggregate,
@@ -191,7 +219,11 @@ class FeatureAgents:
                 self._store(event.message.partition, aggregate)
                 await self._retry(partial(self.sink.delete, erasure.entity_id), "delete")
                 self.stats.erased += 1
+                instruments.record_erasure()
                 log.info("erased entity %r (event %s)", erasure.entity_id, erasure.event_id)
+
+    async def _record_lag(self) -> None:
+        await record_lag(self.app, self.scope.app_id)
 
     async def _decode(self, model: type[E], event: Any) -> E | None:
         # Retried like a push: take_events acknowledges a batch even when its body raises,
@@ -207,6 +239,7 @@ class FeatureAgents:
         if rows:
             written = await self._retry(lambda: self.sink.write(rows), "push")
             self.stats.pushed += written or 0
+            instruments.record_online_writes(written or 0)
 
     async def _retry(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
         """Await ``call()`` until it succeeds: a batch is never dropped on a store hiccup."""
@@ -247,3 +280,15 @@ def _links(batch: Sequence[Any], limit: int = 32) -> list[Link]:
         if context.is_valid:
             links.append(Link(context))
     return links
+
+
+def _single_parent(batch: Sequence[Any]) -> Context | None:
+    """The producer's context when every message of the batch carries the same one (one Ingest
+    call): the batch then continues that trace. None when it has several causes (links)."""
+    first = None
+    for event in batch:
+        found = [v for k, v in event.message.headers or () if k == "traceparent"]
+        if not found or (first is not None and found[0] != first):
+            return None
+        first = found[0]
+    return extract_context(batch[0].message.headers) if first is not None else None

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.mesh.events import InteractionEvent
+from services.mesh.model_repo import shown
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -285,9 +286,9 @@ class FeatureSchema:
             spec = self.by_ref.get(ref)
             if spec is None:
                 reason = (
-                    f"unknown feature {ref!r}"
+                    f"unknown feature {shown(ref)}"
                     if ":" in ref
-                    else f"{ref!r} is not a 'view:feature' reference"
+                    else f"{shown(ref)} is not a 'view:feature' reference"
                 )
                 raise RequestError(f"feature_refs[{i}]", reason)
             out.append(spec)

@@ -4,9 +4,11 @@ Errors map once, here: ``RequestError`` -> INVALID_ARGUMENT with the field at fa
 the message; a failing online store -> UNAVAILABLE; a failing erasure publish -> UNAVAILABLE
 (nothing was deleted, the caller retries).
 
-``DeleteEntity`` takes the entity id as stored in Kafka and Feast. Where ingestion
-pseudonymises ids (keyed HMAC, services/mesh/privacy.py), that is the pseudonym, which the
-caller derives with the same key. It first records the erasure (``EntityErased`` on the
+``DeleteEntity`` takes the raw entity id, as the app knows it, and maps it the way ingestion
+does (``entity_ids``: the keyed-HMAC pseudonym when ``LOOPMESH_PRIVACY__*`` enables it,
+services/mesh/privacy.py), so it erases what ingestion stored. ``GetOnlineFeatures`` is
+called by services that already hold the stored id (inference maps it) and maps nothing.
+``DeleteEntity`` first records the erasure (``EntityErased`` on the
 erasures topic: the trainer excludes the entity, the agents drop its state and never recreate
 it from older events), then deletes the online rows; the agents delete them again when they
 handle the erasure, so a delete that fails here still happens. Erasure is complete once the
@@ -98,11 +100,14 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         *,
         max_entities: int,
         stale_after_s: float | None = None,
+        entity_ids: Callable[[str], str] | None = None,
     ) -> None:
+        """``entity_ids`` maps DeleteEntity's raw id to the stored one (default: unchanged)."""
         self._store = store
         self._publish_erasure = publish_erasure
         self._max_entities = max_entities
         self._stale_after = stale_after_s
+        self._entity_ids = entity_ids
 
     async def GetOnlineFeatures(
         self,
@@ -164,6 +169,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         with _tracer.start_as_current_span("FeatureService/DeleteEntity"):
             try:
                 entity_id = validate_entity_id(request.entity_id)
+                if self._entity_ids is not None:
+                    entity_id = self._entity_ids(entity_id)
                 erasure = EntityErased(entity_id=entity_id, reason=request.reason)
             except RequestError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))

@@ -71,6 +71,8 @@ class FeaturesScope(BaseModel):
     reads can use more."""
     stream: StreamTuning = StreamTuning()
     """faust consumer-group timing."""
+    lag_interval_s: float = Field(default=5.0, gt=0)
+    """How often the agents' consumer lag is measured for ``loopmesh_kafka_consumer_lag``."""
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> FeaturesScope:

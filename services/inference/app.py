@@ -26,8 +26,15 @@ from services.inference.routing import RolloutFollower, RouteTable
 from services.inference.server import METHOD_ROLES, SERVICE_NAME, InferenceServicer
 from services.inference.settings import InferenceSettings
 from services.inference.triton import TritonPool
-from services.mesh.bus import EventProducer, declare_topics, encode, event_headers
+from services.mesh.bus import (
+    EventProducer,
+    declare_topics,
+    encode,
+    event_headers,
+    record_dead_letter,
+)
 from services.mesh.events import DeadLetter
+from services.mesh.privacy import EntityIdMapper
 from services.mesh.rpc import GrpcServer
 from services.mesh.topics import PREDICTIONS, ROLLOUTS
 
@@ -89,6 +96,7 @@ class InferenceGateway:
             batch_max_size=scope.batch_max_size,
             batch_max_delay_s=scope.batch_max_delay_ms / 1000.0,
             batch_max_inflight=scope.batch_max_inflight,
+            entity_ids=EntityIdMapper(settings.privacy),
         )
         self.infer_coalescer = (
             InferCoalescer(
@@ -190,3 +198,4 @@ class InferenceGateway:
         await self.producer.publish_raw(
             f"{topic}.dlq", value=encode(letter), key=key, headers=event_headers(letter)
         )
+        record_dead_letter(topic, letter.consumer_group)

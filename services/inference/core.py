@@ -1,10 +1,13 @@
 """The Predict use case, knowing no gRPC or Kafka: validate, route, assemble features, score, log.
 
-One prediction: validate the request (``PredictInput``), pick the version (pinned, or by the
-rollout route's sticky hash of ``entity_id``, or the latest published when no rollout is
-known), read the entity's store features the model declares (unless the caller's context
-gives them), build the input row in the model's declared order, score it through a
-coalescing batcher per version, and hand the record to the prediction log without waiting.
+One prediction: validate the request (``PredictInput``), map its ``entity_id`` the way the
+ingestion door does (the pseudonym when ``LOOPMESH_PRIVACY__*`` enables it, so features are
+found and predictions logged under the id the rest of the mesh knows), pick the version
+(pinned, or by the rollout route's sticky hash of ``entity_id``, or the latest published when
+no rollout is known), read the entity's store features the model declares (unless the
+caller's context gives them), build the input row in the model's declared order, score it
+through a coalescing batcher per version, and hand the record to the prediction log without
+waiting.
 
 A failing canary falls back to stable for that request and counts against the canary.
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from services.inference import instruments
 from services.inference.batching import Coalescer
 from services.inference.catalog import BadModelSpec, ModelCatalog, ModelSpec, UnknownModel
 from services.inference.routing import Arm, Route, RouteTable
@@ -203,7 +207,9 @@ class Predictor:
         batch_max_size: int = 64,
         batch_max_delay_s: float = 0.001,
         batch_max_inflight: int = 2,
+        entity_ids: Callable[[str], str] | None = None,
     ) -> None:
+        """``entity_ids`` maps a request's raw id to the stored one (default: unchanged)."""
         self.catalog = catalog
         self.routes = routes
         self.counters = counters if counters is not None else Counters()
@@ -214,9 +220,13 @@ class Predictor:
         self._degrade = on_features_unavailable == "degrade"
         self._batch = (batch_max_size, batch_max_delay_s, batch_max_inflight)
         self._batchers: dict[tuple[str, int], Coalescer[list[float], float]] = {}
+        self._entity_ids = entity_ids
 
     async def predict(self, request: PredictInput) -> PredictOutput:
         started = time.perf_counter()
+        if self._entity_ids is not None:
+            # Once, first: routing, the feature lookup and the log all use the stored id.
+            request = request.model_copy(update={"entity_id": self._entity_ids(request.entity_id)})
         model_name = self._model_name(request.model_name)
         version, arm, route = await self._resolve(model_name, request)
         spec = self._spec(model_name, version)
@@ -238,6 +248,7 @@ class Predictor:
                 self.counters.of(model_name, version).failures += 1
                 raise _backend_failure(again) from again
         self.counters.of(model_name, version).answered += 1
+        instruments.record_prediction(model_name, version, arm=arm, degraded=inputs.degraded)
         if inputs.degraded:
             self.counters.degraded += 1
         prediction_id = uuid.uuid4().hex

@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.inference import instruments
 from services.inference.catalog import ModelCatalog
 from services.inference.coalesce import InferCoalescer
 from services.inference.core import Counters
@@ -70,6 +71,10 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         name = parsed.model_name
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model_name: required")
+        try:
+            model_repo.validate_model_name(name)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_name: {exc}")
         with _tracer.start_as_current_span("ModelInfer", attributes={"model.name": name}):
             if parsed.model_version:
                 try:
@@ -107,6 +112,8 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         except grpc.aio.AioRpcError as err:
             # A malformed request is the caller's fault, not the version's: no blame, no retry.
             client_error = err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            if not client_error:
+                instruments.record_triton_error(name, version, err.code().name)
             if version is not None and not client_error:
                 self._counters.of(name, version).failures += 1
             if fallback is None or fallback == version or original is None or client_error:
@@ -118,6 +125,7 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
             )
         if version is not None:
             self._counters.of(name, version).answered += 1
+        instruments.record_prediction(name, version, arm="oip", degraded=False)
         return answer
 
     @staticmethod
@@ -167,7 +175,22 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         answer.name = SERVER_NAME
         return answer
 
+    @staticmethod
+    async def _check_model(request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Names and versions that are not a repository's are refused here, naming the field,
+        instead of travelling on to Triton."""
+        try:
+            model_repo.validate_model_name(request.name)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"name: {exc}")
+        if request.version:
+            try:
+                model_repo.validate_version(request.version)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version: {exc}")
+
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._check_model(request, context)
         if not request.version:
             route = self._routes.get(request.name)
             stable = route.stable_version if route is not None else None
@@ -176,9 +199,11 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         return await self._call(context, "ModelReady", request)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._check_model(request, context)
         return await self._call(context, "ModelMetadata", request)
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._check_model(request, context)
         return await self._call(context, "ModelConfig", request)
 
     async def _call(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> Any:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 
+from opentelemetry import context as otel_context
 from pydantic import ValidationError
 
 from services.inference.core import PredictionRecord
@@ -38,7 +39,10 @@ class PredictionLogger:
     ) -> None:
         self.topic = topic
         self._producer = producer
-        self._queue: asyncio.Queue[PredictionRecord] = asyncio.Queue(maxsize=queue_size)
+        # Each record with the trace context of its Predict, restored when it is produced.
+        self._queue: asyncio.Queue[tuple[PredictionRecord, otel_context.Context]] = asyncio.Queue(
+            maxsize=queue_size
+        )
         self._batch_size = batch_size
         self._backoff = retry_backoff_s
         self._linger = linger_s
@@ -49,7 +53,7 @@ class PredictionLogger:
 
     def log(self, record: PredictionRecord) -> bool:
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait((record, otel_context.get_current()))
         except asyncio.QueueFull:
             self.dropped += 1
             return False
@@ -86,10 +90,12 @@ class PredictionLogger:
                     records.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            events = [e for e in map(self._event, records) if e is not None]
+            events = [(e, ctx) for record, ctx in records if (e := self._event(record)) is not None]
             while True:
                 try:
-                    await self._producer.publish_many(self.topic, events)
+                    # One produce per event, concurrently (the producer still batches them): each
+                    # message carries its own Predict's trace, which the joiner continues.
+                    await asyncio.gather(*(self._publish(e, ctx) for e, ctx in events))
                     break
                 except asyncio.CancelledError:
                     raise
@@ -99,6 +105,13 @@ class PredictionLogger:
             self.logged += len(events)
             for _ in records:
                 self._queue.task_done()
+
+    async def _publish(self, event: PredictionLogged, context: otel_context.Context) -> None:
+        token = otel_context.attach(context)
+        try:
+            await self._producer.publish(self.topic, event)
+        finally:
+            otel_context.detach(token)
 
     def _event(self, record: PredictionRecord) -> PredictionLogged | None:
         try:

@@ -134,15 +134,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             answers.put_nowait(answer)
 
         async def read() -> None:
-            async for request in request_iterator:
-                # Backpressure: stop reading while the window is full.
-                await slots.acquire()
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            answers.put_nowait(None)
+            try:
+                async for request in request_iterator:
+                    # Backpressure: stop reading while the window is full.
+                    await slots.acquire()
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                # Also when reading failed (an undecodable message): the stream ends, and
+                # `await reader` below re-raises instead of the answers loop waiting forever.
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
+from services.inference import instruments
 from services.inference.core import BackendError
 from services.mesh.model_repo import INPUT_NAME, OUTPUT_NAME
 
@@ -107,12 +108,14 @@ class TritonPool:
         try:
             response = await self.stub().ModelInfer(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
+            instruments.record_triton_error(model_name, version, err.code().name)
             raise BackendError(
                 f"triton {model_name}/{version}: {err.code().name}: {err.details()}",
                 unavailable=err.code() in RETRYABLE,
             ) from err
         scores = InferResult(response).as_numpy(OUTPUT_NAME)
         if scores is None or scores.size != x.shape[0]:
+            instruments.record_triton_error(model_name, version, "BAD_ANSWER")
             raise BackendError(
                 f"triton {model_name}/{version} answered {None if scores is None else scores.shape}"
                 f" for {x.shape[0]} rows",

@@ -1,9 +1,11 @@
-"""Settings of the ingestion service: env `LOOPMESH_INGESTION__...` and `LOOPMESH_PRIVACY__...`."""
+"""Settings of the ingestion service: env `LOOPMESH_INGESTION__...` on top of the mesh settings.
+
+Pseudonymisation (`LOOPMESH_PRIVACY__...`) is a mesh setting, shared with inference and features.
+"""
 
 from __future__ import annotations
 
 from services.mesh.intake_server import IntakeScope, TopicName
-from services.mesh.privacy import PrivacySettings
 from services.mesh.settings import GrpcServerSettings, MeshSettings
 from services.mesh.topics import EVENTS_RAW
 
@@ -22,5 +24,3 @@ class IngestionSettings(MeshSettings):
 
     ingestion: IngestionScope = IngestionScope()
     """The ingestion door."""
-    privacy: PrivacySettings = PrivacySettings()
-    """Entity id pseudonymisation; shared with every service that maps raw ids."""

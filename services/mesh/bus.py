@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.helpers import create_ssl_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -57,7 +58,29 @@ _meter.create_observable_gauge(
     description="Messages behind the partition's high watermark, per group and partition",
 )
 
+
+def record_consumer_lag(group: str, topic: str, partition: int, lag: int) -> None:
+    """Report a consumer's lag on one partition (faust agents; EventConsumer records its own)."""
+    _lag[(group, topic, partition)] = max(0, lag)
+
+
+def record_dead_letter(topic: str, group: str) -> None:
+    """Count a message sent to ``<topic>.dlq`` by a consumer that is not an EventConsumer."""
+    _dead_lettered.add(1, {"topic": topic, "group": group})
+
+
 TOPIC_ALREADY_EXISTS = 36
+DLQ_MAX_BYTES = 8 * 1024 * 1024
+"""Largest dead letter. A letter carries its raw message base64-encoded (a third larger) plus
+the reason, so DLQ topics and every producer that writes them allow more than a source topic
+(the broker's default is 1 MiB); else the largest hostile messages could not be
+dead-lettered and would stall their consumer."""
+DLQ_TOPIC_CONFIG = {
+    "cleanup.policy": "delete",
+    "retention.ms": str(30 * 24 * 3600 * 1000),
+    "max.message.bytes": str(DLQ_MAX_BYTES),
+}
+"""Every ``<topic>.dlq``: kept 30 days, room for a letter carrying its source message."""
 
 
 def client_options(settings: KafkaSettings, service: str) -> dict[str, Any]:
@@ -119,7 +142,7 @@ async def declare_topics(
                     topic.dlq,
                     num_partitions=1,
                     replication_factor=settings.replication_factor,
-                    topic_configs={"retention.ms": str(30 * 24 * 3600 * 1000)},
+                    topic_configs=DLQ_TOPIC_CONFIG,
                 )
             )
     admin = AIOKafkaAdminClient(**client_options(settings, "admin"))
@@ -138,7 +161,9 @@ class EventProducer:
 
     def __init__(self, settings: KafkaSettings, service: str, **overrides: Any) -> None:
         options = client_options(settings, service)
-        options.update(enable_idempotence=True, acks="all", linger_ms=5)
+        options.update(
+            enable_idempotence=True, acks="all", linger_ms=5, max_request_size=DLQ_MAX_BYTES
+        )
         options.update(overrides)
         self._producer = AIOKafkaProducer(**options)
         self._tracer = tracer(f"loopmesh.{service}.bus")
@@ -273,6 +298,10 @@ class EventConsumer(Generic[E]):
             _lag[(self.group_id, tp.topic, tp.partition)] = max(0, highwater - position)
 
     async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+        # One commit for the handled part of a batch, not one per message: each commit is a
+        # broker round trip (~4 ms on a loaded machine, capping a consumer near 250 msg/s).
+        # A crash redelivers at most one batch, which handlers idempotent by event id absorb.
+        handled: int | None = None
         for record in records:
             try:
                 await self._handle_record(record)
@@ -282,11 +311,16 @@ class EventConsumer(Generic[E]):
                 log.exception(
                     "handler failed on %s[%d]@%d; retrying", tp.topic, tp.partition, record.offset
                 )
+                await self._commit(tp, handled)
                 self._consumer.seek(tp, record.offset)
                 await asyncio.sleep(self._retry_backoff)
                 return
-            # Commit per message: the effect of this one is durable, later ones may not be.
-            await self._consumer.commit({tp: record.offset + 1})
+            handled = record.offset + 1
+        await self._commit(tp, handled)
+
+    async def _commit(self, tp: TopicPartition, offset: int | None) -> None:
+        if offset is not None:
+            await self._consumer.commit({tp: offset})
 
     async def _handle_record(self, record: Any) -> None:
         headers = tuple(record.headers or ())
@@ -318,9 +352,21 @@ class EventConsumer(Generic[E]):
         self.dead_lettered += 1
 
 
-async def dead_letter(producer: EventProducer, record: Any, *, group: str, reason: str) -> None:
-    """Send a consumed aiokafka record to ``<topic>.dlq`` as a DeadLetter; waits for the ack."""
+async def dead_letter(
+    producer: EventProducer,
+    record: Any,
+    *,
+    group: str,
+    reason: str,
+    event_id: str | None = None,
+) -> None:
+    """Send a consumed aiokafka record to ``<topic>.dlq`` as a DeadLetter; waits for the ack.
+
+    ``event_id``: fixed by the caller when the same record may be dead-lettered again (groupless
+    readers re-read it on every start), so DLQ readers can drop the copies.
+    """
     letter = DeadLetter(
+        **({"event_id": event_id} if event_id is not None else {}),
         reason=reason,
         topic=record.topic,
         partition=record.partition,
@@ -332,14 +378,32 @@ async def dead_letter(producer: EventProducer, record: Any, *, group: str, reaso
     log.warning(
         "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
     )
-    await producer.publish_raw(
-        f"{record.topic}.dlq",
-        value=encode(letter),
-        key=record.key,
-        headers=[*(record.headers or ()), *event_headers(letter)],
-    )
+    headers = [*(record.headers or ()), *event_headers(letter)]
+    try:
+        await producer.publish_raw(
+            f"{record.topic}.dlq", value=encode(letter), key=record.key, headers=headers
+        )
+    except MessageSizeTooLargeError:
+        # A DLQ topic created without DLQ_MAX_BYTES (or a huge key): keep the letter, which
+        # names the source offset, rather than retry a send that can never succeed.
+        await producer.publish_raw(
+            f"{record.topic}.dlq", value=encode(without_value(letter)), key=None, headers=headers
+        )
     trace.get_current_span().add_event("dead-lettered", {"reason": reason})
     _dead_lettered.add(1, {"topic": record.topic, "group": group})
+
+
+def without_value(letter: DeadLetter) -> DeadLetter:
+    """The letter without its raw bytes, saying why (they stay at the source offset)."""
+    size = len(letter.value or b"") + len(letter.key or b"")
+    return letter.model_copy(
+        update={
+            "key": None,
+            "value": None,
+            "reason": f"{letter.reason} (raw key and value, {size} bytes, left out: too large "
+            "for the dead-letter topic; read them at the source offset)",
+        }
+    )
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -45,10 +45,17 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages echo what a client sent,
+    and a gRPC status over 16 KiB never reaches the client (it gets RESOURCE_EXHAUSTED)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def validate_model_name(name: object) -> str:
     """Return ``name`` if it is a safe model name, else raise ValueError."""
     if not isinstance(name, str) or not _MODEL_NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid model name {name!r}: expected {_MODEL_NAME_RE.pattern}")
+        raise ValueError(f"invalid model name {shown(name)}: expected {_MODEL_NAME_RE.pattern}")
     return name
 
 
@@ -60,9 +67,9 @@ def validate_version(version: object) -> int:
     elif isinstance(version, str):
         text = version
     else:
-        raise ValueError(f"invalid model version {version!r}: expected a positive integer")
+        raise ValueError(f"invalid model version {shown(version)}: expected a positive integer")
     if not _VERSION_RE.fullmatch(text):
-        raise ValueError(f"invalid model version {version!r}: expected a positive integer")
+        raise ValueError(f"invalid model version {shown(version)}: expected a positive integer")
     return int(text)
 
 

@@ -1,8 +1,11 @@
 """Pseudonymising entity ids at the door, so raw personal ids never reach Kafka.
 
 An id is replaced by its keyed HMAC-SHA256 (hex). The mapping is deterministic for one key, so
-every service that must find an entity by its raw id (the features service's ``DeleteEntity``)
-maps it with the same function and key, read from the same ``LOOPMESH_PRIVACY__*`` settings.
+every door that takes raw ids maps them with the same function and key, read from the same
+``LOOPMESH_PRIVACY__*`` settings (``MeshSettings.privacy``): ingestion before events reach
+Kafka, inference's ``Predict`` before the feature lookup and the prediction log, the features
+service's ``DeleteEntity`` before the erasure. Internal calls between services
+(``GetOnlineFeatures``) carry the pseudonym and are not mapped again.
 Without the key the mapping cannot be reversed or recomputed; rotating the key severs all
 history, which is the point of keeping it out of the repository.
 """

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from services.mesh.auth import AuthSettings, Role, TokenAuthInterceptor
+from services.mesh.rpc_decode import DecodeGuard
 from services.mesh.settings import GrpcServerSettings
 from services.mesh.telemetry import RpcMetricsInterceptor
 
@@ -70,6 +71,8 @@ class GrpcServer:
                 raise ValueError(f"{name}: auth is configured but no method roles are declared")
             chain.append(TokenAuthInterceptor(auth, method_roles))
         chain.extend(interceptors)
+        # Innermost: a request that does not decode is INVALID_ARGUMENT, not UNKNOWN.
+        chain.append(DecodeGuard())
         self.server = grpc.aio.server(
             interceptors=chain,
             options=[

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.mesh.auth import AuthSettings
+from services.mesh.privacy import PrivacySettings
 
 
 class KafkaSettings(BaseModel):
@@ -107,6 +108,10 @@ class MeshSettings(BaseSettings):
     """Token auth on every gRPC server (off when no tokens are set)."""
     telemetry: TelemetrySettings = TelemetrySettings()
     """Tracing and metrics export."""
+    privacy: PrivacySettings = PrivacySettings()
+    """Entity id pseudonymisation. Every service that takes raw entity ids (ingestion,
+    inference's Predict, features' DeleteEntity) maps them with this one key, so one raw id
+    has one pseudonym everywhere."""
     infra: InfraSettings = InfraSettings()
     """Local stack."""
     triton_url: str = "127.0.0.1:8001"

@@ -12,9 +12,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
+from aiokafka.errors import MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from pydantic import ValidationError
 
-from services.mesh.bus import describe_validation_error, encode, event_headers
+from services.mesh.bus import (
+    DLQ_MAX_BYTES,
+    describe_validation_error,
+    encode,
+    event_headers,
+    record_consumer_lag,
+    record_dead_letter,
+    without_value,
+)
 from services.mesh.events import DeadLetter, Event
 from services.mesh.settings import KafkaSettings
 
@@ -46,6 +56,7 @@ def faust_app(
         "producer_acks": -1,
         "processing_guarantee": "at_least_once",
         "broker_client_id": f"{settings.client_id}-{app_id}",
+        "producer_max_request_size": DLQ_MAX_BYTES,  # dead letters outgrow their source
     }
     if settings.security_protocol != "PLAINTEXT":
         options["broker_credentials"] = _credentials(settings)
@@ -90,12 +101,41 @@ async def decode_or_dead_letter(
         "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
     )
     headers = [*(message.headers or ()), *event_headers(letter)]
-    await app.producer.send_and_wait(
-        f"{message.topic}.dlq",
-        key=message.key,
-        value=encode(letter),
-        partition=None,
-        timestamp=None,
-        headers=headers,
-    )
+    try:
+        await app.producer.send_and_wait(
+            f"{message.topic}.dlq",
+            key=message.key,
+            value=encode(letter),
+            partition=None,
+            timestamp=None,
+            headers=headers,
+        )
+    except ProducerSendError as err:
+        if not isinstance(err.__cause__, MessageSizeTooLargeError):
+            raise
+        # As in bus.dead_letter: a letter without the bytes beats a retry that never succeeds.
+        await app.producer.send_and_wait(
+            f"{message.topic}.dlq",
+            key=None,
+            value=encode(without_value(letter)),
+            partition=None,
+            timestamp=None,
+            headers=headers,
+        )
+    record_dead_letter(message.topic, group)
     return None
+
+
+async def record_lag(app: faust.App, group: str) -> None:
+    """Put the app's lag per assigned partition (high watermark minus fetch position) into
+    the bus's ``loopmesh.kafka.consumer_lag`` gauge; call it from a faust timer."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        try:
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+        except Exception:  # mid-rebalance the partition may be gone: next tick
+            log.debug("no lag for %s[%d] now", tp.topic, tp.partition, exc_info=True)
+            continue
+        if highwater is not None and position is not None:
+            record_consumer_lag(group, tp.topic, tp.partition, highwater - position)

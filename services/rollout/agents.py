@@ -15,20 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
-from services.mesh.bus import (
-    EventProducer,
-    client_options,
-    describe_validation_error,
-    encode,
-    event_headers,
-)
-from services.mesh.events import DeadLetter, Event, RolloutChanged
+from services.mesh.bus import EventProducer, client_options, dead_letter, describe_validation_error
+from services.mesh.events import Event, RolloutChanged
 from services.mesh.settings import KafkaSettings
 from services.mesh.telemetry import extract_context, tracer
 from services.mesh.topics import Topic
@@ -89,9 +84,18 @@ async def _caught_up(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
 
 
 async def read_all(
-    settings: KafkaSettings, topic: Topic, model: type[E], *, timeout: float
+    settings: KafkaSettings,
+    topic: Topic,
+    model: type[E],
+    *,
+    timeout: float,
+    dlq: EventProducer | None = None,
 ) -> list[E]:
-    """Every valid event of ``topic`` from the beginning to the end offsets seen at the call."""
+    """Every valid event of ``topic`` from the beginning to the end offsets seen at the call.
+
+    Invalid messages are skipped and, given ``dlq``, dead-lettered under an id fixed by their
+    offset: every start re-reads them, and DLQ readers drop the copies by event id.
+    """
     consumer = await _assigned_consumer(settings, topic.name)
     out: list[E] = []
     deadline = time.monotonic() + timeout
@@ -105,16 +109,23 @@ async def read_all(
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
                 for record in records:
+                    if record.value is None:
+                        continue  # a tombstone of the compacted topic, not a message
                     try:
-                        out.append(model.model_validate_json(record.value or b""))
+                        out.append(model.model_validate_json(record.value))
                     except ValidationError as err:
                         # Only this service writes these topics; say so and go on.
-                        log.error(
-                            "skipping invalid %s@%d: %s",
-                            topic.name,
-                            record.offset,
-                            describe_validation_error(err),
-                        )
+                        reason = describe_validation_error(err)
+                        log.error("skipping invalid %s@%d: %s", topic.name, record.offset, reason)
+                        if dlq is not None:
+                            where = f"kafka:{record.topic}/{record.partition}/{record.offset}"
+                            await dead_letter(
+                                dlq,
+                                record,
+                                group=f"{SERVICE}-state-replay",
+                                reason=reason,
+                                event_id=uuid.uuid5(uuid.NAMESPACE_URL, where).hex,
+                            )
     finally:
         await consumer.stop()
     return out
@@ -184,15 +195,4 @@ class MetricsFollower(Generic[E]):
             await self._handler(event)  # type: ignore[arg-type]
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
-        letter = DeadLetter(
-            reason=reason,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            consumer_group=f"{SERVICE}-follower",
-            key=record.key,
-            value=record.value,
-        )
-        log.warning("dead-lettering %s@%d: %s", record.topic, record.offset, reason)
-        headers = [*(record.headers or ()), *event_headers(letter)]
-        await self._dlq.publish_raw(self.topic.dlq, encode(letter), record.key, headers)
+        await dead_letter(self._dlq, record, group=f"{SERVICE}-follower", reason=reason)

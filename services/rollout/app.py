@@ -18,8 +18,10 @@ from services.gen.loopmesh.v1 import rollout_pb2_grpc
 from services.mesh.bus import EventConsumer, EventProducer, declare_topics
 from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
 from services.mesh.rpc import GrpcServer
+from services.rollout import instruments
 from services.rollout.agents import SERVICE, KafkaPublisher, MetricsFollower, read_all
 from services.rollout.core import RolloutController
+from services.rollout.machine import Record
 from services.rollout.policy import PolicySet
 from services.rollout.server import METHOD_ROLES, SERVICE_NAME, RolloutServicer
 from services.rollout.settings import RolloutSettings
@@ -76,10 +78,11 @@ class RolloutApp:
             self.settings.model_repository,
         )
         self.controller = controller
+        instruments.watch(self._records)
         timeout = scope.start_timeout_seconds
         controller.restore(
-            await read_all(kafka, rollouts, RolloutChanged, timeout=timeout),
-            await read_all(kafka, policies, PolicySet, timeout=timeout),
+            await read_all(kafka, rollouts, RolloutChanged, timeout=timeout, dlq=self._producer),
+            await read_all(kafka, policies, PolicySet, timeout=timeout, dlq=self._producer),
         )
 
         self._metrics = MetricsFollower(
@@ -130,11 +133,15 @@ class RolloutApp:
         await self._published.start()
         await self._published.run()
 
+    def _records(self) -> list[Record]:
+        return list(self.controller.records.values()) if self.controller is not None else []
+
     async def stop(self) -> None:
         """Stop serving, then the loops; a change being published finishes or is retried."""
         if self._stop.is_set():
             return
         self._stop.set()
+        instruments.unwatch(self._records)
         if self.server is not None:
             await self.server.stop()
         for part in (self._published, self._metrics):

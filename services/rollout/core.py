@@ -25,10 +25,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
 from services.mesh import model_repo
 from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
 from services.mesh.telemetry import tracer
-from services.rollout import machine
+from services.rollout import instruments, machine
 from services.rollout.analysis import Verdict, arm_from_metrics, compare
 from services.rollout.machine import Change, Record, Refused
 from services.rollout.metrics import MetricsBook
@@ -103,6 +106,8 @@ class RolloutController:
         self._repo = Path(repo)
         self._clock = clock
         self._expected_sha: dict[tuple[str, int], str] = {}
+        self._published_trace: dict[tuple[str, int], SpanContext] = {}
+        """Span that handled each version's ModelPublished: later steps of it link there."""
         self._seen_changes: set[str] = set()
         self._evaluations: dict[str, Evaluation] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -145,6 +150,9 @@ class RolloutController:
         """A new version sits in the registry (idempotent: older or known versions are no-ops)."""
         model, version = event.model_name, event.model_version
         self._expected_sha[(model, version)] = event.sha256
+        handled = trace.get_current_span().get_span_context()
+        if handled.is_valid:
+            self._published_trace[(model, version)] = handled
         async with self._locks[model]:
             record = self.records.get(model)
             change = machine.on_published(record, model, version, self._clock())
@@ -236,7 +244,9 @@ class RolloutController:
         """Load what the change needs, publish it (acked), then make it the state."""
         record = self.records.get(model)
         with _tracer.start_as_current_span(
-            "rollout change", attributes={"model": model, "state": change.record.state}
+            "rollout change",
+            attributes={"model": model, "state": change.record.state},
+            links=self._origin_links(model, change),
         ):
             if change.needs_loaded:
                 change = await self._load_for(model, record, change)
@@ -245,6 +255,7 @@ class RolloutController:
             event = change.record.to_event()
             await self._publisher.rollout_changed(event)
         self.records[model] = change.record
+        instruments.record_change(event)
         self._remember(event, change.figures)
         self._dirty.add(model)
         self._reconciled_at.pop(model, None)
@@ -259,6 +270,16 @@ class RolloutController:
             event.step,
             event.reason,
         )
+
+    def _origin_links(self, model: str, change: Change) -> list[Link]:
+        """A change outside the trace of its version's publication (a tick, metrics, a command)
+        links to it, so every step of a version is reachable from the training run's trace."""
+        version = change.record.canary_version or change.record.stable_version
+        origin = self._published_trace.get((model, version or 0))
+        current = trace.get_current_span().get_span_context()
+        if origin is None or origin.trace_id == current.trace_id:
+            return []
+        return [Link(origin, {"loopmesh.link": "model.published"})]
 
     async def _load_for(self, model: str, record: Record | None, change: Change) -> Change:
         policy = self.policies.get(model)

@@ -119,7 +119,7 @@ def policy_changes(request: rollout_pb2.SetPolicyRequest) -> dict[str, Any]:
     for i, name in enumerate(request.disable_guards):
         if name not in RolloutPolicy.GUARD_FIELDS:
             known = ", ".join(RolloutPolicy.GUARD_FIELDS)
-            raise ValueError(f"disable_guards[{i}]: {name!r} is not one of {known}")
+            raise ValueError(f"disable_guards[{i}]: {model_repo.shown(name)} is not one of {known}")
         changes[name] = None
     return changes
 

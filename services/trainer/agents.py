@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from opentelemetry.trace import SpanKind
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind
 from pydantic import ValidationError
 
 from services.mesh.bus import (
@@ -33,9 +36,9 @@ from services.mesh.events import (
     VersionMetrics,
 )
 from services.mesh.settings import KafkaSettings
-from services.mesh.telemetry import tracer
+from services.mesh.telemetry import extract_context, tracer
 from services.mesh.topics import Topic
-from services.trainer.core import TrainerCore
+from services.trainer.core import MAX_EXAMPLE_LINKS, TrainerCore, with_example_traces
 from services.trainer.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ class ExampleSink:
         self._on_stored = on_stored
         self._buffer: list[tuple[TopicPartition, LabelledExample]] = []
         self._offsets: dict[TopicPartition, int] = {}
+        self._traces: deque[SpanContext] = deque(maxlen=MAX_EXAMPLE_LINKS)
+        """Trace contexts of the newest buffered examples (from their headers), for links."""
         self._first_at: float | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -121,6 +126,9 @@ class ExampleSink:
         else:
             if example.model_name == self._model_name:
                 self._buffer.append((tp, example))
+                traced = trace.get_current_span(extract_context(record.headers))
+                if traced.get_span_context().is_valid:
+                    self._traces.append(traced.get_span_context())
             else:  # another model's trainer stores it
                 self.skipped += 1
         self._offsets[tp] = record.offset + 1
@@ -133,6 +141,7 @@ class ExampleSink:
             # Copies: records taken while the file is written stay for the next flush, and
             # on failure nothing is dropped (the offsets were not committed either).
             buffer, offsets = list(self._buffer), dict(self._offsets)
+            traces = list(self._traces)
             if not offsets:
                 return 0
             with self._tracer.start_as_current_span(
@@ -143,18 +152,27 @@ class ExampleSink:
                     "messaging.destination.name": self.topic.name,
                     "messaging.batch.message_count": len(buffer),
                 },
-            ):
+                links=[Link(t) for t in traces],
+            ) as stored:
                 if buffer:
                     await asyncio.to_thread(self._dataset.append, [e for _, e in buffer])
                 await self._consumer.commit(offsets)
             del self._buffer[: len(buffer)]
+            self._traces.clear()
             for tp, offset in offsets.items():
                 if self._offsets.get(tp) == offset:
                     del self._offsets[tp]
             self._first_at = time.monotonic() if self._offsets else None
             self.stored += len(buffer)
         if buffer:
-            self._on_stored(len(buffer))
+            # A run this triggers links to the store span and to the examples' traces.
+            token = otel_context.attach(
+                with_example_traces(traces, trace.set_span_in_context(stored))
+            )
+            try:
+                self._on_stored(len(buffer))
+            finally:
+                otel_context.detach(token)
         return len(buffer)
 
     async def release(self, revoked: set[TopicPartition]) -> None:

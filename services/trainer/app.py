@@ -14,6 +14,7 @@ from services.gen.loopmesh.v1 import trainer_pb2_grpc
 from services.mesh.bus import EventConsumer, EventProducer, declare_topics
 from services.mesh.events import ModelPublished
 from services.mesh.rpc import GrpcServer
+from services.trainer import instruments
 from services.trainer.agents import ExampleSink, TrainerHandlers
 from services.trainer.core import TrainerCore
 from services.trainer.joiner import Joiner
@@ -70,7 +71,7 @@ class TrainerApp:
             dlq=self.producer,
             flush_rows=self.scope.dataset.flush_rows,
             flush_seconds=self.scope.dataset.flush_seconds,
-            on_stored=lambda n: core.examples_stored(),
+            on_stored=lambda n: self._stored(core, n),
         )
         handlers = TrainerHandlers(core)
         for which, handler in (
@@ -88,6 +89,10 @@ class TrainerApp:
                     service="trainer",
                 )
             )
+
+    def _stored(self, core: TrainerCore, count: int) -> None:
+        instruments.record_examples_stored(self.scope.model_name, count)
+        core.examples_stored()
 
     @property
     def address(self) -> str:

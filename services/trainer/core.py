@@ -14,16 +14,21 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
 from services.mesh import model_repo
 from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
 from services.mesh.telemetry import tracer
-from services.trainer import pipeline
+from services.trainer import instruments, pipeline
 from services.trainer.dataset import Dataset
 from services.trainer.runs import RunHistory, RunRecord
 from services.trainer.settings import TrainerScope
@@ -35,6 +40,17 @@ log = logging.getLogger(__name__)
 _tracer = tracer("loopmesh.trainer")
 Announce = Callable[[ModelPublished], Awaitable[None]]
 _PUBLISHED_NAMESPACE = uuid.UUID("0d1f3f7e-51a4-4c55-8a62-7c9b3f0e2a11")
+_EXAMPLE_TRACES = otel_context.create_key("loopmesh.trainer.example_traces")
+MAX_EXAMPLE_LINKS = 64
+"""A run's span links to the trace contexts of at most this many of its newest examples."""
+
+
+def with_example_traces(
+    traces: Sequence[SpanContext], context: otel_context.Context | None = None
+) -> otel_context.Context:
+    """``context`` carrying the trace contexts of examples just stored, for ``examples_stored``
+    (the sink's callback takes only a count; the causes travel in the OTel context)."""
+    return otel_context.set_value(_EXAMPLE_TRACES, tuple(traces), context)
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class TrainerCore:
         self._task: asyncio.Task[RunRecord] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._last_end: float | None = None
+        self._example_traces: deque[SpanContext] = deque(maxlen=MAX_EXAMPLE_LINKS)
+        self._record_abandoned()
         history = self.history.all()
         self._last_run: RunRecord | None = history[-1] if history else None
         self._rollout_stable: int | None = self._read_state().get("stable_version")
@@ -124,6 +142,9 @@ class TrainerCore:
     # -- inputs from adapters ----------------------------------------------------------------
 
     def examples_stored(self) -> RunRecord | None:
+        traces = otel_context.get_value(_EXAMPLE_TRACES)
+        if isinstance(traces, tuple):
+            self._example_traces.extend(t for t in traces if isinstance(t, SpanContext))
         return self.maybe_trigger()
 
     def observe_metrics(self, metrics: VersionMetrics) -> RunRecord | None:
@@ -162,9 +183,13 @@ class TrainerCore:
             dataset_rows=self.dataset.row_count(self.model_name),
         )
         self._running = record
+        # Remembered on disk until the run is recorded: a process killed mid-run leaves it
+        # here, and the next start records that run as failed instead of forgetting it.
+        self._write_state({"running": record.model_dump(mode="json")})
         if self.drift.drifted:
             self.drift.reset()  # one drift episode starts one run
-        self._task = asyncio.create_task(self._run(record), name=record.run_id)
+        links = self._run_links()
+        self._task = asyncio.create_task(self._run(record, links), name=record.run_id)
         log.info("training run %s started: %s", record.run_id, "; ".join(reasons))
         return True, record
 
@@ -197,9 +222,24 @@ class TrainerCore:
 
     # -- one run -----------------------------------------------------------------------------
 
-    async def _run(self, record: RunRecord) -> RunRecord:
+    def _run_links(self) -> list[Link]:
+        """What caused a run: the current span (RPC, stored batch, tick) and the newest examples
+        stored since the last run. Many causes, so links; the run starts a trace of its own."""
+        links = []
+        cause = trace.get_current_span().get_span_context()
+        if cause.is_valid:
+            links.append(Link(cause, {"loopmesh.link": "trigger"}))
+        links.extend(Link(t, {"loopmesh.link": "example"}) for t in self._example_traces)
+        self._example_traces.clear()
+        return links
+
+    async def _run(self, record: RunRecord, links: Sequence[Link] = ()) -> RunRecord:
+        # ModelPublished goes out inside this span: the rollout continues the run's trace.
         with _tracer.start_as_current_span(
-            "trainer run", attributes={"loopmesh.run_id": record.run_id}
+            "trainer run",
+            context=otel_context.Context(),
+            links=links,
+            attributes={"loopmesh.run_id": record.run_id},
         ) as span:
             record = await self._run_traced(record)
             span.set_attribute("loopmesh.run_status", record.status)
@@ -247,7 +287,9 @@ class TrainerCore:
                 update={"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
             )
         record = record.model_copy(update={"finished_at": utcnow()})
+        instruments.record_run(record)
         await asyncio.to_thread(self.history.append, record)
+        self._write_state({"running": None})
         self._last_run = record
         self._last_end = self._clock()
         self._running = None
@@ -285,6 +327,39 @@ class TrainerCore:
             return
         if version in self._unannounced():
             self._write_state({"unannounced": sorted(set(self._unannounced()) - {version})})
+
+    def _record_abandoned(self) -> None:
+        """Record the run a killed process left unfinished: published if its version made it
+        to the repository (the rename is atomic), else failed."""
+        left = self._read_state().get("running")
+        if not left:
+            return
+        record: RunRecord | None
+        try:
+            record = RunRecord.model_validate(left)
+        except ValueError:
+            log.warning("unreadable unfinished run in %s ignored", self._state_path)
+            record = None
+        if record is not None and all(r.run_id != record.run_id for r in self.history.all()):
+            update: dict[str, Any] = {
+                "status": "failed",
+                "error": "abandoned: the trainer stopped before the run finished",
+                "finished_at": utcnow(),
+            }
+            for version in model_repo.list_versions(self.repository, self.model_name):
+                meta = model_repo.read_metadata(self.repository, self.model_name, version)
+                if meta.get("run_id") == record.run_id:
+                    update.update(status="published", version=version, error="")
+                    update["decision"] = "published before the trainer stopped"
+                    # Its announcement may have been cut short too: ``reconcile`` sends it
+                    # (again; the event id is the same, so consumers see it once).
+                    self._write_state({"unannounced": sorted({*self._unannounced(), version})})
+            record = record.model_copy(update=update)
+            self.history.append(record)
+            log.warning(
+                "training run %s was cut short: recorded as %s", record.run_id, record.status
+            )
+        self._write_state({"running": None})
 
     async def reconcile(self) -> None:
         """Announce versions this trainer wrote that have no successful announcement."""

@@ -102,9 +102,16 @@ class Dataset:
     # -- writing -----------------------------------------------------------------------------
 
     def append(self, examples: Sequence[LabelledExample]) -> list[Path]:
-        """Write ``examples`` as new files (one per model and day); durable when it returns."""
+        """Write ``examples`` as new files (one per model and day); durable when it returns.
+
+        Examples of erased entities are dropped.
+        """
         groups: dict[tuple[str, str], list[LabelledExample]] = defaultdict(list)
+        # An erased entity's late examples (joined after the erasure) never reach disk.
+        erased = self.erased()
         for example in examples:
+            if example.entity_id in erased:
+                continue
             day = example.predicted_at.astimezone(UTC).date().isoformat()
             groups[(example.model_name, day)].append(example)
         written = []

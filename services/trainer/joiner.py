@@ -20,17 +20,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from services.mesh.bus import declare_topics, encode, event_headers
 from services.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
 from services.mesh.settings import KafkaSettings
-from services.mesh.streams import decode_or_dead_letter, faust_app
+from services.mesh.streams import decode_or_dead_letter, faust_app, record_lag
 from services.mesh.telemetry import extract_context, tracer
 from services.mesh.topics import Topic
+from services.trainer import instruments
 from services.trainer.live import LiveMetrics
 from services.trainer.pairing import JoinEntry, Outcome, on_feedback, on_prediction
 from services.trainer.settings import JoinerSettings, TopicNames
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Step = Callable[..., tuple[JoinEntry, Outcome, LabelledExample | None]]
 """``step(entry, now=..., offset=...)``: a pairing transition with its event bound."""
+Side = Literal["prediction", "feedback"]
 
 
 class Joiner:
@@ -101,6 +104,7 @@ class Joiner:
         self.app.timer(settings.metrics_publish_interval_seconds, name="trainer-joiner-metrics")(
             self.publish_metrics
         )
+        self.app.timer(instruments.LAG_INTERVAL_S, name="trainer-joiner-lag")(self._record_lag)
         # mode types handlers as plain functions; a bound coroutine method is what faust calls.
         self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
 
@@ -128,7 +132,7 @@ class Joiner:
                 step = functools.partial(
                     on_prediction, prediction=prediction, ttl=self.settings.ttl_seconds
                 )
-                await self._apply_retrying(prediction.prediction_id, event, step)
+                await self._apply_retrying(prediction.prediction_id, event, step, "prediction")
 
     async def _on_feedback(self, stream: Any) -> None:
         async for event in stream.events():
@@ -143,16 +147,16 @@ class Joiner:
                     ttl=self.settings.ttl_seconds,
                     reward_threshold=self.settings.reward_threshold,
                 )
-                await self._apply_retrying(feedback.prediction_id, event, step)
+                await self._apply_retrying(feedback.prediction_id, event, step, "feedback")
 
-    async def _apply_retrying(self, prediction_id: str, event: Any, step: Step) -> None:
+    async def _apply_retrying(self, prediction_id: str, event: Any, step: Step, side: Side) -> None:
         # An exception would end the faust agent and stall the join; retry instead (the
         # failures worth retrying are Kafka's). A retry after the table write sees the
         # event as already handled and re-emits the same example, so nothing is lost.
         delay = 0.1
         while True:
             try:
-                await self._apply(prediction_id, event, step)
+                await self._apply(prediction_id, event, step, side)
                 return
             except Exception:
                 self.stats["retries"] += 1
@@ -160,15 +164,19 @@ class Joiner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _apply(self, prediction_id: str, event: Any, step: Step) -> None:
+    async def _apply(self, prediction_id: str, event: Any, step: Step, side: Side) -> None:
         key = prediction_id.encode()
         if event.message.key != key:
             # Still joined, but state may sit on another partition than its events.
             self.stats["key_mismatch"] += 1
         raw = self.table.get(key)
         entry = JoinEntry.decode(raw) if raw is not None else None
+        _link_waiting_side(entry, side)
         new_entry, outcome, example = step(entry, now=self._clock(), offset=event.message.offset)
         if new_entry is not entry:
+            # This side is (now) the entry's: keep its trace for the other side's join span.
+            traceparent = _traceparent(event.message.headers)
+            new_entry = new_entry.model_copy(update={f"{side}_trace": traceparent})
             self.table[key] = new_entry.encode()
             self._created[key] = new_entry.created
             self._partition[key] = event.message.partition
@@ -179,6 +187,7 @@ class Joiner:
             await self._examples.send(key=example.entity_id.encode(), value=value, headers=headers)
             await self._by_model.send(key=example.model_name.encode(), value=value, headers=headers)
             self.stats["examples"] += 1
+            instruments.record_joined(example.model_name, example.model_version)
 
     async def _on_examples(self, stream: Any) -> None:
         async for event in stream.events():
@@ -220,6 +229,9 @@ class Joiner:
         self.stats["expired"] += len(expired)
         return len(expired)
 
+    async def _record_lag(self) -> None:
+        await record_lag(self.app, self.group)
+
     async def _on_changelog_event(self, event: Any) -> None:
         # Recovery replays the changelog: remember where each entry lives for the sweeper.
         key = event.key
@@ -233,6 +245,7 @@ class Joiner:
         """Publish the windows that moved since the last call; returns how many."""
         published = 0
         for metrics in self.live.drain():
+            instruments.record_live(metrics)
             await self._metrics.send(
                 key=metrics.model_name.encode(),
                 value=encode(metrics),
@@ -248,6 +261,7 @@ class Joiner:
         gone = {model for model, part in self._model_partition.items() if part in lost}
         if gone:
             self.live.forget(gone)
+            instruments.forget_live(gone)
             for model in gone:
                 self._model_partition.pop(model, None)
 
@@ -265,3 +279,27 @@ class Joiner:
                 "messaging.message.id": event_id,
             },
         )
+
+
+def _traceparent(headers: Any) -> str | None:
+    for key, value in headers or ():
+        if key == "traceparent":
+            return bytes(value).decode(errors="replace")
+    return None
+
+
+def _link_waiting_side(entry: JoinEntry | None, side: Side) -> None:
+    """Link the current (join) span to the trace of the side that waited in the table.
+
+    The span continues the arriving event's trace; the other side's trace is a second cause.
+    """
+    waiting = None
+    if entry is not None:
+        waiting = entry.feedback_trace if side == "prediction" else entry.prediction_trace
+    if waiting is None:
+        return
+    other = trace.get_current_span(extract_context([("traceparent", waiting.encode())]))
+    context = other.get_span_context()
+    if context.is_valid:
+        waited = "feedback" if side == "prediction" else "prediction"
+        trace.get_current_span().add_link(context, {"loopmesh.link": waited})

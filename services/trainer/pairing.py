@@ -62,6 +62,10 @@ class JoinEntry(BaseModel):
     """Event id of the event whose handling emitted the example (None until joined)."""
     emitted_offset: int | None = None
     """Source offset of that event's message."""
+    prediction_trace: str | None = None
+    """W3C traceparent of the prediction's message: the join links to the prediction's trace."""
+    feedback_trace: str | None = None
+    """W3C traceparent of the feedback's message, likewise."""
 
     def replays_emitter(self, event_id: str, offset: int | None) -> bool:
         return self.emitted_by == event_id and self.emitted_offset == offset

@@ -1,8 +1,9 @@
 """Run history: one JSON line per finished run in ``<data_dir>/runs.jsonl`` (append + fsync).
 
 A run is recorded once, when it ends (published, rejected or failed); the run in progress
-lives in memory and is reported by GetStatus. A crash mid-run leaves no line, and a version
-published just before a crash is found again by ``core`` from its metadata ``run_id``.
+lives in memory and is reported by GetStatus. A crash mid-run leaves no line; ``core`` keeps
+the running record in its state file, so the next start records it (failed, or published when
+its version reached the repository, found by its metadata ``run_id``).
 """
 
 from __future__ import annotations

@@ -230,7 +230,9 @@ class DeleteEntityRequest(_message.Message):
     ENTITY_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
-    """The id as stored in Kafka and Feast: where ingestion pseudonymises ids, the pseudonym."""
+    """The raw entity id, as the app knows it: mapped to its pseudonym like ingestion does when
+    pseudonymisation is on.
+    """
     reason: _builtins.str
     def __init__(
         self,

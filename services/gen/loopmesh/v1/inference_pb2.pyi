@@ -48,7 +48,9 @@ class PredictRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
-    """The entity to score; its online features are read from the feature service."""
+    """The entity to score, as the app knows it (pseudonymised like ingestion when configured);
+    its online features are read from the feature service.
+    """
     model_name: _builtins.str
     """Model to use; empty means the gateway's configured default model."""
     model_version: _builtins.str

@@ -1,0 +1,253 @@
+"""The mesh under hostile input: every Kafka consumer of every service, in one process.
+
+Used by ``tests/test_bad_input_topics.py``: the features agents (with a Feast repo), the
+trainer (joiner, dataset sink, consumers), the rollout controller (with Triton) and the
+inference gateway, each configured with topics of their own, plus a raw producer and a
+reader of every dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.features.agents import FeatureAgents
+from services.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
+from services.features.store import FeastGateway
+from services.inference.app import InferenceGateway
+from services.inference.settings import InferenceScope, InferenceSettings
+from services.mesh.bus import declare_topics
+from services.mesh.events import Event
+from services.mesh.settings import GrpcServerSettings, KafkaSettings
+from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from services.rollout.app import RolloutApp
+from services.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
+from services.trainer.app import TrainerApp
+from services.trainer.settings import (
+    DatasetSettings,
+    JoinerSettings,
+    TopicNames,
+    TrainerScope,
+    TrainerSettings,
+    TriggerSettings,
+)
+from tests.helpers import eventually
+from tests.support.hostile import Bad, DeadLetters, Sent, send_all
+
+TIMEOUT = 60.0
+
+# Every topic some service consumes, with how many consumers read it continuously. The test
+# below derives the consumed set from the services' own settings, so a new consumer of a
+# topic without a case here fails it.
+CONSUMERS: dict[str, int] = {
+    "events.raw": 1,  # features agents
+    "entities.erased": 2,  # features agents, trainer
+    "predictions": 1,  # trainer joiner
+    "feedback": 1,  # trainer joiner
+    "training.examples": 1,  # trainer dataset sink
+    "metrics.live": 2,  # trainer (drift), rollout controller
+    "models.published": 1,  # rollout controller
+    "rollouts": 2,  # trainer, inference routes (+ rollout controller at start-up)
+    "rollout.policies": 0,  # rollout controller, at start-up only
+}
+
+
+@dataclass
+class Mesh:
+    suffix: str
+    kafka: KafkaSettings
+    producer: AIOKafkaProducer
+    letters: DeadLetters
+    features: FeatureAgents
+    store: FeastGateway
+    trainer: TrainerApp
+    rollout: RolloutApp
+    gateway: InferenceGateway
+
+    def topic(self, name: str) -> str:
+        return f"{name}.{self.suffix}"
+
+    @property
+    def model(self) -> str:
+        return self.trainer.scope.model_name
+
+    async def round(
+        self,
+        base: str,
+        bad: list[Bad],
+        good: list[tuple[Event, str]],
+        effect: Callable[[], Any],
+    ) -> None:
+        """Produce ``bad`` interleaved with ``good`` (event, key) and wait for it all."""
+        topic = self.topic(base)
+        messages: list[tuple[bytes | None, bytes | None, Any]] = []
+        hostile_at: list[int] = []
+        for i, item in enumerate(bad):
+            hostile_at.append(len(messages))
+            messages.append((item.value, item.key, item.headers))
+            if i < len(good):
+                messages.append(valid(*good[i]))
+        messages.extend(valid(*pair) for pair in good[len(bad) :])
+        sent = await send_all(self.producer, topic, messages)
+        bad_sent = [sent[i] for i in hostile_at]
+        consumers = CONSUMERS[base]
+
+        async def done() -> bool:
+            missing = [s for s in bad_sent if len(self.letters.groups_for(topic, s)) < consumers]
+            return not missing and bool(await effect())
+
+        try:
+            await eventually(done, timeout=TIMEOUT, interval=0.2)
+        except AssertionError:
+            missing = [
+                (b.kind, s.partition, s.offset, self.letters.groups_for(topic, s))
+                for b, s in zip(bad, bad_sent, strict=True)
+                if len(self.letters.groups_for(topic, s)) < consumers
+            ]
+            raise AssertionError(f"not dead-lettered: {missing}; effect {await effect()}") from None
+        self.assert_running()
+
+    def assert_running(self) -> None:
+        assert not self.features.crashed, "features agents crashed"
+        assert not self.trainer.crashed.is_set(), "a trainer consumer died"
+        joiner = self.trainer.joiner
+        assert joiner is not None and not joiner.app.crashed, "the joiner crashed"
+        assert not self.rollout.crashed.is_set(), "a rollout loop died"
+
+    async def committed_past(self, group: str, sent: Sent) -> bool:
+        """Whether ``group`` committed beyond ``sent`` (its handler returned for it)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(group)
+        finally:
+            await admin.close()
+        return any(
+            tp.partition == sent.partition and meta.offset > sent.offset
+            for tp, meta in offsets.items()
+        )
+
+
+def valid(event: Event, key: str) -> tuple[bytes, bytes, tuple[()]]:
+    return event.model_dump_json(by_alias=True).encode(), key.encode(), ()
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(
+    kafka_settings: KafkaSettings,
+    feast_repo: Path,
+    triton_url: str,
+    model_repository: Path,
+    tmp: Path,
+) -> AsyncIterator[Mesh]:
+    """Every consumer of the mesh in this process, on topics of its own."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {name: f"{name}.{suffix}" for name in CONSUMERS}
+    features_settings = FeaturesSettings(
+        kafka=kafka_settings,
+        features=FeaturesScope(
+            repo_path=feast_repo,
+            run_server=False,
+            app_id=f"features-bad-{suffix}",
+            data_dir=tmp / "features",
+            events_topic=names["events.raw"],
+            erasures_topic=names["entities.erased"],
+            stream=StreamTuning(
+                session_timeout_s=6,
+                heartbeat_interval_s=1,
+                rebalance_timeout_s=10,
+                commit_interval_s=0.2,
+            ),
+        ),
+    )
+    trainer_topics = TopicNames(
+        **{k: f"{v}.{suffix}" for k, v in TopicNames().model_dump().items()}
+    )
+    trainer_settings = TrainerSettings(
+        kafka=kafka_settings,
+        model_repository=model_repository,
+        trainer=TrainerScope(
+            model_name=f"bad_{suffix}",
+            data_dir=tmp / "trainer",
+            server=GrpcServerSettings(port=0),
+            topics=trainer_topics,
+            joiner=JoinerSettings(
+                app_id=f"joiner-bad-{suffix}",
+                session_timeout_seconds=6,
+                heartbeat_interval_seconds=1,
+                metrics_publish_interval_seconds=0.5,
+            ),
+            dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2),
+            triggers=TriggerSettings(min_new_examples=None, drift_threshold=None),
+        ),
+    )
+    rollout_settings = RolloutSettings(
+        kafka=kafka_settings,
+        triton_url=triton_url,
+        model_repository=model_repository,
+        rollout=RolloutScope(
+            server=GrpcServerSettings(port=0, grace_seconds=1),
+            topics=rollout_topics(suffix),
+            consumer_group=f"rollout-bad-{suffix}",
+            tick_seconds=0.2,
+        ),
+    )
+    inference_settings = InferenceSettings(
+        kafka=kafka_settings,
+        triton_url=triton_url,
+        model_repository=model_repository,
+        inference=InferenceScope(
+            server=GrpcServerSettings(port=0, grace_seconds=1),
+            rollouts_topic=names["rollouts"],
+            predictions_topic=names["predictions"],
+        ),
+    )
+    declared = [
+        replace(EVENTS_RAW, name=names["events.raw"]),
+        replace(ENTITIES_ERASED, name=names["entities.erased"]),
+        *trainer_topics.all(),
+        *rollout_settings.rollout.topics.table(),
+    ]
+    await declare_topics(kafka_settings, list({t.name: t for t in declared}.values()))
+    async with contextlib.AsyncExitStack() as stack:
+        letters = DeadLetters(kafka_settings.bootstrap_servers, list(names.values()))
+        await letters.start()
+        stack.push_async_callback(letters.stop)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka_settings.bootstrap_servers, acks="all", linger_ms=5
+        )
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        store = FeastGateway.open(features_settings.features)
+        features = FeatureAgents(
+            features_settings, store, partitions=kafka_settings.default_partitions
+        )
+        trainer = TrainerApp(trainer_settings)
+        rollout = RolloutApp(rollout_settings)
+        gateway = InferenceGateway(inference_settings)
+        for part in (features, trainer, rollout, gateway):
+            await part.start()
+            stack.push_async_callback(part.stop)
+        yield Mesh(
+            suffix, kafka_settings, producer, letters, features, store, trainer, rollout, gateway
+        )
+
+
+def rollout_topics(suffix: str) -> RolloutTopics:
+    return RolloutTopics(
+        models_published=f"models.published.{suffix}",
+        metrics_live=f"metrics.live.{suffix}",
+        rollouts=f"rollouts.{suffix}",
+        policies=f"rollout.policies.{suffix}",
+    )
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:10]

@@ -1,9 +1,13 @@
-"""Trace context crosses a Kafka hop: the consumer's span continues the producer's trace."""
+"""Trace context crosses a Kafka hop (the consumer's span continues the producer's trace), and
+log lines carry the ids of the span they were written in."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
+import logging
 import uuid
 
 from opentelemetry import trace
@@ -13,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from services.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
 from services.mesh.events import InteractionEvent
 from services.mesh.settings import KafkaSettings
+from services.mesh.telemetry import JsonLogFormatter
 from services.mesh.topics import EVENTS_RAW
 from tests.helpers import eventually, unique_topic
 
@@ -58,3 +63,28 @@ async def test_consumer_span_continues_producer_trace(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+def test_json_logs_carry_the_current_trace_and_span_ids(spans: InMemorySpanExporter) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter("tests"))
+    logger = logging.getLogger(f"loopmesh.test.{uuid.uuid4().hex[:6]}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    logger.info("outside any span")
+    with trace.get_tracer("test").start_as_current_span("logged") as span:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("inside %s", "a span")
+
+    outside, inside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert outside["message"] == "outside any span" and "trace_id" not in outside
+    ctx = span.get_span_context()
+    assert inside["trace_id"] == format(ctx.trace_id, "032x")
+    assert inside["span_id"] == format(ctx.span_id, "016x")
+    assert inside["message"] == "inside a span" and inside["level"] == "ERROR"
+    assert inside["service"] == "tests" and "ValueError: boom" in inside["exception"]

@@ -135,7 +135,7 @@ def _predict(mesh: Mesh) -> tuple[st.SearchStrategy[Case], Any, Checker]:
         request, bad = built
         if bad:
             return case([request], INVALID, fields=bad)
-        # An unknown model or version is INVALID_ARGUMENT naming it (the gateway's contract).
+        # An unknown model or version is NOT_FOUND naming it (the gateway's contract).
         codes = (OK, INVALID, NOT_FOUND, UNAVAILABLE, PRECONDITION)
         return case([request], *codes, fields=["model_name", "model_version"])
 

@@ -298,31 +298,38 @@ async def test_weights_change_mid_stream_without_dropping_requests(
     assert sum(a.arm == "canary" for a in answers) > (total - switch_at) // 2
 
 
+BAD = grpc.StatusCode.INVALID_ARGUMENT
+MISSING = grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
-    ("request_fields", "field"),
+    ("request_fields", "field", "code"),
     [
-        ({"entity_id": ""}, "entity_id"),
-        ({"entity_id": "   "}, "entity_id"),
-        ({"entity_id": "a", "model_name": "no-such-model"}, "model_name"),
-        ({"entity_id": "a", "model_name": "../etc"}, "model_name"),
-        ({"entity_id": "a", "context": {"hour": math.nan}}, "context.hour"),
-        ({"entity_id": "a", "context": {"hour": math.inf}}, "context.hour"),
-        ({"entity_id": "a", "model_version": "01"}, "model_version"),
-        ({"entity_id": "a", "model_version": "x"}, "model_version"),
-        ({"entity_id": "a", "model_version": "99"}, "model_version"),
+        ({"entity_id": ""}, "entity_id", BAD),
+        ({"entity_id": "   "}, "entity_id", BAD),
+        ({"entity_id": "a", "model_name": "no-such-model"}, "model_name", MISSING),
+        ({"entity_id": "a", "model_name": "../etc"}, "model_name", BAD),
+        ({"entity_id": "a", "context": {"hour": math.nan}}, "context.hour", BAD),
+        ({"entity_id": "a", "context": {"hour": math.inf}}, "context.hour", BAD),
+        ({"entity_id": "a", "model_version": "01"}, "model_version", BAD),
+        ({"entity_id": "a", "model_version": "x"}, "model_version", BAD),
+        ({"entity_id": "a", "model_version": "99"}, "model_version", MISSING),
     ],
 )
 async def test_invalid_requests_name_the_field(
-    stub: inference_pb2_grpc.InferenceServiceStub, request_fields: dict[str, object], field: str
+    stub: inference_pb2_grpc.InferenceServiceStub,
+    request_fields: dict[str, object],
+    field: str,
+    code: grpc.StatusCode,
 ) -> None:
     request = inference_pb2.PredictRequest(**request_fields)  # type: ignore[arg-type]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Predict(request, timeout=CALL_TIMEOUT)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code() == code
     assert (caught.value.details() or "").startswith(field), caught.value.details()
     # On the stream the same item fails alone, naming the same field.
     [answer] = (await stream(stub, [request])).values()
-    assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert answer.error.code == code.value[0]
     assert answer.error.field == field and not answer.prediction_id
 
 

@@ -42,6 +42,10 @@ class InvalidArgument(ValueError):
         self.field = field_name
 
 
+class NotFound(InvalidArgument):
+    """The model or version named in the request does not exist; ``field`` names which."""
+
+
 class Unavailable(RuntimeError):
     """A dependency (Triton, a model version, the feature service) cannot serve this call."""
 
@@ -315,18 +319,18 @@ class Predictor:
         except ValueError as exc:
             raise InvalidArgument("model_name", str(exc)) from None
         if not published:
-            raise InvalidArgument("model_name", f"unknown model {model_name!r}")
+            raise NotFound("model_name", f"unknown model {model_name!r}")
         ready = [v for v in await self._backend.ready_versions(model_name) if v in published]
         for version in reversed(ready or published):
             if self.catalog.has_version(model_name, version):  # the listing may be seconds old
                 return version, "latest", None
-        raise InvalidArgument("model_name", f"unknown model {model_name!r}")
+        raise NotFound("model_name", f"unknown model {model_name!r}")
 
     def _spec(self, model_name: str, version: int) -> ModelSpec:
         try:
             return self.catalog.spec(model_name, version)
         except UnknownModel as exc:
-            raise InvalidArgument(exc.field, str(exc)) from None
+            raise NotFound(exc.field, str(exc)) from None
         except BadModelSpec as exc:
             raise FailedPrecondition(str(exc)) from None
 

@@ -1,8 +1,9 @@
 """gRPC adapter of ``loopmesh.v1.InferenceService``: converts messages, calls the Predictor.
 
 Errors map once, here: InvalidArgument -> INVALID_ARGUMENT (the message starts with the field
-at fault), Unavailable -> UNAVAILABLE, FailedPrecondition -> FAILED_PRECONDITION, ModelFailed
-(and anything unexpected) -> INTERNAL. On PredictStream a failed item becomes a response with
+at fault), NotFound (an unknown model or version) -> NOT_FOUND (naming the field too),
+Unavailable -> UNAVAILABLE, FailedPrecondition -> FAILED_PRECONDITION, ModelFailed (and
+anything unexpected) -> INTERNAL. On PredictStream a failed item becomes a response with
 ``error`` set and the stream goes on.
 """
 
@@ -21,6 +22,7 @@ from services.inference.core import (
     FailedPrecondition,
     InvalidArgument,
     ModelFailed,
+    NotFound,
     PredictInput,
     Predictor,
     PredictOutput,
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
     """(code, field, message) of a core error; anything else is INTERNAL."""
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, exc.field, str(exc)
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, exc.field, str(exc)
     if isinstance(exc, Unavailable):

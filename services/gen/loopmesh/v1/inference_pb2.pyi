@@ -90,7 +90,7 @@ class PredictError(_message.Message):
     FIELD_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.int
-    """A grpc status code number (3 INVALID_ARGUMENT, 14 UNAVAILABLE, ...)."""
+    """A grpc status code number (3 INVALID_ARGUMENT, 5 NOT_FOUND, 14 UNAVAILABLE, ...)."""
     field: _builtins.str
     """The request field at fault, e.g. "entity_id" or "context.price"."""
     message: _builtins.str

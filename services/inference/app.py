@@ -2,11 +2,14 @@
 
 ``InferenceGateway.start`` declares its topics, catches up with ``rollouts`` (so the first
 request already sees the routes in force), then opens one gRPC port serving both APIs.
-``stop`` lets in-flight calls finish, then flushes the prediction log.
+``stop`` lets in-flight calls finish, then flushes the prediction log. Unless disabled, a
+task publishes each served version's request count, error rate and p99 latency over a sliding
+window to ``metrics.live`` every ``operational_publish_s`` (services/inference/operational.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -21,6 +24,7 @@ from services.inference.catalog import ModelCatalog
 from services.inference.coalesce import InferCoalescer
 from services.inference.core import Counters, Predictor
 from services.inference.features import FeatureClient
+from services.inference.operational import OperationalWindows, to_events
 from services.inference.prediction_log import PredictionLogger
 from services.inference.routing import RolloutFollower, RouteTable
 from services.inference.server import METHOD_ROLES, SERVICE_NAME, InferenceServicer
@@ -36,7 +40,7 @@ from services.mesh.bus import (
 from services.mesh.events import DeadLetter
 from services.mesh.privacy import EntityIdMapper
 from services.mesh.rpc import GrpcServer
-from services.mesh.topics import PREDICTIONS, ROLLOUTS
+from services.mesh.topics import METRICS_LIVE, PREDICTIONS, ROLLOUTS
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,12 @@ class InferenceGateway:
         scope = settings.inference
         self.predictions_topic = replace(PREDICTIONS, name=scope.predictions_topic)
         self.rollouts_topic = replace(ROLLOUTS, name=scope.rollouts_topic)
+        self.metrics_topic = replace(METRICS_LIVE, name=scope.metrics_topic)
         self.routes = RouteTable()
-        self.counters = Counters()
+        self.windows = (
+            OperationalWindows(scope.operational_window_s) if scope.operational_metrics else None
+        )
+        self.counters = Counters(windows=self.windows)
         self.catalog = ModelCatalog(
             settings.model_repository,
             refresh_s=scope.catalog_refresh_s,
@@ -144,9 +152,18 @@ class InferenceGateway:
     async def start(self) -> None:
         scope = self.settings.inference
         async with contextlib.AsyncExitStack() as stack:
-            await declare_topics(self.settings.kafka, [self.predictions_topic, self.rollouts_topic])
+            topics = [self.predictions_topic, self.rollouts_topic]
+            if self.windows is not None:
+                topics.append(self.metrics_topic)
+            await declare_topics(self.settings.kafka, topics)
             await self.producer.start()
             stack.push_async_callback(self.producer.stop)
+            if self.windows is not None:
+                publisher = asyncio.create_task(
+                    self._publish_periodically(scope.operational_publish_s),
+                    name="inference-operational-metrics",
+                )
+                stack.push_async_callback(_cancel, publisher)
             self.logger.start()
             stack.push_async_callback(self.logger.stop)
             await self.follower.start(scope.routes_catchup_timeout_s)
@@ -174,6 +191,23 @@ class InferenceGateway:
             self.logger.dropped,
         )
 
+    async def publish_operational(self) -> int:
+        """Publish the current window's figures now; how many versions were published."""
+        if self.windows is None:
+            return 0
+        events = to_events(self.windows.snapshot(), self.windows.window_s)
+        await self.producer.publish_many(self.metrics_topic, events)
+        return len(events)
+
+    async def _publish_periodically(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.publish_operational()
+            except Exception:
+                # Kafka may be briefly away: the next interval publishes fresh figures anyway.
+                log.warning("operational metrics not published", exc_info=True)
+
     async def _dead_letter(
         self,
         topic: str,
@@ -199,3 +233,9 @@ class InferenceGateway:
             f"{topic}.dlq", value=encode(letter), key=key, headers=event_headers(letter)
         )
         record_dead_letter(topic, letter.consumer_group)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

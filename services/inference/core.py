@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from services.inference import instruments
 from services.inference.batching import Coalescer
 from services.inference.catalog import BadModelSpec, ModelCatalog, ModelSpec, UnknownModel
+from services.inference.operational import OperationalWindows
 from services.inference.routing import Arm, Route, RouteTable
 from services.mesh import model_repo
 from services.mesh.events import Finite, Identifier
@@ -166,10 +167,27 @@ class VersionStats:
 
 @dataclass
 class Counters:
-    """Per-version answers and failures (a canary's failures are what it is judged on)."""
+    """Per-version answers and failures (a canary's failures are what it is judged on).
+
+    ``succeeded`` and ``failed`` are where a call to a version finishes (Predict scoring and
+    ModelInfer alike): they count it and, when ``windows`` is set, record its latency in the
+    sliding window the gateway publishes to ``metrics.live``. Only server-side failures are
+    passed to ``failed``; a client's bad request is not the version's fault.
+    """
 
     versions: dict[tuple[str, int], VersionStats] = field(default_factory=dict)
     degraded: int = 0
+    windows: OperationalWindows | None = None
+
+    def succeeded(self, model_name: str, version: int, latency_ms: float) -> None:
+        self.of(model_name, version).answered += 1
+        if self.windows is not None:
+            self.windows.record(model_name, version, failed=False, latency_ms=latency_ms)
+
+    def failed(self, model_name: str, version: int, latency_ms: float) -> None:
+        self.of(model_name, version).failures += 1
+        if self.windows is not None:
+            self.windows.record(model_name, version, failed=True, latency_ms=latency_ms)
 
     def of(self, model_name: str, version: int) -> VersionStats:
         key = (model_name, version)
@@ -235,23 +253,27 @@ class Predictor:
         version, arm, route = await self._resolve(model_name, request)
         spec = self._spec(model_name, version)
         inputs = await self._inputs(request, spec, {})
+        # Latency is counted per version attempt: a fallback's clock starts when stable is
+        # asked, so the canary's failure time does not count against stable.
+        attempt_started = started
         try:
             score = await self._score(spec, inputs.row)
         except BackendError as exc:
-            self.counters.of(model_name, version).failures += 1
+            self.counters.failed(model_name, version, _elapsed_ms(attempt_started))
             stable = route.stable_version if route is not None else None
             if arm != "canary" or stable is None or stable == version:
                 raise _backend_failure(exc) from exc
             # The canary failed this request: stable answers it, the canary takes the blame.
             version, arm = stable, "fallback"
+            attempt_started = time.perf_counter()
             spec = self._spec(model_name, version)
             inputs = await self._inputs(request, spec, inputs.readings)
             try:
                 score = await self._score(spec, inputs.row)
             except BackendError as again:
-                self.counters.of(model_name, version).failures += 1
+                self.counters.failed(model_name, version, _elapsed_ms(attempt_started))
                 raise _backend_failure(again) from again
-        self.counters.of(model_name, version).answered += 1
+        self.counters.succeeded(model_name, version, _elapsed_ms(attempt_started))
         instruments.record_prediction(model_name, version, arm=arm, degraded=inputs.degraded)
         if inputs.degraded:
             self.counters.degraded += 1
@@ -382,6 +404,10 @@ class Predictor:
             batcher = Coalescer(flush, max_size=size, max_delay_s=delay, max_inflight=inflight)
             self._batchers[key] = batcher
         return await batcher.submit(row)
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
 
 
 def _backend_failure(exc: BackendError) -> Exception:

@@ -13,6 +13,7 @@ routes caught up. ModelReady with no version asks about the routed stable versio
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,7 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
     ) -> bytes:
         name = parsed.model_name
         timeout = self._triton.timeout(context.time_remaining())
+        started = time.perf_counter()
         try:
             if self._coalescer is not None:
                 answer = await self._coalescer.infer(parsed, request, version, timeout)
@@ -114,8 +116,13 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
             client_error = err.code() == grpc.StatusCode.INVALID_ARGUMENT
             if not client_error:
                 instruments.record_triton_error(name, version, err.code().name)
-            if version is not None and not client_error:
-                self._counters.of(name, version).failures += 1
+            # A version that does not exist at all is the caller's mistake too (NOT_FOUND).
+            if (
+                version is not None
+                and not client_error
+                and (err.code() != grpc.StatusCode.NOT_FOUND or self._known(name, version))
+            ):
+                self._counters.failed(name, version, (time.perf_counter() - started) * 1000.0)
             if fallback is None or fallback == version or original is None or client_error:
                 await self._abort(context, err, name, version)
                 raise  # unreachable: abort raises
@@ -124,7 +131,7 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
                 context, parsed, override_version(original, fallback), fallback, None
             )
         if version is not None:
-            self._counters.of(name, version).answered += 1
+            self._counters.succeeded(name, version, (time.perf_counter() - started) * 1000.0)
         instruments.record_prediction(name, version, arm="oip", degraded=False)
         return answer
 

@@ -57,6 +57,15 @@ class InferenceScope(BaseModel):
     """How long the log waits for more predictions before producing a batch."""
     catalog_refresh_s: float = Field(default=5.0, gt=0)
     """How long the list of published versions (for models without a route) is cached."""
+    operational_metrics: bool = True
+    """Publish each version's request count, error rate and p99 latency to ``metrics_topic``
+    (the rollout controller's error-rate and latency guards are skipped without them)."""
+    operational_publish_s: float = Field(default=10.0, gt=0)
+    """How often the operational figures of the versions that had requests are published."""
+    operational_window_s: float = Field(default=60.0, gt=0)
+    """Sliding window the operational figures cover (requests older than this drop out)."""
+    metrics_topic: str = "metrics.live"
+    """Topic the operational ``VersionMetrics`` go to (tests use a unique one)."""
 
 
 class InferenceSettings(MeshSettings):

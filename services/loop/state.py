@@ -82,7 +82,12 @@ class LoopState:
         elif isinstance(event, LabelledExample):
             self.examples += 1
             self.last_example_at = max(self.last_example_at or event.feedback_at, event.feedback_at)
-        elif isinstance(event, VersionMetrics) and event.model_name == self.model_name:
+        elif (
+            isinstance(event, VersionMetrics)
+            and event.model_name == self.model_name
+            # The gateway's operational snapshots carry no quality figure: not a chart point.
+            and not _operational_only(event)
+        ):
             self.metric_points.append(
                 MetricPoint(
                     event.event_time,
@@ -237,3 +242,10 @@ class LoopState:
 
 def _round(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, 4)
+
+
+def _operational_only(event: VersionMetrics) -> bool:
+    """A gateway snapshot: error rate or latency, and none of the trainer's quality figures."""
+    quality = (event.log_loss, event.accuracy, event.auc)
+    operational = (event.error_rate, event.latency_p99_ms)
+    return all(v is None for v in quality) and any(v is not None for v in operational)

@@ -2,7 +2,9 @@
 
 The runner starts its own stack and every service as processes, seeds a model, drives the
 simulator with a concept drift, and stops as soon as a full cycle after the drift and a
-recovery have happened (at most 5 minutes).
+recovery have happened. The 8-minute cap only bounds a broken run: how many candidates the
+trainer publishes before one beats stable varies from run to run, and each Triton reload of a
+python-backend version takes 20-35 s on two busy cores, so a healthy run takes 4-5.5 minutes.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ def _done(state: LoopState) -> bool:
 async def test_loop_cycles_and_recovers_from_drift(tmp_path: Path) -> None:
     out = io.StringIO()
     options = RunOptions(
-        duration_seconds=300,
+        duration_seconds=480,
         headless=True,
         out_dir=tmp_path,
-        # Small thresholds so a cycle, the drift and a recovery fit in five minutes.
+        # Small thresholds so a cycle, the drift and a recovery fit in a few minutes.
         requests_per_second=60,
         retrain_every_examples=500,
         canary_weights=(0.25, 0.5),

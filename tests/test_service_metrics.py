@@ -507,9 +507,16 @@ async def test_features_exports_events_writes_dead_letters_and_lag(
         {"loopmesh_features_events_total": {"outcome": "accepted"}},
         minimum=len(features_traffic) * 4 - 1,
     )
-    samples = _scrape_url(f"http://127.0.0.1:{mesh.features.metrics_port}/metrics")
-    lag = [ls for n, ls, _ in samples if n == "loopmesh_kafka_consumer_lag"]
-    assert any(ls.get("topic") == mesh.events.name for ls in lag), lag
+    # Lag is measured on a faust timer once the partitions are assigned and fetched (the
+    # high watermark comes with a fetch), so its series appears a tick or two later: poll.
+    deadline = time.monotonic() + DEADLINE
+    lag: list[dict[str, str]] = []
+    while not any(ls.get("topic") == mesh.events.name for ls in lag):
+        assert time.monotonic() < deadline, f"no consumer lag for {mesh.events.name}: {lag}"
+        await asyncio.sleep(0.5)
+        url = f"http://127.0.0.1:{mesh.features.metrics_port}/metrics"
+        samples = await asyncio.to_thread(_scrape_url, url)
+        lag = [ls for n, ls, _ in samples if n == "loopmesh_kafka_consumer_lag"]
 
 
 async def test_inference_exports_predictions_per_version_and_triton_errors(

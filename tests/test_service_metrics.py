@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -96,18 +96,27 @@ def _value(samples: list[Sample], name: str, **labels: str) -> float:
     )
 
 
-async def _until(port: int, wanted: dict[str, dict[str, str]], *, minimum: float = 0.0) -> None:
-    """Poll until every ``name`` (restricted to its labels) sums to more than ``minimum``."""
+async def _poll(port: int, missing: Callable[[list[Sample]], list[str]]) -> list[Sample]:
+    """Scrape until ``missing`` finds nothing missing; return that scrape."""
     deadline = time.monotonic() + DEADLINE
-    missing: list[str] = list(wanted)
     samples: list[Sample] = []
     while time.monotonic() < deadline:
         samples = await asyncio.to_thread(_scrape_url, f"http://127.0.0.1:{port}/metrics")
-        missing = [n for n, ls in wanted.items() if not _value(samples, n, **ls) > minimum]
-        if not missing:
-            return
+        if not missing(samples):
+            return samples
         await asyncio.sleep(0.5)
-    raise AssertionError(f"never above {minimum}: {missing}; got {sorted({s[0] for s in samples})}")
+    raise AssertionError(f"never: {missing(samples)}; got {sorted({s[0] for s in samples})}")
+
+
+async def _until(port: int, wanted: dict[str, dict[str, str]], *, minimum: float = 0.0) -> None:
+    """Poll until every ``name`` (restricted to its labels) sums to more than ``minimum``."""
+
+    def below(samples: list[Sample]) -> list[str]:
+        return [
+            f"{n} > {minimum}" for n, ls in wanted.items() if not _value(samples, n, **ls) > minimum
+        ]
+
+    await _poll(port, below)
 
 
 # ----------------------------------------------------------------- the doors (per test)
@@ -507,16 +516,15 @@ async def test_features_exports_events_writes_dead_letters_and_lag(
         {"loopmesh_features_events_total": {"outcome": "accepted"}},
         minimum=len(features_traffic) * 4 - 1,
     )
+
     # Lag is measured on a faust timer once the partitions are assigned and fetched (the
     # high watermark comes with a fetch), so its series appears a tick or two later: poll.
-    deadline = time.monotonic() + DEADLINE
-    lag: list[dict[str, str]] = []
-    while not any(ls.get("topic") == mesh.events.name for ls in lag):
-        assert time.monotonic() < deadline, f"no consumer lag for {mesh.events.name}: {lag}"
-        await asyncio.sleep(0.5)
-        url = f"http://127.0.0.1:{mesh.features.metrics_port}/metrics"
-        samples = await asyncio.to_thread(_scrape_url, url)
+    def no_lag(samples: list[Sample]) -> list[str]:
         lag = [ls for n, ls, _ in samples if n == "loopmesh_kafka_consumer_lag"]
+        seen = any(ls.get("topic") == mesh.events.name for ls in lag)
+        return [] if seen else [f"loopmesh_kafka_consumer_lag for {mesh.events.name}"]
+
+    await _poll(mesh.features.metrics_port, no_lag)
 
 
 async def test_inference_exports_predictions_per_version_and_triton_errors(

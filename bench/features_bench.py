@@ -45,9 +45,13 @@ ROUNDS = 3
 console = Console()
 
 
-def _block_torch() -> None:
-    # Same as services/features/__main__.py: feast imports torch only for to_tensor.
-    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+def _block_torch() -> bool:
+    """Keep feast from importing torch (only for to_tensor), as services/features/__main__.py
+    does; True when this call put the block in place."""
+    if "torch" in sys.modules:
+        return False
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    return True
 
 
 def _scope(repo: Path, port: int = 0) -> Any:
@@ -172,7 +176,16 @@ async def _measure(
 
 
 def main() -> None:
-    _block_torch()
+    blocked = _block_torch()
+    try:
+        _run()
+    finally:
+        # `python -m bench` runs every benchmark in this process; the next ones need torch.
+        if blocked:
+            del sys.modules["torch"]
+
+
+def _run() -> None:
     from services.features.store import FeastGateway
 
     with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:

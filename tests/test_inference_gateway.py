@@ -23,9 +23,8 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from services.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
+from services.inference import oip
 from services.inference.app import InferenceGateway
-from services.inference.coalesce import InferCoalescer
-from services.inference.triton import TritonPool
 from services.mesh.auth import AuthSettings, TokenSpec, bearer
 from services.mesh.bus import EventProducer
 from services.mesh.events import PredictionLogged, RolloutChanged
@@ -526,38 +525,53 @@ async def test_a_text_feature_is_refused_not_guessed(
     assert "entity_numeric:last_event_type" in (caught.value.details() or "")
 
 
-async def test_model_infer_coalescer_merges_queued_requests_and_cuts_answers(
-    model: str, triton: TritonServer
+def _raw_request(x: np.ndarray, request_id: str, rows: int | None = None) -> bytes:
+    """A ModelInferRequest whose shape declares ``rows`` rows whatever ``x`` holds."""
+    request = service_pb2.ModelInferRequest(model_name=MODEL, model_version="2", id=request_id)
+    tensor = request.inputs.add(name="INPUT__0", datatype="FP32")
+    tensor.shape.extend([x.shape[0] if rows is None else rows, len(FEATURES)])
+    request.raw_input_contents.append(x.tobytes())
+    data: bytes = request.SerializeToString()
+    return data
+
+
+async def test_no_caller_ever_receives_another_callers_answer(
+    gateway: InferenceGateway, triton: TritonServer
 ) -> None:
-    pool = TritonPool(triton.grpc_url, size=1, timeout_s=CALL_TIMEOUT)
-    # One batch in flight at a time and a long delay bound: while the first request is out,
-    # the other nine queue and must leave together.
-    coalescer = InferCoalescer(pool, max_rows=64, max_delay_s=5.0, max_inflight=1)
-    rng = np.random.default_rng(11)
-    xs = [rng.normal(size=(3, len(FEATURES))).astype(np.float32) for _ in range(10)]
-    requests = []
-    for i, x in enumerate(xs):
-        request = service_pb2.ModelInferRequest(model_name=model, model_version="2", id=f"q{i}")
-        tensor = request.inputs.add(name="INPUT__0", datatype="FP32")
-        tensor.shape.extend(x.shape)
-        request.raw_input_contents.append(x.tobytes())
-        requests.append(request)
-    try:
-        # Warm-up: learns the model's max_batch_size, so the ten below start together.
-        await coalescer.infer(requests[0], requests[0].SerializeToString(), 2, CALL_TIMEOUT)
-        answers = await asyncio.gather(
-            *(coalescer.infer(r, r.SerializeToString(), 2, CALL_TIMEOUT) for r in requests)
-        )
-    finally:
-        await pool.close()
-    assert (coalescer.merged_requests, coalescer.merged_items) == (1, 9)
-    direct = await direct_scores(triton.grpc_url, model, 2, np.concatenate(xs))
-    for i, raw in enumerate(answers):
-        answer = service_pb2.ModelInferResponse.FromString(raw)
-        assert (answer.id, answer.model_version, list(answer.outputs[0].shape)) == (
-            f"q{i}",
-            "2",
-            [3, 1],
-        )
-        scores = np.frombuffer(answer.raw_output_contents[0], dtype=np.float32)
-        np.testing.assert_allclose(scores, direct[3 * i : 3 * i + 3], atol=1e-6)
+    # Rounds of 64 distinct well-formed requests sent at once with malformed ones among them:
+    # a tensor carrying two rows of bytes under a one-row shape, and one with no bytes at all.
+    rng = np.random.default_rng(19)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        infer = channel.unary_unary(f"/{oip.SERVICE_NAME}/ModelInfer")
+
+        async def call(data: bytes) -> bytes | grpc.aio.AioRpcError:
+            try:
+                answer: bytes = await infer(data, timeout=60)
+            except grpc.aio.AioRpcError as err:
+                return err
+            return answer
+
+        for round_ in range(3):
+            xs = rng.normal(size=(64, len(FEATURES))).astype(np.float32)
+            batch = []
+            for i in range(64):
+                batch.append(_raw_request(xs[i : i + 1], f"g{round_}-{i}"))
+                if i % 4 == 0:
+                    two = rng.normal(size=(2, len(FEATURES))).astype(np.float32)
+                    batch.append(_raw_request(two, "bad", rows=1))
+                    batch.append(_raw_request(np.zeros((0, len(FEATURES)), np.float32), "bad", 1))
+            answers = await asyncio.gather(*(call(data) for data in batch))
+            direct = await direct_scores(triton.grpc_url, MODEL, 2, xs)
+            for data, answer in zip(batch, answers, strict=True):
+                request = service_pb2.ModelInferRequest.FromString(data)
+                if request.id == "bad":
+                    assert isinstance(answer, grpc.aio.AioRpcError)
+                    assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "inputs[0] (INPUT__0)" in (answer.details() or "")
+                    continue
+                assert isinstance(answer, bytes), answer
+                response = service_pb2.ModelInferResponse.FromString(answer)
+                row = int(request.id.split("-")[1])
+                assert response.id == request.id
+                scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+                np.testing.assert_allclose(scores, direct[row : row + 1], atol=1e-6)

@@ -21,7 +21,6 @@ import grpc
 from services.gen.loopmesh.v1 import inference_pb2_grpc
 from services.inference import oip
 from services.inference.catalog import ModelCatalog
-from services.inference.coalesce import InferCoalescer
 from services.inference.core import Counters, Predictor
 from services.inference.features import FeatureClient
 from services.inference.operational import OperationalWindows, to_events
@@ -106,16 +105,6 @@ class InferenceGateway:
             batch_max_inflight=scope.batch_max_inflight,
             entity_ids=EntityIdMapper(settings.privacy),
         )
-        self.infer_coalescer = (
-            InferCoalescer(
-                self.triton,
-                max_rows=scope.batch_max_size,
-                max_delay_s=scope.batch_max_delay_ms / 1000.0,
-                max_inflight=scope.batch_max_inflight,
-            )
-            if scope.coalesce_model_infer
-            else None
-        )
         self.grpc = GrpcServer(
             "inference",
             scope.server,
@@ -139,7 +128,6 @@ class InferenceGateway:
                 self.catalog,
                 self.counters,
                 routes_ready=self.follower.caught_up.is_set,
-                coalescer=self.infer_coalescer,
             ),
             self.grpc.server,
         )
@@ -179,14 +167,11 @@ class InferenceGateway:
         """Stop serving (in-flight calls finish), then flush the log and close clients."""
         await self._stack.aclose()
         requests, rows = self.predictor.batch_stats()
-        merged = self.infer_coalescer
         log.info(
-            "stopped: Predict sent %d rows in %d Triton requests; ModelInfer merged %d "
-            "requests into %d; %d predictions logged, %d dropped",
+            "stopped: Predict sent %d rows in %d Triton requests; %d predictions logged, "
+            "%d dropped",
             rows,
             requests,
-            merged.merged_items if merged else 0,
-            merged.merged_requests if merged else 0,
             self.logger.logged,
             self.logger.dropped,
         )

@@ -23,9 +23,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.inference import instruments
 from services.inference.catalog import ModelCatalog
-from services.inference.coalesce import InferCoalescer
 from services.inference.core import Counters
 from services.inference.routing import RouteTable
+from services.inference.tensors import TensorError, check_infer_inputs
 from services.inference.triton import TritonPool
 from services.mesh import model_repo
 from services.mesh.telemetry import tracer
@@ -53,10 +53,8 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         catalog: ModelCatalog,
         counters: Counters,
         routes_ready: Callable[[], bool],
-        coalescer: InferCoalescer | None = None,
     ) -> None:
         self._triton = triton
-        self._coalescer = coalescer
         self._routes = routes
         self._catalog = catalog
         self._counters = counters
@@ -76,6 +74,10 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
             model_repo.validate_model_name(name)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_name: {exc}")
+        try:
+            check_infer_inputs(parsed)
+        except TensorError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with _tracer.start_as_current_span("ModelInfer", attributes={"model.name": name}):
             if parsed.model_version:
                 try:
@@ -107,10 +109,7 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         timeout = self._triton.timeout(context.time_remaining())
         started = time.perf_counter()
         try:
-            if self._coalescer is not None:
-                answer = await self._coalescer.infer(parsed, request, version, timeout)
-            else:
-                answer = await self._triton.forward_infer(request, timeout)
+            answer = await self._triton.forward_infer(request, timeout)
         except grpc.aio.AioRpcError as err:
             # A malformed request is the caller's fault, not the version's: no blame, no retry.
             client_error = err.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -37,9 +37,6 @@ class InferenceScope(BaseModel):
     """Longest a Predict row waits to be coalesced while earlier batches are in flight."""
     batch_max_inflight: int = Field(default=2, ge=1)
     """Triton requests in flight per model version before rows start to queue and coalesce."""
-    coalesce_model_infer: bool = True
-    """Merge concurrent compatible ModelInfer requests into one Triton request under load
-    (a lone request is always forwarded as its original bytes)."""
     stream_max_inflight: int = Field(default=256, ge=1)
     """Items of one PredictStream processed at once; the stream is not read beyond that."""
     predictions_topic: str = "predictions"

@@ -4,7 +4,7 @@
 #   (default, last stage) "service": every LoopMesh service; pick one with
 #       `loopmesh serve <name>` (compose and the k8s manifests set the command).
 #   --target triton: the NVIDIA Triton container plus torch, because the python-backend
-#       model (services/mesh/triton_python_model.py) loads TorchScript with torch and
+#       model (services/loopmesh/mesh/triton_python_model.py) loads TorchScript with torch and
 #       NVIDIA's image ships no torch for the python backend.
 #
 #   docker build -t loopmesh:dev .
@@ -48,15 +48,15 @@ RUN apt-get update \
 WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so editing code does not re-download torch.
 COPY pyproject.toml README.md ./
-RUN mkdir services && touch services/__init__.py \
+RUN mkdir -p services/loopmesh && touch services/loopmesh/__init__.py \
     && pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} . \
     && pip uninstall -y loopmesh \
     && rm -rf services build *.egg-info
 COPY . .
-# Editable on purpose: services/mesh/infra/feast_repo.py finds the Feast definitions at
+# Editable on purpose: services/loopmesh/devstack/feast_repo.py finds the Feast definitions at
 # <source root>/feature_store, which a site-packages install would not have.
 RUN pip install --no-deps -e . \
-    && python -c "import services.cli, services.mesh.healthcheck"
+    && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"
 
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS service
@@ -81,6 +81,6 @@ USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 # gRPC: ingestion 50051, feedback 50052, features 50053, inference 50054, trainer 50055,
 # rollout 50056; Prometheus metrics 9464 when LOOPMESH_TELEMETRY__METRICS_PORT says so.
 EXPOSE 50051 50052 50053 50054 50055 50056 9464
-# No HEALTHCHECK: compose runs `python -m services.mesh.healthcheck 127.0.0.1:<port>` and
+# No HEALTHCHECK: compose runs `python -m loopmesh.mesh.healthcheck 127.0.0.1:<port>` and
 # Kubernetes uses its grpc probe, both against the gRPC health service.
 CMD ["loopmesh", "serve", "ingestion"]

@@ -23,13 +23,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict services
+	$(BIN)/mypy --strict services/loopmesh
 
 protos: $(STAMP)
-	$(BIN)/python -m services.mesh.protogen
+	$(BIN)/python scripts/protogen.py
 
 check-protos: $(STAMP)
-	$(BIN)/python -m services.mesh.protogen --check
+	$(BIN)/python scripts/protogen.py --check
 
 test: deps lint typecheck check-protos
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

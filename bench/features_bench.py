@@ -32,9 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from services.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
-from services.mesh.infra.feast_repo import apply_repo, prepare_repo
-from services.mesh.infra.process import free_port
+from loopmesh.devstack.feast_repo import apply_repo, prepare_repo
+from loopmesh.devstack.process import free_port
+from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
 
 SIZES = (1, 100)
 CALLS = {
@@ -46,7 +46,7 @@ console = Console()
 
 
 def _block_torch() -> bool:
-    """Keep feast from importing torch (only for to_tensor), as services/features/__main__.py
+    """Keep feast from importing torch (only for to_tensor), as loopmesh.features.__main__
     does; True when this call put the block in place."""
     if "torch" in sys.modules:
         return False
@@ -55,8 +55,8 @@ def _block_torch() -> bool:
 
 
 def _scope(repo: Path, port: int = 0) -> Any:
-    from services.features.settings import FeaturesScope
-    from services.mesh.settings import GrpcServerSettings
+    from loopmesh.features.settings import FeaturesScope
+    from loopmesh.mesh.settings import GrpcServerSettings
 
     return FeaturesScope(repo_path=repo, server=GrpcServerSettings(port=port))
 
@@ -64,10 +64,10 @@ def _scope(repo: Path, port: int = 0) -> Any:
 def _serve(repo: str, port: int) -> None:
     """The server process: FeatureService without agents or Kafka (reads only)."""
     _block_torch()
-    from services.features.server import SERVICE_NAME, FeatureServicer
-    from services.features.store import FeastGateway
-    from services.mesh.events import EntityErased
-    from services.mesh.rpc import GrpcServer
+    from loopmesh.features.server import SERVICE_NAME, FeatureServicer
+    from loopmesh.features.store import FeastGateway
+    from loopmesh.mesh.events import EntityErased
+    from loopmesh.mesh.rpc import GrpcServer
 
     async def refuse(event: EntityErased) -> None:
         raise RuntimeError("the benchmark does not erase")
@@ -103,8 +103,8 @@ async def _serving(address: str, timeout: float = 180.0) -> None:
 
 def _seed(gateway: Any, n: int) -> list[str]:
     """Rows for ``n`` entities, folded from events the way the agents fold them."""
-    from services.features.core import EntityAggregate
-    from services.mesh.events import InteractionEvent
+    from loopmesh.features.core import EntityAggregate
+    from loopmesh.mesh.events import InteractionEvent
 
     now = datetime.now(UTC)
     ids, rows = [], []
@@ -186,7 +186,7 @@ def main() -> None:
 
 
 def _run() -> None:
-    from services.features.store import FeastGateway
+    from loopmesh.features.store import FeastGateway
 
     with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:
         with console.status("preparing and applying the Feast repo"):

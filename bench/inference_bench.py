@@ -1,7 +1,7 @@
 """Inference gateway vs direct Triton: requests/s and p50/p99 latency at 1 and 32 clients.
 
 One run starts its own Kafka, tritonserver (a small MLP, one version loaded), a fixed-value
-FeatureService (own process) and the gateway (``python -m services.inference``, own process,
+FeatureService (own process) and the gateway (``python -m loopmesh.inference``, own process,
 as deployed), then measures with the stock ``tritonclient.grpc.aio`` client:
 
 - direct:            ModelInfer on Triton (the baseline)
@@ -34,17 +34,17 @@ import tritonclient.grpc.aio as aioclient
 from rich.console import Console
 from rich.table import Table
 
-from services.gen.loopmesh.v1 import (
+from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.devstack.process import free_port
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import (
     common_pb2,
     features_pb2,
     features_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
 )
-from services.mesh import model_repo
-from services.mesh.infra.kafka import KafkaBroker
-from services.mesh.infra.process import free_port
-from services.mesh.infra.triton import TritonServer
+from loopmesh.mesh import model_repo
 
 MODEL = "bench"
 STORE = [f"entity_activity:f{i}" for i in range(8)]
@@ -337,7 +337,7 @@ def main() -> None:
             log = (root / "gateway.log").open("wb")
             # Own session: its process group is what the CPU accounting reads.
             gateway = subprocess.Popen(
-                [sys.executable, "-m", "services.inference"],
+                [sys.executable, "-m", "loopmesh.inference"],
                 env=env,
                 stdout=log,
                 stderr=log,

@@ -1,7 +1,7 @@
 """Ingestion door vs a raw aiokafka producer: events/s into Kafka, acknowledged.
 
 One run starts its own Kafka broker (temporary directory) and the ingestion service as its own
-process (``python -m services.ingestion``, as deployed), then alternates, round by round, two
+process (``python -m loopmesh.ingestion``, as deployed), then alternates, round by round, two
 ways of writing the same N interaction events, each timed until Kafka acknowledged all of them:
 
 - ingestion IngestStream: one client stream of batches; the service validates, cleans,
@@ -35,14 +35,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from services.gen.loopmesh.v1 import ingestion_pb2, ingestion_pb2_grpc
-from services.ingestion.settings import IngestionScope
-from services.mesh.bus import declare_topics
-from services.mesh.events import InteractionEvent
-from services.mesh.infra.kafka import KafkaBroker
-from services.mesh.infra.process import ManagedProcess, free_port
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import EVENTS_RAW
+from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.devstack.process import ManagedProcess, free_port
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2, ingestion_pb2_grpc
+from loopmesh.ingestion.settings import IngestionScope
+from loopmesh.mesh.bus import declare_topics
+from loopmesh.mesh.events import InteractionEvent
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import EVENTS_RAW
 
 console = Console()
 SCOPE = IngestionScope()  # the service's defaults, so both paths produce alike
@@ -142,7 +142,7 @@ def start_service(kafka: KafkaSettings, topic: str, workdir: Path) -> tuple[Mana
     }
     service = ManagedProcess(
         "ingestion",
-        [sys.executable, "-m", "services.ingestion"],
+        [sys.executable, "-m", "loopmesh.ingestion"],
         log_path=workdir / "ingestion.log",
         env=env,
         cwd=Path(__file__).resolve().parents[1],

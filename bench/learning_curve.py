@@ -2,7 +2,7 @@
 
 One run starts a Kafka broker (or uses ``LOOPMESH_KAFKA__BOOTSTRAP_SERVERS``) and the whole
 trainer in this process: joiner (faust), dataset consumer, triggers, PyTorch, gate, model
-repository. A synthetic world (``services.trainer.synthetic``) sends traffic in rounds:
+repository. A synthetic world (``loopmesh.devstack.synthetic``) sends traffic in rounds:
 every request is scored by the newest published version (its TorchScript ``model.pt``, the
 file Triton serves), predictions and feedback go through Kafka, and the live window of the
 serving version comes back on ``metrics.live``. After ``rounds_before`` rounds the hidden
@@ -33,14 +33,21 @@ from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from services.mesh import model_repo
-from services.mesh.bus import EventProducer
-from services.mesh.events import VersionMetrics
-from services.mesh.settings import KafkaSettings
-from services.trainer import metrics
-from services.trainer.app import TrainerApp
-from services.trainer.prepare import Standardisation
-from services.trainer.settings import (
+from loopmesh.devstack.synthetic import (
+    FEATURE_NAMES,
+    SyntheticConfig,
+    SyntheticWorld,
+    examples,
+    traffic,
+)
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.events import VersionMetrics
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.trainer import metrics
+from loopmesh.trainer.app import TrainerApp
+from loopmesh.trainer.prepare import Standardisation
+from loopmesh.trainer.settings import (
     DatasetSettings,
     JoinerSettings,
     TopicNames,
@@ -49,14 +56,7 @@ from services.trainer.settings import (
     TrainingSettings,
     TriggerSettings,
 )
-from services.trainer.synthetic import (
-    FEATURE_NAMES,
-    SyntheticConfig,
-    SyntheticWorld,
-    examples,
-    traffic,
-)
-from services.trainer.train import fit, load_scoring, predict
+from loopmesh.trainer.train import fit, load_scoring, predict
 
 console = Console()
 MODEL = "curve"
@@ -376,7 +376,7 @@ def main() -> None:
         bootstrap = os.environ.get("LOOPMESH_KAFKA__BOOTSTRAP_SERVERS")
         broker = None
         if not bootstrap:
-            from services.mesh.infra.kafka import KafkaBroker
+            from loopmesh.devstack.kafka import KafkaBroker
 
             broker = KafkaBroker(Path(tmp) / "kafka")
             broker.start()

@@ -28,15 +28,15 @@ points back into the source tree).
 
 Every pushed row carries ``entity_id`` and ``event_timestamp`` (the time of the newest event
 folded into it; Feast keeps it to the second). The rules (event time, deduplication, allowed
-lateness, erasure) are in services/features/core.py. The SQLite online store writes whatever
+lateness, erasure) are in loopmesh.features.core. The SQLite online store writes whatever
 is pushed last, even an older row, so the features service skips pushes older than what is
 stored; nor does it apply the TTL on online reads, so the service marks values older than the
 TTL as STALE itself.
 
 Online store: SQLite by default; Redis when the features service runs with
 ``LOOPMESH_FEATURES__ONLINE_STORE=redis`` and ``LOOPMESH_FEATURES__REDIS_URL`` (the registry
-still comes from the applied repo; ``services/features/repo.py``). ``loopmesh infra up`` and
-the tests apply these definitions in a working copy (services/mesh/infra/feast_repo.py).
+still comes from the applied repo; ``loopmesh.features.repo``). ``loopmesh infra up`` and
+the tests apply these definitions in a working copy (services/loopmesh/devstack/feast_repo.py).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # Generous: the store only serves the latest value per entity, and a quiet entity's
 # features are still the best thing known about it. Older values are served as STALE.
-# services/features/core.py mirrors it as DEFAULT_MAX_AGE_SECONDS (a test checks they agree).
+# loopmesh.features.core mirrors it as DEFAULT_MAX_AGE_SECONDS (a test checks they agree).
 FEATURE_TTL = timedelta(days=7)
 
 entity = Entity(

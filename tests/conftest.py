@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.mesh.infra.feast_repo import apply_repo, prepare_repo
-from services.mesh.infra.kafka import KafkaBroker
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
+from loopmesh.devstack.feast_repo import apply_repo, prepare_repo
+from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.mesh.settings import KafkaSettings
 
 os.environ.setdefault("LOOPMESH_TELEMETRY__SERVICE_NAMESPACE", "loopmesh-tests")
 

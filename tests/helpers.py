@@ -11,8 +11,8 @@ from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer
 
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import Topic
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import Topic
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from services.gen.loopmesh.v1 import (
+from loopmesh.gen.loopmesh.v1 import (
     features_pb2,
     feedback_pb2,
     inference_pb2,

@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import strategies as st
 
-from services.gen.loopmesh.v1 import feedback_pb2, ingestion_pb2
+from loopmesh.gen.loopmesh.v1 import feedback_pb2, ingestion_pb2
 from tests.test_bad_input_mesh import BATCH_LIMIT, Mesh
 from tests.test_bad_input_support import (
     EXHAUSTED,

@@ -12,7 +12,7 @@ UNKNOWN or INTERNAL; the service answers a valid call afterwards; and at the doo
 Feedback) every valid item of a mixed batch is accepted and in Kafka, every bad one refused.
 
 grpc-python answers a request that fails to decode with UNKNOWN ("Unexpected DecodeError").
-That is wrong for a client's mistake: ``services.mesh.rpc_decode.DecodeGuard`` makes it
+That is wrong for a client's mistake: ``loopmesh.mesh.rpc_decode.DecodeGuard`` makes it
 INVALID_ARGUMENT whose details start with ``request:``, which these tests require.
 
 Hypothesis drives synchronous gRPC calls from a worker thread while the servers run on the
@@ -35,7 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from services.gen.loopmesh.v1 import (
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import (
     features_pb2,
     feedback_pb2,
     inference_pb2,
@@ -43,8 +44,7 @@ from services.gen.loopmesh.v1 import (
     rollout_pb2,
     trainer_pb2,
 )
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
+from loopmesh.mesh.settings import KafkaSettings
 from tests.test_bad_input_cases import PROBES, SERVED_OIP, typed_cases
 from tests.test_bad_input_doors import DOOR_LEDGER, Checker
 from tests.test_bad_input_mesh import Mesh, running_mesh

@@ -14,22 +14,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.features.server import METHOD_ROLES as FEATURE_ROLES
-from services.features.server import FeatureServicer
-from services.features.settings import FeaturesScope
-from services.features.store import FeastGateway
-from services.gen.loopmesh.v1 import features_pb2_grpc
-from services.inference.app import InferenceGateway
-from services.inference.settings import InferenceScope, InferenceSettings
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import EntityErased
-from services.mesh.intake_server import IntakeServer
-from services.mesh.rpc import GrpcServer
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, PREDICTIONS, ROLLOUTS
-from services.rollout.app import RolloutApp
-from services.trainer.app import TrainerApp
-from services.trainer.settings import TopicNames, TrainerScope, TrainerSettings, TriggerSettings
+from loopmesh.features.server import METHOD_ROLES as FEATURE_ROLES
+from loopmesh.features.server import FeatureServicer
+from loopmesh.features.settings import FeaturesScope
+from loopmesh.features.store import FeastGateway
+from loopmesh.gen.loopmesh.v1 import features_pb2_grpc
+from loopmesh.inference.app import InferenceGateway
+from loopmesh.inference.settings import InferenceScope, InferenceSettings
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import EntityErased
+from loopmesh.mesh.intake_server import IntakeServer
+from loopmesh.mesh.rpc import GrpcServer
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, PREDICTIONS, ROLLOUTS
+from loopmesh.rollout.app import RolloutApp
+from loopmesh.trainer.app import TrainerApp
+from loopmesh.trainer.settings import TopicNames, TrainerScope, TrainerSettings, TriggerSettings
 from tests.helpers import unique_topic
 from tests.test_bad_input_support import MAX_MESSAGE_BYTES
 from tests.test_inference_support import FEATURES, load, publish

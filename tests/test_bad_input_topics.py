@@ -29,10 +29,11 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.features.settings import FeaturesScope
-from services.inference.settings import InferenceScope
-from services.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
-from services.mesh.events import (
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.features.settings import FeaturesScope
+from loopmesh.inference.settings import InferenceScope
+from loopmesh.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
+from loopmesh.mesh.events import (
     EntityErased,
     Event,
     FeedbackEvent,
@@ -43,13 +44,12 @@ from services.mesh.events import (
     RolloutChanged,
     VersionMetrics,
 )
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import ALL_TOPICS, EVENTS_RAW
-from services.rollout.app import RolloutApp
-from services.rollout.policy import PolicySet, RolloutPolicy
-from services.rollout.settings import RolloutTopics
-from services.trainer.settings import TopicNames
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import ALL_TOPICS, EVENTS_RAW
+from loopmesh.rollout.app import RolloutApp
+from loopmesh.rollout.policy import PolicySet, RolloutPolicy
+from loopmesh.rollout.settings import RolloutTopics
+from loopmesh.trainer.settings import TopicNames
 from tests.helpers import eventually
 from tests.support.bad_input_mesh import (
     CONSUMERS,

@@ -11,10 +11,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
-from services.mesh.events import DeadLetter, InteractionEvent
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import EVENTS_RAW, Topic
+from loopmesh.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
+from loopmesh.mesh.events import DeadLetter, InteractionEvent
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import EVENTS_RAW, Topic
 from tests.helpers import eventually, read_topic, unique_topic
 
 

@@ -4,9 +4,9 @@ compose.yaml against the Compose spec schema (vendored by check-jsonschema); Kub
 kinds with kubernetes-validate; Strimzi and KEDA kinds against the schemas pinned in
 infra/k8s/schemas. Kustomizations are rendered by a small JSON-6902-only renderer that fails
 on anything it does not implement. Then agreement with the code: every service of
-services.cli.SERVICES is deployed, its ports and LOOPMESH_* variables match its settings
+loopmesh.cli.SERVICES is deployed, its ports and LOOPMESH_* variables match its settings
 class (the environment is fed to the class, so values must validate too), topics match
-services/mesh/topics.py, autoscalers watch real consumer groups. Last, the gRPC health probe
+loopmesh.mesh.topics, autoscalers watch real consumer groups. Last, the gRPC health probe
 of the containers against a real server.
 """
 
@@ -32,13 +32,13 @@ import yaml
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel
 
-from services.cli import SERVICES
-from services.mesh import healthcheck
-from services.mesh.bus import DLQ_TOPIC_CONFIG
-from services.mesh.infra.kafka import KAFKA_VERSION
-from services.mesh.rpc import GrpcServer
-from services.mesh.settings import GrpcServerSettings, KafkaSettings, MeshSettings
-from services.mesh.topics import ALL_TOPICS, Topic
+from loopmesh.cli import SERVICES
+from loopmesh.devstack.kafka import KAFKA_VERSION
+from loopmesh.mesh import healthcheck
+from loopmesh.mesh.bus import DLQ_TOPIC_CONFIG
+from loopmesh.mesh.rpc import GrpcServer
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings, MeshSettings
+from loopmesh.mesh.topics import ALL_TOPICS, Topic
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
@@ -180,15 +180,15 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
 
 
 def settings_class(service: str) -> type[MeshSettings] | None:
-    if importlib.util.find_spec(f"services.{service}.settings") is None:
+    if importlib.util.find_spec(f"loopmesh.{service}.settings") is None:
         return None  # not written yet: presence in compose/k8s is still checked
-    module = importlib.import_module(f"services.{service}.settings")
+    module = importlib.import_module(f"loopmesh.{service}.settings")
     found = [
         v
         for v in vars(module).values()
         if isinstance(v, type) and issubclass(v, MeshSettings) and v.__module__ == module.__name__
     ]
-    assert len(found) == 1, f"services.{service}.settings: expected one MeshSettings subclass"
+    assert len(found) == 1, f"loopmesh.{service}.settings: expected one MeshSettings subclass"
     return found[0]
 
 
@@ -229,7 +229,7 @@ def deployments(compose: Obj, rendered: dict[str, list[Obj]], service: str) -> I
     """(origin, where, LOOPMESH env, gRPC ports served, ports probed) per deployment."""
     gpu = yaml.safe_load((ROOT / "compose.gpu.yaml").read_text())
     for origin, doc in (("compose", compose), ("compose.gpu", merge(compose, gpu))):
-        assert service in doc["services"], f"{origin}: services.cli.SERVICES has {service}"
+        assert service in doc["services"], f"{origin}: loopmesh.cli.SERVICES has {service}"
         svc = doc["services"][service]
         assert svc["command"] == ["loopmesh", "serve", service], f"{origin} {service}: command"
         env = {k: interpolate(str(v)) for k, v in svc["environment"].items()}
@@ -239,7 +239,7 @@ def deployments(compose: Obj, rendered: dict[str, list[Obj]], service: str) -> I
             "CMD",
             "python",
             "-m",
-            "services.mesh.healthcheck",
+            "loopmesh.mesh.healthcheck",
         ]
         yield origin, f"{origin} {service}", dict(env), ports, probed
     for overlay, objects in rendered.items():
@@ -292,8 +292,8 @@ def test_service_ports_and_env_match_its_settings(
 
 def expected_topics() -> list[Topic]:
     topics = list(ALL_TOPICS)
-    if importlib.util.find_spec("services.rollout.settings"):
-        from services.rollout.settings import RolloutTopics  # it declares its policies topic
+    if importlib.util.find_spec("loopmesh.rollout.settings"):
+        from loopmesh.rollout.settings import RolloutTopics  # it declares its policies topic
 
         topics += [t for t in RolloutTopics().table() if t.name not in {x.name for x in topics}]
     return topics

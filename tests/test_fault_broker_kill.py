@@ -1,10 +1,10 @@
 """Kafka SIGKILLed under a 20,000-event ingest stream, then restarted on the same data and port.
 
 Runs its own broker (the session broker is shared and never killed). ``python -m
-services.ingestion`` takes a paced ``IngestStream`` from a client that behaves like a product
+loopmesh.ingestion`` takes a paced ``IngestStream`` from a client that behaves like a product
 app: when the stream breaks it resends, with the same event ids, everything the
 ``loopmesh-acked-events`` trailer does not count as handled, until every event is acknowledged.
-Meanwhile a ``python -m services.features`` worker (faust agents, the session's Feast repo) and
+Meanwhile a ``python -m loopmesh.features`` worker (faust agents, the session's Feast repo) and
 a ``bus.EventConsumer`` group in the test consume ``events.raw``. Mid-stream the broker gets
 SIGKILL and comes back after a short outage.
 
@@ -35,18 +35,18 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.features.agents import FeatureAgents
-from services.features.core import EntityAggregate
-from services.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
-from services.gen.loopmesh.v1 import ingestion_pb2 as ipb
-from services.gen.loopmesh.v1 import ingestion_pb2_grpc as ipb_grpc
-from services.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
-from services.mesh.events import InteractionEvent
-from services.mesh.infra.kafka import KafkaBroker
-from services.mesh.infra.process import free_port, log_tail
-from services.mesh.intake_server import ACKED_TRAILER
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, Topic
+from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.devstack.process import free_port, log_tail
+from loopmesh.features.agents import FeatureAgents
+from loopmesh.features.core import EntityAggregate
+from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2_grpc as ipb_grpc
+from loopmesh.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
+from loopmesh.mesh.events import InteractionEvent
+from loopmesh.mesh.intake_server import ACKED_TRAILER
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, Topic
 from tests.helpers import eventually, unique_topic
 from tests.test_ingestion_support import (
     PYTHON,
@@ -138,7 +138,7 @@ async def consuming(consumer: EventConsumer[Any]) -> AsyncIterator[asyncio.Task[
 
 
 def ingestion_env(kafka: KafkaSettings, topic: str, port: int) -> dict[str, str]:
-    """The environment of ``python -m services.ingestion`` writing to ``topic``."""
+    """The environment of ``python -m loopmesh.ingestion`` writing to ``topic``."""
     return {
         "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "LOOPMESH_KAFKA__DEFAULT_PARTITIONS": str(PARTITIONS),
@@ -224,7 +224,7 @@ async def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
 
 
 def open_gateway(scope: FeaturesScope) -> Any:
-    from services.features.store import FeastGateway  # imports feast: seconds, so not at top
+    from loopmesh.features.store import FeastGateway  # imports feast: seconds, so not at top
 
     return FeastGateway.open(scope)
 
@@ -299,7 +299,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_counts_each_event_onc
     try:
         # The door starts first and waits out Kafka by itself, as in a container start order.
         door = start_process(
-            [PYTHON, "-m", "services.ingestion"],
+            [PYTHON, "-m", "loopmesh.ingestion"],
             ingestion_env(kafka, events.name, port),
             tmp_path / "ingestion.log",
         )
@@ -313,7 +313,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_counts_each_event_onc
         await producer.start()
         worker_log = tmp_path / "features.log"
         worker = start_process(
-            [PYTHON, "-m", "services.features"], as_env(kafka, scope), worker_log
+            [PYTHON, "-m", "loopmesh.features"], as_env(kafka, scope), worker_log
         )
         processes.append(worker)
         async with (

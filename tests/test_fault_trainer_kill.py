@@ -1,6 +1,6 @@
 """Fault 3: the trainer process is SIGKILLed mid-run, twice.
 
-``python -m services.trainer`` runs as a child process on the session Kafka broker and the
+``python -m loopmesh.trainer`` runs as a child process on the session Kafka broker and the
 session model repository (a model name of its own, so the session tritonserver can load it).
 First it is killed in the middle of a long fit, then at the moment its publish starts writing
 files (the first sign of its temporary directory; if the publish wins the race the version is
@@ -32,17 +32,17 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as aioclient
 
-from services.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
-from services.mesh import model_repo
-from services.mesh.events import ModelPublished
-from services.mesh.infra.process import free_port, log_tail
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.trainer.core import TrainerCore
-from services.trainer.dataset import Dataset
-from services.trainer.settings import DatasetSettings, TopicNames, TrainerScope
-from services.trainer.synthetic import SyntheticConfig, SyntheticWorld, examples
-from services.trainer.train import FitResult
+from loopmesh.devstack.process import free_port, log_tail
+from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, examples
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.events import ModelPublished
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.trainer.core import TrainerCore
+from loopmesh.trainer.dataset import Dataset
+from loopmesh.trainer.settings import DatasetSettings, TopicNames, TrainerScope
+from loopmesh.trainer.train import FitResult
 from tests.helpers import eventually
 
 ROWS = 600
@@ -111,7 +111,7 @@ class RepositoryWatch:
 
 @dataclass
 class Trainer:
-    """``python -m services.trainer`` as a child process."""
+    """``python -m loopmesh.trainer`` as a child process."""
 
     env: dict[str, str]
     log: Path
@@ -122,7 +122,7 @@ class Trainer:
         env = {**self.env, **overrides}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.trainer"],
+                [sys.executable, "-m", "loopmesh.trainer"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

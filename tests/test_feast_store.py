@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from services.mesh.infra.feast_repo import (
+from loopmesh.devstack.feast_repo import (
     apply_repo,
     prepare_repo,
     redis_connection_string,

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from services.features.core import (
+from loopmesh.devstack.feast_repo import prepare_repo
+from loopmesh.features.core import (
     DAY,
     HOUR,
     EntityAggregate,
@@ -27,11 +28,10 @@ from services.features.core import (
     status_of,
     validate_entity_ids,
 )
-from services.features.export import export_training_frame
-from services.features.repo import feast_config
-from services.features.settings import FeaturesSettings
-from services.mesh.events import InteractionEvent
-from services.mesh.infra.feast_repo import prepare_repo
+from loopmesh.features.export import export_training_frame
+from loopmesh.features.repo import feast_config
+from loopmesh.features.settings import FeaturesSettings
+from loopmesh.mesh.events import InteractionEvent
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -1,9 +1,9 @@
-"""The features service end to end: a real ``python -m services.features`` worker process.
+"""The features service end to end: a real ``python -m loopmesh.features`` worker process.
 
 The worker (faust agents + FeatureService) runs on the session's Kafka broker and Feast repo,
 with its own app id and topics. Events reach it the way ingestion sends them: the ingestion
 service validates a request and then produces to the events topic with
-``services.mesh.bus.EventProducer``, which is exactly what these tests do (so they do not
+``loopmesh.mesh.bus.EventProducer``, which is exactly what these tests do (so they do not
 depend on the ingestion service, written separately). Expected feature values are computed
 in the test from the same events (``tests.test_features_core.expected``), not by the
 service's fold. The worker is a subprocess so the restart test can SIGKILL it: the most
@@ -31,14 +31,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.features.core import DEFAULT_MAX_AGE_SECONDS
-from services.features.export import export_training_frame, read_event_log
-from services.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import DeadLetter, EntityErased, InteractionEvent
-from services.mesh.infra.process import free_port, log_tail
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, Topic
+from loopmesh.devstack.process import free_port, log_tail
+from loopmesh.features.core import DEFAULT_MAX_AGE_SECONDS
+from loopmesh.features.export import export_training_frame, read_event_log
+from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import DeadLetter, EntityErased, InteractionEvent
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, Topic
 from tests.helpers import eventually, read_topic, unique_topic
 from tests.test_features_core import expected
 
@@ -49,7 +49,7 @@ MAX_ENTITIES = 20
 
 
 class Worker:
-    """``python -m services.features`` as a child process."""
+    """``python -m loopmesh.features`` as a child process."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
@@ -59,7 +59,7 @@ class Worker:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.features"],
+                [sys.executable, "-m", "loopmesh.features"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

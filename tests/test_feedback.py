@@ -14,9 +14,9 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.gen.loopmesh.v1 import feedback_pb2 as pb
-from services.mesh.infra.process import free_port
-from services.mesh.settings import KafkaSettings
+from loopmesh.devstack.process import free_port
+from loopmesh.gen.loopmesh.v1 import feedback_pb2 as pb
+from loopmesh.mesh.settings import KafkaSettings
 from tests.helpers import eventually
 from tests.test_ingestion_support import (
     PYTHON,
@@ -191,7 +191,7 @@ async def test_loopmesh_serve_feedback_serves_and_stops_on_sigterm(
     port = free_port()
     log = tmp_path / "feedback.log"
     process = start_process(
-        [PYTHON, "-m", "services.cli", "serve", "feedback"],
+        [PYTHON, "-m", "loopmesh.cli", "serve", "feedback"],
         {
             "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
             "LOOPMESH_KAFKA__DEFAULT_PARTITIONS": str(kafka_settings.default_partitions),

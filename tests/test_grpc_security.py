@@ -9,10 +9,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
-from services.mesh.auth import AuthSettings, TokenSpec, bearer
-from services.mesh.rpc import GrpcServer
-from services.mesh.settings import GrpcServerSettings
+from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
+from loopmesh.mesh.auth import AuthSettings, TokenSpec, bearer
+from loopmesh.mesh.rpc import GrpcServer
+from loopmesh.mesh.settings import GrpcServerSettings
 from tests.support.certs import make_pki
 
 ROLES = {

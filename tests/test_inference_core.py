@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import service_pb2
 
-from services.inference.batching import Coalescer
-from services.inference.catalog import BadModelSpec, ModelCatalog, UnknownModel, is_store_ref
-from services.inference.core import InvalidArgument, PredictInput, PredictionRecord
-from services.inference.oip import override_version
-from services.inference.prediction_log import PredictionLogger
-from services.inference.routing import Route, bucket
-from services.inference.tensors import TensorError, check_infer_inputs
-from services.mesh import model_repo
-from services.mesh.bus import EventProducer
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import PREDICTIONS
+from loopmesh.inference.batching import Coalescer
+from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, UnknownModel, is_store_ref
+from loopmesh.inference.core import InvalidArgument, PredictInput, PredictionRecord
+from loopmesh.inference.oip import override_version
+from loopmesh.inference.prediction_log import PredictionLogger
+from loopmesh.inference.routing import Route, bucket
+from loopmesh.inference.tensors import TensorError, check_infer_inputs
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import PREDICTIONS
 
 
 def route(weight: float, canary: int | None = 2, stable: int | None = 1) -> Route:

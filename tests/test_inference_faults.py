@@ -16,14 +16,14 @@ import pytest
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from services.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.routing import RolloutFollower, RouteTable
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import DeadLetter, RolloutChanged
-from services.mesh.infra.process import free_port
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import PREDICTIONS, ROLLOUTS
+from loopmesh.devstack.process import free_port
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
+from loopmesh.inference.routing import RolloutFollower, RouteTable
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import DeadLetter, RolloutChanged
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import PREDICTIONS, ROLLOUTS
 from tests.helpers import eventually, read_topic, unique_topic
 from tests.test_inference_support import (
     CALL_TIMEOUT,

@@ -22,15 +22,15 @@ from pydantic import SecretStr
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from services.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
-from services.inference import oip
-from services.inference.app import InferenceGateway
-from services.mesh.auth import AuthSettings, TokenSpec, bearer
-from services.mesh.bus import EventProducer
-from services.mesh.events import PredictionLogged, RolloutChanged
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import PREDICTIONS, ROLLOUTS
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
+from loopmesh.inference import oip
+from loopmesh.inference.app import InferenceGateway
+from loopmesh.mesh.auth import AuthSettings, TokenSpec, bearer
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.events import PredictionLogged, RolloutChanged
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import PREDICTIONS, ROLLOUTS
 from tests.helpers import eventually, read_topic, unique_topic
 from tests.test_inference_support import (
     CALL_TIMEOUT,

@@ -22,16 +22,16 @@ from aiokafka import AIOKafkaConsumer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tritonclient.utils import InferenceServerException
 
-from services.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.core import Counters
-from services.inference.operational import OperationalWindows, percentile, to_events
-from services.loop.state import LoopState
-from services.mesh.events import VersionMetrics
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import METRICS_LIVE, PREDICTIONS, ROLLOUTS
-from services.rollout.metrics import MetricsBook
-from services.trainer.triggers import DriftDetector
+from loopmesh.devstack.state import LoopState
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
+from loopmesh.inference.core import Counters
+from loopmesh.inference.operational import OperationalWindows, percentile, to_events
+from loopmesh.mesh.events import VersionMetrics
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import METRICS_LIVE, PREDICTIONS, ROLLOUTS
+from loopmesh.rollout.metrics import MetricsBook
+from loopmesh.trainer.triggers import DriftDetector
 from tests.helpers import eventually, unique_topic
 from tests.test_inference_support import (
     CALL_TIMEOUT,

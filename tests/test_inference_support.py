@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import tritonclient.grpc.aio as aioclient
 
-from services.gen.loopmesh.v1 import common_pb2, features_pb2, features_pb2_grpc
-from services.inference.app import InferenceGateway
-from services.inference.settings import InferenceScope, InferenceSettings
-from services.mesh import model_repo
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.gen.loopmesh.v1 import common_pb2, features_pb2, features_pb2_grpc
+from loopmesh.inference.app import InferenceGateway
+from loopmesh.inference.settings import InferenceScope, InferenceSettings
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
 
 FEATURES = [
     "entity_activity:events_24h",

@@ -17,11 +17,11 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import SecretStr
 
-from services.gen.loopmesh.v1 import ingestion_pb2 as pb
-from services.mesh.infra.process import free_port
-from services.mesh.intake_server import ACKED_TRAILER
-from services.mesh.privacy import PrivacySettings
-from services.mesh.settings import KafkaSettings
+from loopmesh.devstack.process import free_port
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as pb
+from loopmesh.mesh.intake_server import ACKED_TRAILER
+from loopmesh.mesh.privacy import PrivacySettings
+from loopmesh.mesh.settings import KafkaSettings
 from tests.helpers import eventually
 from tests.test_ingestion_support import (
     PYTHON,
@@ -251,7 +251,7 @@ async def test_python_m_services_ingestion_serves_and_stops_on_sigterm(
     port = free_port()
     log = tmp_path / "ingestion.log"
     process = start_process(
-        [PYTHON, "-m", "services.ingestion"],
+        [PYTHON, "-m", "loopmesh.ingestion"],
         {
             "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
             "LOOPMESH_KAFKA__DEFAULT_PARTITIONS": str(kafka_settings.default_partitions),

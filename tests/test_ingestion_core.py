@@ -16,9 +16,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import SecretStr, ValidationError
 
-from services.ingestion.core import ingestion_intake, normalise_event_type
-from services.mesh.events import InteractionEvent
-from services.mesh.intake import (
+from loopmesh.ingestion.core import ingestion_intake, normalise_event_type
+from loopmesh.mesh.events import InteractionEvent
+from loopmesh.mesh.intake import (
     DedupeWindow,
     Intake,
     IntakeLimits,
@@ -26,9 +26,9 @@ from services.mesh.intake import (
     Refusal,
     Unavailable,
 )
-from services.mesh.intake_server import to_datetime
-from services.mesh.pipeline import micro_batches, pipelined
-from services.mesh.privacy import EntityIdMapper, PrivacySettings, pseudonymise
+from loopmesh.mesh.intake_server import to_datetime
+from loopmesh.mesh.pipeline import micro_batches, pipelined
+from loopmesh.mesh.privacy import EntityIdMapper, PrivacySettings, pseudonymise
 
 
 class FakePublisher:

@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.gen.loopmesh.v1 import feedback_pb2 as fpb
-from services.gen.loopmesh.v1 import feedback_pb2_grpc as fpb_grpc
-from services.gen.loopmesh.v1 import ingestion_pb2 as ipb
-from services.gen.loopmesh.v1 import ingestion_pb2_grpc as ipb_grpc
-from services.mesh.infra.kafka import KafkaBroker
-from services.mesh.intake_server import ACKED_TRAILER
-from services.mesh.settings import KafkaSettings
+from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.gen.loopmesh.v1 import feedback_pb2 as fpb
+from loopmesh.gen.loopmesh.v1 import feedback_pb2_grpc as fpb_grpc
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2_grpc as ipb_grpc
+from loopmesh.mesh.intake_server import ACKED_TRAILER
+from loopmesh.mesh.settings import KafkaSettings
 from tests.helpers import eventually
 from tests.test_ingestion_support import (
     event_ids,

@@ -27,15 +27,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from services.feedback.server import feedback_server
-from services.feedback.settings import FeedbackScope, FeedbackSettings
-from services.gen.loopmesh.v1 import feedback_pb2_grpc, ingestion_pb2_grpc
-from services.ingestion.server import ingestion_server
-from services.ingestion.settings import IngestionScope, IngestionSettings
-from services.mesh.bus import declare_topics
-from services.mesh.intake_server import IntakeServer
-from services.mesh.privacy import PrivacySettings
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.feedback.server import feedback_server
+from loopmesh.feedback.settings import FeedbackScope, FeedbackSettings
+from loopmesh.gen.loopmesh.v1 import feedback_pb2_grpc, ingestion_pb2_grpc
+from loopmesh.ingestion.server import ingestion_server
+from loopmesh.ingestion.settings import IngestionScope, IngestionSettings
+from loopmesh.mesh.bus import declare_topics
+from loopmesh.mesh.intake_server import IntakeServer
+from loopmesh.mesh.privacy import PrivacySettings
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

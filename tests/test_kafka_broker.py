@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from services.mesh.infra.kafka import KafkaBroker
+from loopmesh.devstack.kafka import KafkaBroker
 
 TOPIC = "loopmesh.test.durability"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.loop.runner import RunOptions, run_loop
-from services.loop.state import LoopState
+from loopmesh.devstack.runner import RunOptions, run_loop
+from loopmesh.devstack.state import LoopState
 
 
 def _done(state: LoopState) -> bool:

@@ -1,7 +1,7 @@
 """Pseudonymised entity ids and erasure, end to end on the real broker, Feast and Triton.
 
 One HMAC key (``LOOPMESH_PRIVACY__*``) is given to ingestion and inference (in-process) and
-to the features worker (``python -m services.features``). The app only ever says "alice":
+to the features worker (``python -m loopmesh.features``). The app only ever says "alice":
 her events land in Feast under her pseudonym (never under "alice"), ``Predict("alice")``
 reads those features and logs the prediction under the pseudonym, and the trainer (joiner,
 dataset, erasure consumer; in-process) stores the joined example under it. Then
@@ -26,24 +26,24 @@ import grpc
 import pytest
 from pydantic import SecretStr
 
-from services.gen.loopmesh.v1 import (
+from loopmesh.devstack.process import free_port, log_tail
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import (
     features_pb2,
     features_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
 )
-from services.gen.loopmesh.v1 import ingestion_pb2 as ipb
-from services.inference.app import InferenceGateway
-from services.mesh import model_repo
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import EntityErased, FeedbackEvent, PredictionLogged
-from services.mesh.infra.process import free_port, log_tail
-from services.mesh.infra.triton import TritonServer
-from services.mesh.privacy import PrivacySettings
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
-from services.trainer.app import TrainerApp
-from services.trainer.settings import (
+from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
+from loopmesh.inference.app import InferenceGateway
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import EntityErased, FeedbackEvent, PredictionLogged
+from loopmesh.mesh.privacy import PrivacySettings
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from loopmesh.trainer.app import TrainerApp
+from loopmesh.trainer.settings import (
     JoinerSettings,
     TopicNames,
     TrainerScope,

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh import model_repo
-from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
-from services.rollout.core import RolloutController, UnknownModel
-from services.rollout.machine import Refused
-from services.rollout.policy import PolicySet, RolloutPolicy
-from services.rollout.settings import RolloutScope
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
+from loopmesh.rollout.core import RolloutController, UnknownModel
+from loopmesh.rollout.machine import Refused
+from loopmesh.rollout.policy import PolicySet, RolloutPolicy
+from loopmesh.rollout.settings import RolloutScope
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

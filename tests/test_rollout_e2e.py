@@ -17,13 +17,13 @@ import grpc
 import pytest
 import tritonclient.grpc.aio as triton_aio
 
-from services.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
-from services.mesh.bus import EventProducer
-from services.mesh.events import DeadLetter, RolloutChanged
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.rollout.app import RolloutApp
-from services.rollout.policy import RolloutPolicy
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.events import DeadLetter, RolloutChanged
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.rollout.app import RolloutApp
+from loopmesh.rollout.policy import RolloutPolicy
 from tests.helpers import eventually, read_topic
 from tests.test_rollout_support import (
     Arm,

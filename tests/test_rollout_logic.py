@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from services.mesh.events import VersionMetrics
-from services.rollout import machine
-from services.rollout.analysis import (
+from loopmesh.mesh.events import VersionMetrics
+from loopmesh.rollout import machine
+from loopmesh.rollout.analysis import (
     Arm,
     Snapshot,
     Verdict,
@@ -19,9 +19,9 @@ from services.rollout.analysis import (
     fixed_radius,
     sequence_radius,
 )
-from services.rollout.machine import Record, Refused
-from services.rollout.metrics import MetricsBook
-from services.rollout.policy import PolicyBook, PolicySet, RolloutPolicy
+from loopmesh.rollout.machine import Record, Refused
+from loopmesh.rollout.metrics import MetricsBook
+from loopmesh.rollout.policy import PolicyBook, PolicySet, RolloutPolicy
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 POLICY = RolloutPolicy(min_samples=100, min_step_seconds=60, step_timeout_seconds=600)
@@ -111,7 +111,7 @@ def test_guards_roll_back_when_reported_and_are_skipped_when_not() -> None:
 
 
 def test_auc_needs_label_rate_and_log_loss_falls_back_to_assumed_std() -> None:
-    from services.rollout.analysis import arm_from_metrics
+    from loopmesh.rollout.analysis import arm_from_metrics
 
     auc_policy = POLICY.merged({"metric": "auc"})
     no_rate = VersionMetrics(model_name="m", model_version=2, window_seconds=60, count=500, auc=0.7)

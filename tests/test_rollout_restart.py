@@ -1,6 +1,6 @@
 """The controller as its own process: SIGKILL mid-rollout, restart, same step; CLI commands.
 
-``python -m services.rollout`` runs with settings from the environment, exactly as deployed.
+``python -m loopmesh.rollout`` runs with settings from the environment, exactly as deployed.
 The trainer and its joiner are simulated by their events (``ModelPublished``, ``VersionMetrics``).
 """
 
@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
-from services.mesh.bus import EventProducer
-from services.mesh.infra.process import free_port
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.rollout.cli import add_rollout_commands
-from services.rollout.settings import RolloutTopics
+from loopmesh.devstack.process import free_port
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.rollout.cli import add_rollout_commands
+from loopmesh.rollout.settings import RolloutTopics
 from tests.helpers import eventually
 from tests.test_rollout_support import (
     Arm,
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Controller:
-    """``python -m services.rollout`` as a child process with its log in a file."""
+    """``python -m loopmesh.rollout`` as a child process with its log in a file."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
@@ -56,7 +56,7 @@ class Controller:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.rollout"],
+                [sys.executable, "-m", "loopmesh.rollout"],
                 env=self.env,
                 cwd=ROOT,
                 stdout=out,

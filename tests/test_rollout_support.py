@@ -21,13 +21,13 @@ import torch
 import tritonclient.grpc.aio as triton_aio
 from aiokafka import AIOKafkaConsumer
 
-from services.mesh import model_repo
-from services.mesh.bus import EventProducer
-from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
-from services.mesh.topics import Topic
-from services.rollout.policy import RolloutPolicy
-from services.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.mesh.topics import Topic
+from loopmesh.rollout.policy import RolloutPolicy
+from loopmesh.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
 from tests.helpers import eventually
 
 N_FEATURES = 4

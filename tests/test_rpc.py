@@ -10,8 +10,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from services.mesh.rpc import GrpcServer
-from services.mesh.settings import GrpcServerSettings
+from loopmesh.mesh.rpc import GrpcServer
+from loopmesh.mesh.settings import GrpcServerSettings
 
 
 async def test_health_and_reflection_then_graceful_stop() -> None:

@@ -28,7 +28,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gen.loopmesh.v1 import (
+from loopmesh.devstack.process import free_port, log_tail
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import (
     features_pb2,
     features_pb2_grpc,
     feedback_pb2,
@@ -42,14 +44,12 @@ from services.gen.loopmesh.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import FeedbackEvent, InteractionEvent, PredictionLogged
-from services.mesh.infra.process import free_port, log_tail
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, PREDICTIONS, Topic
-from services.rollout.settings import RolloutTopics
-from services.trainer.settings import TopicNames
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import FeedbackEvent, InteractionEvent, PredictionLogged
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, PREDICTIONS, Topic
+from loopmesh.rollout.settings import RolloutTopics
+from loopmesh.trainer.settings import TopicNames
 from tests.test_inference_support import FEATURES, load
 from tests.test_inference_support import publish as publish_inference_model
 from tests.test_rollout_support import publish_version, unload_models
@@ -151,7 +151,7 @@ def door(
     }
     with (tmp_path / f"{name}.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", f"loopmesh.{name}"], env=env, stdout=log, stderr=log
         )
     try:
         _wait_serving(grpc_port, proc)
@@ -243,7 +243,7 @@ def _launch(name: str, kafka: KafkaSettings, workdir: Path, env: dict[str, str])
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
+            [sys.executable, "-m", f"loopmesh.{name}"],
             env=full,
             stdout=out,
             stderr=subprocess.STDOUT,

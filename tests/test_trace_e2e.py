@@ -33,9 +33,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.features.agents import FeatureAgents
-from services.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
-from services.gen.loopmesh.v1 import (
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.features.agents import FeatureAgents
+from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
+from loopmesh.gen.loopmesh.v1 import (
     feedback_pb2,
     feedback_pb2_grpc,
     inference_pb2,
@@ -45,17 +46,16 @@ from services.gen.loopmesh.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from services.inference.app import InferenceGateway
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import FeedbackEvent, PredictionLogged
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
-from services.rollout.app import RolloutApp
-from services.rollout.settings import RolloutTopics
-from services.trainer.app import TrainerApp
-from services.trainer.runs import RunRecord
-from services.trainer.settings import (
+from loopmesh.inference.app import InferenceGateway
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import FeedbackEvent, PredictionLogged
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from loopmesh.rollout.app import RolloutApp
+from loopmesh.rollout.settings import RolloutTopics
+from loopmesh.trainer.app import TrainerApp
+from loopmesh.trainer.runs import RunRecord
+from loopmesh.trainer.settings import (
     DatasetSettings,
     JoinerSettings,
     TopicNames,
@@ -233,7 +233,7 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(unload_models, triton.grpc_url, [model])
         await declare_topics(kafka_settings, [events, erased])
-        from services.features.store import FeastGateway  # imports feast: seconds
+        from loopmesh.features.store import FeastGateway  # imports feast: seconds
 
         fsettings = features_settings(
             kafka_settings, feast_repo, tmp_path / "features", tag, events.name, erased.name

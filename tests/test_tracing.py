@@ -14,11 +14,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
-from services.mesh.events import InteractionEvent
-from services.mesh.settings import KafkaSettings
-from services.mesh.telemetry import JsonLogFormatter
-from services.mesh.topics import EVENTS_RAW
+from loopmesh.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
+from loopmesh.mesh.events import InteractionEvent
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.telemetry import JsonLogFormatter
+from loopmesh.mesh.topics import EVENTS_RAW
 from tests.helpers import eventually, unique_topic
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh import model_repo
-from services.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
-from services.trainer.core import TrainerCore, published_event_id
-from services.trainer.settings import (
+from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, examples
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
+from loopmesh.trainer.core import TrainerCore, published_event_id
+from loopmesh.trainer.settings import (
     DatasetSettings,
     TrainerScope,
     TrainingSettings,
     TriggerSettings,
 )
-from services.trainer.synthetic import SyntheticConfig, SyntheticWorld, examples
 
 T0 = datetime(2025, 5, 1, tzinfo=UTC)
 

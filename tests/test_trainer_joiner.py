@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services.mesh.bus import EventProducer, declare_topics
-from services.mesh.events import (
+from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.events import (
     DeadLetter,
     FeedbackEvent,
     LabelledExample,
     PredictionLogged,
     VersionMetrics,
 )
-from services.mesh.settings import KafkaSettings
-from services.trainer.joiner import Joiner
-from services.trainer.settings import JoinerSettings, TopicNames
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.trainer.joiner import Joiner
+from loopmesh.trainer.settings import JoinerSettings, TopicNames
 from tests.helpers import eventually, read_topic
 
 TTL = 600.0

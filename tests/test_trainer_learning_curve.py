@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.learning_curve import CurveConfig, report, run_curve
-from services.mesh.settings import KafkaSettings
+from loopmesh.mesh.settings import KafkaSettings
 
 MARGIN = 0.05
 

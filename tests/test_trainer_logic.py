@@ -7,16 +7,16 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from services.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged, VersionMetrics
-from services.trainer import metrics
-from services.trainer.api import InvalidArgument, TriggerRequest, UnknownModel, check_model, parse
-from services.trainer.gate import decide
-from services.trainer.live import LiveMetrics
-from services.trainer.pairing import JoinEntry, Outcome, example_id, on_feedback, on_prediction
-from services.trainer.prepare import Standardisation, split_by_time
-from services.trainer.settings import GateSettings, TrainerSettings, TriggerSettings
-from services.trainer.synthetic import SyntheticConfig, SyntheticWorld
-from services.trainer.triggers import DriftDetector, TriggerInputs, TriggerPolicy
+from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
+from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged, VersionMetrics
+from loopmesh.trainer import metrics
+from loopmesh.trainer.api import InvalidArgument, TriggerRequest, UnknownModel, check_model, parse
+from loopmesh.trainer.gate import decide
+from loopmesh.trainer.live import LiveMetrics
+from loopmesh.trainer.pairing import JoinEntry, Outcome, example_id, on_feedback, on_prediction
+from loopmesh.trainer.prepare import Standardisation, split_by_time
+from loopmesh.trainer.settings import GateSettings, TrainerSettings, TriggerSettings
+from loopmesh.trainer.triggers import DriftDetector, TriggerInputs, TriggerPolicy
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 TTL = 600.0

@@ -11,16 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from services.mesh import model_repo
-from services.mesh.events import LabelledExample
-from services.trainer import metrics
-from services.trainer.dataset import Dataset
-from services.trainer.pipeline import load_stable, publish_files, run_pipeline
-from services.trainer.prepare import Standardisation
-from services.trainer.scoring import ScoringModule
-from services.trainer.settings import TrainerScope, TrainingSettings
-from services.trainer.synthetic import FEATURE_NAMES, SyntheticConfig, SyntheticWorld, examples
-from services.trainer.train import (
+from loopmesh.devstack.synthetic import FEATURE_NAMES, SyntheticConfig, SyntheticWorld, examples
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.events import LabelledExample
+from loopmesh.trainer import metrics
+from loopmesh.trainer.dataset import Dataset
+from loopmesh.trainer.pipeline import load_stable, publish_files, run_pipeline
+from loopmesh.trainer.prepare import Standardisation
+from loopmesh.trainer.scoring import ScoringModule
+from loopmesh.trainer.settings import TrainerScope, TrainingSettings
+from loopmesh.trainer.train import (
     WarmStart,
     adapt_warm_state,
     fit,

@@ -17,15 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as grpcclient
 
-from services.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
-from services.mesh import model_repo
-from services.mesh.bus import EventProducer
-from services.mesh.events import DeadLetter, EntityErased, ModelPublished
-from services.mesh.infra.triton import TritonServer
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
-from services.trainer import metrics
-from services.trainer.app import TrainerApp
-from services.trainer.settings import (
+from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, traffic
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.events import DeadLetter, EntityErased, ModelPublished
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.trainer import metrics
+from loopmesh.trainer.app import TrainerApp
+from loopmesh.trainer.settings import (
     DatasetSettings,
     JoinerSettings,
     TopicNames,
@@ -34,8 +35,7 @@ from services.trainer.settings import (
     TrainingSettings,
     TriggerSettings,
 )
-from services.trainer.synthetic import SyntheticConfig, SyntheticWorld, traffic
-from services.trainer.train import FitResult, fit, load_scoring, predict
+from loopmesh.trainer.train import FitResult, fit, load_scoring, predict
 from tests.helpers import eventually, read_topic
 
 N_TRIGGER = 700

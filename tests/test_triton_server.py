@@ -18,9 +18,9 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from services.mesh import model_repo
-from services.mesh.infra.process import InfraError
-from services.mesh.infra.triton import TritonServer
+from loopmesh.devstack.process import InfraError
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.mesh import model_repo
 
 N_FEATURES = 4
 LOAD_TIMEOUT = 120.0

@@ -18,19 +18,19 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.features.agents import FeatureAgents
-from services.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
-from services.features.store import FeastGateway
-from services.inference.app import InferenceGateway
-from services.inference.settings import InferenceScope, InferenceSettings
-from services.mesh.bus import declare_topics
-from services.mesh.events import Event
-from services.mesh.settings import GrpcServerSettings, KafkaSettings
-from services.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
-from services.rollout.app import RolloutApp
-from services.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
-from services.trainer.app import TrainerApp
-from services.trainer.settings import (
+from loopmesh.features.agents import FeatureAgents
+from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
+from loopmesh.features.store import FeastGateway
+from loopmesh.inference.app import InferenceGateway
+from loopmesh.inference.settings import InferenceScope, InferenceSettings
+from loopmesh.mesh.bus import declare_topics
+from loopmesh.mesh.events import Event
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from loopmesh.rollout.app import RolloutApp
+from loopmesh.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
+from loopmesh.trainer.app import TrainerApp
+from loopmesh.trainer.settings import (
     DatasetSettings,
     JoinerSettings,
     TopicNames,

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.mesh.events import DeadLetter, Event
+from loopmesh.mesh.events import DeadLetter, Event
 
 PLACEHOLDER = "\u2603HOSTILE\u2603"
 MAX_HUGE = 900_000

@@ -1,1 +1,0 @@
-"""`loopmesh run`: the whole loop on one machine, watched live in the terminal."""

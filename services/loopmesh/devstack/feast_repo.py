@@ -1,0 +1,153 @@
+"""Prepare and apply the Feast repository (``feature_store/``) in a working directory.
+
+Feast is driven through its CLI in a subprocess only: ``import feast`` costs seconds and pulls
+in torch, and only the features service may pay that (design.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from loopmesh.devstack.process import InfraError
+
+# The source definitions: <repo root>/feature_store, this file being
+# <repo root>/services/loopmesh/devstack/feast_repo.py.
+FEATURE_REPO_DIR = Path(__file__).resolve().parents[3] / "feature_store"
+
+OnlineStore = Literal["sqlite", "redis"]
+
+PROJECT = "loopmesh"
+DEFAULT_REDIS_PORT = 6379
+
+
+def redis_connection_string(redis_url: str) -> str:
+    """Feast's ``host:port,db=N,...`` form of ``redis_url``.
+
+    Accepts ``redis://[user:password@]host[:port][/db]`` (``rediss://`` for TLS) or a string
+    already in Feast's form, which is passed through.
+    """
+    if "://" not in redis_url:
+        return redis_url
+    parts = urlsplit(redis_url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"not a redis:// or rediss:// URL: {redis_url!r}")
+    items = [f"{parts.hostname}:{parts.port or DEFAULT_REDIS_PORT}"]
+    db = parts.path.strip("/")
+    if db:
+        if not db.isdigit():
+            raise ValueError(f"redis database must be a number, got {db!r} in {redis_url!r}")
+        items.append(f"db={db}")
+    if parts.scheme == "rediss":
+        items.append("ssl=true")
+    if parts.username:
+        items.append(f"username={unquote(parts.username)}")
+    if parts.password:
+        items.append(f"password={unquote(parts.password)}")
+    # Feast splits the connection string on commas, with no escaping.
+    if any("," in item for item in items):
+        raise ValueError("redis credentials must not contain ',' (Feast cannot parse them)")
+    return ",".join(items)
+
+
+def _yaml_str(value: str) -> str:
+    # A JSON string is a valid double-quoted YAML scalar: safe for any path or password.
+    return json.dumps(value)
+
+
+def render_config(
+    repo_dir: Path, *, online_store: OnlineStore = "sqlite", redis_url: str | None = None
+) -> str:
+    """The ``feature_store.yaml`` text for a working repo at ``repo_dir`` (absolute paths)."""
+    data_dir = repo_dir.resolve() / "data"
+    if online_store == "sqlite":
+        online = f"  type: sqlite\n  path: {_yaml_str(str(data_dir / 'online.db'))}\n"
+    elif online_store == "redis":
+        if not redis_url:
+            raise ValueError("online_store='redis' needs redis_url")
+        connection = _yaml_str(redis_connection_string(redis_url))
+        online = f"  type: redis\n  connection_string: {connection}\n"
+    else:
+        raise ValueError(f"unknown online store {online_store!r} (sqlite or redis)")
+    return (
+        "# Written by loopmesh.devstack.feast_repo; edits are lost on the next prepare.\n"
+        f"project: {PROJECT}\n"
+        "provider: local\n"
+        f"registry: {_yaml_str(str(data_dir / 'registry.db'))}\n"
+        f"online_store:\n{online}"
+        "offline_store:\n  type: file\n"
+        "entity_key_serialization_version: 3\n"
+        "auth:\n  type: no_auth\n"
+    )
+
+
+def prepare_repo(
+    target_dir: Path, *, online_store: OnlineStore = "sqlite", redis_url: str | None = None
+) -> Path:
+    """Copy the Feast definitions into ``target_dir`` and write its config; returns the dir.
+
+    A working copy keeps ``feast apply`` (registry, online store, batch parquet paths) out of
+    the source tree. Re-preparing the same directory keeps its data but refreshes the code.
+    """
+    text = render_config(target_dir, online_store=online_store, redis_url=redis_url)
+    sources = sorted(FEATURE_REPO_DIR.glob("*.py"))
+    if not sources:
+        raise InfraError(f"no Feast definitions (*.py) found in {FEATURE_REPO_DIR}")
+    repo_dir = target_dir.resolve()
+    (repo_dir / "data").mkdir(parents=True, exist_ok=True)
+    # Feast applies every *.py in the repo: a file deleted from the source must go here too.
+    for stale in repo_dir.glob("*.py"):
+        stale.unlink()
+    for src in sources:
+        shutil.copy2(src, repo_dir / src.name)
+    (repo_dir / "feature_store.yaml").write_text(text)
+    return repo_dir
+
+
+def feast_command() -> list[str]:
+    """How to run the Feast CLI of the interpreter running this code."""
+    # Not resolved: a venv's python is a symlink and the script sits next to the link.
+    script = Path(sys.executable).with_name("feast")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "feast.cli.cli"]
+
+
+def apply_repo(repo_dir: Path, timeout: float = 180) -> None:
+    """Run ``feast apply`` in ``repo_dir``; raises InfraError (a RuntimeError) on failure."""
+    argv = [*feast_command(), "apply"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        result = subprocess.run(
+            argv,
+            cwd=repo_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = exc.output if isinstance(exc.output, str) else (exc.output or b"").decode()
+        raise InfraError(
+            f"`feast apply` in {repo_dir} did not finish within {timeout:.0f} s:\n{_tail(output)}"
+        ) from exc
+    except OSError as exc:
+        raise InfraError(f"cannot run {argv[0]}: {exc}") from exc
+    if result.returncode != 0:
+        raise InfraError(
+            f"`feast apply` in {repo_dir} failed with exit status {result.returncode}:\n"
+            f"{_tail(result.stdout)}"
+        )
+
+
+def _tail(output: str, lines: int = 60) -> str:
+    # Feast failures end in a long traceback; the last lines hold the cause.
+    return "\n".join(output.splitlines()[-lines:]) or "(no output)"

@@ -1,0 +1,145 @@
+"""The whole local stack: Kafka, tritonserver and the Feast repo, with a state file.
+
+``loopmesh infra up`` starts the components as detached processes and records their pids and
+addresses in ``<state_dir>/infra.json``; ``down`` and ``status`` read that file. ``loopmesh
+run`` uses the same class in the foreground and stops everything on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from loopmesh.devstack.feast_repo import apply_repo, prepare_repo
+from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.devstack.process import stop_pid
+from loopmesh.devstack.triton import TritonServer
+from loopmesh.mesh.bus import declare_topics
+from loopmesh.mesh.settings import KafkaSettings, MeshSettings
+from loopmesh.mesh.topics import ALL_TOPICS
+
+
+@dataclass
+class StackState:
+    """What a running local stack looks like from outside."""
+
+    kafka_bootstrap: str
+    kafka_pid: int
+    triton_grpc: str
+    triton_http: str
+    triton_metrics: str
+    triton_pid: int
+    model_repository: str
+    feast_repo: str
+
+    def env(self) -> dict[str, str]:
+        """Environment that points a service at this stack."""
+        return {
+            "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": self.kafka_bootstrap,
+            "LOOPMESH_TRITON_URL": self.triton_grpc,
+            "LOOPMESH_MODEL_REPOSITORY": self.model_repository,
+            "LOOPMESH_FEATURES__REPO_PATH": self.feast_repo,
+        }
+
+
+class LocalStack:
+    """Starts and stops the local infrastructure described by ``MeshSettings.infra``."""
+
+    def __init__(self, settings: MeshSettings) -> None:
+        infra = settings.infra
+        self.state_dir = infra.state_dir.resolve()
+        self.state_file = self.state_dir / "infra.json"
+        self.model_repository = settings.model_repository.resolve()
+        self.kafka = KafkaBroker(self.state_dir / "kafka", host=infra.host, port=infra.kafka_port)
+        self.triton = TritonServer(
+            self.model_repository,
+            self.state_dir / "triton",
+            host=infra.host,
+            grpc_port=infra.triton_grpc_port,
+            http_port=infra.triton_http_port,
+            metrics_port=infra.triton_metrics_port,
+        )
+        self.feast_dir = self.state_dir / "feature_store"
+        self.kafka_settings = settings.kafka.model_copy(
+            update={"bootstrap_servers": self.kafka.bootstrap_servers}
+        )
+
+    def up(self) -> StackState:
+        """Start every component, declare the topics, apply Feast; idempotent per state dir."""
+        if (existing := self.read_state()) is not None and _alive(existing):
+            raise RuntimeError(
+                f"a local stack is already running (state {self.state_file}); "
+                "run `loopmesh infra down` first"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.model_repository.mkdir(parents=True, exist_ok=True)
+        self.kafka.start()
+        try:
+            asyncio.run(declare_topics(self.kafka_settings, ALL_TOPICS))
+            self.triton.start()
+            repo = prepare_repo(self.feast_dir)
+            apply_repo(repo)
+        except BaseException:
+            self.triton.stop()
+            self.kafka.stop()
+            raise
+        state = StackState(
+            kafka_bootstrap=self.kafka.bootstrap_servers,
+            kafka_pid=_pid(self.kafka.pid),
+            triton_grpc=self.triton.grpc_url,
+            triton_http=self.triton.http_url,
+            triton_metrics=self.triton.metrics_url,
+            triton_pid=_pid(self.triton.pid),
+            model_repository=str(self.model_repository),
+            feast_repo=str(repo),
+        )
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+        return state
+
+    def stop(self) -> None:
+        """Stop the components this object started (foreground use)."""
+        self.triton.stop()
+        self.kafka.stop()
+        self.state_file.unlink(missing_ok=True)
+
+    def read_state(self) -> StackState | None:
+        try:
+            return StackState(**json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def down(self) -> bool:
+        """Stop a stack started by an earlier ``up``; False when none was recorded."""
+        state = self.read_state()
+        if state is None:
+            return False
+        stop_pid(state.triton_pid)
+        stop_pid(state.kafka_pid)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+
+def kafka_settings_for(state: StackState, base: KafkaSettings) -> KafkaSettings:
+    return base.model_copy(update={"bootstrap_servers": state.kafka_bootstrap})
+
+
+def _pid(pid: int | None) -> int:
+    if pid is None:
+        raise RuntimeError("component has no pid after start")
+    return pid
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _alive(state: StackState) -> bool:
+    return process_alive(state.kafka_pid) or process_alive(state.triton_pid)

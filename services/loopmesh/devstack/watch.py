@@ -1,0 +1,79 @@
+"""Follows the mesh's topics (as any Kafka tool could) and folds them into a LoopState."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime
+
+from aiokafka import AIOKafkaConsumer
+from pydantic import ValidationError
+
+from loopmesh.devstack.state import LoopState
+from loopmesh.mesh.bus import client_options
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import (
+    EVENTS_RAW,
+    FEEDBACK,
+    METRICS_LIVE,
+    MODELS_PUBLISHED,
+    PREDICTIONS,
+    ROLLOUTS,
+    TRAINING_EXAMPLES,
+    Topic,
+)
+
+log = logging.getLogger(__name__)
+WATCHED: tuple[Topic, ...] = (
+    EVENTS_RAW,
+    PREDICTIONS,
+    FEEDBACK,
+    TRAINING_EXAMPLES,
+    METRICS_LIVE,
+    MODELS_PUBLISHED,
+    ROLLOUTS,
+)
+
+
+class Watcher:
+    """Reads every watched topic without a consumer group; ignores events older than ``since``."""
+
+    def __init__(self, settings: KafkaSettings, state: LoopState, since: datetime) -> None:
+        self.state = state
+        self.since = since
+        self._by_name = {t.name: t for t in WATCHED}
+        self._consumer = AIOKafkaConsumer(
+            *self._by_name,
+            **client_options(settings, "loop-watch"),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+            now = time.monotonic()
+            for tp, records in batches.items():
+                topic = self._by_name[tp.topic]
+                for record in records:
+                    try:
+                        event = topic.value_type.model_validate_json(record.value or b"")
+                    except ValidationError:
+                        continue  # the owning consumer dead-letters it; the view skips it
+                    if event.event_time >= self.since:
+                        self.state.apply(event, now)

@@ -1,0 +1,88 @@
+"""Settings of the features service: ``LOOPMESH_FEATURES__*`` on top of the mesh settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+
+from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+
+
+class StreamTuning(BaseModel):
+    """Consumer-group timing of the faust worker (tests shorten it so joins are fast)."""
+
+    session_timeout_s: float = Field(default=30.0, ge=1.0)
+    """A worker silent this long leaves the group and its partitions move (Kafka's minimum
+    is the broker's ``group.min.session.timeout.ms``, 6 s by default)."""
+    heartbeat_interval_s: float = Field(default=3.0, gt=0)
+    """How often the worker tells the group it is alive (well below the session timeout)."""
+    rebalance_timeout_s: float = Field(default=60.0, ge=1.0)
+    """How long a rebalance waits for members to rejoin."""
+    commit_interval_s: float = Field(default=2.8, gt=0)
+    """How often processed offsets are committed (after the producer, changelog included,
+    is flushed)."""
+
+
+class FeaturesScope(BaseModel):
+    """What the features service alone reads."""
+
+    server: GrpcServerSettings = GrpcServerSettings(port=50053)
+    """Where FeatureService listens."""
+    repo_path: Path = Path(".loopmesh/feature_store")
+    """Applied Feast repo (``feature_store.yaml`` and registry), as ``loopmesh infra up``
+    prepares it."""
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    """Online store: the repo's SQLite file, or Redis at ``redis_url``."""
+    redis_url: SecretStr | None = None
+    """``redis://[user:password@]host[:port][/db]`` (``rediss://`` for TLS) when the online
+    store is Redis."""
+    run_server: bool = True
+    """Serve FeatureService in this process."""
+    run_agents: bool = True
+    """Run the stream agents (events -> Feast) in this process."""
+    app_id: str = Field(default="loopmesh-features", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """faust app id: the consumer group and the prefix of the table's changelog topic."""
+    data_dir: Path = Path(".loopmesh/features")
+    """faust's working directory."""
+    events_topic: str = EVENTS_RAW.name
+    """Topic of InteractionEvents (tests use a unique one)."""
+    erasures_topic: str = ENTITIES_ERASED.name
+    """Compacted topic of EntityErased events (tests use a unique one)."""
+    push_batch_size: int = Field(default=500, ge=1)
+    """Most events folded before their entities' rows are pushed to the online store."""
+    push_batch_s: float = Field(default=0.05, gt=0)
+    """Longest an event waits for its batch to fill before the batch is pushed."""
+    push_retry_s: float = Field(default=1.0, gt=0)
+    """Pause before retrying a push the online store refused (the batch is retried, never
+    dropped; its offsets are not committed meanwhile)."""
+    allowed_lateness_s: float = Field(default=24 * 3600.0, ge=0)
+    """Events older than an entity's newest event by more than this are dropped: their ids
+    are no longer remembered, so they cannot be deduplicated. At 24 h or more, window counts
+    never depend on arrival order."""
+    stale_after_s: float | None = Field(default=None, gt=0)
+    """Values older than this are served as STALE; unset uses each view's TTL."""
+    max_entities: int = Field(default=1000, ge=1)
+    """Most entity ids in one GetOnlineFeatures request."""
+    store_threads: int = Field(default=1, ge=1, le=64)
+    """Threads that call Feast. Keep 1 for SQLite (Feast shares one connection); Redis
+    reads can use more."""
+    stream: StreamTuning = StreamTuning()
+    """faust consumer-group timing."""
+    lag_interval_s: float = Field(default=5.0, gt=0)
+    """How often the agents' consumer lag is measured for ``loopmesh_kafka_consumer_lag``."""
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> FeaturesScope:
+        if self.online_store == "redis" and self.redis_url is None:
+            raise ValueError("features.online_store=redis needs features.redis_url")
+        return self
+
+
+class FeaturesSettings(MeshSettings):
+    """Settings of ``python -m loopmesh.features``."""
+
+    features: FeaturesScope = FeaturesScope()
+    """The features service's own scope."""

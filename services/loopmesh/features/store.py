@@ -1,0 +1,236 @@
+"""The Feast online store behind the features service: read, guarded push, per-entity delete.
+
+This is the one module of the mesh that imports ``feast`` (seconds of import time, and torch
+with it). Feast is synchronous and, on SQLite, shares one connection: every call runs on a
+small thread pool (one thread by default), off the event loop. Writes and deletes also hold
+an asyncio lock, so a delete issued after a push lands after it.
+
+Feast facts this module works around (pinned in tests/test_feast_store.py):
+
+* the SQLite store writes whatever is pushed last, even an older row, so ``write`` reads the
+  stored ``(last_event_ts, events_total)`` first and skips rows older than what is stored;
+* a push must carry every feature of its view, which ``EntityAggregate.rows`` always does;
+* Feast has no per-entity delete, so ``delete`` removes the rows itself: SQLite rows by
+  serialized entity key in each view's table, or the entity's Redis hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd  # type: ignore[import-untyped]
+from feast import FeatureStore, RepoConfig
+from feast.data_source import PushMode
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import compute_table_id
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+from loopmesh.features.core import (
+    ACTIVITY_VIEW,
+    FeatureSchema,
+    FeatureSpec,
+    StoredValue,
+)
+from loopmesh.features.repo import feast_config
+from loopmesh.features.settings import FeaturesScope
+
+T = TypeVar("T")
+JOIN_KEY = "entity_id"
+Rows = Mapping[str, Mapping[str, Any]]
+"""One entity's rows by view name (``EntityAggregate.rows``)."""
+_VERSION_REFS = [f"{ACTIVITY_VIEW}:last_event_ts", f"{ACTIVITY_VIEW}:events_total"]
+
+
+def repo_config(scope: FeaturesScope) -> RepoConfig:
+    """The applied repo's config with the online store the settings ask for."""
+    repo, data = feast_config(scope)
+    return RepoConfig(repo_path=repo, **data)
+
+
+def _python_value(value: ValueProto) -> float | int | str | None:
+    kind = value.WhichOneof("val")
+    if kind in ("int64_val", "int32_val", "double_val", "float_val", "string_val"):
+        scalar: float | int | str = getattr(value, kind)
+        return scalar
+    if kind == "bool_val":
+        return int(value.bool_val)
+    return None  # null, or a kind no view of ours declares
+
+
+def _entity_key(entity_id: str) -> EntityKeyProto:
+    return EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=entity_id)])
+
+
+class FeastGateway:
+    """Async facade over one ``FeatureStore``; owns its thread pool."""
+
+    def __init__(self, store: FeatureStore, *, threads: int = 1, redis_url: str | None = None):
+        self.store = store
+        self._redis_url = redis_url
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feast")
+        self._write_lock = asyncio.Lock()
+        self.schema = FeatureSchema(self._load_specs())
+
+    @classmethod
+    def open(cls, scope: FeaturesScope) -> FeastGateway:
+        store = FeatureStore(config=repo_config(scope))
+        url = scope.redis_url.get_secret_value() if scope.redis_url else None
+        return cls(store, threads=scope.store_threads, redis_url=url)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def _load_specs(self) -> list[FeatureSpec]:
+        specs = []
+        for view in sorted(self.store.list_feature_views(), key=lambda v: v.name):
+            ttl = view.ttl.total_seconds() if view.ttl else float("inf")
+            for feature in view.features:
+                specs.append(
+                    FeatureSpec(
+                        view=view.name,
+                        name=feature.name,
+                        dtype=str(feature.dtype),
+                        description=feature.description,
+                        max_age_seconds=ttl,
+                    )
+                )
+        return specs
+
+    # ------------------------------------------------------------------------------ reads
+
+    async def read(
+        self, entity_ids: Sequence[str], specs: Sequence[FeatureSpec]
+    ) -> list[list[StoredValue]]:
+        """Stored values per entity (in order) per spec (in order)."""
+        return await self._call(lambda: self.read_sync(entity_ids, specs))
+
+    def read_sync(
+        self, entity_ids: Sequence[str], specs: Sequence[FeatureSpec]
+    ) -> list[list[StoredValue]]:
+        unique = list(dict.fromkeys(entity_ids))
+        response = self.store.get_online_features(
+            features=[spec.ref for spec in specs],
+            entity_rows=[{JOIN_KEY: entity_id} for entity_id in unique],
+            full_feature_names=True,
+        ).proto
+        # Feast orders its columns its own way; find each requested one by its full name.
+        column = {name: i for i, name in enumerate(response.metadata.feature_names.val)}
+        results = response.results
+        per_spec: list[list[StoredValue]] = []
+        for spec in specs:
+            vector = results[column[f"{spec.view}__{spec.name}"]]
+            # Feast keeps event times to the second; 0 means "no row".
+            times = [ts.seconds or None for ts in vector.event_timestamps]
+            per_spec.append(list(map(StoredValue, map(_python_value, vector.values), times)))
+        row_of = {entity_id: i for i, entity_id in enumerate(unique)}
+        return [[column_values[row_of[e]] for column_values in per_spec] for e in entity_ids]
+
+    # ----------------------------------------------------------------------------- writes
+
+    async def write(self, rows: Sequence[Rows]) -> int:
+        """Push each entity's rows unless the store already holds a newer state; returns how
+        many entities were written."""
+        if not rows:
+            return 0
+        async with self._write_lock:
+            return await self._call(lambda: self._write_sync(rows))
+
+    def _write_sync(self, rows: Sequence[Rows]) -> int:
+        latest: dict[str, Rows] = {}
+        for entity_rows in rows:
+            latest[entity_rows[ACTIVITY_VIEW][JOIN_KEY]] = entity_rows
+        stored = self._stored_versions(list(latest))
+        fresh = [
+            entity_rows
+            for entity_id, entity_rows in latest.items()
+            if _version(entity_rows) >= stored.get(entity_id, (float("-inf"), -1))
+        ]
+        if not fresh:
+            return 0
+        for view in fresh[0]:
+            frame = pd.DataFrame([dict(entity_rows[view]) for entity_rows in fresh])
+            self.store.push(f"{view}_push", frame, to=PushMode.ONLINE)
+        return len(fresh)
+
+    def _stored_versions(self, entity_ids: list[str]) -> dict[str, tuple[float, int]]:
+        by_ref = self.schema.by_ref
+        specs = [by_ref[ref] for ref in _VERSION_REFS]
+        out = {}
+        for entity_id, (ts, total) in zip(
+            entity_ids, self.read_sync(entity_ids, specs), strict=True
+        ):
+            if isinstance(ts.value, float | int) and isinstance(total.value, int):
+                out[entity_id] = (float(ts.value), total.value)
+        return out
+
+    async def exists(self, entity_id: str) -> bool:
+        """Whether the online store holds any value of the entity."""
+        (values,) = await self.read([entity_id], list(self.schema.features))
+        return any(v.value is not None for v in values)
+
+    async def delete(self, entity_id: str) -> bool:
+        """Remove every online value of the entity; True when it had any."""
+        async with self._write_lock:
+            return await self._call(lambda: self._delete_sync(entity_id))
+
+    def _delete_sync(self, entity_id: str) -> bool:
+        (values,) = self.read_sync([entity_id], list(self.schema.features))
+        existed = any(v.value is not None for v in values)
+        config = self.store.config
+        key = serialize_entity_key(
+            _entity_key(entity_id),
+            entity_key_serialization_version=config.entity_key_serialization_version,
+        )
+        if config.online_store.type == "redis":
+            self._delete_redis(key + config.project.encode())
+        else:
+            self._delete_sqlite(key)
+        return existed
+
+    def _delete_sqlite(self, key: bytes) -> None:
+        config = self.store.config
+        path = Path(config.online_store.path)
+        if not path.is_absolute() and config.repo_path is not None:
+            path = Path(config.repo_path) / path
+        versioning = config.registry.enable_online_feature_view_versioning
+        tables = [
+            compute_table_id(config.project, view, versioning)
+            for view in self.store.list_feature_views()
+        ]
+        # A connection of our own: Feast's is private to its store object.
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            with conn:
+                for table in tables:
+                    quoted = '"' + table.replace('"', '""') + '"'
+                    conn.execute(f"DELETE FROM {quoted} WHERE entity_key = ?", (key,))  # noqa: S608
+        finally:
+            conn.close()
+
+    def _delete_redis(self, key: bytes) -> None:
+        # Feast keeps every view of an entity in one hash at <serialized key><project>
+        # (feast.infra.online_stores.helpers._redis_key); deleting it removes them all.
+        # Feast's redis extra: only needed (and installed) where Redis is configured.
+        redis = importlib.import_module("redis")
+        if self._redis_url is None:
+            raise RuntimeError("redis online store without features.redis_url")
+        client = redis.Redis.from_url(self._redis_url)
+        try:
+            client.delete(key)
+        finally:
+            client.close()
+
+
+def _version(rows: Rows) -> tuple[float, int]:
+    activity = rows[ACTIVITY_VIEW]
+    return float(activity["last_event_ts"]), int(activity["events_total"])

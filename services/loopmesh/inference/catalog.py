@@ -1,0 +1,138 @@
+"""What the gateway knows about models from the registry on disk: versions and feature specs.
+
+Versions are immutable, so a version's spec is read once and cached; the list of published
+versions (used only for models that have no route yet) is re-read after ``refresh_s``. Names
+and versions are validated before they touch a path (``loopmesh.mesh.model_repo``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loopmesh.mesh import model_repo
+
+
+class UnknownModel(LookupError):
+    """The model or the version is not in the registry."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+class BadModelSpec(ValueError):
+    """A published version whose metadata cannot drive Predict (no usable feature_names)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The input contract of one model version."""
+
+    model_name: str
+    version: int
+    feature_names: tuple[str, ...]
+    """Model input order (metadata.json ``feature_names``)."""
+    defaults: dict[str, float] = field(default_factory=dict)
+    """Declared defaults (metadata.json ``feature_defaults``) merged over the gateway's."""
+    store_refs: tuple[str, ...] = ()
+    """The names that are feature-service references ("view:feature"), in input order."""
+
+
+def is_store_ref(name: str) -> bool:
+    """Feature-service references are "view:feature"; plain names come only from context."""
+    view, sep, feature = name.partition(":")
+    return bool(sep and view and feature)
+
+
+class ModelCatalog:
+    """Reads and caches model specs from a Triton model repository laid out by model_repo."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        refresh_s: float = 5.0,
+        defaults: dict[str, float] | None = None,
+        default_value: float = 0.0,
+    ) -> None:
+        if not math.isfinite(default_value):
+            raise ValueError("default_value must be finite")
+        self.repository = Path(repository)
+        self._refresh_s = refresh_s
+        self._defaults = dict(defaults or {})
+        self.default_value = default_value
+        self._specs: dict[tuple[str, int], ModelSpec] = {}
+        self._versions: dict[str, tuple[float, list[int]]] = {}
+
+    def versions(self, model_name: str) -> list[int]:
+        """Published versions of a (valid) model name, ascending; cached for ``refresh_s``."""
+        now = time.monotonic()
+        cached = self._versions.get(model_name)
+        if cached is not None and now - cached[0] < self._refresh_s:
+            return cached[1]
+        found = model_repo.list_versions(self.repository, model_name)
+        self._versions[model_name] = (now, found)
+        return found
+
+    def latest(self, model_name: str) -> int:
+        found = self.versions(model_name)
+        if not found:
+            raise UnknownModel("model_name", f"unknown model {model_name!r}")
+        return found[-1]
+
+    def has_version(self, model_name: str, version: int) -> bool:
+        if (model_name, version) in self._specs:
+            return True
+        return model_repo.version_dir(self.repository, model_name, version).is_dir()
+
+    def default_for(self, spec: ModelSpec, name: str) -> float:
+        return spec.defaults.get(name, self.default_value)
+
+    def spec(self, model_name: str, version: int) -> ModelSpec:
+        """The spec of a published version; UnknownModel naming the field otherwise."""
+        key = (model_name, version)
+        cached = self._specs.get(key)
+        if cached is not None:
+            return cached
+        try:
+            meta = model_repo.read_metadata(self.repository, model_name, version)
+        except FileNotFoundError:
+            if not self.versions(model_name):
+                raise UnknownModel("model_name", f"unknown model {model_name!r}") from None
+            raise UnknownModel(
+                "model_version", f"model {model_name!r} has no version {version}"
+            ) from None
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise BadModelSpec(f"{model_name} version {version}: {exc}") from exc
+        spec = self._parse(model_name, version, meta)
+        self._specs[key] = spec
+        return spec
+
+    def _parse(self, model_name: str, version: int, meta: dict[str, object]) -> ModelSpec:
+        where = f"{model_name} version {version} metadata.json"
+        names = meta.get("feature_names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise BadModelSpec(f"{where} declares no feature_names; Predict cannot build inputs")
+        n_features = meta.get("n_features")
+        if isinstance(n_features, int) and n_features != len(names):
+            raise BadModelSpec(f"{where}: {len(names)} feature_names but n_features={n_features}")
+        declared = meta.get("feature_defaults") or {}
+        if not isinstance(declared, dict):
+            raise BadModelSpec(f"{where}: feature_defaults must be an object")
+        defaults = dict(self._defaults)
+        for name, value in declared.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise BadModelSpec(f"{where}: feature_defaults[{name!r}] is not a finite number")
+            defaults[str(name)] = float(value)
+        feature_names = tuple(str(n) for n in names)
+        return ModelSpec(
+            model_name=model_name,
+            version=version,
+            feature_names=feature_names,
+            defaults=defaults,
+            store_refs=tuple(n for n in feature_names if is_store_ref(n)),
+        )

@@ -1,0 +1,414 @@
+"""The Predict use case, knowing no gRPC or Kafka: validate, route, assemble features, score, log.
+
+One prediction: validate the request (``PredictInput``), map its ``entity_id`` the way the
+ingestion door does (the pseudonym when ``LOOPMESH_PRIVACY__*`` enables it, so features are
+found and predictions logged under the id the rest of the mesh knows), pick the version
+(pinned, or by the rollout route's sticky hash of ``entity_id``, or the latest published when
+no rollout is known), read the entity's store features the model declares (unless the
+caller's context gives them), build the input row in the model's declared order, score it
+through a coalescing batcher per version, and hand the record to the prediction log without
+waiting.
+
+A failing canary falls back to stable for that request and counts against the canary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from loopmesh.inference import instruments
+from loopmesh.inference.batching import Coalescer
+from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, ModelSpec, UnknownModel
+from loopmesh.inference.operational import OperationalWindows
+from loopmesh.inference.routing import Arm, Route, RouteTable
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.events import Finite, Identifier
+
+# -- errors the adapters translate into their transport's status ------------------------------
+
+
+class InvalidArgument(ValueError):
+    """The request is wrong; ``field`` names the part at fault."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class NotFound(InvalidArgument):
+    """The model or version named in the request does not exist; ``field`` names which."""
+
+
+class Unavailable(RuntimeError):
+    """A dependency (Triton, a model version, the feature service) cannot serve this call."""
+
+
+class FailedPrecondition(RuntimeError):
+    """The system is not set up to answer (e.g. a model declares a text feature)."""
+
+
+class BackendError(RuntimeError):
+    """A scoring backend call failed; ``unavailable`` when retrying elsewhere may help."""
+
+    def __init__(self, message: str, *, unavailable: bool) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
+class ModelFailed(RuntimeError):
+    """The model version answered with an error (a bug or bad output, not availability)."""
+
+
+class FeaturesUnavailable(RuntimeError):
+    """The feature service could not answer."""
+
+
+# -- ports ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureReading:
+    """One stored feature value; ``value`` None when the entity has none."""
+
+    value: float | str | None
+    stale: bool = False
+
+
+class FeatureSource(Protocol):
+    async def fetch(self, entity_id: str, refs: tuple[str, ...]) -> dict[str, FeatureReading]:
+        """Values of ``refs`` for one entity; raises FeaturesUnavailable."""
+        ...
+
+
+class ScoreBackend(Protocol):
+    async def score_rows(
+        self, model_name: str, version: int, rows: Sequence[Sequence[float]]
+    ) -> Sequence[float]:
+        """One score per row from that exact version; raises BackendError."""
+        ...
+
+    async def ready_versions(self, model_name: str) -> list[int]:
+        """Versions the backend can serve now, ascending ([] when it cannot tell)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRecord:
+    """What the prediction log keeps of one answer."""
+
+    prediction_id: str
+    model_name: str
+    model_version: int
+    entity_id: str
+    features: dict[str, float]
+    score: float
+    latency_ms: float
+    event_time: datetime
+
+
+class PredictionSink(Protocol):
+    def log(self, record: PredictionRecord) -> bool:
+        """Queue the record without blocking; False when it had to be dropped."""
+        ...
+
+
+# -- request and answer -----------------------------------------------------------------------
+
+
+class PredictInput(BaseModel):
+    """A validated Predict request (the one place its rules live, whatever the transport)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    entity_id: Identifier
+    context: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], Finite] = Field(
+        default_factory=dict
+    )
+    model_name: str = ""
+    model_version: str = ""
+    request_id: Annotated[str, StringConstraints(max_length=256)] = ""
+
+    @classmethod
+    def parse(cls, **values: object) -> PredictInput:
+        """Validate, turning the first pydantic error into InvalidArgument naming its field."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "request"
+            raise InvalidArgument(loc, first["msg"]) from None
+
+
+@dataclass(frozen=True, slots=True)
+class PredictOutput:
+    prediction_id: str
+    score: float
+    model_name: str
+    model_version: int
+    arm: Arm
+    degraded: bool
+    defaulted_features: tuple[str, ...]
+    request_id: str
+
+
+@dataclass(slots=True)
+class VersionStats:
+    answered: int = 0
+    failures: int = 0
+
+
+@dataclass
+class Counters:
+    """Per-version answers and failures (a canary's failures are what it is judged on).
+
+    ``succeeded`` and ``failed`` are where a call to a version finishes (Predict scoring and
+    ModelInfer alike): they count it and, when ``windows`` is set, record its latency in the
+    sliding window the gateway publishes to ``metrics.live``. Only server-side failures are
+    passed to ``failed``; a client's bad request is not the version's fault.
+    """
+
+    versions: dict[tuple[str, int], VersionStats] = field(default_factory=dict)
+    degraded: int = 0
+    windows: OperationalWindows | None = None
+
+    def succeeded(self, model_name: str, version: int, latency_ms: float) -> None:
+        self.of(model_name, version).answered += 1
+        if self.windows is not None:
+            self.windows.record(model_name, version, failed=False, latency_ms=latency_ms)
+
+    def failed(self, model_name: str, version: int, latency_ms: float) -> None:
+        self.of(model_name, version).failures += 1
+        if self.windows is not None:
+            self.windows.record(model_name, version, failed=True, latency_ms=latency_ms)
+
+    def of(self, model_name: str, version: int) -> VersionStats:
+        key = (model_name, version)
+        stats = self.versions.get(key)
+        if stats is None:
+            stats = self.versions[key] = VersionStats()
+        return stats
+
+    def for_model(self, model_name: str) -> dict[int, VersionStats]:
+        return {v: s for (m, v), s in sorted(self.versions.items()) if m == model_name}
+
+
+# -- the use case -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    row: list[float]
+    features: dict[str, float]
+    defaulted: tuple[str, ...]
+    degraded: bool
+    readings: dict[str, FeatureReading]
+
+
+class Predictor:
+    """Answers Predict; shared by the unary and the streaming RPC."""
+
+    def __init__(
+        self,
+        *,
+        catalog: ModelCatalog,
+        routes: RouteTable,
+        features: FeatureSource,
+        backend: ScoreBackend,
+        sink: PredictionSink,
+        counters: Counters | None = None,
+        default_model: str | None = None,
+        on_features_unavailable: Literal["degrade", "fail"] = "degrade",
+        batch_max_size: int = 64,
+        batch_max_delay_s: float = 0.001,
+        batch_max_inflight: int = 2,
+        entity_ids: Callable[[str], str] | None = None,
+    ) -> None:
+        """``entity_ids`` maps a request's raw id to the stored one (default: unchanged)."""
+        self.catalog = catalog
+        self.routes = routes
+        self.counters = counters if counters is not None else Counters()
+        self._features = features
+        self._backend = backend
+        self._sink = sink
+        self._default_model = default_model
+        self._degrade = on_features_unavailable == "degrade"
+        self._batch = (batch_max_size, batch_max_delay_s, batch_max_inflight)
+        self._batchers: dict[tuple[str, int], Coalescer[list[float], float]] = {}
+        self._entity_ids = entity_ids
+
+    async def predict(self, request: PredictInput) -> PredictOutput:
+        started = time.perf_counter()
+        if self._entity_ids is not None:
+            # Once, first: routing, the feature lookup and the log all use the stored id.
+            request = request.model_copy(update={"entity_id": self._entity_ids(request.entity_id)})
+        model_name = self._model_name(request.model_name)
+        version, arm, route = await self._resolve(model_name, request)
+        spec = self._spec(model_name, version)
+        inputs = await self._inputs(request, spec, {})
+        # Latency is counted per version attempt: a fallback's clock starts when stable is
+        # asked, so the canary's failure time does not count against stable.
+        attempt_started = started
+        try:
+            score = await self._score(spec, inputs.row)
+        except BackendError as exc:
+            self.counters.failed(model_name, version, _elapsed_ms(attempt_started))
+            stable = route.stable_version if route is not None else None
+            if arm != "canary" or stable is None or stable == version:
+                raise _backend_failure(exc) from exc
+            # The canary failed this request: stable answers it, the canary takes the blame.
+            version, arm = stable, "fallback"
+            attempt_started = time.perf_counter()
+            spec = self._spec(model_name, version)
+            inputs = await self._inputs(request, spec, inputs.readings)
+            try:
+                score = await self._score(spec, inputs.row)
+            except BackendError as again:
+                self.counters.failed(model_name, version, _elapsed_ms(attempt_started))
+                raise _backend_failure(again) from again
+        self.counters.succeeded(model_name, version, _elapsed_ms(attempt_started))
+        instruments.record_prediction(model_name, version, arm=arm, degraded=inputs.degraded)
+        if inputs.degraded:
+            self.counters.degraded += 1
+        prediction_id = uuid.uuid4().hex
+        self._sink.log(
+            PredictionRecord(
+                prediction_id=prediction_id,
+                model_name=model_name,
+                model_version=version,
+                entity_id=request.entity_id,
+                features=inputs.features,
+                score=score,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                event_time=datetime.now(UTC),
+            )
+        )
+        return PredictOutput(
+            prediction_id=prediction_id,
+            score=score,
+            model_name=model_name,
+            model_version=version,
+            arm=arm,
+            degraded=inputs.degraded,
+            defaulted_features=inputs.defaulted,
+            request_id=request.request_id,
+        )
+
+    def batch_stats(self) -> tuple[int, int]:
+        """(Triton requests, rows) Predict has sent: fewer requests than rows is coalescing."""
+        batchers = list(self._batchers.values())
+        return sum(b.batches for b in batchers), sum(b.items for b in batchers)
+
+    async def close(self) -> None:
+        for batcher in list(self._batchers.values()):
+            await batcher.close()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _model_name(self, requested: str) -> str:
+        name = requested or self._default_model
+        if not name:
+            raise InvalidArgument("model_name", "required (no default model is configured)")
+        try:
+            return model_repo.validate_model_name(name)
+        except ValueError as exc:
+            raise InvalidArgument("model_name", str(exc)) from None
+
+    async def _resolve(
+        self, model_name: str, request: PredictInput
+    ) -> tuple[int, Arm, Route | None]:
+        if request.model_version:
+            try:
+                return model_repo.validate_version(request.model_version), "pinned", None
+            except ValueError as exc:
+                raise InvalidArgument("model_version", str(exc)) from None
+        route = self.routes.get(model_name)
+        if route is not None:
+            choice = route.choose(request.entity_id)
+            if choice is not None:
+                return choice[0], choice[1], route
+        # No rollout known: the newest version Triton serves (a newer one on disk may be a
+        # candidate nobody has loaded yet), else the newest published (which then says why).
+        try:
+            published = self.catalog.versions(model_name)
+        except ValueError as exc:
+            raise InvalidArgument("model_name", str(exc)) from None
+        if not published:
+            raise NotFound("model_name", f"unknown model {model_name!r}")
+        ready = [v for v in await self._backend.ready_versions(model_name) if v in published]
+        for version in reversed(ready or published):
+            if self.catalog.has_version(model_name, version):  # the listing may be seconds old
+                return version, "latest", None
+        raise NotFound("model_name", f"unknown model {model_name!r}")
+
+    def _spec(self, model_name: str, version: int) -> ModelSpec:
+        try:
+            return self.catalog.spec(model_name, version)
+        except UnknownModel as exc:
+            raise NotFound(exc.field, str(exc)) from None
+        except BadModelSpec as exc:
+            raise FailedPrecondition(str(exc)) from None
+
+    async def _inputs(
+        self, request: PredictInput, spec: ModelSpec, known: dict[str, FeatureReading]
+    ) -> _Inputs:
+        context = request.context
+        wanted = tuple(r for r in spec.store_refs if r not in context and r not in known)
+        readings = known
+        degraded = False
+        if wanted:
+            try:
+                readings = {**known, **await self._features.fetch(request.entity_id, wanted)}
+            except FeaturesUnavailable as exc:
+                if not self._degrade:
+                    raise Unavailable(f"feature service unavailable: {exc}") from exc
+                degraded = True
+        row: list[float] = []
+        features: dict[str, float] = {}
+        defaulted: list[str] = []
+        for name in spec.feature_names:
+            value = context.get(name)
+            if value is None:
+                reading = readings.get(name)
+                stored = reading.value if reading is not None else None
+                if isinstance(stored, str):
+                    raise FailedPrecondition(
+                        f"{spec.model_name} version {spec.version} declares feature {name!r}, "
+                        "which the store holds as text; models take numbers only"
+                    )
+                if stored is not None and math.isfinite(stored):
+                    value = float(stored)
+                else:
+                    value = self.catalog.default_for(spec, name)
+                    defaulted.append(name)
+            row.append(value)
+            features[name] = value
+        return _Inputs(row, features, tuple(defaulted), degraded, readings)
+
+    async def _score(self, spec: ModelSpec, row: list[float]) -> float:
+        key = (spec.model_name, spec.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            size, delay, inflight = self._batch
+
+            async def flush(rows: Sequence[list[float]]) -> Sequence[float]:
+                return await self._backend.score_rows(key[0], key[1], rows)
+
+            batcher = Coalescer(flush, max_size=size, max_delay_s=delay, max_inflight=inflight)
+            self._batchers[key] = batcher
+        return await batcher.submit(row)
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _backend_failure(exc: BackendError) -> Exception:
+    return Unavailable(str(exc)) if exc.unavailable else ModelFailed(str(exc))

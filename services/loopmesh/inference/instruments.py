@@ -1,0 +1,43 @@
+"""OpenTelemetry instruments of the inference gateway: answers per model version, Triton errors.
+
+Prometheus names (OTel's conversion): ``loopmesh_inference_predictions_total{model, version,
+arm, degraded}`` and ``loopmesh_inference_triton_errors_total{model, version, code}``. Both
+Predict and the Open Inference ModelInfer door record them.
+"""
+
+from __future__ import annotations
+
+from loopmesh.mesh.telemetry import meter
+
+# Created at import; they bind to the provider setup_telemetry installs later (OTel proxies).
+_meter = meter("loopmesh.inference")
+_predictions = _meter.create_counter(
+    "loopmesh.inference.predictions",
+    unit="{prediction}",
+    description="Answers per model version, routing arm and whether features were degraded",
+)
+_triton_errors = _meter.create_counter(
+    "loopmesh.inference.triton_errors",
+    unit="{error}",
+    description="Triton calls that failed, per model version and gRPC status code",
+)
+
+
+def record_prediction(model: str, version: int | None, *, arm: str, degraded: bool) -> None:
+    """One answer served by ``version`` of ``model``."""
+    _predictions.add(
+        1,
+        {
+            "model": model,
+            "version": str(version) if version is not None else "",
+            "arm": arm,
+            "degraded": "true" if degraded else "false",
+        },
+    )
+
+
+def record_triton_error(model: str, version: int | None, code: str) -> None:
+    """A Triton call for ``model`` (``version`` when known) failed with gRPC ``code``."""
+    _triton_errors.add(
+        1, {"model": model, "version": str(version) if version is not None else "", "code": code}
+    )

@@ -1,0 +1,225 @@
+"""gRPC adapter of ``loopmesh.v1.InferenceService``: converts messages, calls the Predictor.
+
+Errors map once, here: InvalidArgument -> INVALID_ARGUMENT (the message starts with the field
+at fault), NotFound (an unknown model or version) -> NOT_FOUND (naming the field too),
+Unavailable -> UNAVAILABLE, FailedPrecondition -> FAILED_PRECONDITION, ModelFailed (and
+anything unexpected) -> INTERNAL. On PredictStream a failed item becomes a response with
+``error`` set and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
+from loopmesh.inference.core import (
+    Counters,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelFailed,
+    NotFound,
+    PredictInput,
+    Predictor,
+    PredictOutput,
+    Unavailable,
+)
+from loopmesh.inference.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from loopmesh.inference.routing import Route, RouteTable
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.auth import Role
+from loopmesh.mesh.telemetry import tracer
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+METHOD_ROLES: dict[str, Role] = {
+    f"/{OIP_SERVICE_NAME}/": "predict",
+    f"/{SERVICE_NAME}/Predict": "predict",
+    f"/{SERVICE_NAME}/PredictStream": "predict",
+    f"/{SERVICE_NAME}/SetRoute": "operator",
+    f"/{SERVICE_NAME}/GetRoute": "operator",
+}
+"""Who may call what when token auth is on (``LOOPMESH_AUTH__TOKENS``)."""
+_tracer = tracer("loopmesh.inference")
+log = logging.getLogger(__name__)
+
+
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
+    """(code, field, message) of a core error; anything else is INTERNAL."""
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, exc.field, str(exc)
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT, exc.field, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, "", str(exc)
+    if isinstance(exc, FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION, "", str(exc)
+    if isinstance(exc, ModelFailed):
+        return grpc.StatusCode.INTERNAL, "", str(exc)
+    log.exception("unexpected error in Predict", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}"
+
+
+def _input(request: inference_pb2.PredictRequest) -> PredictInput:
+    return PredictInput.parse(
+        entity_id=request.entity_id,
+        context=dict(request.context),
+        model_name=request.model_name,
+        model_version=request.model_version,
+        request_id=request.request_id,
+    )
+
+
+def _response(out: PredictOutput) -> inference_pb2.PredictResponse:
+    return inference_pb2.PredictResponse(
+        prediction_id=out.prediction_id,
+        score=out.score,
+        model_name=out.model_name,
+        model_version=out.model_version,
+        degraded=out.degraded,
+        defaulted_features=out.defaulted_features,
+        arm=out.arm,
+        request_id=out.request_id,
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Predict, PredictStream and the routing admin calls."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        routes: RouteTable,
+        counters: Counters,
+        *,
+        stream_max_inflight: int = 256,
+    ) -> None:
+        self._predictor = predictor
+        self._routes = routes
+        self._counters = counters
+        self._stream_max_inflight = stream_max_inflight
+
+    async def Predict(
+        self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.PredictResponse:
+        with _tracer.start_as_current_span("Predict"):
+            try:
+                out = await self._predictor.predict(_input(request))
+            except Exception as exc:
+                code, _, message = _status(exc)
+                await context.abort(code, message)
+            return _response(out)
+
+    async def PredictStream(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.PredictRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.PredictResponse]:
+        answers: asyncio.Queue[inference_pb2.PredictResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_max_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: inference_pb2.PredictRequest) -> None:
+            try:
+                answer = _response(await self._predictor.predict(_input(request)))
+            except Exception as exc:
+                code, field, message = _status(exc)
+                answer = inference_pb2.PredictResponse(
+                    request_id=request.request_id,
+                    error=inference_pb2.PredictError(
+                        code=code.value[0], field=field, message=message
+                    ),
+                )
+            finally:
+                slots.release()
+            answers.put_nowait(answer)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    # Backpressure: stop reading while the window is full.
+                    await slots.acquire()
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                # Also when reading failed (an undecodable message): the stream ends, and
+                # `await reader` below re-raises instead of the answers loop waiting forever.
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def SetRoute(
+        self, request: inference_pb2.SetRouteRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.RouteStatus:
+        try:
+            route = _route(request)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._routes.set(route)
+        return self._status_of(route.model_name)
+
+    async def GetRoute(
+        self, request: inference_pb2.GetRouteRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.RouteStatus:
+        try:
+            model_repo.validate_model_name(request.model_name)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_name: {exc}")
+        return self._status_of(request.model_name)
+
+    def _status_of(self, model_name: str) -> inference_pb2.RouteStatus:
+        status = inference_pb2.RouteStatus(model_name=model_name)
+        route = self._routes.get(model_name)
+        if route is not None:
+            status.stable_version = route.stable_version or 0
+            status.canary_version = route.canary_version or 0
+            status.canary_weight = route.canary_weight
+            status.source = route.source
+            status.state = route.state
+            status.step = route.step
+        for version, stats in self._counters.for_model(model_name).items():
+            status.versions.add(
+                model_version=version, answered=stats.answered, failures=stats.failures
+            )
+        return status
+
+
+def _route(request: inference_pb2.SetRouteRequest) -> Route:
+    try:
+        name = model_repo.validate_model_name(request.model_name)
+    except ValueError as exc:
+        raise InvalidArgument("model_name", str(exc)) from None
+    versions: dict[str, int | None] = {}
+    for field in ("stable_version", "canary_version"):
+        value = getattr(request, field)
+        if value < 0:
+            raise InvalidArgument(field, "must be a positive version, or 0 for none")
+        versions[field] = value or None
+    weight = request.canary_weight
+    if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
+        raise InvalidArgument("canary_weight", "must be a number in [0, 1]")
+    if versions["stable_version"] is None and versions["canary_version"] is None:
+        raise InvalidArgument("stable_version", "a route needs a stable or a canary version")
+    if versions["canary_version"] is None and weight > 0:
+        raise InvalidArgument("canary_weight", "must be 0 without a canary_version")
+    return Route(
+        model_name=name,
+        stable_version=versions["stable_version"],
+        canary_version=versions["canary_version"],
+        canary_weight=weight,
+        source="admin",
+    )

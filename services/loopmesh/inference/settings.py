@@ -1,0 +1,72 @@
+"""Settings of the inference gateway: ``LOOPMESH_INFERENCE__*`` on top of the mesh settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
+
+
+class InferenceScope(BaseModel):
+    """What the inference gateway alone reads."""
+
+    server: GrpcServerSettings = GrpcServerSettings(port=50054)
+    """Where the gateway listens (both APIs share the port)."""
+    features_url: str = "127.0.0.1:50053"
+    """FeatureService gRPC address."""
+    features_timeout_s: float = Field(default=0.5, gt=0)
+    """Deadline of one GetOnlineFeatures call."""
+    on_features_unavailable: Literal["degrade", "fail"] = "degrade"
+    """Feature service down: answer from declared defaults (``degraded`` set) or UNAVAILABLE."""
+    default_feature_value: float = 0.0
+    """Default of a feature that neither the model's ``feature_defaults`` nor
+    ``feature_defaults`` here declares (used for missing values; always reported)."""
+    feature_defaults: dict[str, float] = Field(default_factory=dict)
+    """Defaults by feature name for every model, below the model's own ``feature_defaults``."""
+    default_model: str | None = None
+    """Model that ``Predict`` uses when the request names none."""
+    triton_timeout_s: float = Field(default=2.0, gt=0)
+    """Deadline of one Triton call (shortened to the caller's remaining deadline)."""
+    triton_channels: int = Field(default=2, ge=1, le=64)
+    """gRPC connections to Triton, used round-robin (one HTTP/2 connection serialises)."""
+    batch_max_size: int = Field(default=64, ge=1)
+    """Most Predict rows coalesced into one Triton request (<= the model's max_batch_size)."""
+    batch_max_delay_ms: float = Field(default=1.0, ge=0)
+    """Longest a Predict row waits to be coalesced while earlier batches are in flight."""
+    batch_max_inflight: int = Field(default=2, ge=1)
+    """Triton requests in flight per model version before rows start to queue and coalesce."""
+    stream_max_inflight: int = Field(default=256, ge=1)
+    """Items of one PredictStream processed at once; the stream is not read beyond that."""
+    predictions_topic: str = "predictions"
+    """Topic the prediction log goes to (tests use a unique one)."""
+    rollouts_topic: str = "rollouts"
+    """Compacted topic of RolloutChanged events the routing weights come from."""
+    routes_catchup_timeout_s: float = Field(default=30.0, gt=0)
+    """How long start-up may take to read ``rollouts`` to its end before serving."""
+    log_queue_size: int = Field(default=10_000, ge=1)
+    """Predictions waiting to be logged; when full, responses still go out and a counter
+    records the drop."""
+    log_batch_size: int = Field(default=500, ge=1)
+    """Most prediction events produced to Kafka in one batch."""
+    log_linger_ms: float = Field(default=20.0, ge=0)
+    """How long the log waits for more predictions before producing a batch."""
+    catalog_refresh_s: float = Field(default=5.0, gt=0)
+    """How long the list of published versions (for models without a route) is cached."""
+    operational_metrics: bool = True
+    """Publish each version's request count, error rate and p99 latency to ``metrics_topic``
+    (the rollout controller's error-rate and latency guards are skipped without them)."""
+    operational_publish_s: float = Field(default=10.0, gt=0)
+    """How often the operational figures of the versions that had requests are published."""
+    operational_window_s: float = Field(default=60.0, gt=0)
+    """Sliding window the operational figures cover (requests older than this drop out)."""
+    metrics_topic: str = "metrics.live"
+    """Topic the operational ``VersionMetrics`` go to (tests use a unique one)."""
+
+
+class InferenceSettings(MeshSettings):
+    """Settings of ``python -m loopmesh.inference``."""
+
+    inference: InferenceScope = InferenceScope()
+    """The gateway's own scope."""

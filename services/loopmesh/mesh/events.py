@@ -1,0 +1,202 @@
+"""The Kafka events of the mesh: one pydantic model per topic value (design.md section 2).
+
+Every event carries ``event_id`` (consumers deduplicate by it), a ``schema`` naming its version,
+and ``event_time``. Values are JSON; the key is named per topic in ``loopmesh.mesh.topics``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number (NaN and infinity are refused)")
+    return value
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+"""A float that is neither NaN nor infinite."""
+Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+"""An id: trimmed, non-empty, bounded."""
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+"""A model name that is safe as a directory name."""
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """Fields every event has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    SCHEMA: ClassVar[str] = ""
+    event_id: Identifier = Field(default_factory=new_event_id)
+    """Idempotency key: handling an event twice has the effect of handling it once."""
+    schema_: str = Field(default="", alias="schema", validate_default=True)
+    """Name and version of this event's shape, e.g. ``feedback.v1``."""
+    event_time: datetime = Field(default_factory=utcnow)
+    """When the thing happened (not when it was sent)."""
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_matches(cls, value: str) -> str:
+        # The schema is fixed by the class; an incoming value must name the same version.
+        if not value:
+            return cls.SCHEMA
+        if value != cls.SCHEMA:
+            raise ValueError(f"unknown schema {value!r}, expected {cls.SCHEMA!r}")
+        return value
+
+
+class InteractionEvent(Event):
+    """Something an entity did in a product app (``events.raw``)."""
+
+    SCHEMA: ClassVar[str] = "interaction.v1"
+    entity_id: Identifier
+    event_type: Annotated[
+        str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=64)
+    ]
+    numeric: dict[Identifier, Finite] = Field(default_factory=dict)
+    categorical: dict[Identifier, Annotated[str, StringConstraints(max_length=256)]] = Field(
+        default_factory=dict
+    )
+
+
+class PredictionLogged(Event):
+    """One answered prediction, logged off the hot path (``predictions``)."""
+
+    SCHEMA: ClassVar[str] = "prediction.v1"
+    prediction_id: Identifier
+    model_name: ModelName
+    model_version: int = Field(ge=1)
+    entity_id: Identifier
+    features: dict[str, Finite]
+    """The exact model inputs by feature name, so training never re-reads a moving store."""
+    score: Finite
+    latency_ms: Finite = 0.0
+
+
+class FeedbackEvent(Event):
+    """What the product learned about a prediction (``feedback``)."""
+
+    SCHEMA: ClassVar[str] = "feedback.v1"
+    prediction_id: Identifier
+    label: Literal[0, 1] | None = None
+    reward: Finite | None = None
+    attributes: dict[Identifier, Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _has_outcome(self) -> FeedbackEvent:
+        if self.label is None and self.reward is None:
+            raise ValueError("feedback needs a label or a reward")
+        return self
+
+
+class LabelledExample(Event):
+    """A prediction joined with its feedback (``training.examples``)."""
+
+    SCHEMA: ClassVar[str] = "example.v1"
+    prediction_id: Identifier
+    entity_id: Identifier
+    model_name: ModelName
+    model_version: int = Field(ge=1)
+    features: dict[str, Finite]
+    label: Literal[0, 1]
+    score: Finite
+    predicted_at: datetime
+    feedback_at: datetime
+
+
+class VersionMetrics(Event):
+    """Live metrics of one model version over a sliding window (``metrics.live``)."""
+
+    SCHEMA: ClassVar[str] = "metrics.v1"
+    model_name: ModelName
+    model_version: int = Field(ge=1)
+    window_seconds: Finite
+    count: int = Field(ge=0)
+    log_loss: Finite | None = None
+    accuracy: Finite | None = None
+    auc: Finite | None = None
+    label_rate: Finite | None = None
+    log_loss_var: Finite | None = Field(default=None, ge=0.0)
+    """Variance of the per-example log loss over the window (for the rollout's bound)."""
+    error_rate: Finite | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of the version's requests that failed (gateway; absent: guard skipped)."""
+    latency_p99_ms: Finite | None = Field(default=None, ge=0.0)
+    """99th percentile request latency of the version (gateway; absent: guard skipped)."""
+
+
+class ModelPublished(Event):
+    """A trained version that passed the gate and sits in the model repository."""
+
+    SCHEMA: ClassVar[str] = "model.published.v1"
+    model_name: ModelName
+    model_version: int = Field(ge=1)
+    parent_version: int | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    metrics: dict[str, Finite] = Field(default_factory=dict)
+    feature_names: list[str]
+
+
+RolloutState = Literal["candidate", "canary", "stable", "rolled_back", "paused", "aborted"]
+
+
+class RolloutChanged(Event):
+    """The rollout state of a model after a change (``rollouts``, compacted by model)."""
+
+    SCHEMA: ClassVar[str] = "rollout.v1"
+    model_name: ModelName
+    stable_version: int | None = None
+    canary_version: int | None = None
+    canary_weight: Finite = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of traffic (0..1) that goes to the canary."""
+    state: RolloutState
+    step: int = Field(default=0, ge=0)
+    reason: str = ""
+
+
+class EntityErased(Event):
+    """An entity whose data must be forgotten (``entities.erased``, compacted by entity)."""
+
+    SCHEMA: ClassVar[str] = "erasure.v1"
+    entity_id: Identifier
+    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+
+
+class DeadLetter(Event):
+    """A message a consumer could not handle, kept with why and where (``<topic>.dlq``)."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    SCHEMA: ClassVar[str] = "deadletter.v1"
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    consumer_group: str
+    key: bytes | None = None
+    value: bytes | None = None
+    """The raw bytes as they arrived (JSON carries them base64-encoded)."""

@@ -1,0 +1,141 @@
+"""faust-streaming plumbing shared by stream processors: app factory and dead-lettering.
+
+Values travel as raw bytes and are decoded with the pydantic models of ``events``, so the
+validation rules are the same as on the ``bus`` path; a message that fails them goes to
+``<topic>.dlq`` as a ``DeadLetter`` with its source offset, and the agent keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+import faust
+from aiokafka.errors import MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
+from pydantic import ValidationError
+
+from loopmesh.mesh.bus import (
+    DLQ_MAX_BYTES,
+    describe_validation_error,
+    encode,
+    event_headers,
+    record_consumer_lag,
+    record_dead_letter,
+    without_value,
+)
+from loopmesh.mesh.events import DeadLetter, Event
+from loopmesh.mesh.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
+
+
+def faust_app(
+    app_id: str,
+    settings: KafkaSettings,
+    *,
+    data_dir: Path,
+    store: str = "memory://",
+    **overrides: Any,
+) -> faust.App:
+    """A faust app wired to ``settings`` with raw serializers and no web server."""
+    data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+    brokers = [f"kafka://{address.strip()}" for address in settings.bootstrap_servers.split(",")]
+    options: dict[str, Any] = {
+        "broker": brokers,
+        "store": store,
+        "datadir": str(data_dir),
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "web_enabled": False,
+        "autodiscover": False,
+        "topic_partitions": settings.default_partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "producer_acks": -1,
+        "processing_guarantee": "at_least_once",
+        "broker_client_id": f"{settings.client_id}-{app_id}",
+        "producer_max_request_size": DLQ_MAX_BYTES,  # dead letters outgrow their source
+    }
+    if settings.security_protocol != "PLAINTEXT":
+        options["broker_credentials"] = _credentials(settings)
+    options.update(overrides)
+    return faust.App(app_id, **options)
+
+
+def _credentials(settings: KafkaSettings) -> Any:
+    from loopmesh.mesh.bus import client_options
+
+    ssl_context = client_options(settings, "faust").get("ssl_context")
+    if settings.security_protocol.startswith("SASL"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=ssl_context,
+        )
+    return faust.SSLCredentials(ssl_context)
+
+
+async def decode_or_dead_letter(
+    app: faust.App, model: type[E], event: Any, *, group: str
+) -> E | None:
+    """Validate a faust event's raw value as ``model``; dead-letter it and return None if not."""
+    message = event.message
+    try:
+        return model.model_validate_json(message.value or b"")
+    except ValidationError as err:
+        reason = describe_validation_error(err)
+    letter = DeadLetter(
+        reason=reason,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        consumer_group=group,
+        key=message.key,
+        value=message.value,
+    )
+    log.warning(
+        "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
+    )
+    headers = [*(message.headers or ()), *event_headers(letter)]
+    try:
+        await app.producer.send_and_wait(
+            f"{message.topic}.dlq",
+            key=message.key,
+            value=encode(letter),
+            partition=None,
+            timestamp=None,
+            headers=headers,
+        )
+    except ProducerSendError as err:
+        if not isinstance(err.__cause__, MessageSizeTooLargeError):
+            raise
+        # As in bus.dead_letter: a letter without the bytes beats a retry that never succeeds.
+        await app.producer.send_and_wait(
+            f"{message.topic}.dlq",
+            key=None,
+            value=encode(without_value(letter)),
+            partition=None,
+            timestamp=None,
+            headers=headers,
+        )
+    record_dead_letter(message.topic, group)
+    return None
+
+
+async def record_lag(app: faust.App, group: str) -> None:
+    """Put the app's lag per assigned partition (high watermark minus fetch position) into
+    the bus's ``loopmesh.kafka.consumer_lag`` gauge; call it from a faust timer."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        try:
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+        except Exception:  # mid-rebalance the partition may be gone: next tick
+            log.debug("no lag for %s[%d] now", tp.topic, tp.partition, exc_info=True)
+            continue
+        if highwater is not None and position is not None:
+            record_consumer_lag(group, tp.topic, tp.partition, highwater - position)

@@ -1,0 +1,61 @@
+"""The topic table of design.md section 2: names, keys, value models, and how each is kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loopmesh.mesh.events import (
+    EntityErased,
+    Event,
+    FeedbackEvent,
+    InteractionEvent,
+    LabelledExample,
+    ModelPublished,
+    PredictionLogged,
+    RolloutChanged,
+    VersionMetrics,
+)
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A topic this project owns."""
+
+    name: str
+    value_type: type[Event]
+    key_field: str
+    retention_ms: int = 7 * DAY_MS
+    compacted: bool = False
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.name}.dlq"
+
+    def config(self) -> dict[str, str]:
+        """Topic-level configs for the CreateTopics request."""
+        if self.compacted:
+            return {"cleanup.policy": "compact"}
+        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+
+
+EVENTS_RAW = Topic("events.raw", InteractionEvent, "entity_id")
+PREDICTIONS = Topic("predictions", PredictionLogged, "prediction_id")
+FEEDBACK = Topic("feedback", FeedbackEvent, "prediction_id")
+TRAINING_EXAMPLES = Topic("training.examples", LabelledExample, "entity_id", 30 * DAY_MS)
+METRICS_LIVE = Topic("metrics.live", VersionMetrics, "model_name", 1 * DAY_MS)
+MODELS_PUBLISHED = Topic("models.published", ModelPublished, "model_name", compacted=False)
+ROLLOUTS = Topic("rollouts", RolloutChanged, "model_name", compacted=True)
+ENTITIES_ERASED = Topic("entities.erased", EntityErased, "entity_id", compacted=True)
+
+ALL_TOPICS: tuple[Topic, ...] = (
+    EVENTS_RAW,
+    PREDICTIONS,
+    FEEDBACK,
+    TRAINING_EXAMPLES,
+    METRICS_LIVE,
+    MODELS_PUBLISHED,
+    ROLLOUTS,
+    ENTITIES_ERASED,
+)

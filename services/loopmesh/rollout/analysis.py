@@ -1,0 +1,254 @@
+"""Canary analysis: a confidence bound on (canary - stable) of the primary metric, plus guards.
+
+Pure functions of the metrics snapshots (``VersionMetrics``) the controller last saw per arm.
+
+The bound is on ``d``, the metric difference oriented so that ``d > 0`` means the canary is
+worse. With per-example variances ``v`` and sample counts ``n`` per arm:
+
+- ``fixed``: ``d +- z * sqrt(v_c/n_c + v_s/n_s)``, a normal interval, valid for a single look.
+- ``sequential`` (default): each arm's mean gets a normal-mixture confidence sequence at
+  ``alpha/2`` (Robbins; Howard et al. 2021), ``radius = sqrt((n v + rho) log((n v + rho) /
+  (rho alpha^2))) / n`` with ``rho = v * min_samples`` so it is tightest near the minimum sample
+  size; the two radii add (union bound). It stays valid however often the controller looks,
+  which it does on every metrics update.
+
+Per-example variances: log loss uses ``log_loss_var`` when the joiner reports it, else the
+policy's ``assumed_loss_std`` squared (conservative); accuracy is Bernoulli (with the
+Agresti-Coull +2/+4 correction so 0% or 100% never claim zero variance); AUC uses the
+Hanley-McNeil standard error, which needs ``label_rate``.
+
+Guards use ``error_rate`` and ``latency_p99_ms`` when the gateway reports them and are skipped
+(and said to be skipped) when it does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from statistics import NormalDist
+from typing import Literal
+
+from loopmesh.mesh.events import VersionMetrics
+from loopmesh.rollout.policy import RolloutPolicy
+
+Action = Literal["advance", "hold", "rollback"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What the controller knows about one version's live behaviour."""
+
+    version: int
+    count: int = 0
+    value: float | None = None
+    """The primary metric over the window."""
+    variance: float | None = None
+    """Per-example variance of the primary metric; None when it cannot be derived."""
+    error_rate: float | None = None
+    latency_p99_ms: float | None = None
+    measured: bool = False
+    """True when a quality snapshot (joined feedback) exists for the period looked at."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The analysis of one step: what to do, why, and the figures behind it."""
+
+    action: Action
+    reason: str
+    figures: dict[str, float] = field(default_factory=dict)
+    starved: bool = False
+    """True when holding only because an arm lacks samples (too little traffic)."""
+
+
+def per_example_variance(policy: RolloutPolicy, metrics: VersionMetrics) -> float | None:
+    """Variance of one example's contribution to the primary metric (see module docstring)."""
+    n = metrics.count
+    if policy.metric == "log_loss":
+        if metrics.log_loss_var is not None:
+            return metrics.log_loss_var
+        return policy.assumed_loss_std**2
+    if policy.metric == "accuracy":
+        if metrics.accuracy is None:
+            return None
+        p = (metrics.accuracy * n + 2.0) / (n + 4.0)
+        return p * (1.0 - p)
+    if metrics.auc is None or metrics.label_rate is None or n < 2:
+        return None
+    positives = metrics.label_rate * n
+    negatives = n - positives
+    if positives < 1 or negatives < 1:
+        return None
+    a = min(max(metrics.auc, 1e-6), 1 - 1e-6)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se2 = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (
+        positives * negatives
+    )
+    # Expressed per example so every method can treat it as variance / n.
+    return max(se2, 0.0) * n
+
+
+def arm_from_metrics(
+    policy: RolloutPolicy,
+    version: int,
+    quality: VersionMetrics | None,
+    error_rate: float | None = None,
+    latency_p99_ms: float | None = None,
+) -> Arm:
+    if quality is None:
+        return Arm(version, error_rate=error_rate, latency_p99_ms=latency_p99_ms)
+    value: float | None = getattr(quality, policy.metric)
+    return Arm(
+        version=version,
+        count=quality.count,
+        value=value,
+        variance=per_example_variance(policy, quality) if value is not None else None,
+        error_rate=error_rate,
+        latency_p99_ms=latency_p99_ms,
+        measured=True,
+    )
+
+
+def fixed_radius(v_c: float, n_c: int, v_s: float, n_s: int, confidence: float) -> float:
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    return z * math.sqrt(v_c / n_c + v_s / n_s)
+
+
+def sequence_radius(variance: float, n: int, alpha: float, min_samples: int) -> float:
+    """Radius of a two-sided normal-mixture confidence sequence for one mean after n samples."""
+    v = max(variance, 1e-12)
+    rho = v * min_samples
+    spread = n * v + rho
+    return math.sqrt(spread * math.log(spread / (rho * alpha * alpha))) / n
+
+
+def bound(policy: RolloutPolicy, canary: Arm, stable: Arm) -> tuple[float, float]:
+    """``(d, radius)`` for arms that both have a value, variance and samples."""
+    assert canary.value is not None and stable.value is not None
+    assert canary.variance is not None and stable.variance is not None
+    d = canary.value - stable.value
+    if policy.higher_is_better:
+        d = -d
+    if policy.method == "fixed":
+        radius = fixed_radius(
+            canary.variance, canary.count, stable.variance, stable.count, policy.confidence
+        )
+    else:
+        alpha = (1 - policy.confidence) / 2
+        radius = sequence_radius(
+            canary.variance, canary.count, alpha, policy.min_samples
+        ) + sequence_radius(stable.variance, stable.count, alpha, policy.min_samples)
+    return d, radius
+
+
+def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> tuple[list[str], list[str]]:
+    """(failures, skipped guards). A guard whose inputs are missing is skipped, never failed."""
+    failures: list[str] = []
+    skipped: list[str] = []
+    if canary.error_rate is None:
+        skipped.append("error rate")
+    else:
+        if policy.max_error_rate is not None and canary.error_rate > policy.max_error_rate:
+            failures.append(
+                f"error rate {canary.error_rate:.2%} > limit {policy.max_error_rate:.2%}"
+            )
+        if (
+            policy.max_error_rate_increase is not None
+            and stable.error_rate is not None
+            and canary.error_rate - stable.error_rate > policy.max_error_rate_increase
+        ):
+            failures.append(
+                f"error rate {canary.error_rate:.2%} vs stable {stable.error_rate:.2%} "
+                f"(+{policy.max_error_rate_increase:.2%} allowed)"
+            )
+    if canary.latency_p99_ms is None:
+        skipped.append("latency")
+    else:
+        p99 = canary.latency_p99_ms
+        if policy.max_latency_p99_ms is not None and p99 > policy.max_latency_p99_ms:
+            failures.append(f"p99 latency {p99:.1f} ms > limit {policy.max_latency_p99_ms:.1f} ms")
+        if (
+            policy.max_latency_ratio is not None
+            and stable.latency_p99_ms is not None
+            and stable.latency_p99_ms > 0
+            and p99 > policy.max_latency_ratio * stable.latency_p99_ms
+        ):
+            failures.append(
+                f"p99 latency {p99:.1f} ms > {policy.max_latency_ratio:g} x stable "
+                f"{stable.latency_p99_ms:.1f} ms"
+            )
+    return failures, skipped
+
+
+def compare(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Verdict:
+    """Decide one step: rollback on a failed guard or a canary confidently worse than allowed,
+    advance when it is confidently no worse than allowed, else hold."""
+    m = policy.metric
+    figures: dict[str, float] = {"canary_count": canary.count, "stable_count": stable.count}
+    for name, arm in (("canary", canary), ("stable", stable)):
+        if arm.value is not None:
+            figures[f"{name}_{m}"] = arm.value
+        if arm.error_rate is not None:
+            figures[f"{name}_error_rate"] = arm.error_rate
+        if arm.latency_p99_ms is not None:
+            figures[f"{name}_latency_p99_ms"] = arm.latency_p99_ms
+    failures, skipped = guard_failures(policy, canary, stable)
+    note = f" ({' and '.join(skipped)} guard skipped: not reported)" if skipped else ""
+    if failures:
+        return Verdict("rollback", "guard failed: " + "; ".join(failures), figures)
+    unmeasured = [
+        name for name, arm in (("canary", canary), ("stable", stable)) if not arm.measured
+    ]
+    if unmeasured:
+        reason = f"waiting for joined-feedback metrics of {' and '.join(unmeasured)} in this step"
+        return Verdict("hold", reason + note, figures, starved=True)
+    need = policy.min_samples
+    if canary.count < need or stable.count < need:
+        reason = f"too little traffic: canary {canary.count}/{need}, stable {stable.count}/{need}"
+        return Verdict("hold", reason + " joined samples" + note, figures, starved=True)
+    if canary.value is None or stable.value is None:
+        return Verdict("hold", f"no {m} reported yet" + note, figures, starved=True)
+    if canary.variance is None or stable.variance is None:
+        return Verdict("hold", f"cannot bound {m}: label_rate missing" + note, figures)
+    d, radius = bound(policy, canary, stable)
+    lo, hi = d - radius, d + radius
+    figures.update(difference=d, lower=lo, upper=hi, tolerance=policy.max_regression)
+    worse = "higher" if not policy.higher_is_better else "lower"
+    summary = (
+        f"{m} canary {canary.value:.4f} vs stable {stable.value:.4f}; canary worse by "
+        f"{d:+.4f} ({policy.confidence:.0%} {policy.method} bound [{lo:+.4f}, {hi:+.4f}], "
+        f"tolerance {policy.max_regression:g}, n={canary.count}/{stable.count})"
+    )
+    if lo > policy.max_regression:
+        return Verdict("rollback", f"canary {m} is {worse}: {summary}{note}", figures)
+    if hi <= policy.max_regression:
+        return Verdict("advance", f"canary is no worse: {summary}{note}", figures)
+    return Verdict("hold", f"inconclusive: {summary}{note}", figures)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One metrics window of a version: when it ended, how long it was, how many samples."""
+
+    at: datetime
+    window_seconds: float
+    count: int
+
+
+def estimate_served(snapshots: Iterable[Snapshot]) -> int:
+    """Joined requests a version served: sum of counts over non-overlapping windows.
+
+    Windows slide, so overlapping counts must not be added twice. Walking back from the newest
+    snapshot, take each one whose window ends before the previous taken one began. Exact when
+    the whole rollout fits in one window; a lower bound otherwise (gaps between windows).
+    """
+    ordered: Sequence[Snapshot] = sorted(snapshots, key=lambda s: s.at, reverse=True)
+    total = 0
+    boundary: datetime | None = None
+    for snap in ordered:
+        if boundary is None or snap.at <= boundary:
+            total += snap.count
+            boundary = snap.at - timedelta(seconds=snap.window_seconds)
+    return total

@@ -1,0 +1,386 @@
+"""The rollout controller: drives every model's state machine; knows no gRPC and no Kafka.
+
+Inputs arrive through ``on_published`` (ModelPublished), ``on_metrics`` (VersionMetrics), the
+periodic ``tick`` and the manual commands. Every change is published (through ``Publisher``,
+awaiting the broker's ack) before it takes effect in memory, so the ``rollouts`` topic is the
+state: ``restore`` rebuilds it after a restart. A version is made ready in Triton (through
+``Loader``) before the change that gives it traffic is published; a version that lost its
+traffic is unloaded once the policy's drain time after that change has passed.
+
+Versions published while a rollout is in progress wait as pending (the newest wins); after a
+restart they are found again in the model repository (versions newer than any the model's
+rollouts have dealt with), so a queued candidate survives a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
+from loopmesh.mesh.telemetry import tracer
+from loopmesh.rollout import instruments, machine
+from loopmesh.rollout.analysis import Verdict, arm_from_metrics, compare
+from loopmesh.rollout.machine import Change, Record, Refused
+from loopmesh.rollout.metrics import MetricsBook
+from loopmesh.rollout.policy import PolicyBook, PolicySet, RolloutPolicy
+from loopmesh.rollout.settings import RolloutScope
+
+log = logging.getLogger(__name__)
+_tracer = tracer("loopmesh.rollout")
+_MAX_CHAINED = 4
+
+__all__ = ["Evaluation", "HistoryEntry", "Refused", "RolloutController", "Status", "UnknownModel"]
+
+
+class Publisher(Protocol):
+    async def rollout_changed(self, event: RolloutChanged) -> None: ...
+    async def policy_set(self, event: PolicySet) -> None: ...
+
+
+class Loader(Protocol):
+    async def loaded(self, model: str) -> set[int]: ...
+    async def ensure(
+        self, model: str, versions: set[int], expected_sha: dict[int, str] | None = None
+    ) -> bool: ...
+
+
+class UnknownModel(LookupError):
+    """No rollout has ever happened for this model."""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    event: RolloutChanged
+    figures: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The latest analysis of a canary, also when it changed nothing."""
+
+    action: str
+    reason: str
+    figures: dict[str, float]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Status:
+    record: Record
+    policy: RolloutPolicy
+    evaluation: Evaluation | None
+    canary_requests_estimate: int
+
+
+class RolloutController:
+    def __init__(
+        self,
+        scope: RolloutScope,
+        publisher: Publisher,
+        loader: Loader,
+        repo: Path,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.scope = scope
+        self.policies = PolicyBook(scope.default_policy, scope.policies)
+        self.book = MetricsBook()
+        self.records: dict[str, Record] = {}
+        self.history: dict[str, deque[HistoryEntry]] = {}
+        self.pending: dict[str, int] = {}
+        self._publisher = publisher
+        self._loader = loader
+        self._repo = Path(repo)
+        self._clock = clock
+        self._expected_sha: dict[tuple[str, int], str] = {}
+        self._published_trace: dict[tuple[str, int], SpanContext] = {}
+        """Span that handled each version's ModelPublished: later steps of it link there."""
+        self._seen_changes: set[str] = set()
+        self._evaluations: dict[str, Evaluation] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._dirty: set[str] = set()
+        self._reconciled_at: dict[str, float] = {}
+        self._wake = asyncio.Event()
+
+    # -- rebuilding ---------------------------------------------------------------------------
+
+    def restore(self, changes: Iterable[RolloutChanged], policies: Iterable[PolicySet]) -> None:
+        """Rebuild from the rollouts and policies topics (read from their beginning)."""
+        for event in policies:
+            self.policies.apply(event)
+        for change in changes:
+            if change.event_id in self._seen_changes:
+                continue
+            self._remember(change, {})
+            self.records[change.model_name] = Record.from_event(change)
+        for model, record in self.records.items():
+            newer = [v for v in self._versions_in_repo(model) if v > record.high_water]
+            if newer:
+                self.pending[model] = max(newer)
+        self._dirty = set(self.records)
+        log.info("restored %d rollouts, pending %s", len(self.records), self.pending)
+
+    def _versions_in_repo(self, model: str) -> list[int]:
+        try:
+            return model_repo.list_versions(self._repo, model)
+        except (OSError, ValueError):
+            return []
+
+    def _remember(self, event: RolloutChanged, figures: dict[str, float]) -> None:
+        self._seen_changes.add(event.event_id)
+        entries = self.history.setdefault(event.model_name, deque(maxlen=self.scope.history_limit))
+        entries.append(HistoryEntry(event, figures))
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    async def on_published(self, event: ModelPublished, *_: Any) -> None:
+        """A new version sits in the registry (idempotent: older or known versions are no-ops)."""
+        model, version = event.model_name, event.model_version
+        self._expected_sha[(model, version)] = event.sha256
+        handled = trace.get_current_span().get_span_context()
+        if handled.is_valid:
+            self._published_trace[(model, version)] = handled
+        async with self._locks[model]:
+            record = self.records.get(model)
+            change = machine.on_published(record, model, version, self._clock())
+            if change is not None:
+                await self._apply(model, change)
+            elif record is not None and version > record.high_water:
+                self.pending[model] = max(self.pending.get(model, 0), version)
+                log.info("%s v%d queued behind the rollout in progress", model, version)
+        self._wake.set()
+
+    async def on_metrics(self, event: VersionMetrics, *_: Any) -> None:
+        if self.book.record(event) and event.model_name in self.records:
+            self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drive every rollout on each tick and whenever an input may change a decision."""
+        while not stop.is_set():
+            self._wake.clear()
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.scope.tick_seconds)
+
+    async def tick(self) -> None:
+        # A model busy loading keeps its lock; the others go on without waiting for it.
+        idle = [m for m in list(self.records) if not self._locks[m].locked()]
+        await asyncio.gather(*(self._drive_safely(m) for m in idle))
+
+    async def _drive_safely(self, model: str) -> None:
+        try:
+            async with self._locks[model]:
+                await self._drive(model)
+        except Exception:
+            log.exception("driving the rollout of %s failed; retrying next tick", model)
+
+    async def _drive(self, model: str) -> None:
+        for _ in range(_MAX_CHAINED):
+            change = self._next_change(model)
+            if change is None:
+                break
+            await self._apply(model, change)
+        await self._reconcile(model)
+
+    def _next_change(self, model: str) -> Change | None:
+        record = self.records[model]
+        policy = self.policies.get(model)
+        now = self._clock()
+        if record.state == "candidate":
+            return machine.begin_canary(record, policy, now)
+        if record.state == "canary":
+            verdict = self._verdict(record, policy)
+            served = self.book.served(model, record.canary_version or 0)
+            change = machine.evaluate(record, policy, verdict, now, served=served)
+            self._note(model, record, policy, verdict, now, changed=change is not None)
+            return change
+        pending = self.pending.get(model, 0)
+        if not record.in_rollout and record.state != "paused" and pending > record.high_water:
+            del self.pending[model]
+            return machine.on_published(record, model, pending, now)
+        return None
+
+    def _verdict(self, record: Record, policy: RolloutPolicy) -> Verdict:
+        model, since = record.model_name, record.changed_at
+        arms = []
+        for version in (record.canary_version or 0, record.stable_version or 0):
+            quality = self.book.quality(model, version, since=since)
+            err, p99 = self.book.operational(model, version, since=since)
+            arms.append(arm_from_metrics(policy, version, quality, err, p99))
+        return compare(policy, arms[0], arms[1])
+
+    def _note(
+        self,
+        model: str,
+        record: Record,
+        policy: RolloutPolicy,
+        verdict: Verdict,
+        now: datetime,
+        *,
+        changed: bool,
+    ) -> None:
+        reason = verdict.reason if changed else machine.hold_reason(record, policy, verdict, now)
+        before = self._evaluations.get(model)
+        self._evaluations[model] = Evaluation(verdict.action, reason, verdict.figures, now)
+        if not changed and (before is None or before.action != verdict.action):
+            log.info("%s v%s: %s", model, record.canary_version, reason)
+
+    # -- effects --------------------------------------------------------------------------------
+
+    async def _apply(self, model: str, change: Change) -> None:
+        """Load what the change needs, publish it (acked), then make it the state."""
+        record = self.records.get(model)
+        with _tracer.start_as_current_span(
+            "rollout change",
+            attributes={"model": model, "state": change.record.state},
+            links=self._origin_links(model, change),
+        ):
+            if change.needs_loaded:
+                change = await self._load_for(model, record, change)
+            # The step timer starts when traffic moves, i.e. after a load that may take a while.
+            change = replace(change, record=replace(change.record, changed_at=self._clock()))
+            event = change.record.to_event()
+            await self._publisher.rollout_changed(event)
+        self.records[model] = change.record
+        instruments.record_change(event)
+        self._remember(event, change.figures)
+        self._dirty.add(model)
+        self._reconciled_at.pop(model, None)
+        self._wake.set()
+        log.info(
+            "%s: %s stable=%s canary=%s weight=%.3f step=%d: %s",
+            model,
+            event.state,
+            event.stable_version,
+            event.canary_version,
+            event.canary_weight,
+            event.step,
+            event.reason,
+        )
+
+    def _origin_links(self, model: str, change: Change) -> list[Link]:
+        """A change outside the trace of its version's publication (a tick, metrics, a command)
+        links to it, so every step of a version is reachable from the training run's trace."""
+        version = change.record.canary_version or change.record.stable_version
+        origin = self._published_trace.get((model, version or 0))
+        current = trace.get_current_span().get_span_context()
+        if origin is None or origin.trace_id == current.trace_id:
+            return []
+        return [Link(origin, {"loopmesh.link": "model.published"})]
+
+    async def _load_for(self, model: str, record: Record | None, change: Change) -> Change:
+        policy = self.policies.get(model)
+        want = set(change.needs_loaded)
+        try:
+            if record is not None:
+                loaded = await self._loader.loaded(model)
+                want |= machine.wanted_loaded(record, loaded, self._clock(), policy.drain_seconds)
+            expected = {
+                v: sha for (m, v), sha in self._expected_sha.items() if m == model and v in want
+            }
+            await self._loader.ensure(model, want, expected)
+        except Exception as exc:  # any failure to load is a reason to abort, said loudly
+            log.warning("%s: loading %s failed: %s", model, sorted(want), exc)
+            base = record or Record(model, "aborted", self._clock())
+            return machine.load_failed(base, change, str(exc), self._clock())
+        return change
+
+    async def _reconcile(self, model: str) -> None:
+        """Keep Triton's loaded versions equal to what the rollout wants (see machine)."""
+        since = time.monotonic() - self._reconciled_at.get(model, 0.0)
+        # Dirty (just changed, or draining): once per tick at most; else every reconcile period.
+        wait = self.scope.tick_seconds if model in self._dirty else self.scope.reconcile_seconds
+        if since < wait:
+            return
+        record = self.records[model]
+        policy = self.policies.get(model)
+        now = self._clock()
+        try:
+            loaded = await self._loader.loaded(model)
+            want = machine.wanted_loaded(record, loaded, now, policy.drain_seconds)
+            if want != loaded:
+                await self._loader.ensure(model, want, None)
+        except Exception as exc:
+            log.warning("%s: reconciling loaded versions failed: %s", model, exc)
+            self._reconciled_at[model] = time.monotonic()
+            return
+        self._reconciled_at[model] = time.monotonic()
+        if machine.wanted_loaded(record, set(), now, policy.drain_seconds) == want:
+            self._dirty.discard(model)
+
+    # -- manual commands and queries ------------------------------------------------------------
+
+    async def promote(self, model: str, *, to_stable: bool, reason: str) -> Status:
+        return await self._command(
+            model,
+            lambda r, p, now: machine.promote(r, p, now, to_stable=to_stable, why=reason),
+        )
+
+    async def rollback(self, model: str, *, reason: str) -> Status:
+        def act(r: Record, p: RolloutPolicy, now: datetime) -> Change:
+            served = self.book.served(model, r.canary_version or 0)
+            return machine.rollback(r, p, now, why=reason, served=served)
+
+        return await self._command(model, act)
+
+    async def pause(self, model: str, *, reason: str) -> Status:
+        return await self._command(model, lambda r, p, now: machine.pause(r, now, why=reason))
+
+    async def resume(self, model: str, *, reason: str) -> Status:
+        return await self._command(model, lambda r, p, now: machine.resume(r, now, why=reason))
+
+    async def _command(
+        self, model: str, act: Callable[[Record, RolloutPolicy, datetime], Change]
+    ) -> Status:
+        model_repo.validate_model_name(model)
+        async with self._locks[model]:
+            record = self.records.get(model)
+            if record is None:
+                raise UnknownModel(model)
+            await self._apply(model, act(record, self.policies.get(model), self._clock()))
+        return self.status(model)
+
+    async def set_policy(
+        self, model: str, changes: dict[str, Any], *, reset: bool
+    ) -> RolloutPolicy:
+        """Override fields of a model's policy (validated; ValidationError names the field)."""
+        model_repo.validate_model_name(model)
+        policy = None if reset else self.policies.get(model).merged(changes)
+        event = PolicySet(model_name=model, policy=policy)
+        await self._publisher.policy_set(event)
+        self.policies.apply(event)
+        self._wake.set()
+        return self.policies.get(model)
+
+    def status(self, model: str) -> Status:
+        record = self.records.get(model)
+        if record is None:
+            raise UnknownModel(model)
+        served = self.book.served(model, record.canary_version) if record.canary_version else 0
+        evaluation = self._evaluations.get(model)
+        return Status(record, self.policies.get(model), evaluation, served)
+
+    def list(self, model: str | None, limit: int) -> tuple[list[Status], list[HistoryEntry]]:
+        """Current rollouts and their history, newest first (``limit`` changes per model)."""
+        models = [model] if model else sorted(self.records)
+        if model and model not in self.records:
+            raise UnknownModel(model)
+        statuses = [self.status(m) for m in models]
+        history: list[HistoryEntry] = []
+        for m in models:
+            history.extend(list(self.history.get(m, ()))[-limit:])
+        history.sort(key=lambda h: h.event.event_time, reverse=True)
+        return statuses, history

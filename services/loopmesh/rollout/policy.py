@@ -1,0 +1,124 @@
+"""The rollout policy: steps, primary metric, statistical thresholds, guards and timeouts.
+
+One pydantic model validates a policy whatever door it came through (settings, gRPC, the
+``rollout.policies`` topic). A policy is resolved per model: an override set over gRPC wins over
+the per-model policy in settings, which wins over the default policy in settings.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loopmesh.mesh.events import Event, ModelName
+
+PrimaryMetric = Literal["log_loss", "accuracy", "auc"]
+"""Metric the canary is judged on; log_loss is lower-is-better, the others higher-is-better."""
+Method = Literal["sequential", "fixed"]
+"""``sequential``: anytime-valid confidence sequences (safe to look after every metrics update);
+``fixed``: a plain normal confidence interval (valid for one look; cheaper in samples)."""
+
+Weight = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class RolloutPolicy(BaseModel):
+    """How a candidate earns traffic, and when it loses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: tuple[Weight, ...] = (0.05, 0.25, 0.5)
+    """Canary share of traffic at each step, strictly increasing; after the last, stable."""
+    metric: PrimaryMetric = "log_loss"
+    """Primary metric compared between canary and stable."""
+    method: Method = "sequential"
+    """How the confidence bound on the metric difference is computed."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    """Confidence level of the bound on (canary - stable)."""
+    max_regression: float = Field(default=0.005, ge=0.0)
+    """How much worse (in metric units) the canary may be: it advances when the bound shows it
+    is at most this much worse, and is rolled back when the bound shows it is more."""
+    min_samples: int = Field(default=200, ge=1)
+    """Joined feedback samples each arm needs in its metrics window before any decision."""
+    min_step_seconds: float = Field(default=300.0, ge=0.0)
+    """Least time at a step before advancing (rollbacks need not wait)."""
+    step_timeout_seconds: float = Field(default=3600.0, gt=0.0)
+    """A step that reaches no decision within this time is aborted with the reason."""
+    assumed_loss_std: float = Field(default=1.0, gt=0.0)
+    """Per-example log-loss standard deviation assumed when metrics carry no log_loss_var."""
+    max_error_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
+    """Canary error rate (from the gateway) above which it is rolled back; None disables."""
+    max_error_rate_increase: float | None = Field(default=0.01, ge=0.0, le=1.0)
+    """Canary minus stable error rate above which it is rolled back; None disables."""
+    max_latency_p99_ms: float | None = Field(default=None, gt=0.0)
+    """Canary p99 latency (ms) above which it is rolled back; None disables."""
+    max_latency_ratio: float | None = Field(default=1.5, gt=1.0)
+    """Canary p99 over stable p99 above which it is rolled back; None disables."""
+    drain_seconds: float = Field(default=30.0, ge=0.0)
+    """How long a version stays loaded after it lost its traffic (in-flight requests finish)."""
+
+    GUARD_FIELDS: ClassVar[tuple[str, ...]] = (
+        "max_error_rate",
+        "max_error_rate_increase",
+        "max_latency_p99_ms",
+        "max_latency_ratio",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _increasing(cls, weights: tuple[float, ...]) -> tuple[float, ...]:
+        if not weights:
+            raise ValueError("at least one canary step is needed")
+        if any(b <= a for a, b in pairwise(weights)):
+            raise ValueError("weights must be strictly increasing")
+        return weights
+
+    @model_validator(mode="after")
+    def _timeout_after_min_step(self) -> RolloutPolicy:
+        if self.step_timeout_seconds <= self.min_step_seconds:
+            raise ValueError("step_timeout_seconds must be longer than min_step_seconds")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return len(self.weights)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "log_loss"
+
+    def weight_at(self, step: int) -> float:
+        """Canary weight at ``step`` (1-based); 0 for the candidate step."""
+        return self.weights[step - 1] if step >= 1 else 0.0
+
+    def merged(self, changes: dict[str, Any]) -> RolloutPolicy:
+        """A new, validated policy with ``changes`` applied (raises ValidationError)."""
+        return RolloutPolicy.model_validate({**self.model_dump(), **changes})
+
+
+class PolicySet(Event):
+    """A per-model policy override set over gRPC (``rollout.policies``, compacted by model)."""
+
+    SCHEMA: ClassVar[str] = "rollout.policy.v1"
+    model_name: ModelName
+    policy: RolloutPolicy | None = None
+    """The override; None clears it (the settings' policy applies again)."""
+
+
+class PolicyBook:
+    """Resolves the policy of a model: gRPC override, else settings per model, else default."""
+
+    def __init__(self, default: RolloutPolicy, per_model: dict[str, RolloutPolicy]) -> None:
+        self.default = default
+        self.per_model = dict(per_model)
+        self.overrides: dict[str, RolloutPolicy] = {}
+
+    def get(self, model: str) -> RolloutPolicy:
+        return self.overrides.get(model) or self.per_model.get(model) or self.default
+
+    def apply(self, event: PolicySet) -> None:
+        if event.policy is None:
+            self.overrides.pop(event.model_name, None)
+        else:
+            self.overrides[event.model_name] = event.policy

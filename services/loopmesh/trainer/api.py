@@ -1,0 +1,72 @@
+"""Validated requests of the trainer, whatever door they come through (gRPC, CLI, tests).
+
+Errors name the field at fault: ``InvalidArgument("reason", ...)`` reads
+``reason: at most 256 characters``, which the gRPC adapter returns as INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from loopmesh.mesh import model_repo
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class InvalidArgument(ValueError):
+    """A request field is malformed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownModel(LookupError):
+    """A well-formed model name this trainer does not train."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TriggerRequest(_Request):
+    model_name: str = ""
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, max_length=256)] = ""
+    wait: bool = False
+
+
+class ListRunsRequest(_Request):
+    limit: int = Field(default=0, ge=0, le=1000)
+
+
+class ListVersionsRequest(_Request):
+    model_name: str = ""
+
+
+def parse(model: type[R], **fields: object) -> R:
+    """Validate ``fields`` as ``model``; InvalidArgument naming the first field at fault."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "request"
+        raise InvalidArgument(where, first["msg"]) from None
+
+
+def check_model(requested: str, trained: str) -> str:
+    """The model a request is about: empty means the trainer's own."""
+    if not requested:
+        return trained
+    try:
+        model_repo.validate_model_name(requested)
+    except ValueError as exc:
+        raise InvalidArgument("model_name", str(exc)) from None
+    if requested != trained:
+        raise UnknownModel("model_name", f"this trainer trains {trained!r}, not {requested!r}")
+    return requested

@@ -1,0 +1,115 @@
+"""Sliding-window live metrics per model version, fed with joined examples (pure, in memory).
+
+The window is in event time: its end is the newest ``feedback_at`` seen for the model (the
+model's watermark), so a replayed backlog gives the same figures as live traffic. A version
+that stops getting traffic drains as the watermark moves on and is reported once more with
+count 0, then forgotten. The windows are rebuilt from traffic after a restart; consumers of
+``metrics.live`` (rollout, drift trigger) require a minimum count, so a young window is
+never mistaken for a verdict.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loopmesh.mesh.events import LabelledExample, VersionMetrics
+from loopmesh.trainer.metrics import log_loss_variance, score
+
+VersionKey = tuple[str, int]
+
+
+@dataclass
+class VersionWindow:
+    """(time, score, label) of one version's recent examples, oldest first."""
+
+    seconds: float
+    max_points: int
+    points: deque[tuple[float, float, int, str]] = field(default_factory=deque)
+    ids: set[str] = field(default_factory=set)
+
+    def add(self, at: float, prob: float, label: int, prediction_id: str) -> None:
+        if prediction_id in self.ids:  # a re-emitted example counts once
+            return
+        self.points.append((at, prob, label, prediction_id))
+        self.ids.add(prediction_id)
+        while len(self.points) > self.max_points:
+            self.ids.discard(self.points.popleft()[3])
+
+    def trim(self, end: float) -> None:
+        start = end - self.seconds
+        while self.points and self.points[0][0] < start:
+            self.ids.discard(self.points.popleft()[3])
+
+
+class LiveMetrics:
+    """Windows of every version this worker owns, and which of them changed."""
+
+    def __init__(self, window_seconds: float, max_points: int) -> None:
+        self.window_seconds = window_seconds
+        self.max_points = max_points
+        self._windows: dict[VersionKey, VersionWindow] = {}
+        self._watermark: dict[str, float] = {}
+        self._dirty: set[str] = set()
+        self.added = 0
+        """Examples added since start (all versions)."""
+
+    def add(self, example: LabelledExample) -> None:
+        key = (example.model_name, example.model_version)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = VersionWindow(self.window_seconds, self.max_points)
+        at = example.feedback_at.timestamp()
+        window.add(at, example.score, example.label, example.prediction_id)
+        self._watermark[example.model_name] = max(self._watermark.get(example.model_name, at), at)
+        self._dirty.add(example.model_name)
+        self.added += 1
+
+    def versions(self) -> list[VersionKey]:
+        return sorted(self._windows)
+
+    def snapshot(self, model_name: str, version: int) -> VersionMetrics:
+        """Figures of one version's window as of the model's watermark."""
+        window = self._windows.get((model_name, version))
+        if window is not None:
+            window.trim(self._watermark.get(model_name, 0.0))
+        points = list(window.points) if window is not None else []
+        probs = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
+        labels = np.fromiter((p[2] for p in points), dtype=np.float64, count=len(points))
+        probs = np.clip(probs, 0.0, 1.0)
+        figures = score(labels, probs)
+        return VersionMetrics(
+            model_name=model_name,
+            model_version=version,
+            window_seconds=self.window_seconds,
+            count=figures.count,
+            log_loss=figures.log_loss,
+            accuracy=figures.accuracy,
+            auc=figures.auc,
+            label_rate=figures.label_rate,
+            log_loss_var=log_loss_variance(labels, probs) if figures.count else None,
+        )
+
+    def drain(self) -> list[VersionMetrics]:
+        """Metrics of every version of every model whose window moved since the last drain."""
+        out = []
+        for model_name in sorted(self._dirty):
+            for name, version in self.versions():
+                if name != model_name:
+                    continue
+                metrics = self.snapshot(name, version)
+                out.append(metrics)
+                if metrics.count == 0:
+                    del self._windows[(name, version)]
+        self._dirty.clear()
+        return out
+
+    def forget(self, model_names: set[str]) -> None:
+        """Drop the windows of models whose partitions moved to another worker."""
+        for key in [k for k in self._windows if k[0] in model_names]:
+            del self._windows[key]
+        for name in model_names:
+            self._watermark.pop(name, None)
+            self._dirty.discard(name)

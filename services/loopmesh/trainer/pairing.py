@@ -1,0 +1,178 @@
+"""The join of a prediction with its feedback, as pure state transitions (no faust, no Kafka).
+
+One ``JoinEntry`` per prediction_id lives in the joiner's changelog-backed table. Whichever
+side arrives first waits there; the second side completes the pair and yields one
+``LabelledExample``. The entry then stays until it expires, so any later duplicate (the same
+event redelivered, or another feedback for the same prediction) is recognised and counted
+once. Redelivery of the very message that completed the pair (same event id *and* same
+source offset: a crash between the table write and the offset commit) re-emits the same
+example with the same event id, which consumers deduplicate: at-least-once without losing
+the example. A producer's duplicate of that event sits at another offset and is a duplicate.
+
+Time rules: a pair joins when the feedback's event time is within ``ttl`` of the prediction's
+(either order of arrival); entries are swept ``ttl`` after they were created, by wall clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
+
+_EXAMPLE_NAMESPACE = uuid.UUID("6f0b7f5e-2c1d-4d8e-9a51-8e3f2d6c1b70")
+
+
+class Outcome(StrEnum):
+    """What handling one event did (the joiner counts these)."""
+
+    STORED = "stored"
+    """First side of a pair; waits for the other."""
+    JOINED = "joined"
+    """Second side: the example was emitted."""
+    REPLAYED = "replayed"
+    """Redelivery of the event that completed the pair: the same example again."""
+    DUPLICATE = "duplicate"
+    """This side was already there; nothing changes."""
+    TOO_LATE = "too_late"
+    """Prediction and feedback are further apart than the TTL in event time."""
+
+
+class PendingFeedback(BaseModel):
+    """The first acceptable feedback of a prediction."""
+
+    model_config = ConfigDict(frozen=True)
+    event_id: str
+    label: int
+    at: datetime
+
+
+class JoinEntry(BaseModel):
+    """State of one prediction_id in the join table."""
+
+    model_config = ConfigDict(frozen=True)
+    created: float
+    """Wall-clock time (epoch seconds) the entry was created; it is swept ``ttl`` later."""
+    prediction: PredictionLogged | None = None
+    feedback: PendingFeedback | None = None
+    emitted_by: str | None = None
+    """Event id of the event whose handling emitted the example (None until joined)."""
+    emitted_offset: int | None = None
+    """Source offset of that event's message."""
+    prediction_trace: str | None = None
+    """W3C traceparent of the prediction's message: the join links to the prediction's trace."""
+    feedback_trace: str | None = None
+    """W3C traceparent of the feedback's message, likewise."""
+
+    def replays_emitter(self, event_id: str, offset: int | None) -> bool:
+        return self.emitted_by == event_id and self.emitted_offset == offset
+
+    def expired(self, now: float, ttl: float) -> bool:
+        return now - self.created > ttl
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> JoinEntry:
+        return cls.model_validate_json(raw)
+
+
+def label_of(feedback: FeedbackEvent, reward_threshold: float) -> int:
+    """The binary label of a feedback: its label, else whether its reward beats the threshold."""
+    if feedback.label is not None:
+        return feedback.label
+    assert feedback.reward is not None  # FeedbackEvent guarantees label or reward
+    return 1 if feedback.reward > reward_threshold else 0
+
+
+def example_id(prediction_id: str) -> str:
+    """Deterministic event id of a prediction's example, so re-emissions deduplicate."""
+    return uuid.uuid5(_EXAMPLE_NAMESPACE, prediction_id).hex
+
+
+def make_example(prediction: PredictionLogged, feedback: PendingFeedback) -> LabelledExample:
+    return LabelledExample(
+        event_id=example_id(prediction.prediction_id),
+        event_time=feedback.at,
+        prediction_id=prediction.prediction_id,
+        entity_id=prediction.entity_id,
+        model_name=prediction.model_name,
+        model_version=prediction.model_version,
+        features=prediction.features,
+        label=1 if feedback.label else 0,
+        score=prediction.score,
+        predicted_at=prediction.event_time,
+        feedback_at=feedback.at,
+    )
+
+
+def _within(prediction: PredictionLogged, feedback: PendingFeedback, ttl: float) -> bool:
+    return abs(feedback.at - prediction.event_time) <= timedelta(seconds=ttl)
+
+
+def on_prediction(
+    entry: JoinEntry | None,
+    prediction: PredictionLogged,
+    *,
+    now: float,
+    ttl: float,
+    offset: int | None = None,
+) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
+    """Handle a prediction: the new entry, what happened, and the example if one is due."""
+    if entry is None or entry.expired(now, ttl):
+        return JoinEntry(created=now, prediction=prediction), Outcome.STORED, None
+    if entry.prediction is not None:
+        if entry.replays_emitter(prediction.event_id, offset) and entry.feedback is not None:
+            return entry, Outcome.REPLAYED, make_example(entry.prediction, entry.feedback)
+        return entry, Outcome.DUPLICATE, None
+    feedback = entry.feedback
+    if feedback is None:  # an entry always has one side; treat a blank one as new
+        return JoinEntry(created=now, prediction=prediction), Outcome.STORED, None
+    if not _within(prediction, feedback, ttl):
+        # The waiting feedback cannot belong to this prediction in time; a later one still may.
+        stored = JoinEntry(created=entry.created, prediction=prediction)
+        return stored, Outcome.TOO_LATE, None
+    joined = entry.model_copy(
+        update={
+            "prediction": prediction,
+            "emitted_by": prediction.event_id,
+            "emitted_offset": offset,
+        }
+    )
+    return joined, Outcome.JOINED, make_example(prediction, feedback)
+
+
+def on_feedback(
+    entry: JoinEntry | None,
+    feedback: FeedbackEvent,
+    *,
+    now: float,
+    ttl: float,
+    reward_threshold: float = 0.0,
+    offset: int | None = None,
+) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
+    """Handle a feedback: the new entry, what happened, and the example if one is due."""
+    pending = PendingFeedback(
+        event_id=feedback.event_id,
+        label=label_of(feedback, reward_threshold),
+        at=feedback.event_time,
+    )
+    if entry is None or entry.expired(now, ttl):
+        return JoinEntry(created=now, feedback=pending), Outcome.STORED, None
+    if entry.feedback is not None:
+        if entry.replays_emitter(feedback.event_id, offset) and entry.prediction is not None:
+            return entry, Outcome.REPLAYED, make_example(entry.prediction, entry.feedback)
+        return entry, Outcome.DUPLICATE, None
+    prediction = entry.prediction
+    if prediction is None:
+        return JoinEntry(created=now, feedback=pending), Outcome.STORED, None
+    if not _within(prediction, pending, ttl):
+        return entry, Outcome.TOO_LATE, None
+    joined = entry.model_copy(
+        update={"feedback": pending, "emitted_by": feedback.event_id, "emitted_offset": offset}
+    )
+    return joined, Outcome.JOINED, make_example(prediction, pending)

@@ -1,0 +1,48 @@
+"""The modules TorchScript compiles: the MLP and the raw-features-in ``ScoringModule``.
+
+No ``from __future__ import annotations`` here: TorchScript reads the class annotations of
+the buffers at runtime and cannot resolve them as strings.
+"""
+
+import torch
+from torch import nn
+
+from loopmesh.trainer.prepare import Standardisation
+
+
+class MLP(nn.Module):
+    """Linear/ReLU stack ending in one logit."""
+
+    def __init__(self, n_features: int, hidden: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)  # type: ignore[no-any-return]
+
+
+class ScoringModule(nn.Module):
+    """Raw features [batch, n] -> probability [batch, 1] (what model.pt contains)."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mlp: MLP, standardisation: Standardisation) -> None:
+        super().__init__()
+        self.mlp = mlp
+        for name in ("low", "high", "mean", "std"):
+            value = torch.as_tensor(getattr(standardisation, name), dtype=torch.float32)
+            self.register_buffer(name, value.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(torch.isnan(x), self.mean.expand_as(x), x)
+        z = (torch.clamp(x, min=self.low, max=self.high) - self.mean) / self.std
+        return torch.sigmoid(self.mlp(z))

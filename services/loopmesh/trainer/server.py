@@ -1,0 +1,187 @@
+"""gRPC adapter of ``loopmesh.v1.TrainerService``: validates via ``api``, calls ``TrainerCore``.
+
+InvalidArgument -> INVALID_ARGUMENT and UnknownModel -> NOT_FOUND, the message starting with
+the field at fault. Reads of the run history and the repository run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
+from loopmesh.mesh.auth import Role
+from loopmesh.mesh.telemetry import tracer
+from loopmesh.trainer.api import (
+    InvalidArgument,
+    ListRunsRequest,
+    ListVersionsRequest,
+    TriggerRequest,
+    UnknownModel,
+    check_model,
+    parse,
+)
+from loopmesh.trainer.core import TrainerCore, VersionInfo
+from loopmesh.trainer.runs import RunRecord
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+# Every trainer call is an operator's: runs and versions reveal model figures, and a
+# manual run costs compute.
+METHOD_ROLES: dict[str, Role] = {f"/{SERVICE_NAME}/": "operator"}
+_tracer = tracer("loopmesh.trainer")
+_STATUS = {
+    "running": trainer_pb2.RUN_STATUS_RUNNING,
+    "published": trainer_pb2.RUN_STATUS_PUBLISHED,
+    "rejected": trainer_pb2.RUN_STATUS_REJECTED,
+    "failed": trainer_pb2.RUN_STATUS_FAILED,
+}
+_DEFAULT_LIMIT = 100
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def run_message(record: RunRecord) -> trainer_pb2.TrainingRun:
+    return trainer_pb2.TrainingRun(
+        run_id=record.run_id,
+        model_name=record.model_name,
+        status=_STATUS[record.status],
+        reasons=record.reasons,
+        started_at=_timestamp(record.started_at),
+        finished_at=_timestamp(record.finished_at),
+        dataset_rows=record.dataset_rows,
+        train_rows=record.train_rows,
+        validation_rows=record.validation_rows,
+        holdout_rows=record.holdout_rows,
+        candidate=record.candidate,
+        reference=record.reference,
+        reference_kind=record.reference_kind,
+        reference_version=record.reference_version or 0,
+        decision=record.decision,
+        version=record.version or 0,
+        warm_started=record.warm_started,
+        epochs=record.epochs,
+        device=record.device,
+        train_seconds=record.train_seconds,
+        error=record.error,
+        feature_names=record.feature_names,
+    )
+
+
+def version_message(info: VersionInfo, stable: int | None) -> trainer_pb2.ModelVersion:
+    meta: dict[str, Any] = info.metadata
+    created = meta.get("created_at")
+    metrics = {
+        str(k): float(v)
+        for k, v in (meta.get("metrics") or {}).items()
+        if isinstance(v, int | float)
+    }
+    return trainer_pb2.ModelVersion(
+        version=info.version,
+        created_at=_timestamp(
+            datetime.fromisoformat(created) if isinstance(created, str) else None
+        ),
+        parent_version=int(meta.get("parent_version") or 0),
+        sha256=str(meta.get("sha256", "")),
+        intact=info.intact,
+        metrics=metrics,
+        feature_names=[str(n) for n in meta.get("feature_names") or []],
+        run_id=str(meta.get("run_id") or ""),
+        stable=info.version == stable,
+    )
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, core: TrainerCore) -> None:
+        self.core = core
+
+    async def GetStatus(
+        self, request: trainer_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> trainer_pb2.GetStatusResponse:
+        with _tracer.start_as_current_span("TrainerService/GetStatus"):
+            status = await asyncio.to_thread(self.core.status)
+        response = trainer_pb2.GetStatusResponse(
+            model_name=status.model_name,
+            dataset_rows=status.dataset_rows,
+            new_examples=max(status.new_examples, 0),
+            stable_version=status.stable_version or 0,
+            newest_version=status.newest_version or 0,
+            drift_metric=status.drift_metric,
+            runs_total=status.runs_total,
+        )
+        if status.running is not None:
+            response.running.CopyFrom(run_message(status.running))
+        if status.last_run is not None:
+            response.last_run.CopyFrom(run_message(status.last_run))
+        if status.drift_best is not None:
+            response.drift_best = status.drift_best
+        if status.drift_current is not None:
+            response.drift_current = status.drift_current
+        return response
+
+    async def ListRuns(
+        self, request: trainer_pb2.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> trainer_pb2.ListRunsResponse:
+        try:
+            parsed = parse(ListRunsRequest, limit=request.limit)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        with _tracer.start_as_current_span("TrainerService/ListRuns"):
+            runs = await asyncio.to_thread(self.core.runs, parsed.limit or _DEFAULT_LIMIT)
+        return trainer_pb2.ListRunsResponse(runs=[run_message(r) for r in runs])
+
+    async def ListVersions(
+        self, request: trainer_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> trainer_pb2.ListVersionsResponse:
+        try:
+            parsed = parse(ListVersionsRequest, model_name=request.model_name)
+            model_name = check_model(parsed.model_name, self.core.model_name)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownModel as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        with _tracer.start_as_current_span("TrainerService/ListVersions"):
+            infos = await asyncio.to_thread(self.core.versions)
+            stable = await asyncio.to_thread(self.core.stable_version)
+        return trainer_pb2.ListVersionsResponse(
+            model_name=model_name, versions=[version_message(i, stable) for i in infos]
+        )
+
+    async def TriggerTraining(
+        self,
+        request: trainer_pb2.TriggerTrainingRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> trainer_pb2.TriggerTrainingResponse:
+        try:
+            parsed = parse(
+                TriggerRequest,
+                model_name=request.model_name,
+                reason=request.reason,
+                wait=request.wait,
+            )
+            check_model(parsed.model_name, self.core.model_name)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownModel as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        with _tracer.start_as_current_span("TrainerService/TriggerTraining") as span:
+            try:
+                started, record = self.core.trigger(
+                    [f"manual: {parsed.reason or 'TriggerTraining'}"]
+                )
+            except RuntimeError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            span.set_attribute("loopmesh.run_id", record.run_id)
+            span.set_attribute("loopmesh.started", started)
+            if started and parsed.wait:
+                record = await self.core.wait_idle() or record
+        return trainer_pb2.TriggerTrainingResponse(started=started, run=run_message(record))

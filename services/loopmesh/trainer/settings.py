@@ -1,0 +1,208 @@
+"""Settings of the trainer: ``LOOPMESH_TRAINER__*`` on top of the mesh settings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from loopmesh.mesh import model_repo
+from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
+from loopmesh.mesh.topics import (
+    ENTITIES_ERASED,
+    FEEDBACK,
+    METRICS_LIVE,
+    MODELS_PUBLISHED,
+    PREDICTIONS,
+    ROLLOUTS,
+    TRAINING_EXAMPLES,
+    Topic,
+)
+
+
+class TopicNames(BaseModel):
+    """Names of the topics the trainer reads and writes (tests and tenants use others)."""
+
+    predictions: str = PREDICTIONS.name
+    """PredictionLogged events, keyed by prediction_id."""
+    feedback: str = FEEDBACK.name
+    """FeedbackEvent events, keyed by prediction_id (co-partitioned with predictions)."""
+    examples: str = TRAINING_EXAMPLES.name
+    """LabelledExample events the joiner writes and the dataset reads."""
+    metrics: str = METRICS_LIVE.name
+    """VersionMetrics the joiner writes (rollout controller and drift trigger read them)."""
+    published: str = MODELS_PUBLISHED.name
+    """ModelPublished events announcing versions that passed the gate."""
+    erased: str = ENTITIES_ERASED.name
+    """EntityErased events: those entities leave the training set."""
+    rollouts: str = ROLLOUTS.name
+    """RolloutChanged events: which version is stable (warm start and gate reference)."""
+
+    def topic(self, which: str) -> Topic:
+        """The Topic definition of the mesh under the configured name."""
+        base = {
+            "predictions": PREDICTIONS,
+            "feedback": FEEDBACK,
+            "examples": TRAINING_EXAMPLES,
+            "metrics": METRICS_LIVE,
+            "published": MODELS_PUBLISHED,
+            "erased": ENTITIES_ERASED,
+            "rollouts": ROLLOUTS,
+        }[which]
+        return replace(base, name=getattr(self, which))
+
+    def all(self) -> list[Topic]:
+        return [self.topic(w) for w in type(self).model_fields]
+
+
+class JoinerSettings(BaseModel):
+    """The faust joiner of predictions and feedback."""
+
+    app_id: str = "loopmesh-trainer-joiner"
+    """faust app id: consumer group and prefix of its changelog/internal topics."""
+    ttl_seconds: float = Field(default=24 * 3600.0, gt=0)
+    """Longest event-time gap between a prediction and its feedback that still joins; also how
+    long (wall clock) an unmatched side waits in the table before it is swept."""
+    sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    """How often expired join entries are deleted (tombstones in the changelog)."""
+    reward_threshold: float = 0.0
+    """Feedback with a reward and no label counts as label 1 when reward > this."""
+    metrics_window_seconds: float = Field(default=600.0, gt=0)
+    """Event-time length of the sliding window of live metrics per model version."""
+    metrics_max_points: int = Field(default=50_000, ge=10)
+    """Most examples one version's window keeps (oldest dropped first)."""
+    metrics_publish_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often changed windows are published to ``metrics.live``."""
+    store: str = "memory://"
+    """faust table store (``rocksdb://`` in production keeps large tables off the heap)."""
+    session_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Consumer-group session timeout (short in tests so joins are fast)."""
+    heartbeat_interval_seconds: float = Field(default=3.0, gt=0)
+    """Consumer-group heartbeat interval (a third of the session timeout or less)."""
+
+
+class DatasetSettings(BaseModel):
+    """The training set on disk and how a run reads it."""
+
+    flush_rows: int = Field(default=1000, ge=1)
+    """Examples buffered before a parquet file is written (offsets commit after the write)."""
+    flush_seconds: float = Field(default=5.0, gt=0)
+    """Longest an example waits in the buffer before a (smaller) file is written."""
+    window_rows: int | None = Field(default=20_000, ge=10)
+    """A run uses at most the newest this many examples (None: all); keeps drift short."""
+    window_seconds: float | None = Field(default=None, gt=0)
+    """A run uses only examples predicted within this long before the newest (None: all)."""
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+    """Newest share of the window (by prediction time) held out for the gate."""
+    min_rows: int = Field(default=200, ge=10)
+    """Fewer clean rows than this and a run fails fast instead of training on noise."""
+    clip_quantile: float = Field(default=0.005, ge=0, lt=0.5)
+    """Features are clipped to [q, 1-q] quantiles of the training rows (outliers)."""
+    features: list[str] | None = None
+    """Model inputs in order; None: the stable version's, else every feature seen, sorted."""
+
+
+class TrainingSettings(BaseModel):
+    """The PyTorch MLP and its optimisation."""
+
+    hidden: list[int] = Field(default_factory=lambda: [32, 16])
+    """Hidden layer widths of the MLP."""
+    learning_rate: float = Field(default=3e-3, gt=0)
+    """Adam learning rate."""
+    weight_decay: float = Field(default=1e-4, ge=0)
+    """Adam (L2) weight decay."""
+    batch_size: int = Field(default=128, ge=1)
+    """Mini-batch size (per process under DDP)."""
+    max_epochs: int = Field(default=80, ge=1)
+    """Upper bound on passes over the training rows."""
+    patience: int = Field(default=8, ge=1)
+    """Epochs without a better validation log-loss before stopping (best weights kept)."""
+    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    """Newest share of the training rows used for early stopping (never the gate holdout)."""
+    seed: int = 0
+    """Seed of initialisation and shuffling: same data and seed, same weights."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where training runs; auto picks CUDA when available."""
+    processes: int = Field(default=1, ge=1, le=64)
+    """More than 1: DDP under torchrun with this many processes (one per GPU)."""
+    warm_start: bool = True
+    """Start from the stable version's weights when the shapes match."""
+    threads: int = Field(default=1, ge=0)
+    """torch intra-op threads of this process (0: torch's default); a small MLP trains
+    fastest on one thread and leaves the other cores to the joiner and consumers."""
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_ok(cls, value: list[int]) -> list[int]:
+        if not value or any(w < 1 or w > 4096 for w in value):
+            raise ValueError("hidden needs 1+ layer widths between 1 and 4096")
+        return value
+
+
+class GateSettings(BaseModel):
+    """What a candidate must beat to be published."""
+
+    min_log_loss_improvement: float = Field(default=0.001, ge=0)
+    """Candidate holdout log-loss must be lower than the reference's by at least this."""
+    min_auc_improvement: float = Field(default=0.0, ge=0)
+    """Candidate holdout AUC must exceed the reference's by more than this."""
+
+
+class TriggerSettings(BaseModel):
+    """When a run starts by itself (TriggerTraining starts one any time)."""
+
+    mode: Literal["any", "all"] = "any"
+    """Fire when any enabled trigger is due, or only when all of them are."""
+    min_new_examples: int | None = Field(default=1000, ge=1)
+    """Examples stored since the last run started (None disables)."""
+    drift_metric: Literal["auc", "log_loss", "accuracy"] = "auc"
+    """Live metric of the stable version that the drift trigger watches."""
+    drift_threshold: float | None = Field(default=0.05, gt=0)
+    """Worsening of that metric from its best window that counts as drift (None disables)."""
+    drift_min_count: int = Field(default=200, ge=1)
+    """Windows with fewer joined examples are ignored by the drift trigger."""
+    max_age_seconds: float | None = Field(default=None, gt=0)
+    """Retrain when the newest version is older than this (None disables)."""
+    cooldown_seconds: float = Field(default=30.0, ge=0)
+    """Least time between the end of a run and the next automatic start."""
+    check_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often the time-based trigger is evaluated."""
+
+
+class TrainerScope(BaseModel):
+    """What the trainer alone reads."""
+
+    server: GrpcServerSettings = GrpcServerSettings(port=50055)
+    """Where TrainerService listens."""
+    model_name: str = "ctr"
+    """The model this trainer trains and publishes (one trainer per model)."""
+    data_dir: Path = Path(".loopmesh/trainer")
+    """Dataset, run history and state of this trainer."""
+    role: Literal["all", "joiner", "trainer"] = "all"
+    """Run the joiner, the trainer, or both in this process (scale them apart)."""
+    topics: TopicNames = TopicNames()
+    """Topic names."""
+    joiner: JoinerSettings = JoinerSettings()
+    """The prediction/feedback join and live metrics."""
+    dataset: DatasetSettings = DatasetSettings()
+    """The training set."""
+    training: TrainingSettings = TrainingSettings()
+    """The model and its optimisation."""
+    gate: GateSettings = GateSettings()
+    """The evaluation gate."""
+    triggers: TriggerSettings = TriggerSettings()
+    """Automatic retraining."""
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_ok(cls, value: str) -> str:
+        return model_repo.validate_model_name(value)
+
+
+class TrainerSettings(MeshSettings):
+    """Settings of ``python -m loopmesh.trainer``."""
+
+    trainer: TrainerScope = TrainerScope()
+    """The trainer's own scope."""

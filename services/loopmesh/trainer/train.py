@@ -1,0 +1,255 @@
+"""PyTorch training of the tabular MLP: warm start, early stopping, determinism, TorchScript.
+
+The published artefact is a ``ScoringModule``: raw features in, probability out, with the
+imputation, clipping and standardisation of ``prepare.Standardisation`` baked in as buffers,
+so Triton (and anyone else) feeds it raw feature values. Training itself runs on the
+standardised matrix. The same seed and data give the same weights (fixed initialisation
+and shuffling generators, deterministic algorithms).
+
+With ``processes > 1`` the fit runs under torchrun with DistributedDataParallel
+(``loopmesh.trainer.ddp``): one process per GPU (NCCL), or gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from loopmesh.trainer.prepare import Standardisation
+from loopmesh.trainer.scoring import MLP, ScoringModule
+from loopmesh.trainer.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
+FloatArray = npt.NDArray[np.float64]
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Weights of the stable version and the standardisation they were trained under."""
+
+    state: StateDict
+    standardisation: Standardisation
+
+
+@dataclass(frozen=True)
+class FitResult:
+    module: ScoringModule
+    epochs: int
+    best_epoch: int
+    validation_log_loss: float
+    warm_started: bool
+    device: str
+    seconds: float
+
+
+FitFn = Callable[..., FitResult]
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def new_mlp(n_features: int, config: TrainingSettings) -> MLP:
+    """A freshly initialised MLP; the same seed gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return MLP(n_features, list(config.hidden))
+
+
+def adapt_warm_state(warm: WarmStart, target: Standardisation, mlp: MLP) -> StateDict | None:
+    """The stable weights re-expressed for ``target``'s standardisation, or None if unusable.
+
+    Inputs are standardised differently in each version; folding the change into the first
+    layer (W' = W * s_new / s_old, b' = b + W (m_new - m_old) / s_old) keeps the warm model's
+    function unchanged, so training starts from what the stable version actually predicts.
+    """
+    own = mlp.state_dict()
+    if warm.standardisation.feature_names != target.feature_names:
+        return None
+    if set(own) != set(warm.state) or any(own[k].shape != warm.state[k].shape for k in own):
+        return None
+    state = {k: v.detach().to(torch.float32).clone() for k, v in warm.state.items()}
+    s_old = torch.as_tensor(warm.standardisation.std, dtype=torch.float32)
+    m_old = torch.as_tensor(warm.standardisation.mean, dtype=torch.float32)
+    s_new = torch.as_tensor(target.std, dtype=torch.float32)
+    m_new = torch.as_tensor(target.mean, dtype=torch.float32)
+    weight, bias = state["net.0.weight"], state["net.0.bias"]
+    state["net.0.bias"] = bias + weight @ ((m_new - m_old) / s_old)
+    state["net.0.weight"] = weight * (s_new / s_old)
+    return state
+
+
+def fit(
+    x_train: FloatArray,
+    y_train: FloatArray,
+    x_val: FloatArray,
+    y_val: FloatArray,
+    standardisation: Standardisation,
+    config: TrainingSettings,
+    *,
+    warm: WarmStart | None = None,
+) -> FitResult:
+    """Train on raw rows; early-stop on the validation rows; return the best module (CPU)."""
+    t0 = time.perf_counter()
+    mlp = new_mlp(len(standardisation.feature_names), config)
+    warm_state = adapt_warm_state(warm, standardisation, mlp) if warm is not None else None
+    if warm_state is not None:
+        mlp.load_state_dict(warm_state)
+    z_train = standardisation.transform(x_train)
+    z_val = standardisation.transform(x_val)
+    if config.processes > 1:
+        from loopmesh.trainer.ddp import fit_distributed
+
+        state, epochs, best_epoch, best = fit_distributed(
+            mlp, z_train, y_train, z_val, y_val, config
+        )
+        mlp.load_state_dict(state)
+        device = f"ddp x{config.processes}"
+    else:
+        device_t = resolve_device(config.device)
+        generator = torch.Generator().manual_seed(config.seed)
+        n = len(z_train)
+
+        def batches(epoch: int) -> Iterable[torch.Tensor]:
+            order = torch.randperm(n, generator=generator)
+            return torch.split(order, config.batch_size)
+
+        # The thread count is process-wide: set it for the fit only.
+        threads = torch.get_num_threads()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        try:
+            epochs, best_epoch, best = train_epochs(
+                mlp, z_train, y_train, z_val, y_val, config, device_t, batches
+            )
+        finally:
+            torch.set_num_threads(threads)
+        mlp.to("cpu")
+        device = str(device_t)
+    module = ScoringModule(mlp, standardisation).eval()
+    return FitResult(
+        module=module,
+        epochs=epochs,
+        best_epoch=best_epoch,
+        validation_log_loss=best,
+        warm_started=warm_state is not None,
+        device=device,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def train_epochs(
+    model: nn.Module,
+    z_train: FloatArray,
+    y_train: FloatArray,
+    z_val: FloatArray,
+    y_val: FloatArray,
+    config: TrainingSettings,
+    device: torch.device,
+    batches: Callable[[int], Iterable[torch.Tensor]],
+) -> tuple[int, int, float]:
+    """Adam with early stopping; ``model`` ends with its best weights. Shared with DDP.
+
+    Returns (epochs run, best epoch, best validation log-loss); epoch 0 is the starting
+    point, so a warm start that training cannot improve is kept as it was.
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train_epochs(model, z_train, y_train, z_val, y_val, config, device, batches)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train_epochs(
+    model: nn.Module,
+    z_train: FloatArray,
+    y_train: FloatArray,
+    z_val: FloatArray,
+    y_val: FloatArray,
+    config: TrainingSettings,
+    device: torch.device,
+    batches: Callable[[int], Iterable[torch.Tensor]],
+) -> tuple[int, int, float]:
+    model.to(device)
+    zt = torch.as_tensor(z_train, dtype=torch.float32, device=device)
+    yt = torch.as_tensor(y_train, dtype=torch.float32, device=device).reshape(-1, 1)
+    zv = torch.as_tensor(z_val, dtype=torch.float32, device=device)
+    yv = torch.as_tensor(y_val, dtype=torch.float32, device=device).reshape(-1, 1)
+    loss_fn = nn.BCEWithLogitsLoss()
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+
+    def validation_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(loss_fn(model(zv), yv))
+
+    best = validation_loss()
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_epoch, stale, epoch = 0, 0, 0
+    for epoch in range(1, config.max_epochs + 1):
+        model.train()
+        for index in batches(epoch):
+            index = index.to(device)
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(model(zt[index]), yt[index])
+            loss.backward()
+            optimiser.step()
+        current = validation_loss()
+        if not math.isfinite(current):
+            raise FloatingPointError(f"validation loss became {current} at epoch {epoch}")
+        if current < best - 1e-6:
+            best, best_epoch, stale = current, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return epoch, best_epoch, best
+
+
+def predict(module: nn.Module | torch.jit.ScriptModule, x: FloatArray) -> FloatArray:
+    """Probabilities of raw rows ``x`` (any ScoringModule, scripted or not)."""
+    with torch.inference_mode():
+        out = module(torch.as_tensor(x, dtype=torch.float32))
+    return np.asarray(out.reshape(-1).to(torch.float64).numpy())
+
+
+def torchscript_bytes(module: ScoringModule) -> bytes:
+    scripted = torch.jit.script(module.cpu().eval())
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def load_scoring(path: Path) -> torch.jit.ScriptModule:
+    """A published model.pt: TorchScript only (no pickle), on the CPU."""
+    module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
+        str(path), map_location="cpu"
+    )
+    module.eval()
+    return module
+
+
+def warm_start_from(path: Path, standardisation: Standardisation) -> WarmStart:
+    """The MLP weights inside a published model.pt, with the standardisation they expect."""
+    module = load_scoring(path)
+    state = {k: v.detach().clone() for k, v in module.mlp.state_dict().items()}
+    return WarmStart(state=state, standardisation=standardisation)

@@ -53,7 +53,7 @@ RUN mkdir -p services/loopmesh && touch services/loopmesh/__init__.py \
     && pip uninstall -y loopmesh \
     && rm -rf services build *.egg-info
 COPY . .
-# Editable on purpose: services/loopmesh/devstack/feast_repo.py finds the Feast definitions at
+# Editable on purpose: services/loopmesh/mesh/feature_repo.py finds the Feast definitions at
 # <source root>/feature_store, which a site-packages install would not have.
 RUN pip install --no-deps -e . \
     && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"

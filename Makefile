@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: deps test lint typecheck protos check-protos run infra-up infra-down bench clean
+.PHONY: deps test unit lint typecheck protos check-protos run infra-up infra-down bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "LoopMesh needs Python 3.11"'
@@ -21,6 +21,7 @@ deps: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict services/loopmesh
@@ -33,6 +34,10 @@ check-protos: $(STAMP)
 
 test: deps lint typecheck check-protos
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The pure-logic tier alone: no Java, Kafka or Triton needed.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 run: deps
 	$(BIN)/loopmesh run

@@ -32,9 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from loopmesh.devstack.feast_repo import apply_repo, prepare_repo
 from loopmesh.devstack.process import free_port
 from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
+from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
 
 SIZES = (1, 100)
 CALLS = {

@@ -36,7 +36,7 @@ TTL as STALE itself.
 Online store: SQLite by default; Redis when the features service runs with
 ``LOOPMESH_FEATURES__ONLINE_STORE=redis`` and ``LOOPMESH_FEATURES__REDIS_URL`` (the registry
 still comes from the applied repo; ``loopmesh.features.repo``). ``loopmesh infra up`` and
-the tests apply these definitions in a working copy (services/loopmesh/devstack/feast_repo.py).
+the tests apply these definitions in a working copy (services/loopmesh/mesh/feature_repo.py).
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 Each starts once per test run on free loopback ports. Logs go under the session's temporary
 directory; on a failed run the path is printed so they can be read.
+
+Tiers (pytest markers): ``e2e`` is declared by the modules that assemble the mesh; every
+other test is ``integration`` when it needs a real component (one of ``INFRA_FIXTURES``,
+directly or through another fixture) and ``unit`` otherwise. ``make unit`` runs ``-m unit``:
+no Kafka, Triton or Feast is started, and a unit test that asked for one would fail.
 """
 
 from __future__ import annotations
@@ -17,12 +22,29 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from loopmesh.devstack.feast_repo import apply_repo, prepare_repo
 from loopmesh.devstack.kafka import KafkaBroker
 from loopmesh.devstack.triton import TritonServer
+from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
 from loopmesh.mesh.settings import KafkaSettings
 
 os.environ.setdefault("LOOPMESH_TELEMETRY__SERVICE_NAMESPACE", "loopmesh-tests")
+
+INFRA_FIXTURES = frozenset({"kafka", "triton", "feast_repo"})
+"""Fixtures that start a real component: a test needing any of them is not a unit test."""
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        needs = INFRA_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if needs else pytest.mark.unit)
+
+
+def _not_in_unit_tier(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("unit") is not None:
+        raise pytest.UsageError(f"{request.node.nodeid} is marked unit but needs infrastructure")
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +62,7 @@ def _keep_logs_on_failure(request: pytest.FixtureRequest, name: str, log: Path) 
 
 @pytest.fixture(scope="session")
 def kafka(infra_dir: Path, request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
+    _not_in_unit_tier(request)
     broker = KafkaBroker(infra_dir / "kafka")
     broker.start()
     yield broker
@@ -63,6 +86,7 @@ def model_repository(infra_dir: Path) -> Path:
 def triton(
     infra_dir: Path, model_repository: Path, request: pytest.FixtureRequest
 ) -> Iterator[TritonServer]:
+    _not_in_unit_tier(request)
     server = TritonServer(model_repository, infra_dir / "triton")
     server.start()
     yield server
@@ -71,7 +95,8 @@ def triton(
 
 
 @pytest.fixture(scope="session")
-def feast_repo(infra_dir: Path) -> Path:
+def feast_repo(infra_dir: Path, request: pytest.FixtureRequest) -> Path:
+    _not_in_unit_tier(request)
     repo = prepare_repo(infra_dir / "feature_store")
     apply_repo(repo)
     return repo

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from loopmesh.features.server import METHOD_ROLES as FEATURE_ROLES
 from loopmesh.features.server import FeatureServicer
 from loopmesh.features.settings import FeaturesScope
@@ -35,6 +37,8 @@ from tests.test_bad_input_support import MAX_MESSAGE_BYTES
 from tests.test_inference_support import FEATURES, load, publish
 from tests.test_ingestion_support import feedback, ingestion, new_topic
 from tests.test_rollout_support import quick_policy, rollout_settings
+
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
 BATCH_LIMIT = 50
 """Events per Ingest request the door accepts."""

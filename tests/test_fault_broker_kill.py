@@ -57,6 +57,8 @@ from tests.test_ingestion_support import (
     wait_serving,
 )
 
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
+
 N_EVENTS = 20_000
 BATCH = 100  # events per stream message
 PACE_S = 0.03  # between stream messages (at most ~3,300 events/s): the kill lands mid-stream

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import tritonclient.grpc.aio as aioclient
 
 from loopmesh.devstack.process import free_port, log_tail
@@ -44,6 +45,8 @@ from loopmesh.trainer.dataset import Dataset
 from loopmesh.trainer.settings import DatasetSettings, TopicNames, TrainerScope
 from loopmesh.trainer.train import FitResult
 from tests.helpers import eventually
+
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
 ROWS = 600
 HIDDEN = "[1024, 1024]"  # ~4 MB model.pt: the publish takes long enough to be caught

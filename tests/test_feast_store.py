@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from loopmesh.devstack.feast_repo import (
+from loopmesh.mesh.feature_repo import (
     apply_repo,
     prepare_repo,
     redis_connection_string,
@@ -82,6 +82,7 @@ def test_redis_config() -> None:
         render_config(Path("/x"), online_store="redis")
 
 
+@pytest.mark.integration  # a real Feast store
 def test_push_and_read_back(store: Any) -> None:
     from feast.data_source import PushMode
 
@@ -121,6 +122,7 @@ def test_push_and_read_back(store: Any) -> None:
     }
 
 
+@pytest.mark.integration  # a real Feast store
 def test_push_must_carry_every_feature(store: Any) -> None:
     from feast.data_source import PushMode
 
@@ -132,6 +134,7 @@ def test_push_must_carry_every_feature(store: Any) -> None:
         store.push("entity_numeric_push", partial, to=PushMode.ONLINE)
 
 
+@pytest.mark.integration  # a real Feast store
 def test_sqlite_lets_an_older_push_overwrite_a_newer_one(store: Any) -> None:
     now = datetime.now(UTC)
     newer, older = now - timedelta(minutes=1), now - timedelta(hours=2)
@@ -148,6 +151,7 @@ def test_sqlite_lets_an_older_push_overwrite_a_newer_one(store: Any) -> None:
     }
 
 
+@pytest.mark.integration  # a real Feast store
 def test_online_reads_ignore_ttl(store: Any) -> None:
     stale = datetime.now(UTC) - timedelta(days=30)
     _push_activity(store, "user-old", stale, (0, 0, 3))
@@ -160,6 +164,7 @@ def test_online_reads_ignore_ttl(store: Any) -> None:
     }
 
 
+@pytest.mark.integration  # a real Feast store
 def test_apply_failure_raises_with_feast_output(tmp_path: Path) -> None:
     repo = prepare_repo(tmp_path / "repo")
     (repo / "broken_definitions.py").write_text('raise RuntimeError("marker-7f3a")\n')

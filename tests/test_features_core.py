@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loopmesh.devstack.feast_repo import prepare_repo
 from loopmesh.features.core import (
     DAY,
     HOUR,
@@ -32,6 +31,7 @@ from loopmesh.features.export import export_training_frame
 from loopmesh.features.repo import feast_config
 from loopmesh.features.settings import FeaturesSettings
 from loopmesh.mesh.events import InteractionEvent
+from loopmesh.mesh.feature_repo import prepare_repo
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -66,6 +66,7 @@ async def accepted(call: Awaitable[object]) -> bool:
     return True
 
 
+@pytest.mark.integration  # starts its own broker
 async def test_broker_death_mid_stream_is_unavailable_and_loses_no_acknowledged_event(
     own_kafka: KafkaBroker,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from loopmesh.devstack.kafka import KafkaBroker
@@ -34,6 +35,7 @@ async def _read_all(bootstrap: str) -> list[bytes]:
         await consumer.stop()
 
 
+@pytest.mark.integration  # starts its own brokers
 def test_message_survives_broker_crash(tmp_path: Path) -> None:
     broker = KafkaBroker(tmp_path / "kafka")
     broker.start()

@@ -13,10 +13,13 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from loopmesh.devstack.runner import RunOptions, run_loop
 from loopmesh.devstack.state import LoopState
+
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
 
 def _done(state: LoopState) -> bool:

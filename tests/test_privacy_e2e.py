@@ -55,6 +55,8 @@ from tests.test_features_service import MISSING, PRESENT, Worker, _serving
 from tests.test_inference_support import load, scripted_model, settings_for
 from tests.test_ingestion_support import ingestion, ingestion_stub, running
 
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
+
 FEATURES = ["entity_activity:events_total", "entity_numeric:value_mean"]
 LOAD_TIMEOUT = 120.0
 

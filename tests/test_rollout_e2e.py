@@ -37,6 +37,8 @@ from tests.test_rollout_support import (
     unload_models,
 )
 
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
+
 PROBE = 10.0
 
 

@@ -54,6 +54,8 @@ from tests.test_inference_support import FEATURES, load
 from tests.test_inference_support import publish as publish_inference_model
 from tests.test_rollout_support import publish_version, unload_models
 
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "infra/grafana/dashboards/loopmesh.json"
 DEADLINE = 90.0

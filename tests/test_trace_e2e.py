@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
+import pytest
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import ReadableSpan
@@ -75,6 +76,8 @@ from tests.test_inference_support import (
 )
 from tests.test_ingestion_support import feedback, ingestion
 from tests.test_rollout_support import quick_policy, rollout_settings, unload_models
+
+pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
 BOOTSTRAP = 200
 """Labelled pairs sent straight to the trainer's topics first, so one run has data to learn."""

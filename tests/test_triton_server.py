@@ -18,9 +18,9 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from loopmesh.devstack.process import InfraError
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import SetupError
 
 N_FEATURES = 4
 LOAD_TIMEOUT = 120.0
@@ -172,7 +172,7 @@ def test_write_version_layout_and_metadata(tmp_path: Path) -> None:
 
 def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
     srv = TritonServer(tmp_path, tmp_path / "work", binary=tmp_path / "no-such-tritonserver")
-    with pytest.raises(InfraError, match="not found"):
+    with pytest.raises(SetupError, match="not found"):
         srv.start(timeout=5)
 
 

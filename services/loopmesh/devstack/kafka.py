@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from loopmesh.devstack.process import InfraError, ManagedProcess, free_port, log_tail
+from loopmesh.devstack.process import ManagedProcess, free_port, log_tail
+from loopmesh.mesh.errors import SetupError
 
 KAFKA_VERSION = "4.4.0"
 """Kafka release the launcher asks Maven for (passed as ``-Dkafka.version`` to the pom)."""
@@ -77,7 +78,7 @@ def default_pom_path() -> Path:
 def _which(tool: str, hint: str) -> str:
     found = shutil.which(tool)
     if found is None:
-        raise InfraError(f"`{tool}` was not found on PATH; {hint}")
+        raise SetupError(f"`{tool}` was not found on PATH; {hint}")
     return found
 
 
@@ -110,7 +111,7 @@ def resolve_libs(pom_path: Path | None = None, *, timeout: float = 900.0) -> Pat
     """
     pom = (pom_path or default_pom_path()).resolve()
     if not pom.is_file():
-        raise InfraError(f"Kafka pom not found at {pom}; set {_POM_ENV} to its path")
+        raise SetupError(f"Kafka pom not found at {pom}; set {_POM_ENV} to its path")
     root = cache_dir() / f"kafka-{KAFKA_VERSION}"
     libs = root / "libs"
     marker = root / _MARKER
@@ -138,19 +139,19 @@ def resolve_libs(pom_path: Path | None = None, *, timeout: float = 900.0) -> Pat
                 argv, capture_output=True, text=True, timeout=timeout, check=False
             )
         except subprocess.TimeoutExpired as exc:
-            raise InfraError(
+            raise SetupError(
                 f"Maven did not finish resolving Kafka jars in {timeout:.0f}s"
             ) from exc
         if done.returncode != 0:
             # Maven's -q still emits colour resets; they are noise in an exception message.
             plain = _ANSI.sub("", done.stdout + done.stderr)
             output = "\n".join(plain.splitlines()[-40:])
-            raise InfraError(
+            raise SetupError(
                 f"Maven failed ({done.returncode}) resolving Kafka {KAFKA_VERSION} jars "
                 f"from {pom}:\n{output}"
             )
         if not (partial / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
-            raise InfraError(f"Maven succeeded but {partial} lacks kafka_2.13-{KAFKA_VERSION}.jar")
+            raise SetupError(f"Maven succeeded but {partial} lacks kafka_2.13-{KAFKA_VERSION}.jar")
         # Marker first: a crash between these steps must leave the copy looking incomplete.
         marker.unlink(missing_ok=True)
         shutil.rmtree(libs, ignore_errors=True)
@@ -222,7 +223,7 @@ def _round_trip(
 def probe_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[str | None, list[int]]:
     """One real Metadata round trip: the cluster id and the broker ids the broker reports.
 
-    Raises ``InfraError`` if the broker no longer serves the Metadata version spoken here, and
+    Raises ``SetupError`` if the broker no longer serves the Metadata version spoken here, and
     ``OSError`` / ``struct.error`` while it is not up yet.
     """
     with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -239,7 +240,7 @@ def probe_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[str | No
         if metadata_range is None or not (
             metadata_range[0] <= _METADATA_VERSION <= metadata_range[1]
         ):
-            raise InfraError(
+            raise SetupError(
                 f"broker at {host}:{port} serves Metadata versions {metadata_range}, "
                 f"the probe speaks v{_METADATA_VERSION}"
             )
@@ -305,7 +306,7 @@ class KafkaBroker:
             # The OS may hand back the port it just gave us, since free_port releases it.
             self.controller_port = free_port(host)
         if self.controller_port == self.port:
-            raise InfraError(f"broker and controller ports must differ (both {self.port})")
+            raise SetupError(f"broker and controller ports must differ (both {self.port})")
         self.pom_path = pom_path
         self._process: ManagedProcess | None = None
         self._cluster_id: str | None = None
@@ -348,7 +349,7 @@ class KafkaBroker:
         separately because it depends on the network, not on the broker.
         """
         if self.running:
-            raise InfraError(f"Kafka broker is already running (pid {self.pid})")
+            raise SetupError(f"Kafka broker is already running (pid {self.pid})")
         libs = resolve_libs(self.pom_path)
         java = _java()
         deadline = time.monotonic() + timeout
@@ -371,9 +372,9 @@ class KafkaBroker:
         self._probe_error = None
         try:
             self._process.wait_ready(self._ready, max(deadline - time.monotonic(), 1.0))
-        except InfraError as exc:
+        except SetupError as exc:
             # wait_ready swallows probe errors; the last one often says why (wrong cluster...).
-            raise InfraError(f"{exc}\nlast readiness probe: {self._probe_error}") from exc
+            raise SetupError(f"{exc}\nlast readiness probe: {self._probe_error}") from exc
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful shutdown (SIGTERM: controlled shutdown, clean log close); SIGKILL after."""
@@ -467,19 +468,19 @@ class KafkaBroker:
                         check=False,
                     ).returncode
                 except subprocess.TimeoutExpired as exc:
-                    raise InfraError(
+                    raise SetupError(
                         f"Kafka storage format timed out after {timeout:.0f}s; "
                         f"log {self.log_path}:\n{log_tail(self.log_path)}"
                     ) from exc
             if code != 0 or not meta.is_file():
-                raise InfraError(
+                raise SetupError(
                     f"Kafka storage format failed (exit {code}); "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
         # meta.properties is the truth: it survives even if cluster.id is lost or edited.
         formatted_id = _read_properties(meta).get("cluster.id")
         if not formatted_id:
-            raise InfraError(f"{meta} has no cluster.id; delete {self.data_dir} to start afresh")
+            raise SetupError(f"{meta} has no cluster.id; delete {self.data_dir} to start afresh")
         return formatted_id
 
     def _ready(self) -> bool:

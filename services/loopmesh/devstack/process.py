@@ -11,9 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-class InfraError(RuntimeError):
-    """A local component failed to start or to become ready."""
+from loopmesh.mesh.errors import SetupError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,7 +59,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         if self.running:
-            raise InfraError(f"{self.name} is already running (pid {self.pid})")
+            raise SetupError(f"{self.name} is already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -80,7 +78,7 @@ class ManagedProcess:
         while time.monotonic() < deadline:
             if not self.running:
                 code = self._proc.returncode if self._proc else None
-                raise InfraError(
+                raise SetupError(
                     f"{self.name} exited with code {code} before it was ready; "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
@@ -89,7 +87,7 @@ class ManagedProcess:
                     return
             time.sleep(interval)
         self.kill()
-        raise InfraError(
+        raise SetupError(
             f"{self.name} was not ready within {timeout:.0f}s; "
             f"log {self.log_path}:\n{log_tail(self.log_path)}"
         )

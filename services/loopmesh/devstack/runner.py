@@ -33,8 +33,9 @@ from loopmesh.devstack.state import LoopState
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, examples
 from loopmesh.devstack.watch import Watcher
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
-from loopmesh.mesh.settings import MeshSettings
-from loopmesh.trainer.dataset import Dataset
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.settings import KafkaSettings, MeshSettings
+from loopmesh.mesh.topics import TRAINING_EXAMPLES
 
 SERVICE_ORDER = ("features", "ingestion", "feedback", "inference", "trainer", "rollout")
 
@@ -109,13 +110,20 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
     return env
 
 
-def seed_bootstrap_examples(options: RunOptions, world: SyntheticWorld) -> int:
-    """Write a small labelled bootstrap set into the trainer's dataset before it starts."""
+async def seed_bootstrap_examples(
+    options: RunOptions, world: SyntheticWorld, kafka: KafkaSettings
+) -> int:
+    """Publish a small labelled bootstrap set to ``training.examples``, the trainer's door."""
     rng = np.random.default_rng(options.seed)
     batch = world.sample(options.bootstrap_examples, rng)
     labels = world.draw_labels(batch, rng)
     rows = examples(batch, labels.tolist(), model_name=options.model_name)
-    Dataset(options.out_dir.resolve() / "trainer").append(rows)
+    producer = EventProducer(kafka, "devstack")
+    await producer.start()
+    try:
+        await producer.publish_many(TRAINING_EXAMPLES, rows)
+    finally:
+        await producer.stop()
     return len(rows)
 
 
@@ -198,7 +206,7 @@ async def run_loop(options: RunOptions, console: Console | None = None) -> dict[
     state_info = await asyncio.to_thread(stack.up)
     ports = {name: free_port() for name in SERVICE_ORDER}
     world = SyntheticWorld(SyntheticConfig(seed=options.seed, sharpness=2.0))
-    seeded = seed_bootstrap_examples(options, world)
+    seeded = await seed_bootstrap_examples(options, world, stack.kafka_settings)
     note(f"seeded {seeded} bootstrap examples")
     processes = ServiceProcesses(service_env(state_info, ports, options), options.out_dir / "logs")
     loop_state = LoopState(model_name=options.model_name)
@@ -213,7 +221,7 @@ async def run_loop(options: RunOptions, console: Console | None = None) -> dict[
             await wait_serving(f"127.0.0.1:{ports[name]}", name, processes, timeout=180)
             note(f"{name} serving on 127.0.0.1:{ports[name]}")
         await watcher.start()
-        await _train_initial(f"127.0.0.1:{ports['trainer']}", options.model_name)
+        await _train_initial(f"127.0.0.1:{ports['trainer']}", options.model_name, seeded)
         note("initial version trained; waiting for it to serve")
         await _wait_for(lambda: loop_state.current_route() is not None, 180, processes)
         note("initial version is stable")
@@ -272,9 +280,19 @@ def _maybe_drift(
             simulator.inject_drift()
 
 
-async def _train_initial(address: str, model_name: str) -> None:
+async def _train_initial(address: str, model_name: str, seeded: int) -> None:
+    """Train the first version once the trainer has stored the bootstrap set."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        deadline = time.monotonic() + 120
+        status = await stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)
+        while status.dataset_rows < seeded and status.runs_total == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"trainer stored {status.dataset_rows} of {seeded} bootstrap examples in 120 s"
+                )
+            await asyncio.sleep(0.5)
+            status = await stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)
         await stub.TriggerTraining(
             trainer_pb2.TriggerTrainingRequest(
                 model_name=model_name, reason="bootstrap set", wait=True

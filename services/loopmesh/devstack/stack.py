@@ -12,11 +12,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from loopmesh.devstack.feast_repo import apply_repo, prepare_repo
 from loopmesh.devstack.kafka import KafkaBroker
 from loopmesh.devstack.process import stop_pid
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh.bus import declare_topics
+from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
 from loopmesh.mesh.settings import KafkaSettings, MeshSettings
 from loopmesh.mesh.topics import ALL_TOPICS
 

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from loopmesh.devstack.process import InfraError, ManagedProcess, free_port, log_tail
+from loopmesh.devstack.process import ManagedProcess, free_port, log_tail
+from loopmesh.mesh.errors import SetupError
 
 # Generous: readiness takes ~0.25s here (no models load at start), but cold disks are slow.
 DEFAULT_START_TIMEOUT = 120.0
@@ -32,7 +33,7 @@ def pytriton_root() -> Path:
     """The installed ``pytriton`` package directory (found without importing pytriton)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise InfraError("nvidia-pytriton is not installed; it ships the tritonserver binary")
+        raise SetupError("nvidia-pytriton is not installed; it ships the tritonserver binary")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -110,15 +111,15 @@ class TritonServer:
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> None:
         """Launch tritonserver and wait until gRPC ``is_server_ready`` answers True."""
         if self.running:
-            raise InfraError(f"tritonserver is already running (pid {self.pid})")
+            raise SetupError(f"tritonserver is already running (pid {self.pid})")
         if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
-            raise InfraError(
+            raise SetupError(
                 f"tritonserver binary not found or not executable at {self.binary}; "
                 "is nvidia-pytriton installed for this interpreter?\n"
                 f"log {self.log_path}:\n{log_tail(self.log_path)}"
             )
         if not self.model_repository.is_dir():
-            raise InfraError(f"model repository {self.model_repository} is not a directory")
+            raise SetupError(f"model repository {self.model_repository} is not a directory")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_backends()
         self._proc = ManagedProcess(
@@ -186,7 +187,7 @@ class TritonServer:
         stub = self._root / "tritonserver/python_backend_stubs" / _python_tag()
         stub = stub / "triton_python_backend_stub"
         if not stub.is_file():
-            raise InfraError(
+            raise SetupError(
                 f"no python backend stub for Python {_python_tag()} in the pytriton wheel ({stub})"
             )
         src_root = self._root / "tritonserver/backends"

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from loopmesh.devstack.feast_repo import redis_connection_string
 from loopmesh.features.settings import FeaturesScope
+from loopmesh.mesh.feature_repo import redis_connection_string
 
 
 def feast_config(scope: FeaturesScope) -> tuple[Path, dict[str, Any]]:

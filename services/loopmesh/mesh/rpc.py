@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from loopmesh.mesh.auth import AuthSettings, Role, TokenAuthInterceptor
+from loopmesh.mesh.errors import ErrorMapping
 from loopmesh.mesh.rpc_decode import DecodeGuard
 from loopmesh.mesh.settings import GrpcServerSettings
 from loopmesh.mesh.telemetry import RpcMetricsInterceptor
@@ -71,8 +72,9 @@ class GrpcServer:
                 raise ValueError(f"{name}: auth is configured but no method roles are declared")
             chain.append(TokenAuthInterceptor(auth, method_roles))
         chain.extend(interceptors)
-        # Innermost: a request that does not decode is INVALID_ARGUMENT, not UNKNOWN.
-        chain.append(DecodeGuard())
+        # Then errors to status codes (one mapping for every service); innermost: a request
+        # that does not decode is INVALID_ARGUMENT, not UNKNOWN.
+        chain.extend([ErrorMapping(), DecodeGuard()])
         self.server = grpc.aio.server(
             interceptors=chain,
             options=[

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from loopmesh.devstack.process import InfraError
+from loopmesh.mesh.errors import SetupError
 
 # The source definitions: <repo root>/feature_store, this file being
-# <repo root>/services/loopmesh/devstack/feast_repo.py.
+# <repo root>/services/loopmesh/mesh/feature_repo.py.
 FEATURE_REPO_DIR = Path(__file__).resolve().parents[3] / "feature_store"
 
 OnlineStore = Literal["sqlite", "redis"]
@@ -76,7 +76,7 @@ def render_config(
     else:
         raise ValueError(f"unknown online store {online_store!r} (sqlite or redis)")
     return (
-        "# Written by loopmesh.devstack.feast_repo; edits are lost on the next prepare.\n"
+        "# Written by loopmesh.mesh.feature_repo; edits are lost on the next prepare.\n"
         f"project: {PROJECT}\n"
         "provider: local\n"
         f"registry: {_yaml_str(str(data_dir / 'registry.db'))}\n"
@@ -98,7 +98,7 @@ def prepare_repo(
     text = render_config(target_dir, online_store=online_store, redis_url=redis_url)
     sources = sorted(FEATURE_REPO_DIR.glob("*.py"))
     if not sources:
-        raise InfraError(f"no Feast definitions (*.py) found in {FEATURE_REPO_DIR}")
+        raise SetupError(f"no Feast definitions (*.py) found in {FEATURE_REPO_DIR}")
     repo_dir = target_dir.resolve()
     (repo_dir / "data").mkdir(parents=True, exist_ok=True)
     # Feast applies every *.py in the repo: a file deleted from the source must go here too.
@@ -120,7 +120,7 @@ def feast_command() -> list[str]:
 
 
 def apply_repo(repo_dir: Path, timeout: float = 180) -> None:
-    """Run ``feast apply`` in ``repo_dir``; raises InfraError (a RuntimeError) on failure."""
+    """Run ``feast apply`` in ``repo_dir``; raises SetupError (a RuntimeError) on failure."""
     argv = [*feast_command(), "apply"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
@@ -136,13 +136,13 @@ def apply_repo(repo_dir: Path, timeout: float = 180) -> None:
         )
     except subprocess.TimeoutExpired as exc:
         output = exc.output if isinstance(exc.output, str) else (exc.output or b"").decode()
-        raise InfraError(
+        raise SetupError(
             f"`feast apply` in {repo_dir} did not finish within {timeout:.0f} s:\n{_tail(output)}"
         ) from exc
     except OSError as exc:
-        raise InfraError(f"cannot run {argv[0]}: {exc}") from exc
+        raise SetupError(f"cannot run {argv[0]}: {exc}") from exc
     if result.returncode != 0:
-        raise InfraError(
+        raise SetupError(
             f"`feast apply` in {repo_dir} failed with exit status {result.returncode}:\n"
             f"{_tail(result.stdout)}"
         )

@@ -13,14 +13,15 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from loopmesh.inference.batching import Coalescer
-from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, UnknownModel, is_store_ref
-from loopmesh.inference.core import InvalidArgument, PredictInput, PredictionRecord
+from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, is_store_ref
+from loopmesh.inference.core import PredictInput, PredictionRecord
 from loopmesh.inference.oip import override_version
 from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import Route, bucket
 from loopmesh.inference.tensors import TensorError, check_infer_inputs
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.errors import InvalidArgument, UnknownModel
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import PREDICTIONS
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import UnknownModel
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
-from loopmesh.rollout.core import RolloutController, UnknownModel
+from loopmesh.rollout.core import RolloutController
 from loopmesh.rollout.machine import Refused
 from loopmesh.rollout.policy import PolicySet, RolloutPolicy
 from loopmesh.rollout.settings import RolloutScope

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
+from loopmesh.mesh.errors import InvalidArgument, UnknownModel
 from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged, VersionMetrics
 from loopmesh.trainer import metrics
-from loopmesh.trainer.api import InvalidArgument, TriggerRequest, UnknownModel, check_model, parse
+from loopmesh.trainer.api import TriggerRequest, check_model, parse
 from loopmesh.trainer.gate import decide
 from loopmesh.trainer.live import LiveMetrics
 from loopmesh.trainer.pairing import JoinEntry, Outcome, example_id, on_feedback, on_prediction

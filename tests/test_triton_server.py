@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import SetupError
+from loopmesh.mesh.events import ModelPublished
 
 N_FEATURES = 4
 LOAD_TIMEOUT = 120.0
@@ -114,13 +116,26 @@ def client(server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
 @pytest.mark.parametrize("name", ["m", "ctr_model", "Model-2", "a" * 64])
 def test_valid_model_names(name: str) -> None:
     assert model_repo.validate_model_name(name) == name
+    assert _published(name).model_name == name  # events follow the same rule
 
 
 @pytest.mark.parametrize(
     "name",
-    ["", "../x", "a/b", "..", ".", ".hidden", "a\\b", "a b", "1abc", "a\x00b", "a" * 65, None, 3],
+    ["", "../x", "a/b", "..", ".", ".hidden", "a\\b", "a b", "1abc", "a\x00b", "a" * 65, "a.b"],
 )
-def test_invalid_model_names(name: object) -> None:
+def test_invalid_model_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        model_repo.validate_model_name(name)
+    with pytest.raises(ValidationError):
+        _published(name)
+
+
+def _published(name: str) -> ModelPublished:
+    return ModelPublished(model_name=name, model_version=1, sha256="0" * 64, feature_names=["x"])
+
+
+@pytest.mark.parametrize("name", [None, 3])
+def test_a_model_name_must_be_a_string(name: object) -> None:
     with pytest.raises(ValueError):
         model_repo.validate_model_name(name)
 

@@ -2,7 +2,7 @@
 
 Why the event log and not Feast's ``get_historical_features``: the agents push to the online
 store only (a push to the file offline store rewrites its parquet file on every call,
-design.md), so Feast's offline store has nothing to join; and Feast's file store drops entity
+measured), so Feast's offline store has nothing to join; and Feast's file store drops entity
 rows that have no data inside the TTL, where a training frame must keep every row. Replaying
 ``events.raw`` through ``EntityAggregate`` gives each ``(entity_id, event_timestamp)`` row the
 values the online store held after the entity's newest event at or before that time (windows

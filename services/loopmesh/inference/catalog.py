@@ -14,17 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import FailedPrecondition, UnknownModel
 
 
-class UnknownModel(LookupError):
-    """The model or the version is not in the registry."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-
-
-class BadModelSpec(ValueError):
+class BadModelSpec(FailedPrecondition):
     """A published version whose metadata cannot drive Predict (no usable feature_names)."""
 
 

@@ -26,33 +26,20 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from loopmesh.inference import instruments
 from loopmesh.inference.batching import Coalescer
-from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, ModelSpec, UnknownModel
+from loopmesh.inference.catalog import ModelCatalog, ModelSpec
 from loopmesh.inference.operational import OperationalWindows
 from loopmesh.inference.routing import Arm, Route, RouteTable
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LoopMeshError,
+    NotFound,
+    Unavailable,
+)
 from loopmesh.mesh.events import Finite, Identifier
 
 # -- errors the adapters translate into their transport's status ------------------------------
-
-
-class InvalidArgument(ValueError):
-    """The request is wrong; ``field`` names the part at fault."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-class NotFound(InvalidArgument):
-    """The model or version named in the request does not exist; ``field`` names which."""
-
-
-class Unavailable(RuntimeError):
-    """A dependency (Triton, a model version, the feature service) cannot serve this call."""
-
-
-class FailedPrecondition(RuntimeError):
-    """The system is not set up to answer (e.g. a model declares a text feature)."""
 
 
 class BackendError(RuntimeError):
@@ -63,11 +50,11 @@ class BackendError(RuntimeError):
         self.unavailable = unavailable
 
 
-class ModelFailed(RuntimeError):
+class ModelFailed(LoopMeshError):
     """The model version answered with an error (a bug or bad output, not availability)."""
 
 
-class FeaturesUnavailable(RuntimeError):
+class FeaturesUnavailable(Unavailable):
     """The feature service could not answer."""
 
 
@@ -349,12 +336,8 @@ class Predictor:
         raise NotFound("model_name", f"unknown model {model_name!r}")
 
     def _spec(self, model_name: str, version: int) -> ModelSpec:
-        try:
-            return self.catalog.spec(model_name, version)
-        except UnknownModel as exc:
-            raise NotFound(exc.field, str(exc)) from None
-        except BadModelSpec as exc:
-            raise FailedPrecondition(str(exc)) from None
+        # Raises UnknownModel (NOT_FOUND) or BadModelSpec (FAILED_PRECONDITION).
+        return self.catalog.spec(model_name, version)
 
     async def _inputs(
         self, request: PredictInput, spec: ModelSpec, known: dict[str, FeatureReading]

@@ -74,17 +74,19 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
             model_repo.validate_model_name(name)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_name: {exc}")
+        pinned = None
+        if parsed.model_version:
+            try:
+                pinned = model_repo.validate_version(parsed.model_version)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_version: {exc}")
         try:
             check_infer_inputs(parsed)
         except TensorError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with _tracer.start_as_current_span("ModelInfer", attributes={"model.name": name}):
-            if parsed.model_version:
-                try:
-                    version = model_repo.validate_version(parsed.model_version)
-                except ValueError as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_version: {exc}")
-                return await self._forward(context, parsed, request, version, None)
+            if pinned is not None:
+                return await self._forward(context, parsed, request, pinned, None)
             route = self._routes.get(name)
             choice = route.choose(self._key(parsed)) if route is not None else None
             if choice is None:

@@ -1,10 +1,8 @@
 """gRPC adapter of ``loopmesh.v1.InferenceService``: converts messages, calls the Predictor.
 
-Errors map once, here: InvalidArgument -> INVALID_ARGUMENT (the message starts with the field
-at fault), NotFound (an unknown model or version) -> NOT_FOUND (naming the field too),
-Unavailable -> UNAVAILABLE, FailedPrecondition -> FAILED_PRECONDITION, ModelFailed (and
-anything unexpected) -> INTERNAL. On PredictStream a failed item becomes a response with
-``error`` set and the stream goes on.
+Errors are the kernel's (``loopmesh.mesh.errors``), mapped to a status by the server's one
+``ErrorMapping``. On PredictStream a failed item becomes a response with ``error`` set (the
+same code, field and message) and the stream goes on.
 """
 
 from __future__ import annotations
@@ -17,21 +15,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
-from loopmesh.inference.core import (
-    Counters,
-    FailedPrecondition,
-    InvalidArgument,
-    ModelFailed,
-    NotFound,
-    PredictInput,
-    Predictor,
-    PredictOutput,
-    Unavailable,
-)
+from loopmesh.inference.core import Counters, PredictInput, Predictor, PredictOutput
 from loopmesh.inference.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from loopmesh.inference.routing import Route, RouteTable
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.auth import Role
+from loopmesh.mesh.errors import InvalidArgument, status_of
 from loopmesh.mesh.telemetry import tracer
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -45,22 +34,6 @@ METHOD_ROLES: dict[str, Role] = {
 """Who may call what when token auth is on (``LOOPMESH_AUTH__TOKENS``)."""
 _tracer = tracer("loopmesh.inference")
 log = logging.getLogger(__name__)
-
-
-def _status(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
-    """(code, field, message) of a core error; anything else is INTERNAL."""
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND, exc.field, str(exc)
-    if isinstance(exc, InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT, exc.field, str(exc)
-    if isinstance(exc, Unavailable):
-        return grpc.StatusCode.UNAVAILABLE, "", str(exc)
-    if isinstance(exc, FailedPrecondition):
-        return grpc.StatusCode.FAILED_PRECONDITION, "", str(exc)
-    if isinstance(exc, ModelFailed):
-        return grpc.StatusCode.INTERNAL, "", str(exc)
-    log.exception("unexpected error in Predict", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}"
 
 
 def _input(request: inference_pb2.PredictRequest) -> PredictInput:
@@ -106,12 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.PredictResponse:
         with _tracer.start_as_current_span("Predict"):
-            try:
-                out = await self._predictor.predict(_input(request))
-            except Exception as exc:
-                code, _, message = _status(exc)
-                await context.abort(code, message)
-            return _response(out)
+            return _response(await self._predictor.predict(_input(request)))
 
     async def PredictStream(
         self,
@@ -126,7 +94,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             try:
                 answer = _response(await self._predictor.predict(_input(request)))
             except Exception as exc:
-                code, field, message = _status(exc)
+                code, field, message = status_of(exc)
                 answer = inference_pb2.PredictResponse(
                     request_id=request.request_id,
                     error=inference_pb2.PredictError(
@@ -165,10 +133,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def SetRoute(
         self, request: inference_pb2.SetRouteRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.RouteStatus:
-        try:
-            route = _route(request)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        route = _route(request)
         self._routes.set(route)
         return self._status_of(route.model_name)
 
@@ -178,7 +143,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             model_repo.validate_model_name(request.model_name)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_name: {exc}")
+            raise InvalidArgument("model_name", str(exc)) from None
         return self._status_of(request.model_name)
 
     def _status_of(self, model_name: str) -> inference_pb2.RouteStatus:

@@ -18,22 +18,33 @@ import grpc
 log = logging.getLogger(__name__)
 
 
+MAX_DETAILS = 1024
+"""Longest error text a caller receives."""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class LoopMeshError(Exception):
     """Base of every error LoopMesh raises on purpose."""
 
     status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else ""
+    def __init__(self, field: str, message: str | None = None) -> None:
+        """``Error(message)``, or ``Error(field, message)`` when a request field is at fault."""
+        if message is None:
+            field, message = "", field
+        # Details travel in trailing metadata (16 KiB hard limit) and echo what a client sent:
+        # keep them short whatever the request held.
+        text = f"{_cut(field, 200)}: {message}" if field else message
+        super().__init__(_cut(text, MAX_DETAILS))
+        self.field = _cut(field, 200)
+        self.message = message
 
     def details(self) -> str:
         """What the caller reads: ``field: message`` when a field is at fault."""
-        return f"{self.field}: {self.message}" if self.field else self.message
+        return str(self)
 
 
 class InvalidArgument(LoopMeshError, ValueError):
@@ -77,11 +88,20 @@ class SetupError(LoopMeshError, RuntimeError):
 # -- the server interceptor -----------------------------------------------------------------
 
 
-async def _answer(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
+    """(code, field, details) of an error; anything not a ``LoopMeshError`` is logged INTERNAL.
+
+    Used by ``ErrorMapping`` and by streams that answer each item's error in-band.
+    """
     if isinstance(exc, LoopMeshError):
-        await context.abort(exc.status, exc.details())
+        return exc.status, exc.field, exc.details()
     log.error("unexpected error in a gRPC method", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    return grpc.StatusCode.INTERNAL, "", f"internal error: {type(exc).__name__}"
+
+
+async def _answer(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code, _, details = status_of(exc)
+    await context.abort(code, details)
 
 
 def _is_abort(exc: BaseException) -> bool:

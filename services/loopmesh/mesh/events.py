@@ -1,4 +1,4 @@
-"""The Kafka events of the mesh: one pydantic model per topic value (design.md section 2).
+"""The Kafka events of the mesh: one pydantic model per topic value (docs/architecture.md).
 
 Every event carries ``event_id`` (consumers deduplicate by it), a ``schema`` naming its version,
 and ``event_time``. Values are JSON; the key is named per topic in ``loopmesh.mesh.topics``.
@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from loopmesh.mesh.model_repo import MODEL_NAME_PATTERN
+
 
 def _finite(value: float) -> float:
     if not math.isfinite(value):
@@ -32,7 +34,8 @@ Finite = Annotated[float, AfterValidator(_finite)]
 """A float that is neither NaN nor infinite."""
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 """An id: trimmed, non-empty, bounded."""
-ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ModelName = Annotated[str, StringConstraints(pattern=rf"^{MODEL_NAME_PATTERN}$")]
+"""The model repository's rule (``model_repo.MODEL_NAME_PATTERN``), so events and paths agree."""
 """A model name that is safe as a directory name."""
 
 

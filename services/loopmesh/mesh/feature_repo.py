@@ -1,7 +1,7 @@
 """Prepare and apply the Feast repository (``feature_store/``) in a working directory.
 
 Feast is driven through its CLI in a subprocess only: ``import feast`` costs seconds and pulls
-in torch, and only the features service may pay that (design.md).
+in torch, and only the features service may pay that (docs/architecture.md).
 """
 
 from __future__ import annotations

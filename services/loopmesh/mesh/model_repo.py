@@ -38,7 +38,9 @@ OUTPUT_NAME = "OUTPUT__0"
 
 # Letters first, then letters/digits/_/- : no dots, slashes or anything a shell or path treats
 # specially. 64 chars keeps names usable as Kafka keys and metric labels too.
-_MODEL_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+MODEL_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
+"""The one rule for a model name: a Triton repository directory, so no dots or slashes."""
+_MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
 # Triton versions are positive integers; no sign, no leading zeros (so "01" != "1" can't alias).
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")

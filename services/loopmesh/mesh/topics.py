@@ -1,4 +1,4 @@
-"""The topic table of design.md section 2: names, keys, value models, and how each is kept."""
+"""The topic table (docs/architecture.md, "Topics"): names, keys, value models, retention."""
 
 from __future__ import annotations
 

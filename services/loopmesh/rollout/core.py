@@ -29,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext
 
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import UnknownModel
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.rollout import instruments, machine
@@ -55,10 +56,6 @@ class Loader(Protocol):
     async def ensure(
         self, model: str, versions: set[int], expected_sha: dict[int, str] | None = None
     ) -> bool: ...
-
-
-class UnknownModel(LookupError):
-    """No rollout has ever happened for this model."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +346,7 @@ class RolloutController:
         async with self._locks[model]:
             record = self.records.get(model)
             if record is None:
-                raise UnknownModel(model)
+                raise UnknownModel("model_name", f"no rollout of {model}")
             await self._apply(model, act(record, self.policies.get(model), self._clock()))
         return self.status(model)
 
@@ -368,7 +365,7 @@ class RolloutController:
     def status(self, model: str) -> Status:
         record = self.records.get(model)
         if record is None:
-            raise UnknownModel(model)
+            raise UnknownModel("model_name", f"no rollout of {model}")
         served = self.book.served(model, record.canary_version) if record.canary_version else 0
         evaluation = self._evaluations.get(model)
         return Status(record, self.policies.get(model), evaluation, served)
@@ -377,7 +374,7 @@ class RolloutController:
         """Current rollouts and their history, newest first (``limit`` changes per model)."""
         models = [model] if model else sorted(self.records)
         if model and model not in self.records:
-            raise UnknownModel(model)
+            raise UnknownModel("model_name", f"no rollout of {model}")
         statuses = [self.status(m) for m in models]
         history: list[HistoryEntry] = []
         for m in models:

@@ -1,4 +1,4 @@
-"""The rollout state machine of design.md section 3, as pure functions of (record, input, now).
+"""The rollout state machine of docs/architecture.md, as pure functions of (record, input, now).
 
 ``candidate -> canary(w1) -> ... -> canary(wn) -> stable``, or ``rolled_back`` / ``aborted``
 from any step, with ``paused`` freezing the weights in between. A ``Record`` is exactly what a
@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+from loopmesh.mesh.errors import FailedPrecondition
 from loopmesh.mesh.events import RolloutChanged, RolloutState
 from loopmesh.rollout.analysis import Verdict
 from loopmesh.rollout.policy import RolloutPolicy
 
 
-class Refused(Exception):
+class Refused(FailedPrecondition):
     """A manual command that does not apply to the rollout's current state."""
 
 

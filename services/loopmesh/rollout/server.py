@@ -12,15 +12,18 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
+from aiokafka.errors import KafkaError
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import ValidationError
 
 from loopmesh.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.auth import Role
+from loopmesh.mesh.errors import InvalidArgument, Unavailable
 from loopmesh.mesh.events import RolloutChanged
-from loopmesh.rollout.core import HistoryEntry, Refused, RolloutController, Status, UnknownModel
+from loopmesh.rollout.core import HistoryEntry, RolloutController, Status
 from loopmesh.rollout.policy import RolloutPolicy
+from loopmesh.rollout.triton import LoadError
 
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name
 # Every rollout call, reads included, is an operator's: the history reveals model figures.
@@ -220,21 +223,16 @@ async def _model(name: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
     try:
         return model_repo.validate_model_name(name)
     except ValueError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_name: {exc}")
-    raise AssertionError("unreachable")  # abort raises
+        raise InvalidArgument("model_name", str(exc)) from None
 
 
 async def _call(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
+    """Run a controller call; kernel errors pass through to the server's ErrorMapping."""
     try:
         return await call()
-    except UnknownModel as exc:
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"model_name: no rollout of {exc}")
-    except Refused as exc:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except ValidationError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _policy_errors(exc))
-    except ValueError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except Exception as exc:  # Kafka or Triton: the change was not made, the caller may retry
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"rollout change not made: {exc}")
-    raise AssertionError("unreachable")  # abort raises
+        raise InvalidArgument(_policy_errors(exc)) from None
+    except (KafkaError, LoadError, grpc.aio.AioRpcError, TimeoutError) as exc:
+        # Kafka or Triton: the change was not made, and the caller may retry. Anything else
+        # is a bug, answered INTERNAL by the ErrorMapping.
+        raise Unavailable(f"rollout change not made: {exc}") from exc

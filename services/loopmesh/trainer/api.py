@@ -11,24 +11,9 @@ from typing import Annotated, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import InvalidArgument, UnknownModel
 
 R = TypeVar("R", bound=BaseModel)
-
-
-class InvalidArgument(ValueError):
-    """A request field is malformed."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class UnknownModel(LookupError):
-    """A well-formed model name this trainer does not train."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class _Request(BaseModel):

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext
 
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.trainer import instruments, pipeline
@@ -176,7 +177,7 @@ class TrainerCore:
         if self._running is not None:
             return False, self._running
         if self._closed:
-            raise RuntimeError("the trainer is stopping")
+            raise Unavailable("the trainer is stopping")
         record = RunRecord(
             model_name=self.model_name,
             reasons=reasons,

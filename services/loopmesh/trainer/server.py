@@ -1,7 +1,7 @@
 """gRPC adapter of ``loopmesh.v1.TrainerService``: validates via ``api``, calls ``TrainerCore``.
 
-InvalidArgument -> INVALID_ARGUMENT and UnknownModel -> NOT_FOUND, the message starting with
-the field at fault. Reads of the run history and the repository run in a thread.
+Errors are the kernel's (InvalidArgument, UnknownModel, Unavailable), mapped to a status by the
+server's ``ErrorMapping``. Reads of the run history and the repository run in a thread.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
 from loopmesh.mesh.auth import Role
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.trainer.api import (
-    InvalidArgument,
     ListRunsRequest,
     ListVersionsRequest,
     TriggerRequest,
-    UnknownModel,
     check_model,
     parse,
 )
@@ -131,10 +129,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def ListRuns(
         self, request: trainer_pb2.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.ListRunsResponse:
-        try:
-            parsed = parse(ListRunsRequest, limit=request.limit)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        parsed = parse(ListRunsRequest, limit=request.limit)
         with _tracer.start_as_current_span("TrainerService/ListRuns"):
             runs = await asyncio.to_thread(self.core.runs, parsed.limit or _DEFAULT_LIMIT)
         return trainer_pb2.ListRunsResponse(runs=[run_message(r) for r in runs])
@@ -142,13 +137,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def ListVersions(
         self, request: trainer_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.ListVersionsResponse:
-        try:
-            parsed = parse(ListVersionsRequest, model_name=request.model_name)
-            model_name = check_model(parsed.model_name, self.core.model_name)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except UnknownModel as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        parsed = parse(ListVersionsRequest, model_name=request.model_name)
+        model_name = check_model(parsed.model_name, self.core.model_name)
         with _tracer.start_as_current_span("TrainerService/ListVersions"):
             infos = await asyncio.to_thread(self.core.versions)
             stable = await asyncio.to_thread(self.core.stable_version)
@@ -161,25 +151,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         request: trainer_pb2.TriggerTrainingRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> trainer_pb2.TriggerTrainingResponse:
-        try:
-            parsed = parse(
-                TriggerRequest,
-                model_name=request.model_name,
-                reason=request.reason,
-                wait=request.wait,
-            )
-            check_model(parsed.model_name, self.core.model_name)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except UnknownModel as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        parsed = parse(
+            TriggerRequest, model_name=request.model_name, reason=request.reason, wait=request.wait
+        )
+        check_model(parsed.model_name, self.core.model_name)
         with _tracer.start_as_current_span("TrainerService/TriggerTraining") as span:
-            try:
-                started, record = self.core.trigger(
-                    [f"manual: {parsed.reason or 'TriggerTraining'}"]
-                )
-            except RuntimeError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            started, record = self.core.trigger([f"manual: {parsed.reason or 'TriggerTraining'}"])
             span.set_attribute("loopmesh.run_id", record.run_id)
             span.set_attribute("loopmesh.started", started)
             if started and parsed.wait:

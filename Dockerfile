@@ -1,15 +1,17 @@
 # syntax=docker/dockerfile:1
 #
-# One Dockerfile, two images:
-#   (default, last stage) "service": every LoopMesh service; pick one with
-#       `loopmesh serve <name>` (compose and the k8s manifests set the command).
+# One Dockerfile, one target per deployable, each with only its own dependencies
+# (pyproject.toml extras): ingestion and feedback carry neither torch nor feast.
+#   --target ingestion | feedback | features | inference | trainer | rollout
 #   --target triton: the NVIDIA Triton container plus torch, because the python-backend
 #       model (services/loopmesh/mesh/triton_python_model.py) loads TorchScript with torch and
 #       NVIDIA's image ships no torch for the python backend.
+#   (default, last stage) "service": every deployable and the dev stack in one image; pick
+#       one with `loopmesh serve <name>`.
 #
-#   docker build -t loopmesh:dev .
+#   docker build --target ingestion -t loopmesh-ingestion:dev .
 #   docker build --target triton -t loopmesh-triton:dev .
-#   CPU-only, ~3 GB smaller: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   CPU-only torch, ~3 GB smaller: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.07-py3
@@ -36,30 +38,47 @@ CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explici
 
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_INDEX
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-# Compilers only here, for any dependency without a wheel; the final image has none.
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# Compilers only here, for any dependency without a wheel; the final images have none.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
-    && rm -rf /var/lib/apt/lists/* \
-    && python -m venv /opt/venv
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-# Dependencies first, from pyproject.toml alone, so editing code does not re-download torch.
+# Dependencies first, from pyproject.toml alone (an empty package stands in for the code),
+# so editing code does not re-download torch. Each deps-* stage is one extra's venv.
 COPY pyproject.toml README.md ./
-RUN mkdir -p services/loopmesh && touch services/loopmesh/__init__.py \
-    && pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} . \
-    && pip uninstall -y loopmesh \
-    && rm -rf services build *.egg-info
-COPY . .
-# Editable on purpose: services/loopmesh/mesh/feature_repo.py finds the Feast definitions at
-# <source root>/feature_store, which a site-packages install would not have.
-RUN pip install --no-deps -e . \
-    && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"
+RUN mkdir -p services/loopmesh && touch services/loopmesh/__init__.py
+
+FROM build AS deps-base
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install . && /opt/venv/bin/pip uninstall -y loopmesh
+
+FROM build AS deps-features
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[features]" \
+    && /opt/venv/bin/pip uninstall -y loopmesh
+
+FROM build AS deps-inference
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[inference]" \
+    && /opt/venv/bin/pip uninstall -y loopmesh
+
+FROM build AS deps-trainer
+ARG TORCH_INDEX
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[trainer]" \
+    && /opt/venv/bin/pip uninstall -y loopmesh
+
+FROM build AS deps-rollout
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[rollout]" \
+    && /opt/venv/bin/pip uninstall -y loopmesh
+
+FROM build AS deps-all
+ARG TORCH_INDEX
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[devstack]" \
+    && /opt/venv/bin/pip uninstall -y loopmesh
 
 # ---------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS service
+FROM ${PYTHON_IMAGE} AS runtime
 ARG LOOPMESH_UID
 # Non-root, with a writable home that is also the working directory: relative defaults
 # such as .loopmesh/... land there, and the source tree stays read-only.
@@ -70,17 +89,68 @@ RUN groupadd --system --gid "${LOOPMESH_UID}" loopmesh \
     && chown loopmesh:loopmesh /models /var/lib/loopmesh/feature_store /var/lib/loopmesh/trainer
 # Mount points of compose's named volumes exist here, owned by the service user, so Docker
 # initialises each new volume with that owner (a missing path would come up root-owned).
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
+COPY . /app
 ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LOOPMESH_MODEL_REPOSITORY=/models
 WORKDIR /var/lib/loopmesh
-USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 # gRPC: ingestion 50051, feedback 50052, features 50053, inference 50054, trainer 50055,
 # rollout 50056; Prometheus metrics 9464 when LOOPMESH_TELEMETRY__METRICS_PORT says so.
 EXPOSE 50051 50052 50053 50054 50055 50056 9464
 # No HEALTHCHECK: compose runs `python -m loopmesh.mesh.healthcheck 127.0.0.1:<port>` and
 # Kubernetes uses its grpc probe, both against the gRPC health service.
+# Each target: its venv, then the code installed editable (mesh/feature_repo.py finds the
+# Feast definitions at <source root>/feature_store, which a site-packages install lacks).
+
+FROM runtime AS ingestion
+ARG LOOPMESH_UID
+COPY --from=deps-base /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.ingestion.__main__" \
+    && python -c "import importlib.util as u; assert not u.find_spec('torch') and not u.find_spec('feast')"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "ingestion"]
+
+FROM runtime AS feedback
+ARG LOOPMESH_UID
+COPY --from=deps-base /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.feedback.__main__" \
+    && python -c "import importlib.util as u; assert not u.find_spec('torch') and not u.find_spec('feast')"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "feedback"]
+
+FROM runtime AS features
+ARG LOOPMESH_UID
+COPY --from=deps-features /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.features.__main__"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "features"]
+
+FROM runtime AS inference
+ARG LOOPMESH_UID
+COPY --from=deps-inference /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.inference.__main__"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "inference"]
+
+FROM runtime AS trainer
+ARG LOOPMESH_UID
+COPY --from=deps-trainer /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.trainer.__main__"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "trainer"]
+
+FROM runtime AS rollout
+ARG LOOPMESH_UID
+COPY --from=deps-rollout /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.rollout.__main__"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "rollout"]
+
+FROM runtime AS service
+ARG LOOPMESH_UID
+COPY --from=deps-all /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "ingestion"]

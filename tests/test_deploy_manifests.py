@@ -398,19 +398,46 @@ def test_gpu_placement_and_secrets(rendered: dict[str, list[Obj]]) -> None:
 
 def test_dockerfile(compose: Obj) -> None:
     text = (ROOT / "Dockerfile").read_text()
-    stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)
-    assert [s for _, s in stages] == ["triton", "build", "service"], "service must be the default"
+    stages = dict((name, base) for base, name in re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M))
+    assert list(stages)[-1] == "service", "the all-in-one image must be the default target"
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
-    final = text[text.index("AS service") :]
-    assert re.search(r"^USER \$\{LOOPMESH_UID\}", final, re.M) and "ARG LOOPMESH_UID=10001" in text
-    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for name in SERVICES:
+        # One target per deployable, built on the runtime stage, with its own extra's venv.
+        assert stages.get(name) == "runtime", f"no Dockerfile target {name}"
+        target = _stage(text, name)
+        venv = re.search(r"^COPY --from=(deps-\S+) /opt/venv /opt/venv$", target, re.M)
+        assert venv is not None, f"{name}: no venv"
+        installs = _stage(text, venv[1])
+        assert (f'".[{name}]"' in installs) or (not extras[name] and "pip install ." in installs)
+        assert re.search(r"^USER \$\{LOOPMESH_UID\}", target, re.M), f"{name} must not run as root"
+        assert f'CMD ["loopmesh", "serve", "{name}"]' in target
+    for door in ("ingestion", "feedback"):
+        assert "find_spec('torch')" in _stage(text, door), f"{door}: proven free of torch"
+    assert "ARG LOOPMESH_UID=10001" in text
+    trainer = extras["trainer"]
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M)
-    assert torch is not None and f"torch=={torch[1]}" in pins, "Triton's torch must load model.pt"
+    assert torch is not None and f"torch=={torch[1]}" in trainer, (
+        "Triton's torch must load model.pt"
+    )
     for name, svc in compose["services"].items():
-        if svc["image"].startswith("${LOOPMESH_IMAGE"):
+        if "build" in svc and svc["build"].get("target") != "triton":
+            target = svc["build"]["target"]
+            assert target in SERVICES and stages.get(target) == "runtime", f"{name}: {target}"
+            assert svc["image"].endswith(f"-{target}:${{LOOPMESH_TAG:-dev}}"), name
             for mount in svc.get("volumes", []):
-                target = mount.split(":")[1]
-                assert target in text, f"{name}: {target} must exist in the image (volume owner)"
+                path = mount.split(":")[1]
+                assert path in text, f"{name}: {path} must exist in the image (volume owner)"
+
+
+def _stage(text: str, name: str) -> str:
+    """The lines of one Dockerfile stage."""
+    start = re.search(rf"^FROM \S+ AS {re.escape(name)}$", text, re.M)
+    assert start is not None, name
+    following = re.search(r"^FROM ", text[start.end() :], re.M)
+    return text[start.start() : start.end() + following.start() if following else len(text)]
 
 
 def test_observability_configs(compose: Obj) -> None:

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from loopmesh.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import DeadLetter, InteractionEvent
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import EVENTS_RAW, Topic
@@ -120,16 +121,59 @@ async def test_failed_handler_is_retried_not_skipped(
     async def flaky(ev: InteractionEvent, _: Delivery) -> None:
         attempts.append(ev.event_id)
         if len(attempts) < 3:
-            raise RuntimeError("transient")
+            raise RuntimeError("a bug that goes away")
+        if len(attempts) < 8:
+            raise Unavailable("the store is down")  # an outage: not counted against the message
 
     group = f"g-{uuid.uuid4().hex[:6]}"
     consumer = EventConsumer(
-        kafka_settings, topic, group, flaky, dlq=producer, service="t", retry_backoff=0.05
+        kafka_settings,
+        topic,
+        group,
+        flaky,
+        dlq=producer,
+        service="t",
+        retry_backoff=0.05,
+        max_attempts=3,
     )
     async with running(consumer):
         await eventually(lambda: _ready(consumer.handled == 1))
-    assert len(attempts) == 3 and len(set(attempts)) == 1
+    assert len(attempts) == 8 and len(set(attempts)) == 1 and consumer.dead_lettered == 0
     assert await committed(kafka_settings, topic, group) == 1
+
+
+async def test_a_message_that_keeps_failing_is_dead_lettered_after_bounded_retries(
+    kafka_settings: KafkaSettings, producer: EventProducer, topic: Topic
+) -> None:
+    poison, fine = event(7), event(8)
+    await producer.publish_many(topic, [poison, fine], keys=["same", "same"])  # one partition
+    attempts: list[str] = []
+
+    async def handler(ev: InteractionEvent, _: Delivery) -> None:
+        attempts.append(ev.event_id)
+        if ev.event_id == poison.event_id:
+            raise RuntimeError("cannot store this one")
+
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    consumer = EventConsumer(
+        kafka_settings,
+        topic,
+        group,
+        handler,
+        dlq=producer,
+        service="t",
+        retry_backoff=0.05,
+        max_attempts=3,
+    )
+    async with running(consumer):
+        await eventually(lambda: _ready(consumer.handled == 1 and consumer.dead_lettered == 1))
+    assert attempts == [poison.event_id] * 3 + [fine.event_id]
+    ((_, value, _),) = await read_topic(kafka_settings, topic.dlq, expect=1)
+    letter = DeadLetter.model_validate_json(value or b"")
+    assert letter.reason == "handler failed 3 times, last: RuntimeError: cannot store this one"
+    assert (letter.topic, letter.consumer_group) == (topic.name, group)
+    assert InteractionEvent.model_validate_json(letter.value or b"").event_id == poison.event_id
+    assert await committed(kafka_settings, topic, group) == 2
 
 
 async def test_malformed_message_goes_to_dead_letter_topic(

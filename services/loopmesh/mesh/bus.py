@@ -17,13 +17,14 @@ from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.helpers import create_ssl_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import DeadLetter, Event
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.telemetry import KafkaHeaders, extract_context, inject_headers, tracer
@@ -231,14 +232,19 @@ class Delivery:
 
 
 Handler = Callable[[E, Delivery], Awaitable[None]]
+TRANSIENT = (Unavailable, KafkaError, OSError, TimeoutError)
+"""Handler errors that mean "a dependency is down", retried until it is back."""
 
 
 class EventConsumer(Generic[E]):
     """A consumer-group member that hands valid events to ``handler`` and commits after it.
 
     A handler that raises leaves the offset uncommitted: the consumer seeks back, waits
-    ``retry_backoff`` and delivers the same message again (at-least-once). Messages that
-    are not valid events are dead-lettered, never retried.
+    ``retry_backoff`` and delivers the same message again (at-least-once). After
+    ``max_attempts`` failures of the same message it is dead-lettered with the last error, so
+    one poison message cannot stall its partition forever; a ``TRANSIENT`` error (a dependency
+    down) is retried without bound instead, since it says nothing about the message. Messages
+    that are not valid events are dead-lettered at once, never retried.
     """
 
     def __init__(
@@ -251,9 +257,12 @@ class EventConsumer(Generic[E]):
         dlq: EventProducer,
         service: str,
         retry_backoff: float = 1.0,
+        max_attempts: int = 5,
         max_batch: int = 500,
         **overrides: Any,
     ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
         options = client_options(settings, service)
         options.update(
             group_id=group_id,
@@ -268,6 +277,8 @@ class EventConsumer(Generic[E]):
         self._handler = handler
         self._dlq = dlq
         self._retry_backoff = retry_backoff
+        self._max_attempts = max_attempts
+        self._failures: dict[tuple[TopicPartition, int], int] = {}
         self._max_batch = max_batch
         self._tracer = tracer(f"loopmesh.{service}.bus")
         self._stopping = asyncio.Event()
@@ -307,16 +318,33 @@ class EventConsumer(Generic[E]):
                 await self._handle_record(record)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception(
-                    "handler failed on %s[%d]@%d; retrying", tp.topic, tp.partition, record.offset
-                )
-                await self._commit(tp, handled)
-                self._consumer.seek(tp, record.offset)
-                await asyncio.sleep(self._retry_backoff)
-                return
+            except Exception as exc:
+                if not await self._gave_up(tp, record, exc):
+                    await self._commit(tp, handled)
+                    self._consumer.seek(tp, record.offset)
+                    await asyncio.sleep(self._retry_backoff)
+                    return
+            self._failures.pop((tp, record.offset), None)
             handled = record.offset + 1
         await self._commit(tp, handled)
+
+    async def _gave_up(self, tp: TopicPartition, record: Any, exc: Exception) -> bool:
+        """Count a failure; after ``max_attempts`` dead-letter the record (True: move on)."""
+        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
+        if isinstance(exc, TRANSIENT):
+            # An outage says nothing about the message: wait it out, never dead-letter.
+            log.warning("handler on %s waits for a dependency: %s", where, exc)
+            return False
+        attempts = self._failures.get((tp, record.offset), 0) + 1
+        if attempts < self._max_attempts:
+            self._failures[(tp, record.offset)] = attempts
+            log.exception("handler failed on %s (attempt %d); retrying", where, attempts)
+            return False
+        log.exception("handler failed on %s %d times; dead-lettering", where, attempts)
+        reason = f"handler failed {attempts} times, last: {type(exc).__name__}: {exc}"
+        await dead_letter(self._dlq, record, group=self.group_id, reason=reason[:2000])
+        self.dead_lettered += 1
+        return True
 
     async def _commit(self, tp: TopicPartition, offset: int | None) -> None:
         if offset is not None:

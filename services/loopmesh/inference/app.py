@@ -81,7 +81,10 @@ class InferenceGateway:
             settings.kafka, self.rollouts_topic.name, self.routes, dead_letter=self._dead_letter
         )
         self.triton = TritonPool(
-            settings.triton_url, size=scope.triton_channels, timeout_s=scope.triton_timeout_s
+            settings.triton_url,
+            size=scope.triton_channels,
+            timeout_s=scope.triton_timeout_s,
+            client=settings.triton_client,
         )
         self.features = FeatureClient(
             scope.features_url,
@@ -89,7 +92,8 @@ class InferenceGateway:
             max_batch=scope.batch_max_size,
             max_delay_s=scope.batch_max_delay_ms / 1000.0,
             max_inflight=scope.batch_max_inflight,
-            metadata=settings.auth.client_metadata(),
+            client=scope.features_client,
+            auth=settings.auth,
         )
         self.predictor = Predictor(
             catalog=self.catalog,

@@ -15,7 +15,10 @@ import grpc
 from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
 from loopmesh.inference.batching import Coalescer
 from loopmesh.inference.core import FeatureReading, FeaturesUnavailable
-from loopmesh.inference.triton import channel_options
+from loopmesh.inference.triton import RECONNECT_OPTIONS
+from loopmesh.mesh.auth import AuthSettings
+from loopmesh.mesh.channels import aio_channel
+from loopmesh.mesh.settings import GrpcClientSettings
 
 _PRESENT = features_pb2.FEATURE_STATUS_PRESENT
 _STALE = features_pb2.FEATURE_STATUS_STALE
@@ -36,7 +39,11 @@ def _reading(value: features_pb2.FeatureValue) -> FeatureReading:
 
 
 class FeatureClient:
-    """``FeatureSource`` backed by a FeatureService at ``url``."""
+    """``FeatureSource`` backed by a FeatureService at ``url``.
+
+    The channel comes from ``loopmesh.mesh.channels``: TLS as ``client`` says, the token of
+    ``auth.client_token`` on every call, and a CLIENT span that carries the trace across.
+    """
 
     def __init__(
         self,
@@ -46,12 +53,14 @@ class FeatureClient:
         max_batch: int = 64,
         max_delay_s: float = 0.001,
         max_inflight: int = 2,
-        metadata: tuple[tuple[str, str], ...] = (),
+        client: GrpcClientSettings | None = None,
+        auth: AuthSettings | None = None,
     ) -> None:
         self.url = url
-        self._metadata = metadata
         self._timeout = timeout_s
-        self._channel = grpc.aio.insecure_channel(url, options=channel_options(16 * 1024 * 1024))
+        self._channel = aio_channel(
+            url, client or GrpcClientSettings(), auth=auth, options=RECONNECT_OPTIONS
+        )
         self._stub = features_pb2_grpc.FeatureServiceStub(self._channel)
         self._limits = (max_batch, max_delay_s, max_inflight)
         self._coalescers: dict[tuple[str, ...], Coalescer[str, Readings]] = {}
@@ -74,9 +83,7 @@ class FeatureClient:
         request = features_pb2.GetOnlineFeaturesRequest(entity_ids=unique, feature_refs=refs)
         self.calls += 1
         try:
-            response = await self._stub.GetOnlineFeatures(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            response = await self._stub.GetOnlineFeatures(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
             raise FeaturesUnavailable(f"{err.code().name}: {err.details()}") from err
         names = list(response.feature_refs) or list(refs)

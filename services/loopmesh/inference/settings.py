@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
+from loopmesh.mesh.settings import GrpcClientSettings, GrpcServerSettings, MeshSettings
 
 
 class InferenceScope(BaseModel):
@@ -16,6 +16,9 @@ class InferenceScope(BaseModel):
     """Where the gateway listens (both APIs share the port)."""
     features_url: str = "127.0.0.1:50053"
     """FeatureService gRPC address."""
+    features_client: GrpcClientSettings = GrpcClientSettings()
+    """How the gateway reaches the FeatureService: TLS, client certificate, limits
+    (``LOOPMESH_INFERENCE__FEATURES_CLIENT__*``); its token is ``LOOPMESH_AUTH__CLIENT_TOKEN``."""
     features_timeout_s: float = Field(default=0.5, gt=0)
     """Deadline of one GetOnlineFeatures call."""
     on_features_unavailable: Literal["degrade", "fail"] = "degrade"

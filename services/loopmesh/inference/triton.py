@@ -6,8 +6,10 @@ its own channels and uses tritonclient's generated ``GRPCInferenceServiceStub`` 
 a bytes-in, bytes-out ModelInfer method: a forwarded request or answer is never decoded and
 re-encoded). Answers to Predict are decoded with tritonclient's ``InferResult``.
 
-Channels reconnect quickly (Triton restarts come back within a second or two) and never wait
-for readiness: a call while Triton is down fails at once with UNAVAILABLE.
+Channels come from ``loopmesh.mesh.channels`` (TLS as ``LOOPMESH_TRITON_CLIENT__*`` says, off
+by default; a CLIENT span per call so a Predict's trace reaches Triton; no token: Triton does
+not check LoopMesh's). They reconnect quickly (Triton restarts come back within a second or
+two) and never wait for readiness: a call while Triton is down fails at once with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from loopmesh.inference import instruments
 from loopmesh.inference.core import BackendError
+from loopmesh.mesh.channels import aio_channel
 from loopmesh.mesh.model_repo import INPUT_NAME, OUTPUT_NAME
+from loopmesh.mesh.settings import GrpcClientSettings, TritonClientSettings
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Codes after which another version or a later retry may succeed.
 RETRYABLE = frozenset(
@@ -40,31 +43,37 @@ RETRYABLE = frozenset(
 )
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # Default backoff grows to minutes; Triton restarts should be noticed in ~1 s.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        # Without a local pool, channels with equal arguments share one TCP connection.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
+RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    # Default backoff grows to minutes; Triton restarts should be noticed in ~1 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    # Without a local pool, channels with equal arguments share one TCP connection.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+"""Channel arguments of the gateway's clients, on top of the channel factory's."""
 
 
 class TritonPool:
     """Round-robin over ``size`` channels to one tritonserver."""
 
-    def __init__(self, url: str, *, size: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        size: int,
+        timeout_s: float,
+        client: GrpcClientSettings | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
         self.url = url
         self.timeout_s = timeout_s
+        settings = client or TritonClientSettings()
         self._channels = [
-            grpc.aio.insecure_channel(url, options=channel_options()) for _ in range(size)
+            aio_channel(url, settings, options=RECONNECT_OPTIONS) for _ in range(size)
         ]
         self._stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in self._channels]
         self._raw_infer = [

@@ -4,9 +4,10 @@ Asks the gRPC health service of a LoopMesh server and exits 0 only when it answe
 so compose health checks need no ``grpc_health_probe`` binary in the image. Kubernetes uses
 its built-in ``grpc`` probe against the same health service instead.
 
-Exit codes: 0 SERVING, 1 any other status or no answer within the timeout, 2 bad usage.
-It imports only grpc and the health stubs (no settings, no OpenTelemetry) because it runs
-every few seconds in every container.
+Exit codes: 0 SERVING, 1 any other status or no answer within the timeout, 2 bad usage
+(including a half-configured TLS: ``--cert`` without ``--key``). The channel comes from the
+channel factory (``loopmesh.mesh.channels``) with tracing off: the probe runs every few
+seconds in every container, so it imports no OpenTelemetry and sends no token (health is open).
 """
 
 from __future__ import annotations
@@ -19,23 +20,21 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loopmesh.mesh.channels import sync_channel
+from loopmesh.mesh.errors import LoopMeshError
+from loopmesh.mesh.settings import GrpcClientSettings
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.ca is None:
-        if args.cert is not None or args.key is not None:
-            raise ValueError("--cert and --key need --ca (TLS)")
-        return grpc.insecure_channel(args.address)
-    if (args.cert is None) != (args.key is None):
-        raise ValueError("--cert and --key go together (mutual TLS)")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=args.ca.read_bytes(),
-        private_key=args.key.read_bytes() if args.key else None,
-        certificate_chain=args.cert.read_bytes() if args.cert else None,
+    settings = GrpcClientSettings(
+        tls_cafile=args.ca,
+        tls_certfile=args.cert,
+        tls_keyfile=args.key,
+        server_name_override=args.server_name,
     )
-    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
-    return grpc.secure_channel(args.address, credentials, options=options)
+    return sync_channel(args.address, settings, tracing=False)
 
 
 def check(args: argparse.Namespace) -> tuple[bool, str]:
@@ -64,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     parser.add_argument("--ca", type=Path, help="CA bundle: use TLS and verify the server with it")
-    parser.add_argument("--cert", type=Path, help="client certificate for mutual TLS")
+    parser.add_argument(
+        "--cert", type=Path, help="client certificate for mutual TLS (system roots without --ca)"
+    )
     parser.add_argument("--key", type=Path, help="key of the client certificate")
     parser.add_argument("--server-name", help="name expected in the server certificate")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         healthy, detail = check(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, LoopMeshError) as err:
         print(f"healthcheck: {err}", file=sys.stderr)
         return 2
     if not args.quiet:

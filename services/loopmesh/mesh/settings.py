@@ -65,6 +65,44 @@ class GrpcServerSettings(BaseModel):
     """How long in-flight calls may finish on shutdown."""
 
 
+class GrpcClientSettings(BaseModel):
+    """How a client channel reaches one gRPC server: TLS, client certificate and limits.
+
+    ``loopmesh.mesh.channels`` builds every client channel from one of these; the bearer
+    token comes from ``AuthSettings.client_token`` (``LOOPMESH_AUTH__CLIENT_TOKEN``).
+    """
+
+    tls: bool = False
+    """Use TLS and verify the server against the system's root CAs (or ``tls_cafile``).
+    TLS is also on whenever one of the ``tls_*`` files is set."""
+    tls_cafile: Path | None = None
+    """Root CA bundle (PEM) to verify the server with instead of the system roots."""
+    tls_certfile: Path | None = None
+    """Client certificate (PEM) for mutual TLS; needs ``tls_keyfile``."""
+    tls_keyfile: Path | None = None
+    """Key (PEM) of the client certificate; needs ``tls_certfile``."""
+    server_name_override: str | None = None
+    """Name to expect in the server's certificate instead of the target's host (self-signed
+    test certificates, servers addressed by IP). TLS only."""
+    timeout_s: float | None = Field(default=None, gt=0)
+    """Deadline given to calls that set none themselves; None leaves them without one."""
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest message this channel sends or receives."""
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the channel uses TLS (``tls`` or any ``tls_*`` file set)."""
+        files = (self.tls_cafile, self.tls_certfile, self.tls_keyfile)
+        return self.tls or any(f is not None for f in files)
+
+
+class TritonClientSettings(GrpcClientSettings):
+    """``GrpcClientSettings`` of the channels to tritonserver: room for batches of tensors."""
+
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest message this channel sends or receives."""
+
+
 class TelemetrySettings(BaseModel):
     """OpenTelemetry export."""
 
@@ -116,5 +154,8 @@ class MeshSettings(BaseSettings):
     """Local stack."""
     triton_url: str = "127.0.0.1:8001"
     """tritonserver gRPC address."""
+    triton_client: TritonClientSettings = TritonClientSettings()
+    """How inference and rollout reach tritonserver (``LOOPMESH_TRITON_CLIENT__*``); plaintext
+    by default, Triton usually listening on loopback beside them. No token is sent to it."""
     model_repository: Path = Path(".loopmesh/models")
     """Triton model repository (shared by trainer, rollout and tritonserver)."""

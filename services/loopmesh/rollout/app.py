@@ -70,6 +70,7 @@ class RolloutApp:
             self.settings.triton_url,
             self.settings.model_repository,
             timeout=scope.load_timeout_seconds,
+            client=self.settings.triton_client,
         )
         controller = RolloutController(
             scope,

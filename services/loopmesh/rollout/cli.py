@@ -2,17 +2,24 @@
 
 ``add_rollout_commands(subparsers)`` plugs the command into the ``loopmesh`` parser. The
 address defaults to the controller's settings (``LOOPMESH_ROLLOUT__SERVER__HOST``/``PORT``);
-``--json`` prints the response as JSON for scripts. Exit status: 0 done, 1 refused or failed.
+``--json`` prints the response as JSON for scripts. The channel comes from the channel factory
+(``loopmesh.mesh.channels``): TLS from ``LOOPMESH_ROLLOUT__CLIENT__*`` or the flags, and the
+token of ``LOOPMESH_AUTH__CLIENT_TOKEN`` (an ``operator`` one) when the controller has auth on.
+Exit status: 0 done, 1 refused or failed, 2 bad TLS settings.
 """
 
 from __future__ import annotations
 
 import argparse
 from datetime import UTC
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from loopmesh.rollout.settings import RolloutSettings
 
 console = Console()
 
@@ -22,7 +29,11 @@ def add_rollout_commands(subparsers: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="RolloutService host:port (default: from settings)")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    common.add_argument("--ca-file", help="CA bundle when the server uses TLS")
+    common.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
+    common.add_argument("--ca-file", type=Path, help="CA bundle of the server (turns TLS on)")
+    common.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
+    common.add_argument("--key-file", type=Path, help="key of the client certificate")
+    common.add_argument("--server-name", help="name expected in the server's certificate")
     common.add_argument("--json", action="store_true", help="print the response as JSON")
     reasoned = argparse.ArgumentParser(add_help=False, parents=[common])
     reasoned.add_argument("model")
@@ -40,12 +51,30 @@ def add_rollout_commands(subparsers: Any) -> None:
     parser.set_defaults(func=run_rollout_command)
 
 
-def _default_address() -> str:
-    from loopmesh.rollout.settings import RolloutSettings
-
-    server = RolloutSettings().rollout.server
+def _default_address(settings: RolloutSettings) -> str:
+    server = settings.rollout.server
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
     return f"{host}:{server.port}"
+
+
+def _channel(args: argparse.Namespace) -> Any:
+    """A sync channel to the controller from the settings, the flags overriding them."""
+    from loopmesh.mesh.channels import sync_channel
+    from loopmesh.rollout.settings import RolloutSettings
+
+    settings = RolloutSettings()
+    flags = {
+        "tls": args.tls or None,
+        "tls_cafile": args.ca_file,
+        "tls_certfile": args.cert_file,
+        "tls_keyfile": args.key_file,
+        "server_name_override": args.server_name,
+    }
+    client = settings.rollout.client.model_copy(
+        update={k: v for k, v in flags.items() if v is not None}
+    )
+    address = args.address or _default_address(settings)
+    return sync_channel(address, client, auth=settings.auth)
 
 
 def run_rollout_command(args: argparse.Namespace) -> int:
@@ -54,13 +83,13 @@ def run_rollout_command(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from loopmesh.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
+    from loopmesh.mesh.errors import LoopMeshError
 
-    address = args.address or _default_address()
-    if args.ca_file:
-        with open(args.ca_file, "rb") as fh:
-            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(fh.read()))
-    else:
-        channel = grpc.insecure_channel(address)
+    try:
+        channel = _channel(args)
+    except LoopMeshError as err:
+        console.print(f"[red]rollout: {err}")
+        return 2
     action: str = args.rollout_action
     try:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)

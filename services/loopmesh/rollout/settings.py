@@ -7,7 +7,7 @@ from dataclasses import replace
 from pydantic import BaseModel, Field
 
 from loopmesh.mesh.events import ModelName
-from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
+from loopmesh.mesh.settings import GrpcClientSettings, GrpcServerSettings, MeshSettings
 from loopmesh.mesh.topics import METRICS_LIVE, MODELS_PUBLISHED, ROLLOUTS, Topic
 from loopmesh.rollout.policy import PolicySet, RolloutPolicy
 
@@ -41,6 +41,10 @@ class RolloutScope(BaseModel):
 
     server: GrpcServerSettings = GrpcServerSettings(port=DEFAULT_PORT)
     """Where the RolloutService gRPC API listens."""
+    client: GrpcClientSettings = GrpcClientSettings()
+    """How ``loopmesh rollout`` reaches this controller: TLS, client certificate
+    (``LOOPMESH_ROLLOUT__CLIENT__*``; its flags override); its token is
+    ``LOOPMESH_AUTH__CLIENT_TOKEN`` (an ``operator`` token)."""
     topics: RolloutTopics = RolloutTopics()
     """Kafka topics read and written."""
     consumer_group: str = "loopmesh-rollout"

@@ -6,6 +6,11 @@ loaded, which is also the only way to unload one version of several. Measured on
 (python backend): any load with an override reloads every version it names (the running
 instances keep serving until the new ones are ready), so the controller changes the set only
 when a rollout needs it. Every version's sha256 is checked against its metadata before a load.
+
+The client is tritonclient's aio ``InferenceServerClient``, which builds its own channel and
+takes no interceptors: TLS and channel arguments come from the channel factory
+(``LOOPMESH_TRITON_CLIENT__*``, ``channel_credentials``/``channel_options``) through its
+``creds`` and ``channel_args``; the trace is kept by this module's own ``triton load`` span.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.channels import channel_credentials, channel_options
+from loopmesh.mesh.settings import GrpcClientSettings, TritonClientSettings
 from loopmesh.mesh.telemetry import tracer
 
 log = logging.getLogger(__name__)
@@ -61,16 +68,32 @@ def check_integrity(
 class TritonLoader:
     """Keeps Triton's loaded versions of each model equal to what the controller wants."""
 
-    def __init__(self, url: str, repo: Path, *, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        repo: Path,
+        *,
+        timeout: float,
+        client: GrpcClientSettings | None = None,
+    ) -> None:
         self.url = url
         self.repo = Path(repo)
         self.timeout = timeout
+        self.settings = client or TritonClientSettings()
+        # Built now so a half-configured TLS setting fails at start, not at the first load.
+        self._credentials = channel_credentials(self.settings)
         self._client: triton_aio.InferenceServerClient | None = None
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.url)
+            # tritonclient cannot take our interceptors (no tracing or token on its calls):
+            # TLS goes through its own ``creds`` and the limits through ``channel_args``.
+            self._client = triton_aio.InferenceServerClient(
+                self.url,
+                creds=self._credentials,
+                channel_args=channel_options(self.settings),
+            )
         return self._client
 
     async def close(self) -> None:

@@ -10,10 +10,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from loopmesh.mesh.bus import Delivery, EventProducer, declare_topics
-from loopmesh.mesh.events import DeadLetter, VersionMetrics
+from loopmesh.mesh.events import DeadLetter, RolloutChanged, VersionMetrics
 from loopmesh.mesh.follow import TopicFollower, read_to_end
 from loopmesh.mesh.settings import KafkaSettings
-from loopmesh.mesh.topics import METRICS_LIVE, Topic
+from loopmesh.mesh.topics import METRICS_LIVE, ROLLOUTS, Topic
 from tests.helpers import eventually, read_topic, unique_topic
 
 
@@ -50,7 +50,7 @@ async def test_read_to_end_keeps_valid_events_and_dead_letters_the_rest_once_per
 ) -> None:
     await producer.publish_many(topic, [metrics(1), metrics(2)])
     await raw_send(kafka_settings, topic.name, b"{not json")
-    await raw_send(kafka_settings, topic.name, None)  # a tombstone: skipped, not dead-lettered
+    await raw_send(kafka_settings, topic.name, None)  # not compacted: malformed, dead-lettered
     await producer.publish(topic, metrics(3))
 
     for _ in range(2):  # every start re-reads the bad message
@@ -58,11 +58,23 @@ async def test_read_to_end_keeps_valid_events_and_dead_letters_the_rest_once_per
         assert sorted(e.model_version for e in events) == [1, 2, 3]
     letters = [
         DeadLetter.model_validate_json(value or b"")
-        for _, value, _ in await read_topic(kafka_settings, topic.dlq, expect=2)
+        for _, value, _ in await read_topic(kafka_settings, topic.dlq, expect=4)
     ]
-    # The same id both times, so DLQ readers can drop the copy.
-    assert len({letter.event_id for letter in letters}) == 1
-    assert letters[0].value == b"{not json" and letters[0].consumer_group.startswith("t-")
+    # The same ids on both reads, so DLQ readers can drop the copies.
+    assert len(letters) == 4 and len({letter.event_id for letter in letters}) == 2
+    assert {letter.value for letter in letters} == {b"{not json", None}
+    assert all(letter.consumer_group.startswith("t-") for letter in letters)
+
+
+async def test_a_tombstone_of_a_compacted_topic_is_skipped(
+    kafka_settings: KafkaSettings, producer: EventProducer
+) -> None:
+    topic = unique_topic(ROLLOUTS)
+    await declare_topics(kafka_settings, [topic])
+    await producer.publish(topic, RolloutChanged(model_name="m", stable_version=1, state="stable"))
+    await raw_send(kafka_settings, topic.name, None)
+    follower_events = await read_to_end(kafka_settings, topic, service="t", timeout=30)
+    assert [e.stable_version for e in follower_events] == [1]
 
 
 async def test_a_follower_starts_at_its_time_catches_up_and_keeps_following(

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from loopmesh.devstack.process import free_port
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
-from loopmesh.inference.routing import RolloutFollower, RouteTable
+from loopmesh.inference.routing import RouteTable, follow_routes
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import DeadLetter, RolloutChanged
 from loopmesh.mesh.settings import KafkaSettings
@@ -129,15 +129,15 @@ async def test_routes_follow_the_rollouts_topic_from_its_beginning(
 
         # Started after the events: it must read them all, keeping the latest per model.
         table = RouteTable()
-        follower = RolloutFollower(kafka_settings, topic.name, table)
-        await follower.start(catchup_timeout=30)
+        follower = follow_routes(kafka_settings, topic, table)  # counts, does not dead-letter
+        await follower.follow(catchup_timeout=30)
         try:
             m1, m2 = table.get("m1"), table.get("m2")
             assert m1 is not None and m2 is not None
             assert (m1.stable_version, m1.canary_version, m1.canary_weight) == (1, 2, 0.25)
             assert (m1.state, m1.step, m1.source) == ("canary", 1, "rollouts")
             assert (m2.stable_version, m2.canary_version) == (5, None)
-            assert table.get("m3") is None and follower.invalid == 1
+            assert table.get("m3") is None and follower.dead_lettered == 1
 
             # A change while running replaces the route without a restart.
             await producer.publish(

@@ -10,6 +10,7 @@ import pytest
 
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, examples
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
 from loopmesh.trainer.core import TrainerCore, published_event_id
 from loopmesh.trainer.settings import (
@@ -133,5 +134,5 @@ async def test_a_failed_announcement_is_repeated_at_the_next_start(tmp_path: Pat
     await once_more.start()
     await once_more.stop()
     assert third == []  # announced once is enough
-    with pytest.raises(RuntimeError):
+    with pytest.raises(Unavailable, match="stopping"):
         once_more.trigger(["after stop"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -25,18 +24,14 @@ from loopmesh.inference.core import Counters, Predictor
 from loopmesh.inference.features import FeatureClient
 from loopmesh.inference.operational import OperationalWindows, to_events
 from loopmesh.inference.prediction_log import PredictionLogger
-from loopmesh.inference.routing import RolloutFollower, RouteTable
+from loopmesh.inference.routing import RouteTable, follow_routes
 from loopmesh.inference.server import METHOD_ROLES, SERVICE_NAME, InferenceServicer
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.inference.triton import TritonPool
 from loopmesh.mesh.bus import (
     EventProducer,
     declare_topics,
-    encode,
-    event_headers,
-    record_dead_letter,
 )
-from loopmesh.mesh.events import DeadLetter
 from loopmesh.mesh.privacy import EntityIdMapper
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.mesh.topics import METRICS_LIVE, PREDICTIONS, ROLLOUTS
@@ -77,8 +72,8 @@ class InferenceGateway:
             batch_size=scope.log_batch_size,
             linger_s=scope.log_linger_ms / 1000.0,
         )
-        self.follower = RolloutFollower(
-            settings.kafka, self.rollouts_topic.name, self.routes, dead_letter=self._dead_letter
+        self.follower = follow_routes(
+            settings.kafka, self.rollouts_topic, self.routes, dlq=self.producer
         )
         self.triton = TritonPool(
             settings.triton_url,
@@ -158,7 +153,7 @@ class InferenceGateway:
                 stack.push_async_callback(_cancel, publisher)
             self.logger.start()
             stack.push_async_callback(self.logger.stop)
-            await self.follower.start(scope.routes_catchup_timeout_s)
+            await self.follower.follow(scope.routes_catchup_timeout_s)
             stack.push_async_callback(self.follower.stop)
             stack.push_async_callback(self.triton.close)
             stack.push_async_callback(self.features.close)
@@ -196,32 +191,6 @@ class InferenceGateway:
             except Exception:
                 # Kafka may be briefly away: the next interval publishes fresh figures anyway.
                 log.warning("operational metrics not published", exc_info=True)
-
-    async def _dead_letter(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        reason: str,
-    ) -> None:
-        # Every replica re-reads the whole compacted topic; an id fixed by the source offset
-        # lets DLQ readers drop the copies (they deduplicate by event_id).
-        letter = DeadLetter(
-            event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"kafka:{topic}/{partition}/{offset}").hex,
-            reason=reason,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            consumer_group="inference-routing (groupless)",
-            key=key,
-            value=value,
-        )
-        await self.producer.publish_raw(
-            f"{topic}.dlq", value=encode(letter), key=key, headers=event_headers(letter)
-        )
-        record_dead_letter(topic, letter.consumer_group)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

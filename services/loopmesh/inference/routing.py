@@ -5,28 +5,25 @@ the model and the canary version, so one entity sees one arm for a whole canary 
 weight grows, entities already on the canary stay there). Routes are replaced whole (one dict
 assignment), so a weight change never disturbs a request that already chose its version.
 
-``RolloutFollower`` reads the compacted ``rollouts`` topic from the beginning with no consumer
-group (every gateway replica needs every model's latest event), keeps the latest per model,
-and reports when it has caught up with the end offsets seen at start.
+``follow_routes`` keeps a table equal to the compacted ``rollouts`` topic: read from the
+beginning with no consumer group (every gateway replica needs every model's latest event) by
+the kernel's ``TopicFollower``, which reports when it caught up with the end offsets seen at
+start.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
-
-from loopmesh.mesh.bus import client_options, describe_validation_error
+from loopmesh.mesh.bus import Delivery, EventProducer
 from loopmesh.mesh.events import RolloutChanged
+from loopmesh.mesh.follow import TopicFollower
 from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import Topic
 
 log = logging.getLogger(__name__)
 
@@ -104,99 +101,13 @@ class RouteTable:
         return route
 
 
-DeadLetterFn = Callable[[str, int, int, bytes | None, bytes | None, str], Awaitable[None]]
-"""(topic, partition, offset, key, value, reason) -> dead-letter it."""
+def follow_routes(
+    settings: KafkaSettings, topic: Topic, table: RouteTable, *, dlq: EventProducer | None = None
+) -> TopicFollower[RolloutChanged]:
+    """A follower that applies every ``RolloutChanged`` of ``topic`` to ``table``."""
 
-
-class RolloutFollower:
-    """Keeps a ``RouteTable`` equal to the latest ``rollouts`` event of every model."""
-
-    def __init__(
-        self,
-        settings: KafkaSettings,
-        topic: str,
-        table: RouteTable,
-        *,
-        dead_letter: DeadLetterFn | None = None,
-    ) -> None:
-        self.topic = topic
-        self.table = table
-        self._dead_letter = dead_letter
-        options = client_options(settings, "inference-routing")
-        options.update(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-        self._consumer = AIOKafkaConsumer(topic, **options)
-        self._settings = settings
-        self.caught_up = asyncio.Event()
-        self.invalid = 0
-        self._task: asyncio.Task[None] | None = None
-        self._end: dict[TopicPartition, int] = {}
-
-    async def start(self, catchup_timeout: float) -> None:
-        """Start reading from the beginning; return once caught up with the end offsets."""
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="rollouts-follower")
-        try:
-            await asyncio.wait_for(self.caught_up.wait(), catchup_timeout)
-        except TimeoutError as exc:
-            await self.stop()
-            raise RuntimeError(
-                f"{self.topic}: not caught up within {catchup_timeout:.0f}s; refusing to serve "
-                "with unknown routes"
-            ) from exc
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._consumer.stop()
-
-    async def _check_caught_up(self) -> None:
-        if self.caught_up.is_set():
-            return
-        if not self._end:
-            # Without a group every partition is assigned to us once metadata arrives.
-            assigned = self._consumer.assignment()
-            if not assigned:
-                return
-            self._end = await self._consumer.end_offsets(list(assigned))
-        for tp, end in self._end.items():
-            if await self._consumer.position(tp) < end:
-                return
-        self.caught_up.set()
-
-    async def _run(self) -> None:
-        while True:
-            wait_ms = 500 if self.caught_up.is_set() else 50
-            batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=500)
-            for records in batches.values():
-                for record in records:
-                    await self._handle(record)
-            await self._check_caught_up()
-
-    async def _handle(self, record: object) -> None:
-        value: bytes | None = getattr(record, "value", None)
-        if value is None:
-            return  # a tombstone: compaction removing a model; nothing to route
-        try:
-            event = RolloutChanged.model_validate_json(value)
-        except ValidationError as err:
-            self.invalid += 1
-            reason = describe_validation_error(err)
-            offset = getattr(record, "offset", -1)
-            log.warning("invalid RolloutChanged at offset %s: %s", offset, reason)
-            if self._dead_letter is not None:
-                await self._dead_letter(
-                    self.topic,
-                    int(getattr(record, "partition", 0)),
-                    int(getattr(record, "offset", 0)),
-                    getattr(record, "key", None),
-                    value,
-                    reason,
-                )
-            return
-        route = self.table.apply(event)
+    async def apply(event: RolloutChanged, _: Delivery) -> None:
+        route = table.apply(event)
         log.info(
             "route %s: stable=%s canary=%s weight=%.3f (%s step %d)",
             route.model_name,
@@ -206,3 +117,5 @@ class RolloutFollower:
             route.state,
             route.step,
         )
+
+    return TopicFollower(settings, topic, apply, service="inference", dlq=dlq)

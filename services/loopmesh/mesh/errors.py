@@ -35,16 +35,17 @@ class LoopMeshError(Exception):
         """``Error(message)``, or ``Error(field, message)`` when a request field is at fault."""
         if message is None:
             field, message = "", field
-        # Details travel in trailing metadata (16 KiB hard limit) and echo what a client sent:
-        # keep them short whatever the request held.
-        text = f"{_cut(field, 200)}: {message}" if field else message
-        super().__init__(_cut(text, MAX_DETAILS))
-        self.field = _cut(field, 200)
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
         self.message = message
 
     def details(self) -> str:
-        """What the caller reads: ``field: message`` when a field is at fault."""
-        return str(self)
+        """What a caller reads: ``field: message``, kept short whatever the request held.
+
+        Details travel in trailing metadata (16 KiB hard limit) and echo what a client sent.
+        """
+        field = _cut(self.field, 200)
+        return _cut(f"{field}: {self.message}" if field else self.message, MAX_DETAILS)
 
 
 class InvalidArgument(LoopMeshError, ValueError):
@@ -94,7 +95,7 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
     Used by ``ErrorMapping`` and by streams that answer each item's error in-band.
     """
     if isinstance(exc, LoopMeshError):
-        return exc.status, exc.field, exc.details()
+        return exc.status, _cut(exc.field, 200), exc.details()
     log.error("unexpected error in a gRPC method", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "", f"internal error: {type(exc).__name__}"
 

@@ -5,8 +5,9 @@ state, read again from the beginning (or from a point in time) on every start; c
 offsets would only lose them. ``TopicFollower`` is the one way to do that: every partition
 assigned, positioned at the beginning or at ``since``, valid events handed to the handler in a
 span that continues the producer's trace, ``caught_up`` set once everything that existed at
-start was handled, malformed messages dead-lettered under an id fixed by their offset (a
-restart re-reads them; DLQ readers drop the copies by event id), lag recorded like a group's.
+start was handled, tombstones of compacted topics skipped, malformed messages dead-lettered
+under an id fixed by their offset (a restart re-reads them; DLQ readers drop the copies by
+event id), lag recorded like a group's.
 ``read_to_end`` is the one-shot form. Group members use ``bus.EventConsumer`` instead.
 """
 
@@ -173,8 +174,8 @@ class TopicFollower(Generic[E]):
                 record_consumer_lag(self.reader, tp.topic, tp.partition, lag)
 
     async def _handle(self, record: Any) -> None:
-        if record.value is None:
-            return  # a tombstone of a compacted topic: compaction at work, not an event
+        if record.value is None and self.topic.compacted:
+            return  # a tombstone: compaction at work, not an event (elsewhere: malformed)
         headers = tuple(record.headers or ())
         try:
             event = self.topic.value_type.model_validate_json(record.value)

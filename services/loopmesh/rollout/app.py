@@ -12,17 +12,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
+from datetime import timedelta
 from typing import Any
 
 from loopmesh.gen.loopmesh.v1 import rollout_pb2_grpc
 from loopmesh.mesh.bus import EventConsumer, EventProducer, declare_topics
-from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
+from loopmesh.mesh.events import ModelPublished, VersionMetrics, utcnow
+from loopmesh.mesh.follow import TopicFollower, read_to_end
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.rollout import instruments
-from loopmesh.rollout.agents import SERVICE, KafkaPublisher, MetricsFollower, read_all
+from loopmesh.rollout.agents import SERVICE, KafkaPublisher
 from loopmesh.rollout.core import RolloutController
 from loopmesh.rollout.machine import Record
-from loopmesh.rollout.policy import PolicySet
 from loopmesh.rollout.server import METHOD_ROLES, SERVICE_NAME, RolloutServicer
 from loopmesh.rollout.settings import RolloutSettings
 from loopmesh.rollout.triton import TritonLoader
@@ -39,7 +40,7 @@ class RolloutApp:
         self.server: GrpcServer | None = None
         self._producer: EventProducer | None = None
         self._loader: TritonLoader | None = None
-        self._metrics: MetricsFollower[VersionMetrics] | None = None
+        self._metrics: TopicFollower[VersionMetrics] | None = None
         self._published: EventConsumer[ModelPublished] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -82,20 +83,25 @@ class RolloutApp:
         instruments.watch(self._records)
         timeout = scope.start_timeout_seconds
         controller.restore(
-            await read_all(kafka, rollouts, RolloutChanged, timeout=timeout, dlq=self._producer),
-            await read_all(kafka, policies, PolicySet, timeout=timeout, dlq=self._producer),
+            await read_to_end(
+                kafka, rollouts, service=SERVICE, timeout=timeout, dlq=self._producer
+            ),
+            await read_to_end(
+                kafka, policies, service=SERVICE, timeout=timeout, dlq=self._producer
+            ),
         )
 
-        self._metrics = MetricsFollower(
+        self._metrics = TopicFollower(
             kafka,
             metrics,
             controller.on_metrics,
+            service=SERVICE,
             dlq=self._producer,
-            lookback_seconds=scope.metrics_lookback_seconds,
+            since=utcnow() - timedelta(seconds=scope.metrics_lookback_seconds),
         )
         await self._metrics.start()
         self._spawn(self._metrics.run(), "rollout-metrics")
-        await asyncio.wait_for(self._metrics.caught_up.wait(), timeout)
+        await self._metrics.wait_caught_up(timeout)
 
         self._spawn(controller.run(self._stop), "rollout-loop")
         self.server = GrpcServer(

@@ -88,7 +88,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The whole loop in the foreground until Ctrl-C (or ``--duration``)."""
+    """The whole loop in the foreground until Ctrl-C (or ``--duration``).
+
+    The runner owns SIGINT/SIGTERM while it runs: the first stops the loop and everything it
+    started, a second hurries that; either way the summary is written and the exit code is 0.
+    """
     import asyncio
     from pathlib import Path
 
@@ -101,8 +105,16 @@ def _run(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
     )
     try:
-        asyncio.run(run_loop(options, console))
+        summary = asyncio.run(run_loop(options, console))
     except KeyboardInterrupt:
+        # Only before the runner installed its handlers (nothing was started) or after it
+        # removed them (everything was stopped).
+        console.print("stopped")
+        return 0
+    except Exception as exc:
+        console.print(f"[red]loopmesh run failed: {type(exc).__name__}: {exc}")
+        return 1
+    if summary.get("stopped_by") == "signal":
         console.print("stopped")
     return 0
 

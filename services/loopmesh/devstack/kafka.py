@@ -19,13 +19,20 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from loopmesh.devstack.process import ManagedProcess, free_port, log_tail
+from loopmesh.devstack.process import (
+    ManagedProcess,
+    StartAborted,
+    check_abort,
+    free_port,
+    log_tail,
+)
 from loopmesh.mesh.errors import SetupError
 
 KAFKA_VERSION = "4.4.0"
@@ -342,15 +349,17 @@ class KafkaBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.running
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120.0, *, abort: threading.Event | None = None) -> None:
         """Resolve jars, format storage on first use, launch, and wait for a Metadata reply.
 
         ``timeout`` bounds formatting plus readiness; a first-time jar download is bounded
-        separately because it depends on the network, not on the broker.
+        separately because it depends on the network, not on the broker. Once ``abort`` is
+        set the start-up stops between steps and in the readiness wait (``StartAborted``).
         """
         if self.running:
             raise SetupError(f"Kafka broker is already running (pid {self.pid})")
         libs = resolve_libs(self.pom_path)
+        check_abort(abort, "kafka")
         java = _java()
         deadline = time.monotonic() + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -364,6 +373,7 @@ class KafkaBroker:
             str(libs / "*"),  # expanded by the JVM, not a shell
         ]
         self._cluster_id = self._format_once(jvm, timeout)
+        check_abort(abort, "kafka")
         # Kafka's own start script uses G1 with short pauses; the rest is the same JVM setup.
         gc = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
         argv = [*jvm, *gc, "kafka.Kafka", str(self.config_path)]
@@ -371,15 +381,22 @@ class KafkaBroker:
         self._process.start()
         self._probe_error = None
         try:
-            self._process.wait_ready(self._ready, max(deadline - time.monotonic(), 1.0))
+            self._process.wait_ready(
+                self._ready, max(deadline - time.monotonic(), 1.0), abort=abort
+            )
+        except StartAborted:
+            raise
         except SetupError as exc:
             # wait_ready swallows probe errors; the last one often says why (wrong cluster...).
             raise SetupError(f"{exc}\nlast readiness probe: {self._probe_error}") from exc
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Graceful shutdown (SIGTERM: controlled shutdown, clean log close); SIGKILL after."""
+    def stop(self, timeout: float = 30.0, *, hurry: threading.Event | None = None) -> None:
+        """Graceful shutdown (SIGTERM: controlled shutdown, clean log close); SIGKILL after.
+
+        ``hurry`` set (a second Ctrl-C) shortens the wait to ``HURRY_GRACE``.
+        """
         if self._process is not None:
-            self._process.stop(timeout)
+            self._process.stop(timeout, hurry)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: the next start runs Kafka's log recovery."""

@@ -42,7 +42,8 @@ def write_plot(state: LoopState, path: Path) -> Path:
     ax.set_ylabel("live accuracy (joined feedback, sliding window)")
     ax.set_xlabel("time")
     ax.set_title(f"LoopMesh: {state.model_name} live metric per version")
-    ax.legend(loc="lower left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing served yet (a run stopped early): no legend
+        ax.legend(loc="lower left", fontsize=8)
     fig.autofmt_xdate()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

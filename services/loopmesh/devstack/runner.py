@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.live import Live
 
 from loopmesh.devstack.dashboard import render
-from loopmesh.devstack.process import free_port
+from loopmesh.devstack.process import ManagedProcess, free_port
 from loopmesh.devstack.report import write_plot, write_summary
 from loopmesh.devstack.simulator import SimulatorConfig, TrafficSimulator
 from loopmesh.devstack.stack import LocalStack, StackState
@@ -37,6 +39,7 @@ from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.settings import KafkaSettings, MeshSettings
 from loopmesh.mesh.topics import TRAINING_EXAMPLES
 
+T = TypeVar("T")
 SERVICE_ORDER = ("features", "ingestion", "feedback", "inference", "trainer", "rollout")
 
 
@@ -111,13 +114,24 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
 
 
 async def seed_bootstrap_examples(
-    options: RunOptions, world: SyntheticWorld, kafka: KafkaSettings
+    options: RunOptions, world: SyntheticWorld, kafka: KafkaSettings, before: datetime
 ) -> int:
-    """Publish a small labelled bootstrap set to ``training.examples``, the trainer's door."""
+    """Publish a small labelled bootstrap set to ``training.examples``, the trainer's door.
+
+    The set is history, dated before ``before`` (the run's start): the watcher counts only
+    what the run itself produced, so freshness and counts stay the run's own.
+    """
     rng = np.random.default_rng(options.seed)
     batch = world.sample(options.bootstrap_examples, rng)
     labels = world.draw_labels(batch, rng)
-    rows = examples(batch, labels.tolist(), model_name=options.model_name)
+    spacing = timedelta(milliseconds=100)
+    start = before - spacing * (len(batch.entity_ids) + 10)
+    rows = [
+        row.model_copy(update={"event_time": row.feedback_at})
+        for row in examples(
+            batch, labels.tolist(), model_name=options.model_name, start=start, spacing=spacing
+        )
+    ]
     producer = EventProducer(kafka, "devstack")
     await producer.start()
     try:
@@ -128,35 +142,45 @@ async def seed_bootstrap_examples(
 
 
 class ServiceProcesses:
-    """The service processes of one run, with logs under the run's directory."""
+    """The service processes of one run, with logs under the run's directory.
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    Each service runs in its own session (``ManagedProcess``), so a Ctrl-C in the terminal
+    reaches the runner only and the runner decides the stop order.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        argv: Callable[[str], list[str]] | None = None,
+    ) -> None:
         self.env = {**os.environ, **env}
         self.log_dir = log_dir
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.argv = argv or service_argv
+        self.children: dict[str, ManagedProcess] = {}
 
     def start(self, name: str) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            self.children[name] = subprocess.Popen(
-                [sys.executable, "-m", f"loopmesh.{name}"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        child = ManagedProcess(
+            name, self.argv(name), log_path=self.log_dir / f"{name}.log", env=self.env
+        )
+        self.children[name] = child
+        child.start()
 
     def exited(self) -> list[str]:
-        return [name for name, p in self.children.items() if p.poll() is not None]
+        return [name for name, child in self.children.items() if not child.running]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0, hurry: threading.Event | None = None) -> None:
+        """SIGTERM every service's process group at once, wait for all of them together, and
+        SIGKILL the groups still alive at the deadline (sooner once ``hurry`` is set)."""
         for child in self.children.values():
-            if child.poll() is None:
-                child.terminate()
+            child.terminate()
+        deadline = time.monotonic() + timeout
         for child in self.children.values():
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.wait_stopped(deadline, hurry)
+
+
+def service_argv(name: str) -> list[str]:
+    return [sys.executable, "-m", f"loopmesh.{name}"]
 
 
 async def wait_serving(
@@ -179,61 +203,106 @@ async def wait_serving(
 
 
 async def run_loop(options: RunOptions, console: Console | None = None) -> dict[str, object]:
-    """Bring the loop up, drive it, and return the summary written at the end."""
-    console = console or Console()
-    started_at = datetime.now(UTC)
-    # Each run gets its own Kafka data, model repository and service state, so a rollout
-    # history or a dataset from an earlier run never leaks into this one.
-    run_dir = options.out_dir.resolve() / started_at.strftime("%Y%m%dT%H%M%S")
-    options = replace(options, out_dir=run_dir)
-    base = MeshSettings()
-    settings = base.model_copy(
-        update={
-            "infra": base.infra.model_copy(update={"state_dir": run_dir / "infra"}),
-            "model_repository": run_dir / "models",
-        }
-    )
-    stack = LocalStack(settings)
-    started = time.monotonic()
-    notes: list[str] = []
+    """Bring the loop up, drive it, and return the summary written at the end.
 
-    def note(text: str) -> None:
-        notes.append(text)
-        if options.headless:
-            console.print(f"[{time.monotonic() - started:6.1f}s] {text}")
+    SIGINT/SIGTERM never raise here: the first ends the current phase and cleans up, the
+    second hurries the cleanup; the summary then says ``stopped_by: "signal"``.
+    """
+    return await LoopRun(options, console).run()
 
-    note("starting Kafka, tritonserver and Feast")
-    state_info = await asyncio.to_thread(stack.up)
-    ports = {name: free_port() for name in SERVICE_ORDER}
-    world = SyntheticWorld(SyntheticConfig(seed=options.seed, sharpness=2.0))
-    seeded = await seed_bootstrap_examples(options, world, stack.kafka_settings)
-    note(f"seeded {seeded} bootstrap examples")
-    processes = ServiceProcesses(service_env(state_info, ports, options), options.out_dir / "logs")
-    loop_state = LoopState(model_name=options.model_name)
-    watcher = Watcher(stack.kafka_settings, loop_state, since=started_at)
-    stop = asyncio.Event()
-    simulator: TrafficSimulator | None = None
-    sim_task: asyncio.Task[None] | None = None
-    try:
+
+class _Stopped(Exception):
+    """A signal ended the phase that was running."""
+
+
+# Cleanup waits: (graceful, after a second signal).
+_TASK_WAIT = (10.0, 1.0)
+_SERVICE_STOP_SECONDS = 20.0
+
+
+class LoopRun:
+    """One `loopmesh run`: phases awaited against a stop event, and one cleanup that always runs.
+
+    The run owns SIGINT and SIGTERM while it runs. The first signal sets the stop event: the
+    phase in progress (infrastructure start-up, services, training, watching) ends and the
+    cleanup starts. A second one hurries the cleanup: short waits, SIGKILL for what remains.
+    The cleanup stops, each step on its own: the simulator, the watcher, the service
+    processes, the start-up thread (told to start nothing more), then Kafka and tritonserver;
+    the summary is written whatever happened. Tests override the phases that need real parts.
+    """
+
+    def __init__(self, options: RunOptions, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.started_at = datetime.now(UTC)
+        # Each run gets its own Kafka data, model repository and service state, so a rollout
+        # history or a dataset from an earlier run never leaks into this one.
+        run_dir = options.out_dir.resolve() / self.started_at.strftime("%Y%m%dT%H%M%S")
+        self.options = replace(options, out_dir=run_dir)
+        base = MeshSettings()
+        settings = base.model_copy(
+            update={
+                "infra": base.infra.model_copy(update={"state_dir": run_dir / "infra"}),
+                "model_repository": run_dir / "models",
+            }
+        )
+        self.stack = LocalStack(settings)
+        self.started = time.monotonic()
+        self.notes: list[str] = []
+        self.ports = {name: free_port() for name in SERVICE_ORDER}
+        self.world = SyntheticWorld(SyntheticConfig(seed=options.seed, sharpness=2.0))
+        self.loop_state = LoopState(model_name=options.model_name)
+        self.seeded = 0
+        self.processes: ServiceProcesses | None = None
+        self.watcher: Watcher | None = None
+        self.simulator: TrafficSimulator | None = None
+        self.signals = 0
+        self._stop = asyncio.Event()  # first signal: end the phase, clean up
+        self._hurry = asyncio.Event()  # second signal: short waits
+        self._abort = threading.Event()  # the start-up thread starts nothing more
+        self._hurry_threads = threading.Event()  # the same, for stops running in threads
+        self._sim_stop = asyncio.Event()
+        self._sim_task: asyncio.Task[None] | None = None
+        self._up: asyncio.Future[StackState] | None = None
+        self._cancelled = False
+
+    # -- phases (tests replace the ones that need real Kafka, Triton and services) ------------
+
+    async def prepare(self) -> None:
+        """Seed the trainer's bootstrap set on ``training.examples``."""
+        self.seeded = await seed_bootstrap_examples(
+            self.options, self.world, self.stack.kafka_settings, before=self.started_at
+        )
+        self.note(f"seeded {self.seeded} bootstrap examples")
+
+    def service_argv(self, name: str) -> list[str]:
+        return service_argv(name)
+
+    async def bring_up(self) -> None:
+        """Wait for every service, train the first version and wait until it is stable."""
+        processes = self._services()
         for name in SERVICE_ORDER:
-            processes.start(name)
-        for name in SERVICE_ORDER:
-            await wait_serving(f"127.0.0.1:{ports[name]}", name, processes, timeout=180)
-            note(f"{name} serving on 127.0.0.1:{ports[name]}")
-        await watcher.start()
-        await _train_initial(f"127.0.0.1:{ports['trainer']}", options.model_name, seeded)
-        note("initial version trained; waiting for it to serve")
-        await _wait_for(lambda: loop_state.current_route() is not None, 180, processes)
-        note("initial version is stable")
+            address = f"127.0.0.1:{self.ports[name]}"
+            await wait_serving(address, name, processes, timeout=180)
+            self.note(f"{name} serving on {address}")
+        self.watcher = Watcher(self.stack.kafka_settings, self.loop_state, since=self.started_at)
+        await self.watcher.start()
+        trainer = f"127.0.0.1:{self.ports['trainer']}"
+        await _train_initial(trainer, self.options.model_name, self.seeded)
+        self.note("initial version trained; waiting for it to serve")
+        await _wait_for(lambda: self.loop_state.current_route() is not None, 180, processes)
+        self.note("initial version is stable")
 
+    async def watch(self) -> str:
+        """Drive traffic (unless disabled) and show the loop until it is time to stop."""
+        options, ports = self.options, self.ports
         if options.simulator:
 
             def on_drift(at: datetime) -> None:
-                loop_state.drift_at = at
-                note("concept drift injected: the labelling rule changed")
+                self.loop_state.drift_at = at
+                self.note("concept drift injected: the labelling rule changed")
 
-            simulator = TrafficSimulator(
-                world,
+            self.simulator = TrafficSimulator(
+                self.world,
                 SimulatorConfig(
                     model_name=options.model_name,
                     requests_per_second=options.requests_per_second,
@@ -244,28 +313,243 @@ async def run_loop(options: RunOptions, console: Console | None = None) -> dict[
                 on_drift=on_drift,
                 seed=options.seed,
             )
-            sim_task = asyncio.create_task(simulator.run(stop))
+            self._sim_task = asyncio.create_task(self.simulator.run(self._sim_stop))
+        return await _watch(
+            options,
+            self.loop_state,
+            self._services(),
+            self.started,
+            self.notes,
+            self.console,
+            self.simulator,
+        )
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.options.headless:
+            self.console.print(f"[{time.monotonic() - self.started:6.1f}s] {text}")
+
+    def say(self, text: str) -> None:
+        """A note printed in every mode (the live view is gone by the time cleanup speaks)."""
+        if self.options.headless:
+            self.note(text)
+        else:
+            self.notes.append(text)
+            self.console.print(text)
+
+    async def run(self) -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        previous: dict[signal.Signals, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (RuntimeError, ValueError):  # not the main thread: signals stay as they are
+                break
+            previous[sig] = handler
         try:
-            await _watch(options, loop_state, processes, started, notes, console, simulator)
-        except asyncio.CancelledError:
-            note("stopping (Ctrl-C)")  # still write the plot and summary below
-    finally:
-        stop.set()
-        if sim_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(sim_task, timeout=10)
-        await watcher.stop()
-        processes.stop()
-        await asyncio.to_thread(stack.stop)
-    extra: dict[str, object] = {"seconds": round(time.monotonic() - started, 1)}
-    if simulator is not None:
-        extra["simulator"] = simulator.stats.__dict__
-    summary_path = write_summary(loop_state, options.out_dir / "summary.json", extra)
-    plot_path = write_plot(loop_state, options.out_dir / "live_metrics.png")
-    console.print(f"summary: {summary_path}\nplot: {plot_path}")
-    summary = loop_state.summary()
-    summary.update(extra)
-    return summary
+            return await self._run()
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                with contextlib.suppress(TypeError, ValueError):  # None: not set from Python
+                    signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals == 1:
+            self.note(f"{name}: stopping")
+            self._abort.set()
+            self._stop.set()
+        elif not self._hurry.is_set():
+            self.say(f"{name} again: hurrying (short waits, SIGKILL what remains)")
+            self._hurry_threads.set()
+            self._hurry.set()
+
+    async def _run(self) -> dict[str, object]:
+        stopped_by, error = "error", None
+        try:
+            stopped_by = await self._phases()
+        except _Stopped:
+            stopped_by = "signal"
+        except Exception as exc:
+            # A phase that fails after a signal fails because of the stop: not the run's error.
+            stopped_by, error = ("signal" if self.signals else "error"), exc
+        except BaseException:  # cancelled from outside: clean up all the same, then go on
+            stopped_by = "cancelled"
+            raise
+        finally:
+            summary = await self._cleanup(stopped_by, error)
+        if self._cancelled:
+            raise asyncio.CancelledError
+        if error is not None and stopped_by == "error":
+            raise error
+        return summary
+
+    async def _phases(self) -> str:
+        self.note("starting Kafka, tritonserver and Feast")
+        loop = asyncio.get_running_loop()
+        # In a thread that checks ``_abort`` between steps: a signal cannot stop a thread, but
+        # the thread then starts nothing more, and the cleanup waits for it before stopping
+        # the stack. Shielded so that ending the phase does not drop the thread's result.
+        up = self._up = loop.run_in_executor(None, self.stack.up, self._abort)
+        state = await self._phase(lambda: asyncio.shield(up))
+        await self._phase(self.prepare)
+        self.processes = ServiceProcesses(
+            service_env(state, self.ports, self.options),
+            self.options.out_dir / "logs",
+            argv=self.service_argv,
+        )
+        for name in SERVICE_ORDER:
+            if self._stop.is_set():
+                raise _Stopped
+            self.processes.start(name)
+        await self._phase(self.bring_up)
+        return await self._phase(self.watch)
+
+    async def _phase(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Await one phase until it ends or the stop event is set (then raise ``_Stopped``)."""
+        if self._stop.is_set():
+            raise _Stopped
+        task = asyncio.ensure_future(work())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=5)
+        # An error raised while being stopped is a consequence of the stop, not the run's.
+        if (
+            task.done()
+            and not task.cancelled()
+            and (task.exception() is None or not self._stop.is_set())
+        ):
+            return task.result()
+        raise _Stopped
+
+    def _services(self) -> ServiceProcesses:
+        if self.processes is None:
+            raise RuntimeError("the service processes have not been started")
+        return self.processes
+
+    # -- cleanup ------------------------------------------------------------------------------
+
+    async def _cleanup(self, stopped_by: str, error: BaseException | None) -> dict[str, object]:
+        """Stop everything this run started, each step on its own; always write the summary."""
+        self._abort.set()
+        self._stop.set()
+        hint = " (Ctrl-C again to hurry)" if stopped_by == "signal" and self.signals < 2 else ""
+        self.say(f"stopping…{hint}")
+        problems: list[str] = []
+        try:
+            await self._step("simulator", self._stop_simulator, problems)
+            await self._step("watcher", self._stop_watcher, problems)
+            await self._step("service processes", self._stop_services, problems)
+            await self._step("infrastructure start-up", self._join_start_up, problems)
+            await self._step("Kafka and tritonserver", self._stop_stack, problems)
+        finally:
+            summary = self._write_summary(stopped_by, error, problems)
+        return summary
+
+    async def _step(
+        self, name: str, work: Callable[[], Awaitable[None]], problems: list[str]
+    ) -> None:
+        """Run one cleanup step to its end: its error is logged, not raised, and a
+        cancellation of the run hurries the step instead of cutting it short."""
+        task = asyncio.ensure_future(work())
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                self._cancelled = True
+                self._hurry_threads.set()
+                self._hurry.set()
+        failure = "cancelled" if task.cancelled() else task.exception()
+        if failure is not None:
+            problems.append(f"{name}: {failure!r}")
+            self.say(f"[red]stopping {name} failed: {failure!r}")
+
+    def _wait_seconds(self) -> float:
+        return _TASK_WAIT[1] if self._hurry.is_set() else _TASK_WAIT[0]
+
+    async def _finish(self, task: asyncio.Future[None]) -> None:
+        """Let ``task`` end by itself for a while (briefly once hurried), then cancel it."""
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        either: set[asyncio.Future[Any]] = {task, hurry}
+        try:
+            await asyncio.wait(
+                either, timeout=self._wait_seconds(), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not task.done() and hurry.done():
+                await asyncio.wait({task}, timeout=self._wait_seconds())
+        finally:
+            hurry.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_TASK_WAIT[1])
+        if task.done() and not task.cancelled() and (failure := task.exception()) is not None:
+            raise failure
+
+    async def _stop_simulator(self) -> None:
+        self._sim_stop.set()
+        if self._sim_task is not None:
+            self.say("stopping the simulator")
+            await self._finish(self._sim_task)
+
+    async def _stop_watcher(self) -> None:
+        if self.watcher is not None:
+            self.say("stopping the watcher")
+            await self._finish(asyncio.ensure_future(self.watcher.stop()))
+
+    async def _stop_services(self) -> None:
+        if self.processes is not None and self.processes.children:
+            self.say("stopping the services")
+            await asyncio.to_thread(self.processes.stop, _SERVICE_STOP_SECONDS, self._hurry_threads)
+
+    async def _join_start_up(self) -> None:
+        if self._up is None:
+            return
+        if not self._up.done():
+            self.say("waiting for the infrastructure start-up to stop")
+        await asyncio.wait({self._up})
+        if not self._up.cancelled():
+            # Retrieved, not raised: a start-up failure already ended the first phase, and
+            # StartAborted (or a tool cut short by the same Ctrl-C) is the stop itself.
+            self._up.exception()
+
+    async def _stop_stack(self) -> None:
+        if self._up is not None:
+            self.say("stopping Kafka and tritonserver")
+            await asyncio.to_thread(self.stack.stop, self._hurry_threads)
+            self.say("stopped Kafka and tritonserver")
+
+    def _write_summary(
+        self, stopped_by: str, error: BaseException | None, problems: list[str]
+    ) -> dict[str, object]:
+        extra: dict[str, object] = {
+            "seconds": round(time.monotonic() - self.started, 1),
+            "stopped_by": stopped_by,
+        }
+        if error is not None:
+            extra["error"] = f"{type(error).__name__}: {error}"
+        if problems:
+            extra["cleanup_errors"] = problems
+        if self.simulator is not None:
+            extra["simulator"] = self.simulator.stats.__dict__
+        summary_path = write_summary(self.loop_state, self.options.out_dir / "summary.json", extra)
+        try:
+            plot = str(write_plot(self.loop_state, self.options.out_dir / "live_metrics.png"))
+        except Exception as exc:  # the summary matters more than the picture
+            plot = f"not written ({exc!r})"
+        self.console.print(f"summary: {summary_path}\nplot: {plot}")
+        summary = self.loop_state.summary()
+        summary.update(extra)
+        return summary
 
 
 def _maybe_drift(
@@ -320,16 +604,21 @@ async def _watch(
     notes: list[str],
     console: Console,
     simulator: TrafficSimulator | None,
-) -> None:
+) -> str:
+    """Show the loop until ``stop_when`` holds or the duration is up; returns which."""
     deadline = None if options.duration_seconds is None else started + options.duration_seconds
+    reason = ""
 
     def finished() -> bool:
+        nonlocal reason
         if exited := processes.exited():
             raise RuntimeError(f"services exited: {', '.join(exited)}")
         _maybe_drift(options, loop_state, simulator)
         if options.stop_when is not None and options.stop_when(loop_state):
-            return True
-        return deadline is not None and time.monotonic() >= deadline
+            reason = "stop_when"
+        elif deadline is not None and time.monotonic() >= deadline:
+            reason = "duration"
+        return bool(reason)
 
     if options.headless:
         seen = 0
@@ -342,8 +631,9 @@ async def _watch(
                 )
             seen = len(marks)
             await asyncio.sleep(1.0)
-        return
+        return reason
     with Live(render(loop_state, started=started, notes=notes), console=console) as live:
         while not finished():
             live.update(render(loop_state, started=started, notes=notes))
             await asyncio.sleep(1.0)
+    return reason

@@ -2,7 +2,8 @@
 
 ``loopmesh infra up`` starts the components as detached processes and records their pids and
 addresses in ``<state_dir>/infra.json``; ``down`` and ``status`` read that file. ``loopmesh
-run`` uses the same class in the foreground and stops everything on exit.
+run`` uses the same class in the foreground (``up`` in a worker thread it can abort) and stops
+everything on exit.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 from loopmesh.devstack.kafka import KafkaBroker
-from loopmesh.devstack.process import stop_pid
+from loopmesh.devstack.process import check_abort, stop_pid
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh.bus import declare_topics
 from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
@@ -66,8 +68,13 @@ class LocalStack:
             update={"bootstrap_servers": self.kafka.bootstrap_servers}
         )
 
-    def up(self) -> StackState:
-        """Start every component, declare the topics, apply Feast; idempotent per state dir."""
+    def up(self, abort: threading.Event | None = None) -> StackState:
+        """Start every component, declare the topics, apply Feast; idempotent per state dir.
+
+        ``abort``, set from another thread, stops the start-up between steps and inside the
+        readiness waits: what was started is stopped and ``StartAborted`` raised, so nothing
+        starts any more once a caller has begun to clean up.
+        """
         if (existing := self.read_state()) is not None and _alive(existing):
             raise RuntimeError(
                 f"a local stack is already running (state {self.state_file}); "
@@ -75,15 +82,22 @@ class LocalStack:
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.model_repository.mkdir(parents=True, exist_ok=True)
-        self.kafka.start()
         try:
+            check_abort(abort, "local stack")
+            self.kafka.start(abort=abort)
+            check_abort(abort, "local stack")
             asyncio.run(declare_topics(self.kafka_settings, ALL_TOPICS))
-            self.triton.start()
+            check_abort(abort, "local stack")
+            self.triton.start(abort=abort)
+            check_abort(abort, "local stack")
             repo = prepare_repo(self.feast_dir)
             apply_repo(repo)
-        except BaseException:
-            self.triton.stop()
-            self.kafka.stop()
+            check_abort(abort, "local stack")
+        except BaseException as exc:
+            try:
+                self.stop()
+            except Exception as cleanup:  # keep the start-up error; say what cleanup hit
+                exc.add_note(f"stopping the stack after this failed too: {cleanup!r}")
             raise
         state = StackState(
             kafka_bootstrap=self.kafka.bootstrap_servers,
@@ -98,11 +112,16 @@ class LocalStack:
         self.state_file.write_text(json.dumps(asdict(state), indent=2))
         return state
 
-    def stop(self) -> None:
-        """Stop the components this object started (foreground use)."""
-        self.triton.stop()
-        self.kafka.stop()
-        self.state_file.unlink(missing_ok=True)
+    def stop(self, hurry: threading.Event | None = None) -> None:
+        """Stop the components this object started (foreground use); Kafka stops even if
+        stopping tritonserver fails. ``hurry`` set (a second Ctrl-C) shortens every wait."""
+        try:
+            self.triton.stop(hurry=hurry)
+        finally:
+            try:
+                self.kafka.stop(hurry=hurry)
+            finally:
+                self.state_file.unlink(missing_ok=True)
 
     def read_state(self) -> StackState | None:
         try:

@@ -12,15 +12,17 @@ import filecmp
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import sysconfig
+import threading
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from loopmesh.devstack.process import ManagedProcess, free_port, log_tail
+from loopmesh.devstack.process import ManagedProcess, free_port, group_alive, log_tail
 from loopmesh.mesh.errors import SetupError
 
 # Generous: readiness takes ~0.25s here (no models load at start), but cold disks are slow.
@@ -108,8 +110,13 @@ class TritonServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> None:
-        """Launch tritonserver and wait until gRPC ``is_server_ready`` answers True."""
+    def start(
+        self, timeout: float = DEFAULT_START_TIMEOUT, *, abort: threading.Event | None = None
+    ) -> None:
+        """Launch tritonserver and wait until gRPC ``is_server_ready`` answers True.
+
+        Once ``abort`` is set the readiness wait kills the server and raises ``StartAborted``.
+        """
         if self.running:
             raise SetupError(f"tritonserver is already running (pid {self.pid})")
         if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
@@ -126,13 +133,19 @@ class TritonServer:
             "tritonserver", self._argv(), log_path=self.log_path, env=self._environment()
         )
         self._proc.start()
-        self._proc.wait_ready(self._probe_ready, timeout=timeout)
+        self._proc.wait_ready(self._probe_ready, timeout=timeout, abort=abort)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Graceful stop (SIGTERM: Triton unloads models, stubs exit), SIGKILL after timeout."""
+    def stop(self, timeout: float = 30.0, *, hurry: threading.Event | None = None) -> None:
+        """Graceful stop (SIGTERM: Triton unloads models, stubs exit), SIGKILL after timeout.
+
+        The whole process group is stopped, stubs included, even if the server died first;
+        ``hurry`` set (a second Ctrl-C) shortens the wait to ``HURRY_GRACE``.
+        """
         if self._proc is not None:
-            self._proc.stop(timeout=timeout)
-            self._reap_group()
+            try:
+                self._proc.stop(timeout=timeout, hurry=hurry)
+            finally:
+                self._reap_group()
 
     def kill(self) -> None:
         """SIGKILL the server and its stubs at once: a crash, for fault tests."""
@@ -197,19 +210,20 @@ class TritonServer:
         _sync_file(stub, self.backend_directory / "python" / "triton_python_backend_stub")
 
     def _reap_group(self, timeout: float = 5.0) -> None:
-        """Wait briefly for the stubs (same process group) to die, then drop our shm regions.
+        """Wait briefly for the stubs (same process group) to die, SIGKILL any that do not,
+        then drop our shm regions.
 
         SIGKILL leaves the python backend's /dev/shm regions behind; the prefix is unique to
         this instance, so removing them cannot touch another server's.
         """
         pgid = self.pid
-        deadline = time.monotonic() + timeout
-        while pgid is not None and time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        if pgid is not None:
+            deadline = time.monotonic() + timeout
+            while group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if group_alive(pgid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
         shm = Path("/dev/shm")  # noqa: S108 - where shm_open(3) regions live on Linux
         if shm.is_dir():
             for region in shm.glob(f"{self._shm_prefix}*"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import datetime
@@ -58,10 +57,17 @@ class Watcher:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop reading and close the consumer.
+
+        Waits for the reader with ``asyncio.wait``, which neither raises the reader's error nor
+        swallows a cancellation of the caller (``suppress(CancelledError)`` would do both).
+        """
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.warning("the watcher had stopped reading: %r", error)
         await self._consumer.stop()
 
     async def _run(self) -> None:

@@ -12,7 +12,7 @@ UNKNOWN or INTERNAL; the service answers a valid call afterwards; and at the doo
 Feedback) every valid item of a mixed batch is accepted and in Kafka, every bad one refused.
 
 grpc-python answers a request that fails to decode with UNKNOWN ("Unexpected DecodeError").
-That is wrong for a client's mistake: ``loopmesh.mesh.rpc_decode.DecodeGuard`` makes it
+That is wrong for a client's mistake: ``loopmesh.mesh.rpc_guards.DecodeGuard`` makes it
 INVALID_ARGUMENT whose details start with ``request:``, which these tests require.
 
 Hypothesis drives synchronous gRPC calls from a worker thread while the servers run on the

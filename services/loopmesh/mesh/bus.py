@@ -65,11 +65,6 @@ def record_consumer_lag(group: str, topic: str, partition: int, lag: int) -> Non
     _lag[(group, topic, partition)] = max(0, lag)
 
 
-def record_dead_letter(topic: str, group: str) -> None:
-    """Count a message sent to ``<topic>.dlq`` by a consumer that is not an EventConsumer."""
-    _dead_lettered.add(1, {"topic": topic, "group": group})
-
-
 TOPIC_ALREADY_EXISTS = 36
 DLQ_MAX_BYTES = 8 * 1024 * 1024
 """Largest dead letter. A letter carries its raw message base64-encoded (a third larger) plus
@@ -217,6 +212,7 @@ class EventProducer:
     async def publish_raw(
         self, topic: str, value: bytes | None, key: bytes | None, headers: KafkaHeaders
     ) -> None:
+        """Produce bytes as they are (dead letters), waiting for the ack."""
         await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
 
 
@@ -358,19 +354,7 @@ class EventConsumer(Generic[E]):
         except ValidationError as err:
             await self._dead_letter(record, delivery, describe_validation_error(err))
             return
-        parent = extract_context(headers)
-        with self._tracer.start_as_current_span(
-            f"{record.topic} process",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": record.topic,
-                "messaging.kafka.offset": record.offset,
-                "messaging.consumer.group.name": self.group_id,
-                "messaging.message.id": event.event_id,
-            },
-        ):
+        with consume_span(self._tracer, record, event.event_id, self.group_id):
             await self._handler(event, delivery)  # type: ignore[arg-type]
         self.handled += 1
         _consumed.add(1, {"topic": record.topic, "group": self.group_id})
@@ -380,19 +364,25 @@ class EventConsumer(Generic[E]):
         self.dead_lettered += 1
 
 
+RawSend = Callable[[str, bytes | None, bytes | None, KafkaHeaders], Awaitable[None]]
+"""(topic, value, key, headers) -> produced and acknowledged: ``EventProducer.publish_raw``, or
+a faust app's producer (``streams``), so every consumer dead-letters the same way."""
+
+
 async def dead_letter(
-    producer: EventProducer,
+    send: RawSend | EventProducer,
     record: Any,
     *,
     group: str,
     reason: str,
     event_id: str | None = None,
 ) -> None:
-    """Send a consumed aiokafka record to ``<topic>.dlq`` as a DeadLetter; waits for the ack.
+    """Send a consumed record (aiokafka's or faust's) to ``<topic>.dlq`` as a DeadLetter.
 
     ``event_id``: fixed by the caller when the same record may be dead-lettered again (groupless
     readers re-read it on every start), so DLQ readers can drop the copies.
     """
+    produce = send.publish_raw if isinstance(send, EventProducer) else send
     letter = DeadLetter(
         **({"event_id": event_id} if event_id is not None else {}),
         reason=reason,
@@ -407,18 +397,40 @@ async def dead_letter(
         "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
     )
     headers = [*(record.headers or ()), *event_headers(letter)]
+    dlq = f"{record.topic}.dlq"
     try:
-        await producer.publish_raw(
-            f"{record.topic}.dlq", value=encode(letter), key=record.key, headers=headers
-        )
-    except MessageSizeTooLargeError:
+        await produce(dlq, encode(letter), record.key, headers)
+    except Exception as exc:
+        if not _too_large(exc):
+            raise
         # A DLQ topic created without DLQ_MAX_BYTES (or a huge key): keep the letter, which
         # names the source offset, rather than retry a send that can never succeed.
-        await producer.publish_raw(
-            f"{record.topic}.dlq", value=encode(without_value(letter)), key=None, headers=headers
-        )
+        await produce(dlq, encode(without_value(letter)), None, headers)
     trace.get_current_span().add_event("dead-lettered", {"reason": reason})
     _dead_lettered.add(1, {"topic": record.topic, "group": group})
+
+
+def _too_large(exc: BaseException) -> bool:
+    # faust wraps the producer's error in its own ProducerSendError.
+    return isinstance(exc, MessageSizeTooLargeError) or isinstance(
+        exc.__cause__, MessageSizeTooLargeError
+    )
+
+
+def consume_span(service_tracer: trace.Tracer, record: Any, event_id: str, group: str) -> Any:
+    """The span of handling one consumed record, continuing the producer's trace."""
+    return service_tracer.start_as_current_span(
+        f"{record.topic} process",
+        context=extract_context(record.headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.destination.name": record.topic,
+            "messaging.kafka.offset": record.offset,
+            "messaging.consumer.group.name": group,
+            "messaging.message.id": event_id,
+        },
+    )
 
 
 def without_value(letter: DeadLetter) -> DeadLetter:

@@ -1,17 +1,15 @@
 """The one error hierarchy of LoopMesh: each error carries its gRPC status and the field at fault.
 
-A core raises these and knows nothing of gRPC; ``ErrorMapping`` (every ``GrpcServer`` installs
-it) turns them into the call's status, ``field: message``. Any other exception escaping a
-servicer is a bug: it is logged with its traceback and answered INTERNAL, never UNAVAILABLE,
-so a client does not retry into it as if it were an outage.
+A core raises these and knows nothing of gRPC; ``rpc_guards.ErrorMapping`` (every
+``GrpcServer`` installs it) turns them into the call's status, ``field: message``. Any other
+exception escaping a servicer is a bug: it is logged with its traceback and answered INTERNAL,
+never UNAVAILABLE, so a client does not retry into it as if it were an outage.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import grpc
 
@@ -98,61 +96,3 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
         return exc.status, _cut(exc.field, 200), exc.details()
     log.error("unexpected error in a gRPC method", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "", f"internal error: {type(exc).__name__}"
-
-
-async def _answer(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    code, _, details = status_of(exc)
-    await context.abort(code, details)
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort() raises AbortError; it already carries the status the servicer chose.
-    return isinstance(exc, grpc.aio.AbortError)
-
-
-def _mapped(inner: Callable[..., Any]) -> Callable[..., Any]:
-    if inspect.isasyncgenfunction(inner):
-
-        async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for answer in inner(request, context):
-                    yield answer
-            except Exception as exc:
-                if _is_abort(exc):
-                    raise
-                await _answer(context, exc)
-
-        return stream_out
-
-    async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await inner(request, context)
-        except Exception as exc:
-            if _is_abort(exc):
-                raise
-            await _answer(context, exc)
-
-    return unary_out
-
-
-class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps ``LoopMeshError`` to its status and anything unexpected to INTERNAL (logged)."""
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        decode, encode = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_mapped(handler.unary_unary), decode, encode)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _mapped(handler.unary_stream), decode, encode
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _mapped(handler.stream_unary), decode, encode
-            )
-        return grpc.stream_stream_rpc_method_handler(_mapped(handler.stream_stream), decode, encode)

@@ -23,13 +23,13 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from loopmesh.mesh.bus import (
     Delivery,
     EventProducer,
     client_options,
+    consume_span,
     dead_letter,
     describe_validation_error,
     record_consumer_lag,
@@ -37,7 +37,7 @@ from loopmesh.mesh.bus import (
 from loopmesh.mesh.errors import SetupError
 from loopmesh.mesh.events import Event
 from loopmesh.mesh.settings import KafkaSettings
-from loopmesh.mesh.telemetry import extract_context, tracer
+from loopmesh.mesh.telemetry import tracer
 from loopmesh.mesh.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -183,17 +183,7 @@ class TopicFollower(Generic[E]):
             await self._dead_letter(record, describe_validation_error(err))
             return
         delivery = Delivery(record.topic, record.partition, record.offset, record.key, headers)
-        with self._tracer.start_as_current_span(
-            f"{record.topic} process",
-            context=extract_context(headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": record.topic,
-                "messaging.kafka.offset": record.offset,
-                "messaging.message.id": event.event_id,
-            },
-        ):
+        with consume_span(self._tracer, record, event.event_id, self.reader):
             await self._handler(event, delivery)  # type: ignore[arg-type]
         self.handled += 1
 

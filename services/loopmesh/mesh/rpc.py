@@ -22,8 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from loopmesh.mesh.auth import AuthSettings, Role, TokenAuthInterceptor
-from loopmesh.mesh.errors import ErrorMapping
-from loopmesh.mesh.rpc_decode import DecodeGuard
+from loopmesh.mesh.rpc_guards import DecodeGuard, ErrorMapping
 from loopmesh.mesh.settings import GrpcServerSettings
 from loopmesh.mesh.telemetry import RpcMetricsInterceptor
 

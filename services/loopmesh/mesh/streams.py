@@ -12,20 +12,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
-from aiokafka.errors import MessageSizeTooLargeError
-from faust.exceptions import ProducerSendError
 from pydantic import ValidationError
 
 from loopmesh.mesh.bus import (
     DLQ_MAX_BYTES,
+    dead_letter,
     describe_validation_error,
-    encode,
-    event_headers,
     record_consumer_lag,
-    record_dead_letter,
-    without_value,
 )
-from loopmesh.mesh.events import DeadLetter, Event
+from loopmesh.mesh.events import Event
 from loopmesh.mesh.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -88,41 +83,13 @@ async def decode_or_dead_letter(
         return model.model_validate_json(message.value or b"")
     except ValidationError as err:
         reason = describe_validation_error(err)
-    letter = DeadLetter(
-        reason=reason,
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        consumer_group=group,
-        key=message.key,
-        value=message.value,
-    )
-    log.warning(
-        "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
-    )
-    headers = [*(message.headers or ()), *event_headers(letter)]
-    try:
+
+    async def send(topic: str, value: bytes | None, key: bytes | None, headers: Any) -> None:
         await app.producer.send_and_wait(
-            f"{message.topic}.dlq",
-            key=message.key,
-            value=encode(letter),
-            partition=None,
-            timestamp=None,
-            headers=headers,
+            topic, key=key, value=value, partition=None, timestamp=None, headers=headers
         )
-    except ProducerSendError as err:
-        if not isinstance(err.__cause__, MessageSizeTooLargeError):
-            raise
-        # As in bus.dead_letter: a letter without the bytes beats a retry that never succeeds.
-        await app.producer.send_and_wait(
-            f"{message.topic}.dlq",
-            key=None,
-            value=encode(without_value(letter)),
-            partition=None,
-            timestamp=None,
-            headers=headers,
-        )
-    record_dead_letter(message.topic, group)
+
+    await dead_letter(send, message, group=group, reason=reason)
     return None
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from loopmesh.mesh.bus import declare_topics, encode, event_headers
+from loopmesh.mesh.bus import consume_span, declare_topics, encode, event_headers
 from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.streams import decode_or_dead_letter, faust_app, record_lag
@@ -266,19 +265,7 @@ class Joiner:
                 self._model_partition.pop(model, None)
 
     def _span(self, event: Any, event_id: str) -> Any:
-        message = event.message
-        return self._tracer.start_as_current_span(
-            f"{message.topic} process",
-            context=extract_context(message.headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": message.topic,
-                "messaging.kafka.offset": message.offset,
-                "messaging.consumer.group.name": self.group,
-                "messaging.message.id": event_id,
-            },
-        )
+        return consume_span(self._tracer, event.message, event_id, self.group)
 
 
 def _traceparent(headers: Any) -> str | None:

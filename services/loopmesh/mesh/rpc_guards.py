@@ -1,4 +1,9 @@
-"""Requests that do not decode answer INVALID_ARGUMENT, not UNKNOWN.
+"""The guards every ``GrpcServer`` installs innermost: decoding, then errors to status codes.
+
+``ErrorMapping`` answers a kernel error (``mesh.errors``) with its status and ``field:
+message``, and anything unexpected INTERNAL (logged), once for every method of every service.
+
+Requests that do not decode answer INVALID_ARGUMENT, not UNKNOWN.
 
 grpc-python (aio) decodes a request before any servicer code runs. When that fails (bytes
 that are not the method's protobuf message, or a string field that is not valid UTF-8) it
@@ -16,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from loopmesh.mesh.errors import status_of
 
 
 class Undecodable:
@@ -105,6 +112,28 @@ def _guard_stream_in(inner: Any) -> Any:
     return unary_out
 
 
+def rebuilt(
+    handler: Any,
+    wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]],
+    decode: Callable[[bytes], Any] | None = None,
+) -> Any:
+    """``handler`` with its method wrapped (``wrap(method, streams_in)``), same kind and codecs
+    (or the deserializer ``decode``)."""
+    decode = decode or handler.request_deserializer
+    encode = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), decode, encode)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, False), decode, encode
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, True), decode, encode
+        )
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), decode, encode)
+
+
 class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Makes every method's request decoding fail as INVALID_ARGUMENT (install innermost)."""
 
@@ -114,20 +143,58 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler  # unknown method, or one that takes raw bytes itself
-        decode = _safe(handler.request_deserializer)
-        serialize = handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary_in(handler.unary_unary), decode, serialize
+
+        def guard(method: Callable[..., Any], streams_in: bool) -> Callable[..., Any]:
+            guarded: Callable[..., Any] = (
+                _guard_stream_in(method) if streams_in else _guard_unary_in(method)
             )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_unary_in(handler.unary_stream), decode, serialize
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard_stream_in(handler.stream_unary), decode, serialize
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _guard_stream_in(handler.stream_stream), decode, serialize
-        )
+            return guarded
+
+        return rebuilt(handler, guard, _safe(handler.request_deserializer))
+
+
+async def _answer(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code, _, details = status_of(exc)
+    await context.abort(code, details)
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises AbortError; it already carries the status the servicer chose.
+    return isinstance(exc, grpc.aio.AbortError)
+
+
+def _mapped(inner: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(inner):
+
+        async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for answer in inner(request, context):
+                    yield answer
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                await _answer(context, exc)
+
+        return stream_out
+
+    async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await inner(request, context)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await _answer(context, exc)
+
+    return unary_out
+
+
+class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps ``LoopMeshError`` to its status and anything unexpected to INTERNAL (logged)."""
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return rebuilt(handler, lambda method, _: _mapped(method))

@@ -7,4 +7,4 @@ from loopmesh.feedback.settings import FeedbackSettings
 from loopmesh.mesh.intake_server import main
 
 if __name__ == "__main__":
-    main(lambda: feedback_server(FeedbackSettings()))
+    raise SystemExit(main("feedback", FeedbackSettings(), feedback_server))

@@ -11,8 +11,9 @@ import grpc
 from loopmesh.feedback.core import feedback_intake
 from loopmesh.feedback.settings import FeedbackScope, FeedbackSettings
 from loopmesh.gen.loopmesh.v1 import feedback_pb2, feedback_pb2_grpc
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import FeedbackEvent
-from loopmesh.mesh.intake import Intake, Item, Unavailable
+from loopmesh.mesh.intake import Intake, Item
 from loopmesh.mesh.intake_server import (
     IntakeServer,
     KafkaPublisher,

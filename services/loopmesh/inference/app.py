@@ -48,6 +48,7 @@ class InferenceGateway:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        self.name = "inference"
         self.settings = settings
         scope = settings.inference
         self.predictions_topic = replace(PREDICTIONS, name=scope.predictions_topic)
@@ -135,6 +136,11 @@ class InferenceGateway:
     @property
     def address(self) -> str:
         return self.grpc.address
+
+    @property
+    def crashed(self) -> asyncio.Event:
+        """Set when the routes follower died: serving on would route by stale weights."""
+        return self.follower.crashed
 
     async def start(self) -> None:
         scope = self.settings.inference

@@ -7,4 +7,4 @@ from loopmesh.ingestion.settings import IngestionSettings
 from loopmesh.mesh.intake_server import main
 
 if __name__ == "__main__":
-    main(lambda: ingestion_server(IngestionSettings()))
+    raise SystemExit(main("ingestion", IngestionSettings(), ingestion_server))

@@ -11,8 +11,9 @@ import grpc
 from loopmesh.gen.loopmesh.v1 import ingestion_pb2, ingestion_pb2_grpc
 from loopmesh.ingestion.core import ingestion_intake
 from loopmesh.ingestion.settings import IngestionScope, IngestionSettings
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import InteractionEvent
-from loopmesh.mesh.intake import Intake, Item, Unavailable
+from loopmesh.mesh.intake import Intake, Item
 from loopmesh.mesh.intake_server import (
     ACKED_TRAILER,
     IntakeServer,

@@ -76,6 +76,8 @@ class TopicFollower(Generic[E]):
         self._consumer: AIOKafkaConsumer | None = None
         self._ends: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self.crashed = asyncio.Event()
+        """Set when the reading task of ``follow`` died (its state would go stale)."""
         self._tracer = tracer(f"loopmesh.{service}.bus")
 
     async def start(self) -> None:
@@ -134,11 +136,17 @@ class TopicFollower(Generic[E]):
         """``start``, ``run`` in a task, and return once caught up (or raise SetupError)."""
         await self.start()
         self._task = asyncio.create_task(self.run(), name=self.reader)
+        self._task.add_done_callback(self._done)
         try:
             await self.wait_caught_up(catchup_timeout)
         except BaseException:
             await self.stop()
             raise
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s died", self.reader, exc_info=task.exception())
+            self.crashed.set()
 
     async def wait_caught_up(self, timeout: float) -> None:
         done = asyncio.ensure_future(self.caught_up.wait())

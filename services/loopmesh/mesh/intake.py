@@ -23,6 +23,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
+from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import Event
 from loopmesh.mesh.telemetry import tracer
 
@@ -67,10 +68,6 @@ class Outcome:
     def accepted(self) -> bool:
         """Durable in the event store (written now, or earlier under the same id)."""
         return self.status != "rejected"
-
-
-class Unavailable(Exception):
-    """The event store did not confirm the write in time; retrying later may succeed."""
 
 
 class Publisher(Protocol[E_contra]):

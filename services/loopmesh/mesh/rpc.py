@@ -10,9 +10,7 @@ Every service builds its server the same way::
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -115,10 +113,3 @@ class GrpcServer:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
-
-
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    """SIGINT and SIGTERM set ``stop`` instead of killing the process mid-call."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)

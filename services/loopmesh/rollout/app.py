@@ -35,6 +35,7 @@ class RolloutApp:
     """The whole controller process: ``await start()``, then ``await stop()``."""
 
     def __init__(self, settings: RolloutSettings) -> None:
+        self.name = "rollout"
         self.settings = settings
         self.controller: RolloutController | None = None
         self.server: GrpcServer | None = None

@@ -36,6 +36,7 @@ class TrainerApp:
         fit: FitFn = default_fit,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        self.name = "trainer"
         self.settings = settings
         scope = settings.trainer
         self.scope = scope

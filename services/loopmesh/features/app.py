@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from loopmesh.features.settings import FeaturesSettings
-from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.bus import EventProducer, declare_topics, partition_counts
 from loopmesh.mesh.events import EntityErased
 from loopmesh.mesh.privacy import EntityIdMapper
 from loopmesh.mesh.rpc import GrpcServer
@@ -59,7 +59,6 @@ class FeaturesApp:
         # feast (through the store and the agents) costs seconds to import: only now.
         from loopmesh.features.agents import FeatureAgents
         from loopmesh.features.store import FeastGateway
-        from loopmesh.features.topics import partition_counts
 
         self._store = FeastGateway.open(scope)
         if scope.run_server:

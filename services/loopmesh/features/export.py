@@ -18,15 +18,12 @@ prediction log); this export is for offline analysis and backfills.
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd  # type: ignore[import-untyped]
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
 
 from loopmesh.features.core import (
     ACTIVITY_VIEW,
@@ -36,10 +33,10 @@ from loopmesh.features.core import (
     WINDOWS,
     EntityAggregate,
 )
-from loopmesh.features.topics import partition_counts
-from loopmesh.mesh.bus import client_options
 from loopmesh.mesh.events import InteractionEvent
+from loopmesh.mesh.follow import read_to_end
 from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.topics import EVENTS_RAW
 
 FEATURE_DTYPES: dict[str, tuple[str, str]] = {
     **{name: (ACTIVITY_VIEW, "Int64") for name in WINDOWS},
@@ -109,36 +106,8 @@ async def read_event_log(
 ) -> list[InteractionEvent]:
     """Every valid InteractionEvent on ``topic`` up to its current end (invalid ones skipped:
     the agents dead-lettered them)."""
-    consumer = AIOKafkaConsumer(
-        **client_options(settings, "features-export"),
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
+    event_log = replace(EVENTS_RAW, name=topic)
+    events: list[InteractionEvent] = await read_to_end(
+        settings, event_log, service="features-export", timeout=timeout_s
     )
-    await consumer.start()
-    try:
-        counts = await partition_counts(settings, [topic])
-        tps = [TopicPartition(topic, p) for p in range(counts.get(topic, 0))]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        out: list[InteractionEvent] = []
-        deadline = time.monotonic() + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} to its end took over {timeout_s} s")
-            batches = await consumer.getmany(*remaining, timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    # Invalid ones were dead-lettered by the agents; not features.
-                    with contextlib.suppress(ValidationError):
-                        out.append(InteractionEvent.model_validate_json(record.value or b""))
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
+    return events

@@ -152,6 +152,17 @@ async def declare_topics(
         await admin.close()
 
 
+async def partition_counts(settings: KafkaSettings, topics: Sequence[str]) -> dict[str, int]:
+    """Partitions of each existing topic (absent topics are left out)."""
+    admin = AIOKafkaAdminClient(**client_options(settings, "admin"))
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["partitions"]}
+
+
 class EventProducer:
     """Produces pydantic events with their key, id and trace headers; waits for acks."""
 

@@ -14,7 +14,6 @@ event id), lag recorded like a group's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -159,11 +158,12 @@ class TopicFollower(Generic[E]):
             raise SetupError(f"{self.topic.name}: not caught up within {timeout:.0f}s")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # asyncio.wait neither raises the reader's error nor swallows a cancellation of
+            # the caller (suppressing CancelledError around `await task` would do both).
+            await asyncio.wait({task})
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None

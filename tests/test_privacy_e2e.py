@@ -57,6 +57,9 @@ from tests.test_ingestion_support import ingestion, ingestion_stub, running
 
 pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
+# Raw ids of this run: the session's Feast store is shared, and other tests use plain names.
+ALICE, BOB = f"alice-{uuid.uuid4().hex[:8]}", f"bob-{uuid.uuid4().hex[:8]}"
+
 FEATURES = ["entity_activity:events_total", "entity_numeric:value_mean"]
 LOAD_TIMEOUT = 120.0
 
@@ -245,11 +248,11 @@ async def _unload(triton_url: str, model: str) -> None:
 async def test_one_key_pseudonymises_everywhere_and_erasure_reaches_features_and_training(
     mesh: Mesh,
 ) -> None:
-    alice, bob = mesh.pseudonym("alice"), mesh.pseudonym("bob")
-    assert alice != bob and "alice" not in alice
+    alice, bob = mesh.pseudonym(ALICE), mesh.pseudonym(BOB)
+    assert alice != bob and ALICE not in alice
 
     # Ingest with raw ids: the features appear under the pseudonym, never under "alice".
-    values = {"alice": [2.0, 4.0, 6.0], "bob": [10.0]}
+    values = {ALICE: [2.0, 4.0, 6.0], BOB: [10.0]}
     reply = await mesh.ingest.Ingest(
         ipb.IngestRequest(
             events=[
@@ -276,12 +279,11 @@ async def test_one_key_pseudonymises_everywhere_and_erasure_reaches_features_and
             return await mesh.online(entity) == row
 
         await eventually(stored, timeout=90, interval=0.3)
-    assert {s for _, s in (await mesh.online("alice")).values()} == {MISSING}
+    assert {s for _, s in (await mesh.online(ALICE)).values()} == {MISSING}
 
     # Predict("alice") reads her pseudonym's features and logs the prediction under it.
     first = {
-        raw: await mesh.predict_and_feed_back(raw, label)
-        for raw, label in (("alice", 1), ("bob", 0))
+        raw: await mesh.predict_and_feed_back(raw, label) for raw, label in ((ALICE, 1), (BOB, 0))
     }
     assert all(not r.degraded and not r.defaulted_features for r in first.values())
     logged = {
@@ -291,7 +293,7 @@ async def test_one_key_pseudonymises_everywhere_and_erasure_reaches_features_and
             for _, value, _ in await read_topic(mesh.kafka, mesh.topics.predictions, expect=2)
         )
     }
-    for raw, entity in (("alice", alice), ("bob", bob)):
+    for raw, entity in ((ALICE, alice), (BOB, bob)):
         event = logged[first[raw].prediction_id]
         assert event.entity_id == entity
         assert event.features == {ref: value for ref, (value, _) in want[entity].items()}
@@ -302,7 +304,7 @@ async def test_one_key_pseudonymises_everywhere_and_erasure_reaches_features_and
 
     # DeleteEntity("alice"): the raw id maps to the same pseudonym, whose features go.
     deleted = await mesh.features.DeleteEntity(
-        features_pb2.DeleteEntityRequest(entity_id="alice", reason="user request"), timeout=10
+        features_pb2.DeleteEntityRequest(entity_id=ALICE, reason="user request"), timeout=10
     )
     assert deleted.existed
     assert {s for _, s in (await mesh.online(alice)).values()} == {MISSING}
@@ -315,8 +317,8 @@ async def test_one_key_pseudonymises_everywhere_and_erasure_reaches_features_and
     assert mesh.training_rows() == [bob]
 
     # Traffic after the erasure: alice's feedback makes no training row, bob's still does.
-    second = {raw: await mesh.predict_and_feed_back(raw, 1) for raw in ("alice", "bob")}
-    assert set(second["alice"].defaulted_features) == set(FEATURES)  # nothing stored any more
+    second = {raw: await mesh.predict_and_feed_back(raw, 1) for raw in (ALICE, BOB)}
+    assert set(second[ALICE].defaulted_features) == set(FEATURES)  # nothing stored any more
     await eventually(lambda: _now(sink.stored == 4), timeout=90, interval=0.3)
     assert mesh.training_rows() == [bob, bob]
     assert {s for _, s in (await mesh.online(alice)).values()} == {MISSING}

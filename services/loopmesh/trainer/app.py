@@ -11,11 +11,12 @@ from typing import Any
 import grpc
 
 from loopmesh.gen.loopmesh.v1 import trainer_pb2_grpc
+from loopmesh.mesh.batch import BatchSink
 from loopmesh.mesh.bus import EventConsumer, EventProducer, declare_topics
-from loopmesh.mesh.events import ModelPublished
+from loopmesh.mesh.events import LabelledExample, ModelPublished
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.trainer import instruments
-from loopmesh.trainer.agents import ExampleSink, TrainerHandlers
+from loopmesh.trainer.agents import TrainerHandlers, example_sink
 from loopmesh.trainer.core import TrainerCore
 from loopmesh.trainer.joiner import Joiner
 from loopmesh.trainer.server import METHOD_ROLES, SERVICE_NAME, TrainerServicer
@@ -49,7 +50,7 @@ class TrainerApp:
         self._interceptors = interceptors
         self.core: TrainerCore | None = None
         self.server: GrpcServer | None = None
-        self.sink: ExampleSink | None = None
+        self.sink: BatchSink[LabelledExample] | None = None
         self._consumers: list[EventConsumer[Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.crashed = asyncio.Event()
@@ -63,7 +64,7 @@ class TrainerApp:
 
     def _build_consumers(self, core: TrainerCore) -> None:
         kafka, topics, group = self.settings.kafka, self.scope.topics, self.scope.model_name
-        self.sink = ExampleSink(
+        self.sink = example_sink(
             kafka,
             topics.topic("examples"),
             f"trainer-{group}-examples",

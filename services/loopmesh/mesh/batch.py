@@ -1,0 +1,212 @@
+"""Batch-to-sink consumption: a group member that stores events in batches and commits a batch's
+offsets only after the sink made it durable.
+
+``bus.EventConsumer`` commits after each handled message, which would acknowledge rows still
+in memory when the effect is a file written per batch (the trainer's dataset). ``BatchSink``
+buffers valid events, hands them to ``store`` every ``flush_rows`` events or ``flush_seconds``,
+and commits their offsets after ``store`` returned; a failed store keeps the batch (nothing was
+committed) and retries. Before partitions move to another member it stores what it holds, or
+else forgets those partitions' records (uncommitted, the next owner reads them again).
+Malformed messages are dead-lettered like everywhere else. The store runs in one span that
+links to the traces of the events it stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind
+from pydantic import ValidationError
+
+from loopmesh.mesh.bus import (
+    EventProducer,
+    client_options,
+    dead_letter,
+    describe_validation_error,
+    record_consumer_lag,
+)
+from loopmesh.mesh.events import Event
+from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.telemetry import extract_context, tracer
+from loopmesh.mesh.topics import Topic
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
+MAX_LINKS = 64
+"""Traces of the newest buffered events kept for the store span's links."""
+
+Store = Callable[[Sequence[E]], Awaitable[None]]
+"""Make a batch durable (or raise: nothing is committed and the batch is kept)."""
+Stored = Callable[[int, Sequence[SpanContext]], None]
+"""Called after a batch was stored and committed, inside the store span's context."""
+
+
+class BatchSink(Generic[E]):
+    """Consumes ``topic`` in a group, storing accepted events in batches before committing."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: Topic,
+        group_id: str,
+        store: Store[E],
+        *,
+        dlq: EventProducer,
+        service: str,
+        flush_rows: int,
+        flush_seconds: float,
+        accept: Callable[[E], bool] = lambda _: True,
+        on_stored: Stored = lambda n, traces: None,
+    ) -> None:
+        options = client_options(settings, service)
+        options.update(
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        self.topic = topic
+        self.group_id = group_id
+        self._consumer = AIOKafkaConsumer(**options)
+        self._store = store
+        self._accept = accept
+        self._on_stored = on_stored
+        self._dlq = dlq
+        self._flush_rows = flush_rows
+        self._flush_seconds = flush_seconds
+        self._buffer: list[tuple[TopicPartition, E]] = []
+        self._offsets: dict[TopicPartition, int] = {}
+        self._traces: deque[SpanContext] = deque(maxlen=MAX_LINKS)
+        self._first_at: float | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._tracer = tracer(f"loopmesh.{service}.bus")
+        self.stored = 0
+        self.skipped = 0
+        """Valid events ``accept`` turned down (another member's business): committed."""
+        self.dead_lettered = 0
+
+    async def start(self) -> None:
+        self._consumer.subscribe([self.topic.name], listener=_StoreOnRevoke(self))
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("storing on stop failed; the records stay uncommitted")
+        await self._consumer.stop()
+
+    async def run(self) -> None:
+        """Consume until ``stop``."""
+        poll_ms = int(min(500.0, self._flush_seconds * 1000))
+        while not self._stopping.is_set():
+            batches = await self._consumer.getmany(timeout_ms=poll_ms, max_records=self._flush_rows)
+            for tp, records in batches.items():
+                for record in records:
+                    await self._take(tp, record)
+            await self._record_lag()
+            due = self._first_at is not None and (
+                len(self._buffer) >= self._flush_rows
+                or time.monotonic() - self._first_at >= self._flush_seconds
+            )
+            if due:
+                try:
+                    await self.flush()
+                except Exception:
+                    # Nothing was committed; the buffer is kept and the next round retries.
+                    log.exception("storing %d events failed; retrying", len(self._buffer))
+                    await asyncio.sleep(1.0)
+
+    async def _take(self, tp: TopicPartition, record: Any) -> None:
+        try:
+            event = self.topic.value_type.model_validate_json(record.value or b"")
+        except ValidationError as err:
+            reason = describe_validation_error(err)
+            await dead_letter(self._dlq, record, group=self.group_id, reason=reason)
+            self.dead_lettered += 1
+        else:
+            if self._accept(event):  # type: ignore[arg-type]
+                self._buffer.append((tp, event))  # type: ignore[arg-type]
+                traced = trace.get_current_span(extract_context(record.headers))
+                if traced.get_span_context().is_valid:
+                    self._traces.append(traced.get_span_context())
+            else:
+                self.skipped += 1
+        self._offsets[tp] = record.offset + 1
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+
+    async def flush(self) -> int:
+        """Store the buffered events, then commit their offsets; how many were stored."""
+        async with self._lock:
+            # Copies: records taken while the batch is stored stay for the next flush, and
+            # on failure nothing is dropped (the offsets were not committed either).
+            buffer, offsets = list(self._buffer), dict(self._offsets)
+            traces = list(self._traces)
+            if not offsets:
+                return 0
+            with self._tracer.start_as_current_span(
+                f"{self.topic.name} store",
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": self.topic.name,
+                    "messaging.batch.message_count": len(buffer),
+                },
+                links=[Link(t) for t in traces],
+            ) as stored:
+                if buffer:
+                    await self._store([event for _, event in buffer])
+                await self._consumer.commit(offsets)
+            del self._buffer[: len(buffer)]
+            self._traces.clear()
+            for tp, offset in offsets.items():
+                if self._offsets.get(tp) == offset:
+                    del self._offsets[tp]
+            self._first_at = time.monotonic() if self._offsets else None
+            self.stored += len(buffer)
+        if buffer:
+            with trace.use_span(stored, end_on_exit=False):
+                self._on_stored(len(buffer), traces)
+        return len(buffer)
+
+    async def release(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions move away: store and commit, or else forget their records."""
+        try:
+            await self.flush()
+        except Exception:
+            # Their offsets stay uncommitted, so the next owner reads them again.
+            log.exception("storing before rebalance failed; leaving %s to the next owner", revoked)
+            async with self._lock:
+                self._buffer = [(tp, e) for tp, e in self._buffer if tp not in revoked]
+                for tp in revoked:
+                    self._offsets.pop(tp, None)
+
+    async def _record_lag(self) -> None:
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                lag = highwater - await self._consumer.position(tp)
+                record_consumer_lag(self.group_id, tp.topic, tp.partition, lag)
+
+
+class _StoreOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Store and commit what is buffered before partitions move to another member."""
+
+    def __init__(self, sink: BatchSink[Any]) -> None:
+        self._sink = sink
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._sink.release(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None

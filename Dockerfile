@@ -2,7 +2,7 @@
 #
 # One Dockerfile, one target per deployable, each with only its own dependencies
 # (pyproject.toml extras): ingestion and feedback carry neither torch nor feast.
-#   --target ingestion | feedback | features | inference | trainer | rollout
+#   --target ingestion | feedback | features | inference | joiner | trainer | rollout
 #   --target triton: the NVIDIA Triton container plus torch, because the python-backend
 #       model (services/loopmesh/mesh/triton_python_model.py) loads TorchScript with torch and
 #       NVIDIA's image ships no torch for the python backend.
@@ -61,6 +61,10 @@ FROM build AS deps-inference
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[inference]" \
     && /opt/venv/bin/pip uninstall -y loopmesh
 
+FROM build AS deps-joiner
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[joiner]" \
+    && /opt/venv/bin/pip uninstall -y loopmesh
+
 FROM build AS deps-trainer
 ARG TORCH_INDEX
 RUN python -m venv /opt/venv \
@@ -97,8 +101,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     LOOPMESH_MODEL_REPOSITORY=/models
 WORKDIR /var/lib/loopmesh
 # gRPC: ingestion 50051, feedback 50052, features 50053, inference 50054, trainer 50055,
-# rollout 50056; Prometheus metrics 9464 when LOOPMESH_TELEMETRY__METRICS_PORT says so.
-EXPOSE 50051 50052 50053 50054 50055 50056 9464
+# rollout 50056, joiner 50057 (health only); Prometheus metrics 9464 when LOOPMESH_TELEMETRY__METRICS_PORT says so.
+EXPOSE 50051 50052 50053 50054 50055 50056 50057 9464
 # No HEALTHCHECK: compose runs `python -m loopmesh.mesh.healthcheck 127.0.0.1:<port>` and
 # Kubernetes uses its grpc probe, both against the gRPC health service.
 # Each target: its venv, then the code installed editable (mesh/feature_repo.py finds the
@@ -133,6 +137,13 @@ COPY --from=deps-inference /opt/venv /opt/venv
 RUN pip install --no-deps -e /app && python -c "import loopmesh.inference.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "inference"]
+
+FROM runtime AS joiner
+ARG LOOPMESH_UID
+COPY --from=deps-joiner /opt/venv /opt/venv
+RUN pip install --no-deps -e /app && python -c "import loopmesh.joiner.__main__"
+USER ${LOOPMESH_UID}:${LOOPMESH_UID}
+CMD ["loopmesh", "serve", "joiner"]
 
 FROM runtime AS trainer
 ARG LOOPMESH_UID

@@ -1,7 +1,7 @@
 """Learning curve under concept drift: the closed loop relearns a changed labelling rule.
 
-One run starts a Kafka broker (or uses ``LOOPMESH_KAFKA__BOOTSTRAP_SERVERS``) and the whole
-trainer in this process: joiner (faust), dataset consumer, triggers, PyTorch, gate, model
+One run starts a Kafka broker (or uses ``LOOPMESH_KAFKA__BOOTSTRAP_SERVERS``), and the joiner
+(faust) and the whole trainer in this process: dataset consumer, triggers, PyTorch, gate, model
 repository. A synthetic world (``loopmesh.devstack.synthetic``) sends traffic in rounds:
 every request is scored by the newest published version (its TorchScript ``model.pt``, the
 file Triton serves), predictions and feedback go through Kafka, and the live window of the
@@ -40,16 +40,16 @@ from loopmesh.devstack.synthetic import (
     examples,
     traffic,
 )
-from loopmesh.mesh import model_repo
+from loopmesh.joiner.app import JoinerApp
+from loopmesh.joiner.settings import JoinerScope, JoinerSettings, JoinerTopics
+from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.events import VersionMetrics
 from loopmesh.mesh.settings import KafkaSettings
-from loopmesh.trainer import metrics
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.prepare import Standardisation
 from loopmesh.trainer.settings import (
     DatasetSettings,
-    JoinerSettings,
     TopicNames,
     TrainerScope,
     TrainerSettings,
@@ -119,8 +119,30 @@ class CurveResult:
         return before - after
 
 
-def _settings(kafka: KafkaSettings, workdir: Path, config: CurveConfig) -> TrainerSettings:
-    suffix = uuid.uuid4().hex[:8]
+def _joiner_settings(
+    kafka: KafkaSettings, workdir: Path, config: CurveConfig, suffix: str
+) -> JoinerSettings:
+    topics = JoinerTopics(
+        **{k: f"{v}.curve-{suffix}" for k, v in JoinerTopics().model_dump().items()}
+    )
+    return JoinerSettings(
+        kafka=kafka,
+        joiner=JoinerScope(
+            app_id=f"curve-joiner-{suffix}",
+            topics=topics,
+            data_dir=workdir / "joiner",
+            session_timeout_seconds=6,
+            heartbeat_interval_seconds=1,
+            metrics_publish_interval_seconds=0.2,
+            # Just under one round of event time: the window holds exactly the last round.
+            metrics_window_seconds=config.per_round - 0.5,
+        ),
+    )
+
+
+def _settings(
+    kafka: KafkaSettings, workdir: Path, config: CurveConfig, suffix: str
+) -> TrainerSettings:
     topics = TopicNames(**{k: f"{v}.curve-{suffix}" for k, v in TopicNames().model_dump().items()})
     return TrainerSettings(
         kafka=kafka,
@@ -129,14 +151,6 @@ def _settings(kafka: KafkaSettings, workdir: Path, config: CurveConfig) -> Train
             model_name=MODEL,
             data_dir=workdir / "trainer",
             topics=topics,
-            joiner=JoinerSettings(
-                app_id=f"curve-joiner-{suffix}",
-                session_timeout_seconds=6,
-                heartbeat_interval_seconds=1,
-                metrics_publish_interval_seconds=0.2,
-                # Just under one round of event time: the window holds exactly the last round.
-                metrics_window_seconds=config.per_round - 0.5,
-            ),
             dataset=DatasetSettings(
                 flush_rows=200, flush_seconds=0.2, min_rows=200, window_rows=config.window_rows
             ),
@@ -192,27 +206,36 @@ async def _until(check: Any, timeout: float = 120.0) -> Any:
 
 
 @asynccontextmanager
-async def _running(settings: TrainerSettings) -> AsyncIterator[TrainerApp]:
-    app = TrainerApp(settings)
+async def _running(
+    settings: TrainerSettings, joining: JoinerSettings
+) -> AsyncIterator[tuple[TrainerApp, JoinerApp]]:
+    app, joiner = TrainerApp(settings), JoinerApp(joining)
+    await joiner.start()
     await app.start()
     try:
-        yield app
+        yield app, joiner
     finally:
         await app.stop()
+        await joiner.stop()
 
 
 async def run_curve(kafka: KafkaSettings, workdir: Path, config: CurveConfig) -> CurveResult:
     """Run the loop through the drift; returns every round's live figures and the baseline."""
-    settings = _settings(kafka, workdir, config)
-    topics = settings.trainer.topics
+    suffix = uuid.uuid4().hex[:8]
+    settings = _settings(kafka, workdir, config, suffix)
+    joining = _joiner_settings(kafka, workdir, config, suffix)
+    topics, joins = settings.trainer.topics, joining.joiner.topics
     world = SyntheticWorld(SyntheticConfig(seed=config.seed))
     result = CurveResult(config)
     producer = EventProducer(kafka, "bench")
     await producer.start()
     try:
-        async with _running(settings) as app, MetricsTap(kafka, topics.metrics) as tap:
-            core, sink, joiner = app.core, app.sink, app.joiner
-            assert core is not None and sink is not None and joiner is not None
+        async with (
+            _running(settings, joining) as (app, joiner_app),
+            MetricsTap(kafka, topics.metrics) as tap,
+        ):
+            core, sink, joiner = app.core, app.sink, joiner_app.joiner
+            assert core is not None and sink is not None
             repo = settings.model_repository
             # Cold start: a labelled history under the first rule (as if from before the loop).
             seed = world.sample(config.window_rows)
@@ -242,8 +265,8 @@ async def run_curve(kafka: KafkaSettings, workdir: Path, config: CurveConfig) ->
                     feedback_delay=timedelta(seconds=10),
                 )
                 clock += timedelta(seconds=config.per_round)
-                await producer.publish_many(topics.topic("predictions"), [p for p, _ in pairs])
-                await producer.publish_many(topics.topic("feedback"), [f for _, f in pairs])
+                await producer.publish_many(joins.topic("predictions"), [p for p, _ in pairs])
+                await producer.publish_many(joins.topic("feedback"), [f for _, f in pairs])
                 expected = len(history) + number * config.per_round
                 await _until(lambda: sink.stored >= expected)  # noqa: B023
                 # Once the joiner's window has the whole round, wait for it on metrics.live.
@@ -300,12 +323,12 @@ def _baseline(
         standardisation,
         settings.trainer.training,
     )
-    scores = metrics.score(y_test, predict(offline.module, test.features))
+    scores = quality.score(y_test, predict(offline.module, test.features))
     result.offline_auc = scores.auc or 0.0
     result.offline_log_loss = scores.log_loss or 0.0
-    result.oracle_auc = metrics.roc_auc(y_test, test.p_true) or 0.0
+    result.oracle_auc = quality.roc_auc(y_test, test.p_true) or 0.0
     probs = _scorer(settings.model_repository, newest)(test.features)
-    result.newest_offline_auc = metrics.roc_auc(y_test, probs) or 0.0
+    result.newest_offline_auc = quality.roc_auc(y_test, probs) or 0.0
 
 
 def _scorer(repo: Path, version: int) -> Any:

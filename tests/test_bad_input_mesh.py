@@ -110,7 +110,6 @@ def _trainer_settings(kafka: KafkaSettings, repo: Path, data: Path) -> TrainerSe
         model_repository=repo,
         trainer=TrainerScope(
             model_name=f"bad_{suffix}",
-            role="trainer",
             data_dir=data,
             server=server_settings(),
             topics=topics,

@@ -1,7 +1,7 @@
 """Hostile messages at every topic a service consumes: dead-lettered, never fatal, never lossy.
 
 One module-wide mesh runs in this process on the session's Kafka broker, with topics of its
-own: the features agents (with the session's Feast repo), the trainer (joiner, dataset sink,
+own: the features agents (with the session's Feast repo), the joiner, the trainer (dataset sink,
 metrics/rollouts/erasure consumers), the rollout controller (with the session's Triton) and
 the inference gateway's route follower. For each consumed topic, hypothesis draws a batch of
 hostile messages (``tests.support.hostile``); they are produced raw, interleaved with valid
@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.features.settings import FeaturesScope
 from loopmesh.inference.settings import InferenceScope
+from loopmesh.joiner.settings import JoinerTopics
 from loopmesh.mesh.bus import Delivery, EventConsumer, EventProducer, declare_topics
 from loopmesh.mesh.events import (
     EntityErased,
@@ -85,10 +86,14 @@ HYPOTHESIS = settings(
 def consumed_topics() -> set[str]:
     """Default names of the topics each service reads, from its settings."""
     features, trainer, rollout = FeaturesScope(), TopicNames(), RolloutTopics()
+    joiner = JoinerTopics()
     return {
         features.events_topic,
         features.erasures_topic,
-        *(getattr(trainer, n) for n in ("predictions", "feedback", "examples", "metrics")),
+        joiner.predictions,
+        joiner.feedback,
+        trainer.examples,
+        trainer.metrics,
         trainer.erased,
         trainer.rollouts,
         rollout.models_published,

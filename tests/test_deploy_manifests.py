@@ -279,7 +279,7 @@ def test_service_ports_and_env_match_its_settings(
         settings = cls()  # the values must validate, not just the names
         server: GrpcServerSettings = getattr(settings, service).server
         assert server.port == cls.model_fields[service].default.server.port, f"{where}: port"
-        if ports or probed:  # a role without a gRPC server (trainer joiner) has neither
+        if ports or probed:  # a deployable without a gRPC server would have neither
             assert set(ports) == set(probed) == {server.port}, f"{where}: {ports} {probed}"
             assert server.host == "0.0.0.0", f"{where}: a container must bind every interface"
         for name, value in env.items():  # host:port of another service: its port

@@ -200,7 +200,6 @@ async def test_killed_trainer_never_exposes_a_partial_version_and_retrains_clean
         "LOOPMESH_MODEL_REPOSITORY": str(model_repository),
         "LOOPMESH_TRAINER__MODEL_NAME": model,
         "LOOPMESH_TRAINER__DATA_DIR": str(data_dir),
-        "LOOPMESH_TRAINER__ROLE": "trainer",
         "LOOPMESH_TRAINER__SERVER__PORT": str(port),
         "LOOPMESH_TRAINER__DATASET__MIN_ROWS": "100",
         "LOOPMESH_TRAINER__TRAINING__HIDDEN": HIDDEN,

@@ -36,6 +36,7 @@ from loopmesh.gen.loopmesh.v1 import (
 )
 from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
 from loopmesh.inference.app import InferenceGateway
+from loopmesh.joiner.settings import JoinerTopics
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import EntityErased, FeedbackEvent, PredictionLogged
@@ -44,13 +45,13 @@ from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.settings import (
-    JoinerSettings,
     TopicNames,
     TrainerScope,
     TrainerSettings,
     TriggerSettings,
 )
 from tests.helpers import eventually, read_topic, unique_topic
+from tests.support.joiner import joiner_settings, joiner_topics, running_joiner
 from tests.test_features_service import MISSING, PRESENT, Worker, _serving
 from tests.test_inference_support import load, scripted_model, settings_for
 from tests.test_ingestion_support import ingestion, ingestion_stub, running
@@ -77,6 +78,7 @@ class Mesh:
     trainer: TrainerApp
     producer: EventProducer
     topics: TopicNames
+    joins: JoinerTopics
     kafka: KafkaSettings
 
     def pseudonym(self, raw: str) -> str:
@@ -101,7 +103,7 @@ class Mesh:
             inference_pb2.PredictRequest(entity_id=raw, model_name=self.model), timeout=30
         )
         await self.producer.publish(
-            self.topics.topic("feedback"),
+            self.joins.topic("feedback"),
             FeedbackEvent(prediction_id=reply.prediction_id, label=label),
         )
         return reply
@@ -129,6 +131,7 @@ async def mesh(
     topics = TopicNames(
         **{k: f"{v}.{suffix}" for k, v in TopicNames().model_dump().items()},
     ).model_copy(update={"erased": erasures.name})
+    joins = joiner_topics(suffix)
     model = f"privacy_{suffix}"
 
     # The features worker boots (feast import) while the rest starts here.
@@ -173,11 +176,6 @@ async def mesh(
                 data_dir=tmp_path / "trainer",
                 server=GrpcServerSettings(port=0),
                 topics=topics,
-                joiner=JoinerSettings(
-                    app_id=f"joiner-privacy-{suffix}",
-                    session_timeout_seconds=6,
-                    heartbeat_interval_seconds=1,
-                ),
                 triggers=TriggerSettings(min_new_examples=10**9, drift_threshold=None),
             ),
         )
@@ -187,7 +185,7 @@ async def mesh(
         triton.grpc_url,
         model_repository,
         features_url,
-        predictions_topic=topics.predictions,
+        predictions_topic=joins.predictions,
         rollouts_topic=topics.rollouts,
         features_timeout_s=10.0,
         on_features_unavailable="fail",
@@ -197,6 +195,10 @@ async def mesh(
         stack.callback(_reap, worker)
         await trainer.start()
         stack.push_async_callback(trainer.stop)
+        joining = joiner_settings(
+            kafka_settings, joins, tmp_path / "joiner", f"joiner-privacy-{suffix}"
+        )
+        await stack.enter_async_context(running_joiner(joining))
         await producer.start()
         stack.push_async_callback(producer.stop)
         await load(triton.grpc_url, model)
@@ -227,6 +229,7 @@ async def mesh(
             trainer=trainer,
             producer=producer,
             topics=topics,
+            joins=joins,
             kafka=kafka_settings,
         )
         assert worker.stop() == 0, log_tail(worker.log)
@@ -290,7 +293,7 @@ async def test_one_key_pseudonymises_everywhere_and_erasure_reaches_features_and
         p.prediction_id: p
         for p in (
             PredictionLogged.model_validate_json(value or b"")
-            for _, value, _ in await read_topic(mesh.kafka, mesh.topics.predictions, expect=2)
+            for _, value, _ in await read_topic(mesh.kafka, mesh.joins.predictions, expect=2)
         )
     }
     for raw, entity in ((ALICE, alice), (BOB, bob)):

@@ -1,11 +1,11 @@
 """Every service, run as its own process, serves Prometheus metrics with non-zero values after
 traffic, and the Grafana dashboard queries only metrics that something really exports.
 
-The doors (ingestion, feedback) get one call each. features, inference, trainer and rollout
-start together once per module (``python -m services.<name>`` on the session's Kafka, Triton
-and Feast repo) and each gets real traffic through its own inputs: events on its topics, gRPC
-calls, a model in Triton. Metrics appear after asynchronous work, so every check polls the
-endpoint with a deadline.
+The doors (ingestion, feedback) get one call each. features, inference, joiner, trainer and
+rollout start together once per module (``python -m loopmesh.<name>`` on the session's Kafka,
+Triton and Feast repo) and each gets real traffic through its own inputs: events on its
+topics, gRPC calls, a model in Triton. Metrics appear after asynchronous work, so every check
+polls the endpoint with a deadline.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from loopmesh.gen.loopmesh.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
+from loopmesh.joiner.settings import JoinerTopics
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import FeedbackEvent, InteractionEvent, PredictionLogged
 from loopmesh.mesh.settings import KafkaSettings
@@ -257,11 +258,13 @@ def _launch(name: str, kafka: KafkaSettings, workdir: Path, env: dict[str, str])
 class Mesh:
     features: Proc
     inference: Proc
+    joiner: Proc
     trainer: Proc
     rollout: Proc
     producer: EventProducer
     events: Topic
     trainer_topics: TopicNames
+    joiner_topics: JoinerTopics
     rollout_topics: RolloutTopics
     inference_model: str
     trainer_model: str
@@ -285,6 +288,9 @@ async def mesh(
     # Apart from each other: the trainer's versions must not reach this rollout controller
     # (loading them would cost Triton seconds of CPU for nothing this file checks).
     trainer_topics = TopicNames(**{k: f"{v}.{tag}.t" for k, v in TopicNames().model_dump().items()})
+    joiner_topics = JoinerTopics(
+        **{k: f"{v}.{tag}.t" for k, v in JoinerTopics().model_dump().items()}
+    )
     rollout_topics = RolloutTopics(
         **{k: f"{v}.{tag}.r" for k, v in RolloutTopics().model_dump().items()}
     )
@@ -293,7 +299,7 @@ async def mesh(
     await declare_topics(
         kafka_settings, [events, Topic(erasures, ENTITIES_ERASED.value_type, "entity_id")]
     )
-    await declare_topics(kafka_settings, trainer_topics.all())
+    await declare_topics(kafka_settings, [*trainer_topics.all(), *joiner_topics.all()])
     infra = {
         "LOOPMESH_TRITON_URL": triton.grpc_url,
         "LOOPMESH_MODEL_REPOSITORY": str(model_repository),
@@ -339,10 +345,6 @@ async def mesh(
             **trainer_env,
             "LOOPMESH_TRAINER__MODEL_NAME": trainer_model,
             "LOOPMESH_TRAINER__DATA_DIR": str(workdir / "trainer"),
-            "LOOPMESH_TRAINER__JOINER__APP_ID": f"joiner-metrics-{tag}",
-            "LOOPMESH_TRAINER__JOINER__SESSION_TIMEOUT_SECONDS": "6",
-            "LOOPMESH_TRAINER__JOINER__HEARTBEAT_INTERVAL_SECONDS": "1",
-            "LOOPMESH_TRAINER__JOINER__METRICS_PUBLISH_INTERVAL_SECONDS": "0.3",
             "LOOPMESH_TRAINER__DATASET__FLUSH_ROWS": "20",
             "LOOPMESH_TRAINER__DATASET__FLUSH_SECONDS": "0.2",
             "LOOPMESH_TRAINER__DATASET__MIN_ROWS": "10",
@@ -350,6 +352,19 @@ async def mesh(
             # Only the manual run of the test: no automatic trigger can fire.
             "LOOPMESH_TRAINER__TRIGGERS__MIN_NEW_EXAMPLES": "1000000",
             "LOOPMESH_TRAINER__TRIGGERS__DRIFT_MIN_COUNT": "1000000",
+        },
+    )
+    joiner = _launch(
+        "joiner",
+        kafka_settings,
+        workdir,
+        {
+            **{f"LOOPMESH_JOINER__TOPICS__{k.upper()}": v for k, v in joiner_topics},
+            "LOOPMESH_JOINER__APP_ID": f"joiner-metrics-{tag}",
+            "LOOPMESH_JOINER__DATA_DIR": str(workdir / "joiner"),
+            "LOOPMESH_JOINER__SESSION_TIMEOUT_SECONDS": "6",
+            "LOOPMESH_JOINER__HEARTBEAT_INTERVAL_SECONDS": "1",
+            "LOOPMESH_JOINER__METRICS_PUBLISH_INTERVAL_SECONDS": "0.3",
         },
     )
     rollout_env = {f"LOOPMESH_ROLLOUT__TOPICS__{k.upper()}": v for k, v in rollout_topics}
@@ -365,7 +380,7 @@ async def mesh(
             "LOOPMESH_ROLLOUT__RECONCILE_SECONDS": "1",
         },
     )
-    procs = [features, inference, trainer, rollout]
+    procs = [features, inference, joiner, trainer, rollout]
     producer = EventProducer(kafka_settings, "metrics-test")
     try:
         await producer.start()
@@ -378,11 +393,13 @@ async def mesh(
         yield Mesh(
             features,
             inference,
+            joiner,
             trainer,
             rollout,
             producer,
             events,
             trainer_topics,
+            joiner_topics,
             rollout_topics,
             inference_model,
             trainer_model,
@@ -442,7 +459,7 @@ async def inference_traffic(mesh: Mesh, features_traffic: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 async def trainer_traffic(mesh: Mesh) -> trainer_pb2.TriggerTrainingResponse:
-    topics = mesh.trainer_topics
+    topics = mesh.joiner_topics
     predictions = [
         PredictionLogged(
             prediction_id=f"mp{i}-{uuid.uuid4().hex[:6]}",
@@ -557,7 +574,7 @@ async def test_inference_exports_predictions_per_version_and_triton_errors(
     assert _value(samples, name, degraded="true") == 0
 
 
-async def test_trainer_exports_joins_live_metrics_runs_and_examples(
+async def test_joiner_and_trainer_export_joins_live_metrics_runs_and_examples(
     mesh: Mesh, trainer_traffic: trainer_pb2.TriggerTrainingResponse
 ) -> None:
     assert trainer_traffic.started
@@ -566,33 +583,39 @@ async def test_trainer_exports_joins_live_metrics_runs_and_examples(
     await _until(
         mesh.trainer.metrics_port,
         {
-            "loopmesh_trainer_joined_feedback_total": per_version,
+            "loopmesh_trainer_runs_total": {"model": model},
+            "loopmesh_trainer_run_duration_seconds_count": {"model": model},
+            "loopmesh_trainer_run_duration_seconds_sum": {"model": model},
+            "rpc_server_calls_total": {"rpc_method": "/loopmesh.v1.TrainerService/TriggerTraining"},
+        },
+    )
+    samples = _scrape_url(f"http://127.0.0.1:{mesh.trainer.metrics_port}/metrics")
+    status = trainer_pb2.RunStatus.Name(trainer_traffic.run.status).removeprefix("RUN_STATUS_")
+    assert _value(samples, "loopmesh_trainer_runs_total", status=status.lower()) == 1
+    await _until(
+        mesh.joiner.metrics_port,
+        {
+            "loopmesh_joiner_joined_feedback_total": per_version,
             "loopmesh_model_live_log_loss": per_version,
             "loopmesh_model_live_auc": per_version,
             "loopmesh_model_live_accuracy": per_version,
             "loopmesh_model_live_count": per_version,
-            "loopmesh_trainer_runs_total": {"model": model},
-            "loopmesh_trainer_run_duration_seconds_count": {"model": model},
-            "loopmesh_trainer_run_duration_seconds_sum": {"model": model},
-            "loopmesh_kafka_dead_lettered_total": {"topic": mesh.trainer_topics.predictions},
-            "rpc_server_calls_total": {"rpc_method": "/loopmesh.v1.TrainerService/TriggerTraining"},
+            "loopmesh_kafka_dead_lettered_total": {"topic": mesh.joiner_topics.predictions},
         },
     )
     # Every pair joins; the live window catches up with the last of them.
     await _until(
-        mesh.trainer.metrics_port,
+        mesh.joiner.metrics_port,
         {
-            "loopmesh_trainer_joined_feedback_total": per_version,
+            "loopmesh_joiner_joined_feedback_total": per_version,
             "loopmesh_model_live_count": per_version,
         },
         minimum=39,
     )
-    samples = _scrape_url(f"http://127.0.0.1:{mesh.trainer.metrics_port}/metrics")
+    samples = _scrape_url(f"http://127.0.0.1:{mesh.joiner.metrics_port}/metrics")
     assert _value(samples, "loopmesh_model_live_count", **per_version) == 40
     # Scores 0.8 for label 1 and 0.2 for label 0: a perfect ranking.
     assert _value(samples, "loopmesh_model_live_auc", **per_version) == 1.0
-    status = trainer_pb2.RunStatus.Name(trainer_traffic.run.status).removeprefix("RUN_STATUS_")
-    assert _value(samples, "loopmesh_trainer_runs_total", status=status.lower()) == 1
 
 
 async def test_rollout_exports_weights_states_and_changes(
@@ -650,7 +673,7 @@ async def test_dashboard_queries_only_exported_metrics(
     # from the collector's kafkametrics receiver, which has no stand-in here.
     sources = [
         f"http://127.0.0.1:{p.metrics_port}/metrics"
-        for p in (mesh.features, mesh.inference, mesh.trainer, mesh.rollout)
+        for p in (mesh.features, mesh.inference, mesh.joiner, mesh.trainer, mesh.rollout)
     ] + [mesh.triton.metrics_url]
     deadline = time.monotonic() + DEADLINE
     while True:

@@ -2,7 +2,7 @@
 
 In this process, each on its own topics: ingestion and the features agents, the inference
 gateway (its feature source is the fixed FeatureService of the gateway tests), the feedback
-door, the trainer (joiner, dataset sink, core, gRPC) and the rollout controller. One Ingest,
+door, the joiner, the trainer (dataset sink, core, gRPC) and the rollout controller. One Ingest,
 one Predict and its Feedback are sent by a client whose calls carry their trace context (the
 OTel gRPC client interceptor), each under a root span; then one training run is triggered.
 
@@ -48,6 +48,7 @@ from loopmesh.gen.loopmesh.v1 import (
     trainer_pb2_grpc,
 )
 from loopmesh.inference.app import InferenceGateway
+from loopmesh.joiner.app import JoinerApp
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import FeedbackEvent, PredictionLogged
 from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
@@ -58,7 +59,6 @@ from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.runs import RunRecord
 from loopmesh.trainer.settings import (
     DatasetSettings,
-    JoinerSettings,
     TopicNames,
     TrainerScope,
     TrainerSettings,
@@ -66,6 +66,7 @@ from loopmesh.trainer.settings import (
     TriggerSettings,
 )
 from tests.helpers import eventually
+from tests.support.joiner import joiner_settings, joiner_topics
 from tests.test_inference_support import (
     CALL_TIMEOUT,
     FEATURES,
@@ -187,9 +188,6 @@ def trainer_settings(
             data_dir=data_dir,
             server=GrpcServerSettings(port=0, grace_seconds=1),
             topics=topics,
-            joiner=JoinerSettings(
-                app_id=f"joiner-{tag}", session_timeout_seconds=6, heartbeat_interval_seconds=1
-            ),
             dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2, min_rows=100),
             training=TrainingSettings(max_epochs=30, patience=5),
             # Only the TriggerTraining call below starts the run.
@@ -227,6 +225,7 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     tag = uuid.uuid4().hex[:8]
     model = f"trace{tag}"
     topics = TopicNames(**{k: f"{v}.{tag}" for k, v in TopicNames().model_dump().items()})
+    joins = joiner_topics(tag)
     events = replace(EVENTS_RAW, name=f"{EVENTS_RAW.name}.{tag}")
     erased = replace(ENTITIES_ERASED, name=f"{ENTITIES_ERASED.name}.{tag}")
     # Version 1 answers the Predict; the trainer's run publishes version 2 for the rollout.
@@ -265,7 +264,7 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
             )
         )
         intake = ingestion(kafka_settings, events.name)
-        door = feedback(kafka_settings, topics.feedback)
+        door = feedback(kafka_settings, joins.feedback)
         fixed, features_url = await stack.enter_async_context(feature_server())
         gateway = InferenceGateway(
             settings_for(
@@ -273,22 +272,25 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
                 triton.grpc_url,
                 model_repository,
                 features_url,
-                predictions_topic=topics.predictions,
+                predictions_topic=joins.predictions,
                 rollouts_topic=topics.rollouts,
                 default_model=model,
             )
         )
         await declare_topics(kafka_settings, [intake.topic, door.topic])
         # The stream apps each wait for a group rebalance: start everything at once.
+        joiner = JoinerApp(joiner_settings(kafka_settings, joins, tmp_path / "joiner", f"j-{tag}"))
         await asyncio.gather(
             agents.start(),
+            joiner.start(),
             trainer.start(),
             rollout.start(),
             gateway.start(),
             intake.start(),
             door.start(),
         )
-        for stop in (agents.stop, trainer.stop, rollout.stop, gateway.stop, intake.stop, door.stop):
+        parts = (agents, joiner, trainer, rollout, gateway, intake, door)
+        for stop in (part.stop for part in parts):
             stack.push_async_callback(stop)
         producer = EventProducer(kafka_settings, "trace-test")
         await producer.start()
@@ -300,8 +302,8 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
                 timeout=CALL_TIMEOUT,
             )
         pairs = bootstrap_pairs(model, BOOTSTRAP)
-        await producer.publish_many(topics.topic("predictions"), [p for p, _ in pairs])
-        await producer.publish_many(topics.topic("feedback"), [f for _, f in pairs])
+        await producer.publish_many(joins.topic("predictions"), [p for p, _ in pairs])
+        await producer.publish_many(joins.topic("feedback"), [f for _, f in pairs])
         sink = trainer.sink
         assert sink is not None and trainer.core is not None
         await eventually(lambda: _ready(sink.stored == BOOTSTRAP), timeout=DEADLINE)
@@ -335,7 +337,7 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
                 )
         assert (answer.model_name, answer.model_version) == (model, 1)
         predict_trace = root.get_span_context().trace_id
-        waiting = await span_named(spans, predict_trace, f"{topics.predictions} process")
+        waiting = await span_named(spans, predict_trace, f"{joins.predictions} process")
 
         # -- its Feedback -> feedback -> joiner joins -> training.examples -> dataset -------
         async with traced_channel(door.address) as channel:
@@ -349,7 +351,7 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
                     timeout=CALL_TIMEOUT,
                 )
         feedback_trace = root.get_span_context().trace_id
-        joined = await span_named(spans, feedback_trace, f"{topics.feedback} process")
+        joined = await span_named(spans, feedback_trace, f"{joins.feedback} process")
         await eventually(lambda: _ready(sink.stored == BOOTSTRAP + 1), timeout=DEADLINE)
 
         # -- a training run -> models.published -> rollout -> rollouts ----------------------
@@ -381,8 +383,8 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     predict_spans = finished(spans, predict_trace)
     path = chain(waiting, predict_spans)
     assert path[:3] == [
-        (f"{topics.predictions} process", SpanKind.CONSUMER),
-        (f"{topics.predictions} publish", SpanKind.PRODUCER),
+        (f"{joins.predictions} process", SpanKind.CONSUMER),
+        (f"{joins.predictions} publish", SpanKind.PRODUCER),
         ("Predict", SpanKind.INTERNAL),
     ]
     assert path[-3:] == rpc_chain("/loopmesh.v1.InferenceService/Predict", "test predict")
@@ -391,8 +393,8 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     feedback_spans = finished(spans, feedback_trace)
     path = chain(joined, feedback_spans)
     assert path[:2] == [
-        (f"{topics.feedback} process", SpanKind.CONSUMER),
-        (f"{topics.feedback} publish", SpanKind.PRODUCER),
+        (f"{joins.feedback} process", SpanKind.CONSUMER),
+        (f"{joins.feedback} publish", SpanKind.PRODUCER),
     ]
     assert path[-3:] == rpc_chain("/loopmesh.v1.FeedbackService/Submit", "test feedback")
     assert links_to(joined, predict_trace) == ["prediction"]

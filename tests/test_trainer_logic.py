@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
+from loopmesh.joiner.core import JoinEntry, Outcome, example_id, on_feedback, on_prediction
+from loopmesh.joiner.live import LiveMetrics
+from loopmesh.joiner.settings import JoinerSettings
+from loopmesh.mesh import quality
 from loopmesh.mesh.errors import InvalidArgument, UnknownModel
 from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged, VersionMetrics
-from loopmesh.trainer import metrics
 from loopmesh.trainer.api import TriggerRequest, check_model, parse
 from loopmesh.trainer.gate import decide
-from loopmesh.trainer.live import LiveMetrics
-from loopmesh.trainer.pairing import JoinEntry, Outcome, example_id, on_feedback, on_prediction
 from loopmesh.trainer.prepare import Standardisation, split_by_time
 from loopmesh.trainer.settings import GateSettings, TrainerSettings, TriggerSettings
 from loopmesh.trainer.triggers import DriftDetector, TriggerInputs, TriggerPolicy
@@ -27,29 +28,29 @@ TTL = 600.0
 
 
 def test_auc_matches_definition_with_ties() -> None:
-    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert metrics.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
-    assert metrics.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert quality.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert quality.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert quality.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
     # Pairs (pos, neg): (0.4>0.1)=1, (0.4 vs 0.4)=0.5, (0.9>0.1)=1, (0.9>0.4)=1 -> 3.5/4
-    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.4, 0.9]) == pytest.approx(0.875)
-    assert metrics.roc_auc([1, 1], [0.2, 0.3]) is None
+    assert quality.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.4, 0.9]) == pytest.approx(0.875)
+    assert quality.roc_auc([1, 1], [0.2, 0.3]) is None
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)
     s = rng.random(500)
     pairs = [(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]]
-    assert metrics.roc_auc(y, s) == pytest.approx(np.mean(pairs))
+    assert quality.roc_auc(y, s) == pytest.approx(np.mean(pairs))
 
 
 def test_log_loss_accuracy_and_scores() -> None:
-    assert metrics.log_loss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
-    assert metrics.log_loss([1], [0.0]) == pytest.approx(-np.log(metrics.EPS))  # clipped
-    assert metrics.accuracy([1, 0, 1], [0.7, 0.2, 0.4]) == pytest.approx(2 / 3)
-    s = metrics.score([1, 0, 1, 0], [0.9, 0.1, 0.6, 0.4])
+    assert quality.log_loss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
+    assert quality.log_loss([1], [0.0]) == pytest.approx(-np.log(quality.EPS))  # clipped
+    assert quality.accuracy([1, 0, 1], [0.7, 0.2, 0.4]) == pytest.approx(2 / 3)
+    s = quality.score([1, 0, 1, 0], [0.9, 0.1, 0.6, 0.4])
     assert (s.count, s.auc, s.accuracy, s.label_rate) == (4, 1.0, 1.0, 0.5)
-    assert metrics.score([], []).as_dict() == {"count": 0.0}
+    assert quality.score([], []).as_dict() == {"count": 0.0}
     y, p = np.array([1, 0, 1, 0]), np.array([0.9, 0.2, 0.4, 0.5])
     losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    assert metrics.log_loss_variance(y, p) == pytest.approx(losses.var(ddof=1))
+    assert quality.log_loss_variance(y, p) == pytest.approx(losses.var(ddof=1))
 
 
 # -- pairing ---------------------------------------------------------------------------------
@@ -233,14 +234,14 @@ def test_drift_detector_watches_the_stable_version_only() -> None:
 
 def test_gate_needs_both_margins() -> None:
     gate = GateSettings(min_log_loss_improvement=0.01, min_auc_improvement=0.0)
-    ref = metrics.Scores(100, 0.50, 0.80, 0.7, 0.5)
-    ok = decide(metrics.Scores(100, 0.45, 0.82, 0.7, 0.5), ref, "stable", gate)
+    ref = quality.Scores(100, 0.50, 0.80, 0.7, 0.5)
+    ok = decide(quality.Scores(100, 0.45, 0.82, 0.7, 0.5), ref, "stable", gate)
     assert ok.accepted and "beats stable" in ok.reason
-    small = decide(metrics.Scores(100, 0.495, 0.85, 0.7, 0.5), ref, "stable", gate)
+    small = decide(quality.Scores(100, 0.495, 0.85, 0.7, 0.5), ref, "stable", gate)
     assert not small.accepted and "log_loss" in small.reason
-    worse_auc = decide(metrics.Scores(100, 0.40, 0.80, 0.7, 0.5), ref, "stable", gate)
+    worse_auc = decide(quality.Scores(100, 0.40, 0.80, 0.7, 0.5), ref, "stable", gate)
     assert not worse_auc.accepted and "auc" in worse_auc.reason
-    one_class = decide(metrics.Scores(100, 0.1, None, 1.0, 1.0), ref, "baseline", gate)
+    one_class = decide(quality.Scores(100, 0.1, None, 1.0, 1.0), ref, "baseline", gate)
     assert not one_class.accepted
 
 
@@ -276,8 +277,8 @@ def test_synthetic_world_is_seeded_and_drift_changes_the_rule() -> None:
     ba, bb = a.sample(200), b.sample(200)
     assert ba.entity_ids == bb.entity_ids and np.array_equal(ba.features, bb.features)
     y = a.draw_labels(ba)
-    assert metrics.roc_auc(y, ba.p_true) > 0.8  # the truth is learnable
-    assert metrics.roc_auc(y, a.probability(ba.features, rule=1)) < 0.4  # the other rule is not
+    assert quality.roc_auc(y, ba.p_true) > 0.8  # the truth is learnable
+    assert quality.roc_auc(y, a.probability(ba.features, rule=1)) < 0.4  # the other rule is not
     a.set_rule(1)
     assert a.sample(5).rule == 1
     with pytest.raises(ValueError):
@@ -287,12 +288,17 @@ def test_synthetic_world_is_seeded_and_drift_changes_the_rule() -> None:
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPMESH_TRAINER__TRIGGERS__MIN_NEW_EXAMPLES", "42")
     monkeypatch.setenv("LOOPMESH_TRAINER__TRAINING__HIDDEN", "[8]")
-    monkeypatch.setenv("LOOPMESH_TRAINER__TOPICS__FEEDBACK", "fb.x")
+    monkeypatch.setenv("LOOPMESH_TRAINER__TOPICS__ROLLOUTS", "ro.x")
+    monkeypatch.setenv("LOOPMESH_JOINER__TOPICS__FEEDBACK", "fb.x")
     s = TrainerSettings()
     assert s.trainer.triggers.min_new_examples == 42 and s.trainer.training.hidden == [8]
     assert s.trainer.server.port == 50055
-    assert s.trainer.topics.topic("feedback").name == "fb.x"
-    assert s.trainer.topics.topic("feedback").key_field == "prediction_id"
+    assert s.trainer.topics.topic("rollouts").name == "ro.x"
+    assert s.trainer.topics.topic("rollouts").key_field == "model_name"
+    joining = JoinerSettings()
+    assert joining.joiner.server.port == 50057
+    assert joining.joiner.topics.topic("feedback").name == "fb.x"
+    assert joining.joiner.topics.topic("feedback").key_field == "prediction_id"
     monkeypatch.setenv("LOOPMESH_TRAINER__MODEL_NAME", "../evil")
     with pytest.raises(ValueError):
         TrainerSettings()

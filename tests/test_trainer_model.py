@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from loopmesh.devstack.synthetic import FEATURE_NAMES, SyntheticConfig, SyntheticWorld, examples
-from loopmesh.mesh import model_repo
+from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.events import LabelledExample
-from loopmesh.trainer import metrics
 from loopmesh.trainer.dataset import Dataset
 from loopmesh.trainer.pipeline import load_stable, publish_files, run_pipeline
 from loopmesh.trainer.prepare import Standardisation
@@ -110,7 +109,7 @@ def test_training_is_deterministic_and_torchscript_takes_raw_features() -> None:
         assert ka == kb and torch.equal(va, vb), ka
     assert a.best_epoch >= 1 and a.epochs <= FAST.max_epochs and not a.warm_started
     p = predict(a.module, x[1000:])
-    assert metrics.roc_auc(y[1000:], p) > 0.75
+    assert quality.roc_auc(y[1000:], p) > 0.75
     scripted = torch.jit.load(io.BytesIO(torchscript_bytes(a.module)))
     np.testing.assert_allclose(predict(scripted, x[1000:]), p, atol=1e-6)
     # NaN inputs are imputed with the training mean inside the module, never NaN out.

@@ -20,15 +20,14 @@ import tritonclient.grpc as grpcclient
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, traffic
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
-from loopmesh.mesh import model_repo
+from loopmesh.joiner.settings import JoinerTopics
+from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.events import DeadLetter, EntityErased, ModelPublished
 from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
-from loopmesh.trainer import metrics
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.settings import (
     DatasetSettings,
-    JoinerSettings,
     TopicNames,
     TrainerScope,
     TrainerSettings,
@@ -37,6 +36,7 @@ from loopmesh.trainer.settings import (
 )
 from loopmesh.trainer.train import FitResult, fit, load_scoring, predict
 from tests.helpers import eventually, read_topic
+from tests.support.joiner import joiner_settings, joiner_topics, running_joiner
 
 N_TRIGGER = 700
 LOAD_TIMEOUT = 120.0
@@ -65,6 +65,7 @@ class Stack:
     producer: EventProducer
     stub: trainer_pb2_grpc.TrainerServiceStub
     world: SyntheticWorld
+    joins: JoinerTopics
     sent: int = 0
 
     @property
@@ -89,8 +90,8 @@ class Stack:
             start=start,
             spacing=timedelta(milliseconds=1),
         )
-        await self.producer.publish_many(self.topics.topic("predictions"), [p for p, _ in pairs])
-        await self.producer.publish_many(self.topics.topic("feedback"), [f for _, f in pairs])
+        await self.producer.publish_many(self.joins.topic("predictions"), [p for p, _ in pairs])
+        await self.producer.publish_many(self.joins.topic("feedback"), [f for _, f in pairs])
         self.sent += n
         sink = self.app.sink
         assert sink is not None
@@ -111,12 +112,6 @@ async def stack(
             data_dir=tmp_path_factory.mktemp("trainer"),
             server=GrpcServerSettings(port=0),
             topics=topics,
-            joiner=JoinerSettings(
-                app_id=f"joiner-{suffix}",
-                session_timeout_seconds=6,
-                heartbeat_interval_seconds=1,
-                metrics_publish_interval_seconds=0.3,
-            ),
             dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2, min_rows=100),
             training=TrainingSettings(max_epochs=40, patience=5),
             triggers=TriggerSettings(
@@ -127,6 +122,14 @@ async def stack(
             ),
         ),
     )
+    joins = joiner_topics(suffix)
+    joining = joiner_settings(
+        kafka_settings,
+        joins,
+        tmp_path_factory.mktemp("joiner"),
+        f"joiner-{suffix}",
+        metrics_publish_interval_seconds=0.3,
+    )
     switch = SwitchableFit()
     app = TrainerApp(settings, fit=switch)
     producer = EventProducer(kafka_settings, "test")
@@ -134,14 +137,16 @@ async def stack(
     await producer.start()
     channel = grpc.aio.insecure_channel(app.address)
     try:
-        yield Stack(
-            app,
-            settings,
-            switch,
-            producer,
-            trainer_pb2_grpc.TrainerServiceStub(channel),
-            SyntheticWorld(SyntheticConfig(seed=11)),
-        )
+        async with running_joiner(joining):
+            yield Stack(
+                app,
+                settings,
+                switch,
+                producer,
+                trainer_pb2_grpc.TrainerServiceStub(channel),
+                SyntheticWorld(SyntheticConfig(seed=11)),
+                joins,
+            )
     finally:
         await channel.close()
         await producer.stop()
@@ -206,7 +211,7 @@ async def test_examples_trigger_one_run_and_the_version_serves_in_triton(
         client.close()
     local = predict(load_scoring(model_repo.version_dir(repo, stack.model, 2) / "model.pt"), x)
     np.testing.assert_allclose(served[2], local, atol=1e-5)
-    auc = {v: metrics.roc_auc(holdout.labels, p) for v, p in served.items()}
+    auc = {v: quality.roc_auc(holdout.labels, p) for v, p in served.items()}
     assert auc[2] is not None and auc[1] is not None and auc[2] > auc[1]
 
     status = await stack.stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)

@@ -20,6 +20,7 @@ SERVICES: tuple[str, ...] = (
     "feedback",
     "features",
     "inference",
+    "joiner",
     "trainer",
     "rollout",
 )

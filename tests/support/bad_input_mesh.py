@@ -23,6 +23,7 @@ from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTu
 from loopmesh.features.store import FeastGateway
 from loopmesh.inference.app import InferenceGateway
 from loopmesh.inference.settings import InferenceScope, InferenceSettings
+from loopmesh.joiner.app import JoinerApp
 from loopmesh.mesh.bus import declare_topics
 from loopmesh.mesh.events import Event
 from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
@@ -32,7 +33,6 @@ from loopmesh.rollout.settings import RolloutScope, RolloutSettings, RolloutTopi
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.settings import (
     DatasetSettings,
-    JoinerSettings,
     TopicNames,
     TrainerScope,
     TrainerSettings,
@@ -40,6 +40,7 @@ from loopmesh.trainer.settings import (
 )
 from tests.helpers import eventually
 from tests.support.hostile import Bad, DeadLetters, Sent, send_all
+from tests.support.joiner import joiner_settings, joiner_topics
 
 TIMEOUT = 60.0
 
@@ -49,8 +50,8 @@ TIMEOUT = 60.0
 CONSUMERS: dict[str, int] = {
     "events.raw": 1,  # features agents
     "entities.erased": 2,  # features agents, trainer
-    "predictions": 1,  # trainer joiner
-    "feedback": 1,  # trainer joiner
+    "predictions": 1,  # joiner
+    "feedback": 1,  # joiner
     "training.examples": 1,  # trainer dataset sink
     "metrics.live": 2,  # trainer (drift), rollout controller
     "models.published": 1,  # rollout controller
@@ -67,6 +68,7 @@ class Mesh:
     letters: DeadLetters
     features: FeatureAgents
     store: FeastGateway
+    joiner: JoinerApp
     trainer: TrainerApp
     rollout: RolloutApp
     gateway: InferenceGateway
@@ -117,8 +119,8 @@ class Mesh:
     def assert_running(self) -> None:
         assert not self.features.crashed, "features agents crashed"
         assert not self.trainer.crashed.is_set(), "a trainer consumer died"
-        joiner = self.trainer.joiner
-        assert joiner is not None and not joiner.app.crashed, "the joiner crashed"
+        assert not self.joiner.crashed.is_set(), "the joiner crashed"
+        assert not self.joiner.joiner.app.crashed, "the joiner's faust app crashed"
         assert not self.rollout.crashed.is_set(), "a rollout loop died"
 
     async def committed_past(self, group: str, sent: Sent) -> bool:
@@ -178,15 +180,17 @@ async def running_mesh(
             data_dir=tmp / "trainer",
             server=GrpcServerSettings(port=0),
             topics=trainer_topics,
-            joiner=JoinerSettings(
-                app_id=f"joiner-bad-{suffix}",
-                session_timeout_seconds=6,
-                heartbeat_interval_seconds=1,
-                metrics_publish_interval_seconds=0.5,
-            ),
             dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2),
             triggers=TriggerSettings(min_new_examples=None, drift_threshold=None),
         ),
+    )
+    joins = joiner_topics(suffix)
+    joining = joiner_settings(
+        kafka_settings,
+        joins,
+        tmp / "joiner",
+        f"joiner-bad-{suffix}",
+        metrics_publish_interval_seconds=0.5,
     )
     rollout_settings = RolloutSettings(
         kafka=kafka_settings,
@@ -213,6 +217,7 @@ async def running_mesh(
         replace(EVENTS_RAW, name=names["events.raw"]),
         replace(ENTITIES_ERASED, name=names["entities.erased"]),
         *trainer_topics.all(),
+        *joins.all(),
         *rollout_settings.rollout.topics.table(),
     ]
     await declare_topics(kafka_settings, list({t.name: t for t in declared}.values()))
@@ -229,14 +234,24 @@ async def running_mesh(
         features = FeatureAgents(
             features_settings, store, partitions=kafka_settings.default_partitions
         )
+        joiner = JoinerApp(joining)
         trainer = TrainerApp(trainer_settings)
         rollout = RolloutApp(rollout_settings)
         gateway = InferenceGateway(inference_settings)
-        for part in (features, trainer, rollout, gateway):
+        for part in (features, joiner, trainer, rollout, gateway):
             await part.start()
             stack.push_async_callback(part.stop)
         yield Mesh(
-            suffix, kafka_settings, producer, letters, features, store, trainer, rollout, gateway
+            suffix,
+            kafka_settings,
+            producer,
+            letters,
+            features,
+            store,
+            joiner,
+            trainer,
+            rollout,
+            gateway,
         )
 
 

@@ -40,7 +40,7 @@ from loopmesh.mesh.settings import KafkaSettings, MeshSettings
 from loopmesh.mesh.topics import TRAINING_EXAMPLES
 
 T = TypeVar("T")
-SERVICE_ORDER = ("features", "ingestion", "feedback", "inference", "trainer", "rollout")
+SERVICE_ORDER = ("features", "ingestion", "feedback", "inference", "joiner", "trainer", "rollout")
 
 
 @dataclass
@@ -91,9 +91,11 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
         "LOOPMESH_TRAINER__TRIGGERS__MIN_NEW_EXAMPLES": str(options.retrain_every_examples),
         "LOOPMESH_TRAINER__TRIGGERS__COOLDOWN_SECONDS": "5",
         "LOOPMESH_TRAINER__TRIGGERS__CHECK_INTERVAL_SECONDS": "2",
-        "LOOPMESH_TRAINER__JOINER__METRICS_WINDOW_SECONDS": str(options.metrics_window_seconds),
-        "LOOPMESH_TRAINER__JOINER__METRICS_PUBLISH_INTERVAL_SECONDS": "2",
-        "LOOPMESH_TRAINER__JOINER__SESSION_TIMEOUT_SECONDS": "10",
+        "LOOPMESH_JOINER__SERVER__PORT": str(ports["joiner"]),
+        "LOOPMESH_JOINER__DATA_DIR": str(data / "joiner"),
+        "LOOPMESH_JOINER__METRICS_WINDOW_SECONDS": str(options.metrics_window_seconds),
+        "LOOPMESH_JOINER__METRICS_PUBLISH_INTERVAL_SECONDS": "2",
+        "LOOPMESH_JOINER__SESSION_TIMEOUT_SECONDS": "10",
         "LOOPMESH_TRAINER__DATASET__WINDOW_ROWS": str(2 * options.retrain_every_examples),
         "LOOPMESH_ROLLOUT__SERVER__PORT": str(ports["rollout"]),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_SAMPLES": str(options.canary_min_samples),

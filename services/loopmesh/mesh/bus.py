@@ -123,7 +123,8 @@ async def declare_topics(
 ) -> None:
     """Create the topics (and their dead-letter topics) that do not exist yet."""
     wanted: list[NewTopic] = []
-    for topic in topics:
+    # One request may not name a topic twice (two deployables' lists often overlap).
+    for topic in {t.name: t for t in topics}.values():
         wanted.append(
             NewTopic(
                 topic.name,

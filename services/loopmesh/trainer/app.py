@@ -1,4 +1,4 @@
-"""The trainer process: joiner, dataset consumers, core and gRPC server wired together."""
+"""The trainer process: dataset consumers, core and gRPC server wired together."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.trainer import instruments
 from loopmesh.trainer.agents import TrainerHandlers, example_sink
 from loopmesh.trainer.core import TrainerCore
-from loopmesh.trainer.joiner import Joiner
 from loopmesh.trainer.server import METHOD_ROLES, SERVICE_NAME, TrainerServicer
 from loopmesh.trainer.settings import TrainerSettings
 from loopmesh.trainer.train import FitFn
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainerApp:
-    """Everything ``python -m loopmesh.trainer`` runs; ``role`` picks joiner, trainer or both."""
+    """Everything ``python -m loopmesh.trainer`` runs, started and stopped together."""
 
     def __init__(
         self,
@@ -42,11 +41,6 @@ class TrainerApp:
         scope = settings.trainer
         self.scope = scope
         self.producer = EventProducer(settings.kafka, "trainer")
-        self.joiner: Joiner | None = None
-        if scope.role in ("all", "joiner"):
-            self.joiner = Joiner(
-                settings.kafka, scope.topics, scope.joiner, scope.data_dir / "joiner"
-            )
         self._interceptors = interceptors
         self.core: TrainerCore | None = None
         self.server: GrpcServer | None = None
@@ -56,11 +50,8 @@ class TrainerApp:
         self.crashed = asyncio.Event()
         self._stopping = False
         """Set when a consuming task died: the process should exit for its supervisor."""
-        if scope.role in ("all", "trainer"):
-            self.core = TrainerCore(
-                scope, settings.model_repository, announce=self._announce, fit=fit
-            )
-            self._build_consumers(self.core)
+        self.core = TrainerCore(scope, settings.model_repository, announce=self._announce, fit=fit)
+        self._build_consumers(self.core)
 
     def _build_consumers(self, core: TrainerCore) -> None:
         kafka, topics, group = self.settings.kafka, self.scope.topics, self.scope.model_name
@@ -125,8 +116,6 @@ class TrainerApp:
                 TrainerServicer(self.core), self.server.server
             )
             await self.server.start([SERVICE_NAME])
-        if self.joiner is not None:
-            await self.joiner.start()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -147,8 +136,6 @@ class TrainerApp:
             # First: no new runs (a last flush must not start one); a run in progress
             # finishes and publishes while the producer is still up.
             await self.core.stop()
-        if self.joiner is not None:
-            await self.joiner.stop()
         if self.sink is not None:
             await self.sink.stop()
         for consumer in self._consumers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from loopmesh.trainer.metrics import Scores
+from loopmesh.mesh.quality import Scores
 from loopmesh.trainer.settings import GateSettings
 
 ReferenceKind = Literal["stable", "baseline"]

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from loopmesh.mesh import model_repo
-from loopmesh.trainer import metrics
+from loopmesh.mesh import model_repo, quality
 from loopmesh.trainer.dataset import Dataset
 from loopmesh.trainer.gate import GateDecision, ReferenceKind, decide
 from loopmesh.trainer.prepare import Standardisation, choose_features, split_by_time
@@ -101,15 +100,15 @@ def run_pipeline(
         x[fit_idx], y[fit_idx], x[val_idx], y[val_idx], standardisation, scope.training, warm=warm
     )
     y_holdout = y[holdout_idx]
-    candidate = metrics.score(y_holdout, predict(result.module, x[holdout_idx]))
+    candidate = quality.score(y_holdout, predict(result.module, x[holdout_idx]))
     kind: ReferenceKind
     if stable is not None:
         stable_x = frame.matrix(stable.standardisation.feature_names)[holdout_idx]
-        reference = metrics.score(y_holdout, predict(load_scoring(stable.path), stable_x))
+        reference = quality.score(y_holdout, predict(load_scoring(stable.path), stable_x))
         kind = "stable"
     else:
         constant = np.full(y_holdout.shape, float(np.clip(y[train_idx].mean(), 1e-3, 1 - 1e-3)))
-        reference = metrics.score(y_holdout, constant)
+        reference = quality.score(y_holdout, constant)
         kind = "baseline"
     decision = decide(candidate, reference, kind, scope.gate)
     stamps = frame.predicted_at

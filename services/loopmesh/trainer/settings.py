@@ -12,10 +12,8 @@ from loopmesh.mesh import model_repo
 from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
 from loopmesh.mesh.topics import (
     ENTITIES_ERASED,
-    FEEDBACK,
     METRICS_LIVE,
     MODELS_PUBLISHED,
-    PREDICTIONS,
     ROLLOUTS,
     TRAINING_EXAMPLES,
     Topic,
@@ -25,14 +23,10 @@ from loopmesh.mesh.topics import (
 class TopicNames(BaseModel):
     """Names of the topics the trainer reads and writes (tests and tenants use others)."""
 
-    predictions: str = PREDICTIONS.name
-    """PredictionLogged events, keyed by prediction_id."""
-    feedback: str = FEEDBACK.name
-    """FeedbackEvent events, keyed by prediction_id (co-partitioned with predictions)."""
     examples: str = TRAINING_EXAMPLES.name
     """LabelledExample events the joiner writes and the dataset reads."""
     metrics: str = METRICS_LIVE.name
-    """VersionMetrics the joiner writes (rollout controller and drift trigger read them)."""
+    """VersionMetrics (the drift trigger watches the stable version's)."""
     published: str = MODELS_PUBLISHED.name
     """ModelPublished events announcing versions that passed the gate."""
     erased: str = ENTITIES_ERASED.name
@@ -43,8 +37,6 @@ class TopicNames(BaseModel):
     def topic(self, which: str) -> Topic:
         """The Topic definition of the mesh under the configured name."""
         base = {
-            "predictions": PREDICTIONS,
-            "feedback": FEEDBACK,
             "examples": TRAINING_EXAMPLES,
             "metrics": METRICS_LIVE,
             "published": MODELS_PUBLISHED,
@@ -55,32 +47,6 @@ class TopicNames(BaseModel):
 
     def all(self) -> list[Topic]:
         return [self.topic(w) for w in type(self).model_fields]
-
-
-class JoinerSettings(BaseModel):
-    """The faust joiner of predictions and feedback."""
-
-    app_id: str = "loopmesh-trainer-joiner"
-    """faust app id: consumer group and prefix of its changelog/internal topics."""
-    ttl_seconds: float = Field(default=24 * 3600.0, gt=0)
-    """Longest event-time gap between a prediction and its feedback that still joins; also how
-    long (wall clock) an unmatched side waits in the table before it is swept."""
-    sweep_interval_seconds: float = Field(default=60.0, gt=0)
-    """How often expired join entries are deleted (tombstones in the changelog)."""
-    reward_threshold: float = 0.0
-    """Feedback with a reward and no label counts as label 1 when reward > this."""
-    metrics_window_seconds: float = Field(default=600.0, gt=0)
-    """Event-time length of the sliding window of live metrics per model version."""
-    metrics_max_points: int = Field(default=50_000, ge=10)
-    """Most examples one version's window keeps (oldest dropped first)."""
-    metrics_publish_interval_seconds: float = Field(default=5.0, gt=0)
-    """How often changed windows are published to ``metrics.live``."""
-    store: str = "memory://"
-    """faust table store (``rocksdb://`` in production keeps large tables off the heap)."""
-    session_timeout_seconds: float = Field(default=30.0, gt=0)
-    """Consumer-group session timeout (short in tests so joins are fast)."""
-    heartbeat_interval_seconds: float = Field(default=3.0, gt=0)
-    """Consumer-group heartbeat interval (a third of the session timeout or less)."""
 
 
 class DatasetSettings(BaseModel):
@@ -180,12 +146,8 @@ class TrainerScope(BaseModel):
     """The model this trainer trains and publishes (one trainer per model)."""
     data_dir: Path = Path(".loopmesh/trainer")
     """Dataset, run history and state of this trainer."""
-    role: Literal["all", "joiner", "trainer"] = "all"
-    """Run the joiner, the trainer, or both in this process (scale them apart)."""
     topics: TopicNames = TopicNames()
     """Topic names."""
-    joiner: JoinerSettings = JoinerSettings()
-    """The prediction/feedback join and live metrics."""
     dataset: DatasetSettings = DatasetSettings()
     """The training set."""
     training: TrainingSettings = TrainingSettings()

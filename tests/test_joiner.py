@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from loopmesh.joiner.agents import Joiner
+from loopmesh.joiner.settings import JoinerScope, JoinerTopics
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import (
     DeadLetter,
@@ -20,23 +22,23 @@ from loopmesh.mesh.events import (
     VersionMetrics,
 )
 from loopmesh.mesh.settings import KafkaSettings
-from loopmesh.trainer.joiner import Joiner
-from loopmesh.trainer.settings import JoinerSettings, TopicNames
 from tests.helpers import eventually, read_topic
 
 TTL = 600.0
 
 
-def unique_topics() -> TopicNames:
+def unique_topics() -> JoinerTopics:
     suffix = uuid.uuid4().hex[:8]
-    return TopicNames(
-        **{name: f"{default}.{suffix}" for name, default in TopicNames().model_dump().items()}
+    return JoinerTopics(
+        **{name: f"{default}.{suffix}" for name, default in JoinerTopics().model_dump().items()}
     )
 
 
-def joiner_settings(app_id: str) -> JoinerSettings:
-    return JoinerSettings(
+def joiner_scope(app_id: str, topics: JoinerTopics, data_dir: Path) -> JoinerScope:
+    return JoinerScope(
         app_id=app_id,
+        topics=topics,
+        data_dir=data_dir,
         ttl_seconds=TTL,
         session_timeout_seconds=6,
         heartbeat_interval_seconds=1,
@@ -91,7 +93,7 @@ async def test_join_counts_late_and_duplicate_feedback_once(
     await declare_topics(kafka_settings, topics.all())
     clock = Clock()
     app_id = f"joiner-{uuid.uuid4().hex[:8]}"
-    joiner = Joiner(kafka_settings, topics, joiner_settings(app_id), tmp_path, clock=clock)
+    joiner = Joiner(kafka_settings, joiner_scope(app_id, topics, tmp_path), clock=clock)
     await joiner.start()
     t0 = datetime.now(UTC)
     preds = [prediction(i, t0 + timedelta(seconds=i)) for i in range(40)]
@@ -169,7 +171,7 @@ async def test_join_counts_late_and_duplicate_feedback_once(
         await joiner.stop()
 
     # A new worker of the same app recovers the table: old duplicates are still recognised.
-    again = Joiner(kafka_settings, topics, joiner_settings(app_id), tmp_path, clock=clock)
+    again = Joiner(kafka_settings, joiner_scope(app_id, topics, tmp_path), clock=clock)
     await again.start()
     try:
         assert len(again.table) == 45  # 40 predictions + 5 orphan feedbacks
@@ -184,7 +186,7 @@ async def test_join_counts_late_and_duplicate_feedback_once(
         await eventually(lambda: _ready(again.stats["stored"] == 1))  # a fresh wait, no join
     finally:
         await again.stop()
-    third = Joiner(kafka_settings, topics, joiner_settings(app_id), tmp_path, clock=clock)
+    third = Joiner(kafka_settings, joiner_scope(app_id, topics, tmp_path), clock=clock)
     await third.start()
     try:
         assert len(third.table) == 1  # tombstones replayed: only the newest entry is back

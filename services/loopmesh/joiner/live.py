@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loopmesh.mesh.events import LabelledExample, VersionMetrics
-from loopmesh.trainer.metrics import log_loss_variance, score
+from loopmesh.mesh.quality import log_loss_variance, score
 
 VersionKey = tuple[str, int]
 

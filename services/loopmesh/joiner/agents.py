@@ -2,7 +2,7 @@
 
 Both topics are keyed by prediction_id and co-partitioned with the join table's changelog:
 an entry is written to the changelog partition its events arrive on (faust checks that the
-partition counts match) and recovers with it. The pairing rules are in ``pairing``; this module
+partition counts match) and recovers with it. The pairing rules are in ``core``; this module
 only moves bytes: decode (dead-lettering what does not validate), apply, emit.
 
 Each joined example goes to ``training.examples`` (keyed by entity) and to an internal topic
@@ -19,22 +19,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from opentelemetry import trace
 from pydantic import ValidationError
 
+from loopmesh.joiner import instruments
+from loopmesh.joiner.core import JoinEntry, Outcome, on_feedback, on_prediction
+from loopmesh.joiner.live import LiveMetrics
+from loopmesh.joiner.settings import JoinerScope
 from loopmesh.mesh.bus import consume_span, declare_topics, encode, event_headers
 from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.streams import decode_or_dead_letter, faust_app, record_lag
 from loopmesh.mesh.telemetry import extract_context, tracer
 from loopmesh.mesh.topics import Topic
-from loopmesh.trainer import instruments
-from loopmesh.trainer.live import LiveMetrics
-from loopmesh.trainer.pairing import JoinEntry, Outcome, on_feedback, on_prediction
-from loopmesh.trainer.settings import JoinerSettings, TopicNames
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +48,17 @@ class Joiner:
     def __init__(
         self,
         kafka: KafkaSettings,
-        topics: TopicNames,
-        settings: JoinerSettings,
-        data_dir: Path,
+        settings: JoinerScope,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        topics = settings.topics
         self.topics = topics
         self.group = settings.app_id
         self._clock = clock
-        self._tracer = tracer("loopmesh.trainer.joiner")
+        self._tracer = tracer("loopmesh.joiner")
+        data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.app = faust_app(
             settings.app_id,
@@ -96,14 +95,14 @@ class Joiner:
         self._created: dict[bytes, float] = {}
         self._partition: dict[bytes, int] = {}
         self._model_partition: dict[str, int] = {}
-        self.app.agent(self._predictions, name="trainer-joiner-predictions")(self._on_predictions)
-        self.app.agent(self._feedback, name="trainer-joiner-feedback")(self._on_feedback)
-        self.app.agent(self._by_model, name="trainer-joiner-live")(self._on_examples)
-        self.app.timer(settings.sweep_interval_seconds, name="trainer-joiner-sweep")(self.sweep)
-        self.app.timer(settings.metrics_publish_interval_seconds, name="trainer-joiner-metrics")(
+        self.app.agent(self._predictions, name="joiner-predictions")(self._on_predictions)
+        self.app.agent(self._feedback, name="joiner-feedback")(self._on_feedback)
+        self.app.agent(self._by_model, name="joiner-live")(self._on_examples)
+        self.app.timer(settings.sweep_interval_seconds, name="joiner-sweep")(self.sweep)
+        self.app.timer(settings.metrics_publish_interval_seconds, name="joiner-metrics")(
             self.publish_metrics
         )
-        self.app.timer(instruments.LAG_INTERVAL_S, name="trainer-joiner-lag")(self._record_lag)
+        self.app.timer(instruments.LAG_INTERVAL_S, name="joiner-lag")(self._record_lag)
         # mode types handlers as plain functions; a bound coroutine method is what faust calls.
         self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
 

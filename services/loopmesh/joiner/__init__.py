@@ -1,0 +1,7 @@
+"""The joiner: pairs ``predictions`` with ``feedback`` by prediction_id into labelled examples.
+
+``core`` holds the pairing rules (pure), ``live`` the sliding-window metrics per model version,
+``agents`` the faust app that applies them to the topics (``training.examples`` and
+``metrics.live`` out), ``app`` the process. The trainer stores the examples; the rollout
+controller and the trainer's drift trigger read the metrics.
+"""

@@ -1,0 +1,73 @@
+"""OpenTelemetry instruments of the joiner: joins and live metrics per version.
+
+Prometheus names (OTel's conversion):
+
+- ``loopmesh_joiner_joined_feedback_total{model, version}``: predictions joined with their
+  feedback (examples emitted);
+- ``loopmesh_model_live_{log_loss,auc,accuracy,label_rate,count}{model, version}``: the
+  latest sliding-window figures per version (a version leaves when its window drains to
+  count 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from loopmesh.mesh.events import VersionMetrics
+from loopmesh.mesh.telemetry import meter
+
+LAG_INTERVAL_S = 5.0
+"""How often the joiner's consumer lag is measured (``loopmesh_kafka_consumer_lag``)."""
+
+# Created at import; they bind to the provider setup_telemetry installs later (OTel proxies).
+_meter = meter("loopmesh.joiner")
+_joined = _meter.create_counter(
+    "loopmesh.joiner.joined_feedback",
+    unit="{example}",
+    description="Predictions joined with their feedback, per model version",
+)
+_live: dict[tuple[str, int], VersionMetrics] = {}
+
+
+def _gauge(figure: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        for (model, version), metrics in list(_live.items()):
+            value = getattr(metrics, figure)
+            if value is not None:
+                yield Observation(value, {"model": model, "version": str(version)})
+
+    return observe
+
+
+for _figure, _description in (
+    ("log_loss", "Live log loss of the version's feedback window"),
+    ("auc", "Live ROC AUC of the version's feedback window"),
+    ("accuracy", "Live accuracy (threshold 0.5) of the version's feedback window"),
+    ("label_rate", "Share of positive labels in the version's feedback window"),
+    ("count", "Joined examples in the version's feedback window"),
+):
+    _meter.create_observable_gauge(
+        f"loopmesh.model.live.{_figure}", callbacks=[_gauge(_figure)], description=_description
+    )
+
+
+def record_joined(model: str, version: int) -> None:
+    _joined.add(1, {"model": model, "version": str(version)})
+
+
+def record_live(metrics: VersionMetrics) -> None:
+    """The newest window figures of one version; a drained window (count 0) is dropped."""
+    key = (metrics.model_name, metrics.model_version)
+    if metrics.count:
+        _live[key] = metrics
+    else:
+        _live.pop(key, None)
+
+
+def forget_live(models: Iterable[str]) -> None:
+    """Stop reporting models whose windows moved to another joiner worker."""
+    gone = set(models)
+    for key in [k for k in _live if k[0] in gone]:
+        del _live[key]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, Field
 
 from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
-from loopmesh.mesh.topics import FEEDBACK, METRICS_LIVE, PREDICTIONS, TRAINING_EXAMPLES, Topic
+from loopmesh.mesh.topics import (
+    FEEDBACK,
+    METRICS_LIVE,
+    PREDICTIONS,
+    TRAINING_EXAMPLES,
+    Topic,
+    TopicSet,
+)
 
 
-class JoinerTopics(BaseModel):
+class JoinerTopics(TopicSet):
     """Names of the topics the joiner reads and writes (tests and tenants use others)."""
 
     predictions: str = PREDICTIONS.name
@@ -23,18 +30,12 @@ class JoinerTopics(BaseModel):
     metrics: str = METRICS_LIVE.name
     """VersionMetrics the joiner writes (rollout controller and drift trigger read them)."""
 
-    def topic(self, which: str) -> Topic:
-        """The Topic definition of the mesh under the configured name."""
-        base = {
-            "predictions": PREDICTIONS,
-            "feedback": FEEDBACK,
-            "examples": TRAINING_EXAMPLES,
-            "metrics": METRICS_LIVE,
-        }[which]
-        return replace(base, name=getattr(self, which))
-
-    def all(self) -> list[Topic]:
-        return [self.topic(w) for w in type(self).model_fields]
+    BASES: ClassVar[dict[str, Topic]] = {
+        "predictions": PREDICTIONS,
+        "feedback": FEEDBACK,
+        "examples": TRAINING_EXAMPLES,
+        "metrics": METRICS_LIVE,
+    }
 
 
 class JoinerScope(BaseModel):

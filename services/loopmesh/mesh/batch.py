@@ -27,9 +27,9 @@ from pydantic import ValidationError
 
 from loopmesh.mesh.bus import (
     EventProducer,
-    client_options,
     dead_letter,
     describe_validation_error,
+    group_options,
     record_consumer_lag,
 )
 from loopmesh.mesh.events import Event
@@ -65,16 +65,9 @@ class BatchSink(Generic[E]):
         accept: Callable[[E], bool] = lambda _: True,
         on_stored: Stored = lambda n, traces: None,
     ) -> None:
-        options = client_options(settings, service)
-        options.update(
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
         self.topic = topic
         self.group_id = group_id
-        self._consumer = AIOKafkaConsumer(**options)
+        self._consumer = AIOKafkaConsumer(**group_options(settings, service, group_id))
         self._store = store
         self._accept = accept
         self._on_stored = on_stored

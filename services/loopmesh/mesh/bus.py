@@ -104,6 +104,18 @@ def client_options(settings: KafkaSettings, service: str) -> dict[str, Any]:
     return options
 
 
+def group_options(settings: KafkaSettings, service: str, group_id: str) -> dict[str, Any]:
+    """aiokafka options of a consumer-group member that commits by hand, after the effect."""
+    options = client_options(settings, service)
+    options.update(
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    return options
+
+
 def encode(event: Event) -> bytes:
     return event.model_dump_json(by_alias=True).encode()
 
@@ -271,13 +283,7 @@ class EventConsumer(Generic[E]):
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        options = client_options(settings, service)
-        options.update(
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
+        options = group_options(settings, service, group_id)
         options.update(overrides)
         self.topic = topic
         self.group_id = group_id

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from pydantic import BaseModel
 
 from loopmesh.mesh.events import (
     EntityErased,
@@ -59,3 +62,20 @@ ALL_TOPICS: tuple[Topic, ...] = (
     ROLLOUTS,
     ENTITIES_ERASED,
 )
+
+
+class TopicSet(BaseModel):
+    """The names under which one deployable uses mesh topics (tests and tenants rename them).
+
+    A subclass declares one ``str`` field per topic, defaulting to the mesh name, and maps each
+    field to its mesh topic in ``BASES``.
+    """
+
+    BASES: ClassVar[dict[str, Topic]] = {}
+
+    def topic(self, which: str) -> Topic:
+        """The Topic definition of the mesh under the configured name."""
+        return replace(self.BASES[which], name=getattr(self, which))
+
+    def all(self) -> list[Topic]:
+        return [self.topic(w) for w in type(self).model_fields]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -17,10 +16,11 @@ from loopmesh.mesh.topics import (
     ROLLOUTS,
     TRAINING_EXAMPLES,
     Topic,
+    TopicSet,
 )
 
 
-class TopicNames(BaseModel):
+class TopicNames(TopicSet):
     """Names of the topics the trainer reads and writes (tests and tenants use others)."""
 
     examples: str = TRAINING_EXAMPLES.name
@@ -34,19 +34,13 @@ class TopicNames(BaseModel):
     rollouts: str = ROLLOUTS.name
     """RolloutChanged events: which version is stable (warm start and gate reference)."""
 
-    def topic(self, which: str) -> Topic:
-        """The Topic definition of the mesh under the configured name."""
-        base = {
-            "examples": TRAINING_EXAMPLES,
-            "metrics": METRICS_LIVE,
-            "published": MODELS_PUBLISHED,
-            "erased": ENTITIES_ERASED,
-            "rollouts": ROLLOUTS,
-        }[which]
-        return replace(base, name=getattr(self, which))
-
-    def all(self) -> list[Topic]:
-        return [self.topic(w) for w in type(self).model_fields]
+    BASES: ClassVar[dict[str, Topic]] = {
+        "examples": TRAINING_EXAMPLES,
+        "metrics": METRICS_LIVE,
+        "published": MODELS_PUBLISHED,
+        "erased": ENTITIES_ERASED,
+        "rollouts": ROLLOUTS,
+    }
 
 
 class DatasetSettings(BaseModel):

@@ -436,7 +436,10 @@ def _too_large(exc: BaseException) -> bool:
 
 
 def consume_span(service_tracer: trace.Tracer, record: Any, event_id: str, group: str) -> Any:
-    """The span of handling one consumed record, continuing the producer's trace."""
+    """The span of handling one consumed record, continuing the producer's trace.
+
+    Our own, not opentelemetry-instrumentation-aiokafka's: its spans end inside ``getmany``,
+    before the handler runs (docs/architecture.md, "Kafka tracing")."""
     return service_tracer.start_as_current_span(
         f"{record.topic} process",
         context=extract_context(record.headers),

@@ -36,24 +36,22 @@ from loopmesh.gen.loopmesh.v1 import (
 )
 from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
 from loopmesh.inference.app import InferenceGateway
+from loopmesh.joiner.app import JoinerApp
 from loopmesh.joiner.settings import JoinerTopics
 from loopmesh.mesh import model_repo
-from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.events import EntityErased, FeedbackEvent, PredictionLogged
 from loopmesh.mesh.privacy import PrivacySettings
-from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
-from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.settings import (
     TopicNames,
-    TrainerScope,
-    TrainerSettings,
     TriggerSettings,
 )
-from tests.helpers import eventually, read_topic, unique_topic
-from tests.support.joiner import joiner_settings, joiner_topics, running_joiner
+from tests.helpers import eventually, read_topic
+from tests.support.mesh import MeshBuilder, started
 from tests.test_features_service import MISSING, PRESENT, Worker, _serving
-from tests.test_inference_support import load, scripted_model, settings_for
+from tests.test_inference_support import load, scripted_model
 from tests.test_ingestion_support import ingestion, ingestion_stub, running
 
 pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
@@ -126,12 +124,16 @@ async def mesh(
     suffix = uuid.uuid4().hex[:8]
     key = SecretStr(uuid.uuid4().hex + uuid.uuid4().hex)
     privacy = PrivacySettings(pseudonymise_entity_ids=True, entity_id_key=key)
-    events, erasures = unique_topic(EVENTS_RAW), unique_topic(ENTITIES_ERASED)
-    await declare_topics(kafka_settings, [events, erasures])  # co-partitioned, before use
-    topics = TopicNames(
-        **{k: f"{v}.{suffix}" for k, v in TopicNames().model_dump().items()},
-    ).model_copy(update={"erased": erasures.name})
-    joins = joiner_topics(suffix)
+    build = MeshBuilder(
+        kafka_settings,
+        tmp_path,
+        model_repository=model_repository,
+        triton_url=triton.grpc_url,
+        suffix=suffix,
+    )
+    await build.declare()  # events and erasures co-partitioned, before use
+    events, erasures = build.events, build.erased
+    topics, joins = build.trainer_topics, build.joiner_topics
     model = f"privacy_{suffix}"
 
     # The features worker boots (feast import) while the rest starts here.
@@ -168,37 +170,15 @@ async def mesh(
         n_features=len(FEATURES),
     )
     trainer = TrainerApp(
-        TrainerSettings(
-            kafka=kafka_settings,
-            model_repository=model_repository,
-            trainer=TrainerScope(
-                model_name=model,
-                data_dir=tmp_path / "trainer",
-                server=GrpcServerSettings(port=0),
-                topics=topics,
-                triggers=TriggerSettings(min_new_examples=10**9, drift_threshold=None),
-            ),
-        )
+        build.trainer(model, triggers=TriggerSettings(min_new_examples=10**9, drift_threshold=None))
     )
-    inference = settings_for(
-        kafka_settings,
-        triton.grpc_url,
-        model_repository,
-        features_url,
-        predictions_topic=joins.predictions,
-        rollouts_topic=topics.rollouts,
-        features_timeout_s=10.0,
-        on_features_unavailable="fail",
+    inference = build.inference(
+        features_url, features_timeout_s=10.0, on_features_unavailable="fail"
     ).model_copy(update={"privacy": privacy})
     producer = EventProducer(kafka_settings, "privacy-test")
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_reap, worker)
-        await trainer.start()
-        stack.push_async_callback(trainer.stop)
-        joining = joiner_settings(
-            kafka_settings, joins, tmp_path / "joiner", f"joiner-privacy-{suffix}"
-        )
-        await stack.enter_async_context(running_joiner(joining))
+        await stack.enter_async_context(started(trainer, JoinerApp(build.joiner())))
         await producer.start()
         stack.push_async_callback(producer.stop)
         await load(triton.grpc_url, model)

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -36,7 +35,6 @@ from opentelemetry.trace import SpanKind
 
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.features.agents import FeatureAgents
-from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
 from loopmesh.gen.loopmesh.v1 import (
     feedback_pb2,
     feedback_pb2_grpc,
@@ -51,32 +49,26 @@ from loopmesh.inference.app import InferenceGateway
 from loopmesh.joiner.app import JoinerApp
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import FeedbackEvent, PredictionLogged
-from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
-from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.rollout.app import RolloutApp
-from loopmesh.rollout.settings import RolloutTopics
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.runs import RunRecord
 from loopmesh.trainer.settings import (
     DatasetSettings,
-    TopicNames,
-    TrainerScope,
-    TrainerSettings,
     TrainingSettings,
     TriggerSettings,
 )
 from tests.helpers import eventually
-from tests.support.joiner import joiner_settings, joiner_topics
+from tests.support.mesh import MeshBuilder
 from tests.test_inference_support import (
     CALL_TIMEOUT,
     FEATURES,
     feature_server,
     load,
     publish,
-    settings_for,
 )
 from tests.test_ingestion_support import feedback, ingestion
-from tests.test_rollout_support import quick_policy, rollout_settings, unload_models
+from tests.test_rollout_support import quick_policy, unload_models
 
 pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
@@ -177,42 +169,6 @@ async def traced_channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
         yield channel
 
 
-def trainer_settings(
-    kafka: KafkaSettings, repo: Path, data_dir: Path, model: str, topics: TopicNames, tag: str
-) -> TrainerSettings:
-    return TrainerSettings(
-        kafka=kafka,
-        model_repository=repo,
-        trainer=TrainerScope(
-            model_name=model,
-            data_dir=data_dir,
-            server=GrpcServerSettings(port=0, grace_seconds=1),
-            topics=topics,
-            dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2, min_rows=100),
-            training=TrainingSettings(max_epochs=30, patience=5),
-            # Only the TriggerTraining call below starts the run.
-            triggers=TriggerSettings(
-                min_new_examples=None, drift_threshold=None, check_interval_seconds=0.3
-            ),
-        ),
-    )
-
-
-def features_settings(
-    kafka: KafkaSettings, feast_repo: Path, data_dir: Path, tag: str, events: str, erased: str
-) -> FeaturesSettings:
-    scope = FeaturesScope(
-        repo_path=feast_repo,
-        app_id=f"features-{tag}",
-        data_dir=data_dir,
-        events_topic=events,
-        erasures_topic=erased,
-        push_batch_s=0.1,
-        stream=StreamTuning(session_timeout_s=6, heartbeat_interval_s=1, rebalance_timeout_s=10),
-    )
-    return FeaturesSettings(kafka=kafka, features=scope)
-
-
 async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     spans: InMemorySpanExporter,
     kafka_settings: KafkaSettings,
@@ -224,62 +180,55 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     tracer = trace.get_tracer("tests.trace_e2e")
     tag = uuid.uuid4().hex[:8]
     model = f"trace{tag}"
-    topics = TopicNames(**{k: f"{v}.{tag}" for k, v in TopicNames().model_dump().items()})
-    joins = joiner_topics(tag)
-    events = replace(EVENTS_RAW, name=f"{EVENTS_RAW.name}.{tag}")
-    erased = replace(ENTITIES_ERASED, name=f"{ENTITIES_ERASED.name}.{tag}")
+    build = MeshBuilder(
+        kafka_settings,
+        tmp_path,
+        model_repository=model_repository,
+        triton_url=triton.grpc_url,
+        feast_repo=feast_repo,
+        suffix=tag,
+    )
+    topics, joins, events = build.trainer_topics, build.joiner_topics, build.events
     # Version 1 answers the Predict; the trainer's run publishes version 2 for the rollout.
     publish(model_repository, model, [1], FEATURES)
     await load(triton.grpc_url, model)
 
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(unload_models, triton.grpc_url, [model])
-        await declare_topics(kafka_settings, [events, erased])
+        await build.declare()
         from loopmesh.features.store import FeastGateway  # imports feast: seconds
 
-        fsettings = features_settings(
-            kafka_settings, feast_repo, tmp_path / "features", tag, events.name, erased.name
-        )
+        fsettings = build.features(push_batch_s=0.1)
         store = await asyncio.to_thread(FeastGateway.open, fsettings.features)
         stack.callback(store.close)
         agents = FeatureAgents(fsettings, store, partitions=kafka_settings.default_partitions)
 
         trainer = TrainerApp(
-            trainer_settings(
-                kafka_settings, model_repository, tmp_path / "trainer", model, topics, tag
+            build.trainer(
+                model,
+                dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2, min_rows=100),
+                training=TrainingSettings(max_epochs=30, patience=5),
+                # Only the TriggerTraining call below starts the run.
+                triggers=TriggerSettings(
+                    min_new_examples=None, drift_threshold=None, check_interval_seconds=0.3
+                ),
             )
         )
-        rsettings = rollout_settings(
-            kafka_settings, triton.grpc_url, model_repository, quick_policy()
-        )
-        rollout_topics = RolloutTopics(
-            models_published=topics.published,
-            metrics_live=topics.metrics,
-            rollouts=topics.rollouts,
-            policies=f"rollout.policies.{tag}",
-        )
         rollout = RolloutApp(
-            rsettings.model_copy(
-                update={"rollout": rsettings.rollout.model_copy(update={"topics": rollout_topics})}
+            build.rollout(
+                default_policy=quick_policy(),
+                tick_seconds=0.1,
+                reconcile_seconds=1.0,
+                load_timeout_seconds=180.0,
             )
         )
         intake = ingestion(kafka_settings, events.name)
         door = feedback(kafka_settings, joins.feedback)
         fixed, features_url = await stack.enter_async_context(feature_server())
-        gateway = InferenceGateway(
-            settings_for(
-                kafka_settings,
-                triton.grpc_url,
-                model_repository,
-                features_url,
-                predictions_topic=joins.predictions,
-                rollouts_topic=topics.rollouts,
-                default_model=model,
-            )
-        )
+        gateway = InferenceGateway(build.inference(features_url, default_model=model))
         await declare_topics(kafka_settings, [intake.topic, door.topic])
         # The stream apps each wait for a group rebalance: start everything at once.
-        joiner = JoinerApp(joiner_settings(kafka_settings, joins, tmp_path / "joiner", f"j-{tag}"))
+        joiner = JoinerApp(build.joiner())
         await asyncio.gather(
             agents.start(),
             joiner.start(),

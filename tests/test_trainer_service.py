@@ -4,7 +4,6 @@ trigger -> PyTorch -> gate -> model repository -> Triton, plus the gRPC API and 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,23 +19,23 @@ import tritonclient.grpc as grpcclient
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, traffic
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
+from loopmesh.joiner.app import JoinerApp
 from loopmesh.joiner.settings import JoinerTopics
 from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.events import DeadLetter, EntityErased, ModelPublished
-from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.settings import (
     DatasetSettings,
     TopicNames,
-    TrainerScope,
     TrainerSettings,
     TrainingSettings,
     TriggerSettings,
 )
 from loopmesh.trainer.train import FitResult, fit, load_scoring, predict
 from tests.helpers import eventually, read_topic
-from tests.support.joiner import joiner_settings, joiner_topics, running_joiner
+from tests.support.mesh import MeshBuilder, started
 
 N_TRIGGER = 700
 LOAD_TIMEOUT = 120.0
@@ -102,34 +101,22 @@ class Stack:
 async def stack(
     kafka_settings: KafkaSettings, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    suffix = uuid.uuid4().hex[:8]
-    topics = TopicNames(**{k: f"{v}.{suffix}" for k, v in TopicNames().model_dump().items()})
-    settings = TrainerSettings(
-        kafka=kafka_settings,
-        model_repository=model_repository,
-        trainer=TrainerScope(
-            model_name=f"trainer_{suffix}",
-            data_dir=tmp_path_factory.mktemp("trainer"),
-            server=GrpcServerSettings(port=0),
-            topics=topics,
-            dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2, min_rows=100),
-            training=TrainingSettings(max_epochs=40, patience=5),
-            triggers=TriggerSettings(
-                min_new_examples=N_TRIGGER,
-                drift_threshold=None,
-                cooldown_seconds=0,
-                check_interval_seconds=0.3,
-            ),
+    build = MeshBuilder(
+        kafka_settings, tmp_path_factory.mktemp("stack"), model_repository=model_repository
+    )
+    settings = build.trainer(
+        f"trainer_{build.suffix}",
+        dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2, min_rows=100),
+        training=TrainingSettings(max_epochs=40, patience=5),
+        triggers=TriggerSettings(
+            min_new_examples=N_TRIGGER,
+            drift_threshold=None,
+            cooldown_seconds=0,
+            check_interval_seconds=0.3,
         ),
     )
-    joins = joiner_topics(suffix)
-    joining = joiner_settings(
-        kafka_settings,
-        joins,
-        tmp_path_factory.mktemp("joiner"),
-        f"joiner-{suffix}",
-        metrics_publish_interval_seconds=0.3,
-    )
+    joins = build.joiner_topics
+    joiner = JoinerApp(build.joiner(metrics_publish_interval_seconds=0.3))
     switch = SwitchableFit()
     app = TrainerApp(settings, fit=switch)
     producer = EventProducer(kafka_settings, "test")
@@ -137,7 +124,7 @@ async def stack(
     await producer.start()
     channel = grpc.aio.insecure_channel(app.address)
     try:
-        async with running_joiner(joining):
+        async with started(joiner):
             yield Stack(
                 app,
                 settings,

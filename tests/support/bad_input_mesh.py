@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +19,21 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from loopmesh.features.agents import FeatureAgents
-from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
 from loopmesh.features.store import FeastGateway
 from loopmesh.inference.app import InferenceGateway
-from loopmesh.inference.settings import InferenceScope, InferenceSettings
 from loopmesh.joiner.app import JoinerApp
-from loopmesh.mesh.bus import declare_topics
 from loopmesh.mesh.events import Event
-from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
-from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
+from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.rollout.app import RolloutApp
-from loopmesh.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
+from loopmesh.rollout.settings import RolloutTopics
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.settings import (
     DatasetSettings,
-    TopicNames,
-    TrainerScope,
-    TrainerSettings,
     TriggerSettings,
 )
 from tests.helpers import eventually
 from tests.support.hostile import Bad, DeadLetters, Sent, send_all
-from tests.support.joiner import joiner_settings, joiner_topics
+from tests.support.mesh import MeshBuilder, started
 
 TIMEOUT = 60.0
 
@@ -150,79 +143,18 @@ async def running_mesh(
     tmp: Path,
 ) -> AsyncIterator[Mesh]:
     """Every consumer of the mesh in this process, on topics of its own."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {name: f"{name}.{suffix}" for name in CONSUMERS}
-    features_settings = FeaturesSettings(
-        kafka=kafka_settings,
-        features=FeaturesScope(
-            repo_path=feast_repo,
-            run_server=False,
-            app_id=f"features-bad-{suffix}",
-            data_dir=tmp / "features",
-            events_topic=names["events.raw"],
-            erasures_topic=names["entities.erased"],
-            stream=StreamTuning(
-                session_timeout_s=6,
-                heartbeat_interval_s=1,
-                rebalance_timeout_s=10,
-                commit_interval_s=0.2,
-            ),
-        ),
-    )
-    trainer_topics = TopicNames(
-        **{k: f"{v}.{suffix}" for k, v in TopicNames().model_dump().items()}
-    )
-    trainer_settings = TrainerSettings(
-        kafka=kafka_settings,
-        model_repository=model_repository,
-        trainer=TrainerScope(
-            model_name=f"bad_{suffix}",
-            data_dir=tmp / "trainer",
-            server=GrpcServerSettings(port=0),
-            topics=trainer_topics,
-            dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2),
-            triggers=TriggerSettings(min_new_examples=None, drift_threshold=None),
-        ),
-    )
-    joins = joiner_topics(suffix)
-    joining = joiner_settings(
+    build = MeshBuilder(
         kafka_settings,
-        joins,
-        tmp / "joiner",
-        f"joiner-bad-{suffix}",
-        metrics_publish_interval_seconds=0.5,
-    )
-    rollout_settings = RolloutSettings(
-        kafka=kafka_settings,
-        triton_url=triton_url,
+        tmp,
         model_repository=model_repository,
-        rollout=RolloutScope(
-            server=GrpcServerSettings(port=0, grace_seconds=1),
-            topics=rollout_topics(suffix),
-            consumer_group=f"rollout-bad-{suffix}",
-            tick_seconds=0.2,
-        ),
-    )
-    inference_settings = InferenceSettings(
-        kafka=kafka_settings,
         triton_url=triton_url,
-        model_repository=model_repository,
-        inference=InferenceScope(
-            server=GrpcServerSettings(port=0, grace_seconds=1),
-            rollouts_topic=names["rollouts"],
-            predictions_topic=names["predictions"],
-        ),
+        feast_repo=feast_repo,
     )
-    declared = [
-        replace(EVENTS_RAW, name=names["events.raw"]),
-        replace(ENTITIES_ERASED, name=names["entities.erased"]),
-        *trainer_topics.all(),
-        *joins.all(),
-        *rollout_settings.rollout.topics.table(),
-    ]
-    await declare_topics(kafka_settings, list({t.name: t for t in declared}.values()))
+    suffix = build.suffix
+    await build.declare()
+    names = [build.name(name) for name in CONSUMERS]
     async with contextlib.AsyncExitStack() as stack:
-        letters = DeadLetters(kafka_settings.bootstrap_servers, list(names.values()))
+        letters = DeadLetters(kafka_settings.bootstrap_servers, names)
         await letters.start()
         stack.push_async_callback(letters.stop)
         producer = AIOKafkaProducer(
@@ -230,17 +162,22 @@ async def running_mesh(
         )
         await producer.start()
         stack.push_async_callback(producer.stop)
+        features_settings = build.features(run_server=False)
         store = FeastGateway.open(features_settings.features)
         features = FeatureAgents(
             features_settings, store, partitions=kafka_settings.default_partitions
         )
-        joiner = JoinerApp(joining)
-        trainer = TrainerApp(trainer_settings)
-        rollout = RolloutApp(rollout_settings)
-        gateway = InferenceGateway(inference_settings)
-        for part in (features, joiner, trainer, rollout, gateway):
-            await part.start()
-            stack.push_async_callback(part.stop)
+        joiner = JoinerApp(build.joiner(metrics_publish_interval_seconds=0.5))
+        trainer = TrainerApp(
+            build.trainer(
+                f"bad_{suffix}",
+                dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2),
+                triggers=TriggerSettings(min_new_examples=None, drift_threshold=None),
+            )
+        )
+        rollout = RolloutApp(build.rollout())
+        gateway = InferenceGateway(build.inference())
+        await stack.enter_async_context(started(features, joiner, trainer, rollout, gateway))
         yield Mesh(
             suffix,
             kafka_settings,

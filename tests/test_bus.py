@@ -152,7 +152,8 @@ async def test_a_message_that_keeps_failing_is_dead_lettered_after_bounded_retri
     async def handler(ev: InteractionEvent, _: Delivery) -> None:
         attempts.append(ev.event_id)
         if ev.event_id == poison.event_id:
-            raise RuntimeError("cannot store this one")
+            # An OSError, but no outage: it must count against the message.
+            raise FileNotFoundError("cannot store this one")
 
     group = f"g-{uuid.uuid4().hex[:6]}"
     consumer = EventConsumer(
@@ -170,7 +171,7 @@ async def test_a_message_that_keeps_failing_is_dead_lettered_after_bounded_retri
     assert attempts == [poison.event_id] * 3 + [fine.event_id]
     ((_, value, _),) = await read_topic(kafka_settings, topic.dlq, expect=1)
     letter = DeadLetter.model_validate_json(value or b"")
-    assert letter.reason == "handler failed 3 times, last: RuntimeError: cannot store this one"
+    assert letter.reason == "handler failed 3 times, last: FileNotFoundError: cannot store this one"
     assert (letter.topic, letter.consumer_group) == (topic.name, group)
     assert InteractionEvent.model_validate_json(letter.value or b"").event_id == poison.event_id
     assert await committed(kafka_settings, topic, group) == 2

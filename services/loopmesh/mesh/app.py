@@ -92,8 +92,10 @@ async def _start(app: Deployable, stop: asyncio.Event, retry_s: float | None) ->
             if retry_s is None:
                 raise
             log.warning("%s: starting failed (%r); retrying in %.0fs", app.name, err, retry_s)
-            with contextlib.suppress(BaseException):
+            try:
                 await app.stop()  # whatever part did start
+            except Exception:
+                log.warning("%s: stopping after a failed start failed", app.name, exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), retry_s)
         else:

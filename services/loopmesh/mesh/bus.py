@@ -252,8 +252,9 @@ class Delivery:
 
 
 Handler = Callable[[E, Delivery], Awaitable[None]]
-TRANSIENT = (Unavailable, KafkaError, OSError, TimeoutError)
-"""Handler errors that mean "a dependency is down", retried until it is back."""
+TRANSIENT = (Unavailable, KafkaError, ConnectionError, TimeoutError)
+"""Handler errors that mean "a dependency is down", retried until it is back (not every
+OSError: a missing file or a full disk says nothing about an outage ending)."""
 
 
 class EventConsumer(Generic[E]):

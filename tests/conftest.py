@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from loopmesh.devstack.kafka import KafkaBroker
 from loopmesh.devstack.triton import TritonServer
+from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
 from loopmesh.mesh.settings import KafkaSettings
 
@@ -100,6 +101,15 @@ def feast_repo(infra_dir: Path, request: pytest.FixtureRequest) -> Path:
     repo = prepare_repo(infra_dir / "feature_store")
     apply_repo(repo)
     return repo
+
+
+@pytest.fixture
+async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[EventProducer]:
+    """An acks=all producer of mesh events on the session's broker."""
+    p = EventProducer(kafka_settings, "test")
+    await p.start()
+    yield p
+    await p.stop()
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,6 @@ from tests.helpers import eventually, read_topic, unique_topic
 
 
 @pytest.fixture
-async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[EventProducer]:
-    p = EventProducer(kafka_settings, "test")
-    await p.start()
-    yield p
-    await p.stop()
-
-
-@pytest.fixture
 async def topic(kafka_settings: KafkaSettings) -> Topic:
     t = unique_topic(EVENTS_RAW)
     await declare_topics(kafka_settings, [t])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -15,14 +14,6 @@ from loopmesh.mesh.follow import TopicFollower, read_to_end
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import METRICS_LIVE, ROLLOUTS, Topic
 from tests.helpers import eventually, read_topic, unique_topic
-
-
-@pytest.fixture
-async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[EventProducer]:
-    p = EventProducer(kafka_settings, "test")
-    await p.start()
-    yield p
-    await p.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ live metrics, recovery of the join table from its changelog, and TTL sweeping.""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -56,14 +55,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[EventProducer]:
-    p = EventProducer(kafka_settings, "test")
-    await p.start()
-    yield p
-    await p.stop()
 
 
 def prediction(i: int, at: datetime) -> PredictionLogged:

@@ -143,14 +143,6 @@ async def model(triton: TritonServer) -> AsyncIterator[str]:
     await unload_models(triton.grpc_url, [name])
 
 
-@pytest.fixture
-async def producer(kafka_settings: KafkaSettings) -> AsyncIterator[EventProducer]:
-    p = EventProducer(kafka_settings, "rollout-test")
-    await p.start()
-    yield p
-    await p.stop()
-
-
 async def test_killed_controller_resumes_at_the_same_step_and_obeys_the_cli(
     model: str,  # first: unloaded from Triton after the controller process is gone
     controller: Controller,

@@ -30,7 +30,7 @@ from loopmesh.mesh.bus import (
     dead_letter,
     describe_validation_error,
     group_options,
-    record_consumer_lag,
+    record_lag_of,
 )
 from loopmesh.mesh.events import Event
 from loopmesh.mesh.settings import KafkaSettings
@@ -106,7 +106,7 @@ class BatchSink(Generic[E]):
             for tp, records in batches.items():
                 for record in records:
                     await self._take(tp, record)
-            await self._record_lag()
+            await record_lag_of(self._consumer, self.group_id)
             due = self._first_at is not None and (
                 len(self._buffer) >= self._flush_rows
                 or time.monotonic() - self._first_at >= self._flush_seconds
@@ -183,13 +183,6 @@ class BatchSink(Generic[E]):
                 self._buffer = [(tp, e) for tp, e in self._buffer if tp not in revoked]
                 for tp in revoked:
                     self._offsets.pop(tp, None)
-
-    async def _record_lag(self) -> None:
-        for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                lag = highwater - await self._consumer.position(tp)
-                record_consumer_lag(self.group_id, tp.topic, tp.partition, lag)
 
 
 class _StoreOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]

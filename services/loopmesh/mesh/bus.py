@@ -60,6 +60,15 @@ _meter.create_observable_gauge(
 )
 
 
+async def record_lag_of(consumer: AIOKafkaConsumer, reader: str) -> None:
+    """Record an aiokafka consumer's lag on each assigned partition, under ``reader``."""
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            lag = highwater - await consumer.position(tp)
+            record_consumer_lag(reader, tp.topic, tp.partition, lag)
+
+
 def record_consumer_lag(group: str, topic: str, partition: int, lag: int) -> None:
     """Report a consumer's lag on one partition (faust agents; EventConsumer records its own)."""
     _lag[(group, topic, partition)] = max(0, lag)
@@ -313,15 +322,7 @@ class EventConsumer(Generic[E]):
             batches = await self._consumer.getmany(timeout_ms=500, max_records=self._max_batch)
             for tp, records in batches.items():
                 await self._handle_partition(tp, records)
-            await self._record_lag()
-
-    async def _record_lag(self) -> None:
-        for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:
-                continue
-            position = await self._consumer.position(tp)
-            _lag[(self.group_id, tp.topic, tp.partition)] = max(0, highwater - position)
+            await record_lag_of(self._consumer, self.group_id)
 
     async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
         # One commit for the handled part of a batch, not one per message: each commit is a

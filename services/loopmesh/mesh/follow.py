@@ -31,7 +31,7 @@ from loopmesh.mesh.bus import (
     consume_span,
     dead_letter,
     describe_validation_error,
-    record_consumer_lag,
+    record_lag_of,
 )
 from loopmesh.mesh.errors import SetupError
 from loopmesh.mesh.events import Event
@@ -129,7 +129,7 @@ class TopicFollower(Generic[E]):
             for records in batches.values():
                 for record in records:
                     await self._handle(record)
-            await self._record_lag(consumer)
+            await record_lag_of(consumer, self.reader)
 
     async def follow(self, catchup_timeout: float) -> None:
         """``start``, ``run`` in a task, and return once caught up (or raise SetupError)."""
@@ -173,13 +173,6 @@ class TopicFollower(Generic[E]):
             if await consumer.position(tp) < end:
                 return False
         return True
-
-    async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                lag = highwater - await consumer.position(tp)
-                record_consumer_lag(self.reader, tp.topic, tp.partition, lag)
 
     async def _handle(self, record: Any) -> None:
         if record.value is None and self.topic.compacted:

@@ -4,7 +4,7 @@ Runs its own broker (the session broker is shared and never killed). ``python -m
 loopmesh.ingestion`` takes a paced ``IngestStream`` from a client that behaves like a product
 app: when the stream breaks it resends, with the same event ids, everything the
 ``loopmesh-acked-events`` trailer does not count as handled, until every event is acknowledged.
-Meanwhile a ``python -m loopmesh.features`` worker (faust agents, the session's Feast repo) and
+Meanwhile a ``python -m loopmesh.features`` worker (the features fold, the session's Feast repo) and
 a ``bus.EventConsumer`` group in the test consume ``events.raw``. Mid-stream the broker gets
 SIGKILL and comes back after a short outage.
 
@@ -153,13 +153,10 @@ def ingestion_env(kafka: KafkaSettings, topic: str, port: int) -> dict[str, str]
     }
 
 
-def features_scope(
-    repo: Path, data_dir: Path, app_id: str, events: Topic, erasures: Topic
-) -> FeaturesScope:
+def features_scope(repo: Path, app_id: str, events: Topic, erasures: Topic) -> FeaturesScope:
     return FeaturesScope(
         repo_path=repo,
         app_id=app_id,
-        data_dir=data_dir,
         events_topic=events.name,
         erasures_topic=erasures.name,
         run_server=False,  # the test reads the online store itself
@@ -172,7 +169,6 @@ def features_scope(
             session_timeout_s=6,
             heartbeat_interval_s=1,
             rebalance_timeout_s=10,
-            commit_interval_s=0.5,
         ),
     )
 
@@ -205,7 +201,7 @@ async def features_app(settings: FeaturesSettings, sink: Any) -> AsyncIterator[F
 def table_state(agents: FeatureAgents) -> dict[str, bytes]:
     if agents.crashed:
         raise AssertionError("the features app crashed")
-    return dict(agents.table.data.items())
+    return dict(agents.table.items())
 
 
 async def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
@@ -271,7 +267,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_counts_each_event_onc
     events, erasures = unique_topic(EVENTS_RAW), unique_topic(ENTITIES_ERASED)
     run = uuid.uuid4().hex[:6]
     app_id = f"bk-features-{run}"
-    scope = features_scope(feast_repo, tmp_path / "faust-1", app_id, events, erasures)
+    scope = features_scope(feast_repo, app_id, events, erasures)
     entities = [f"bk-{run}-{i}" for i in range(ENTITIES)]
     warm = ipb.InteractionEvent(event_id=uuid.uuid4().hex, entity_id=entities[0], event_type="w")
     sent = [
@@ -405,7 +401,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_counts_each_event_onc
 
         # (c) A fresh features app (empty local state) recovers that state from the changelog,
         # and still knows the old ids: resent events are not counted again.
-        fresh_scope = features_scope(feast_repo, tmp_path / "faust-2", app_id, events, erasures)
+        fresh_scope = features_scope(feast_repo, app_id, events, erasures)
         fresh_settings = FeaturesSettings(kafka=kafka, features=fresh_scope)
         specs = gateway.schema.features
         async with features_app(fresh_settings, gateway) as fresh:

@@ -1,6 +1,6 @@
 """The features service end to end: a real ``python -m loopmesh.features`` worker process.
 
-The worker (faust agents + FeatureService) runs on the session's Kafka broker and Feast repo,
+The worker (the fold + FeatureService) runs on the session's Kafka broker and Feast repo,
 with its own app id and topics. Events reach it the way ingestion sends them: the ingestion
 service validates a request and then produces to the events topic with
 ``loopmesh.mesh.bus.EventProducer``, which is exactly what these tests do (so they do not
@@ -134,7 +134,6 @@ async def service(
         "LOOPMESH_FEATURES__REPO_PATH": str(feast_repo),
         "LOOPMESH_FEATURES__SERVER__PORT": str(port),
         "LOOPMESH_FEATURES__APP_ID": app_id,
-        "LOOPMESH_FEATURES__DATA_DIR": str(workdir / "faust"),
         "LOOPMESH_FEATURES__EVENTS_TOPIC": events.name,
         "LOOPMESH_FEATURES__ERASURES_TOPIC": erasures.name,
         "LOOPMESH_FEATURES__MAX_ENTITIES": str(MAX_ENTITIES),
@@ -142,7 +141,6 @@ async def service(
         "LOOPMESH_FEATURES__STREAM__SESSION_TIMEOUT_S": "6",
         "LOOPMESH_FEATURES__STREAM__HEARTBEAT_INTERVAL_S": "1",
         "LOOPMESH_FEATURES__STREAM__REBALANCE_TIMEOUT_S": "10",
-        "LOOPMESH_FEATURES__STREAM__COMMIT_INTERVAL_S": "0.2",
     }
     worker = Worker(env, workdir / "worker.log")
     worker.start()

@@ -84,14 +84,12 @@ class MeshBuilder:
         fields: dict[str, Any] = {
             "repo_path": self.feast_repo,
             "app_id": f"features-{self.suffix}",
-            "data_dir": self.work / "features",
             "events_topic": self.events.name,
             "erasures_topic": self.erased.name,
             "stream": StreamTuning(
                 session_timeout_s=6,
                 heartbeat_interval_s=1,
                 rebalance_timeout_s=10,
-                commit_interval_s=0.2,
             ),
         } | scope
         return FeaturesSettings(kafka=self.kafka, features=FeaturesScope(**fields))

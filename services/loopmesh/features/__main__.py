@@ -13,8 +13,8 @@ if __name__ == "__main__":
     # feast imports torch when installed, only for OnlineResponse.to_tensor, which this
     # service never calls: blocking it saves seconds of start-up and hundreds of MB.
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
-    # faust and mode narrate every rebalance at INFO, feast every registry refresh; their
+    # aiokafka narrates every rebalance at INFO, feast every registry refresh; their
     # warnings are what matters.
-    for noisy in ("faust", "mode", "aiokafka", "feast"):
+    for noisy in ("aiokafka", "feast"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     raise SystemExit(main("features", FeaturesSettings(), FeaturesApp))

@@ -1,53 +1,61 @@
-"""faust agents: fold ``events.raw`` into per-entity state and push it to the online store.
+"""The features fold: ``events.raw`` and ``entities.erased`` into per-entity state, pushed to
+the online store.
 
-One changelog-backed table, ``entity_state`` (entity id -> ``EntityState`` JSON), holds
-everything the features need, windows included: each entity's window is the list of its
-events within the horizon, ending at its own newest event. faust's windowed tables do not fit
-these semantics: their windows close on the partition's clock, not the entity's, and they
-cannot deduplicate by event id, so a restart or a shuffled replay would change the counts.
+One table, ``entity_state`` (entity id -> ``EntityState`` JSON), holds everything the features
+need, windows included: each entity's window is the list of its events within the horizon,
+ending at its own newest event (windows that close on the partition's clock would not fit,
+nor could they deduplicate by event id). The table lives in memory for the partitions this
+worker owns and in a compacted changelog topic (``mesh.changelog``), recovered when partitions
+are assigned, before any of their events is folded.
 
-Flow per batch (``take_events``: at most ``push_batch_size`` events or ``push_batch_s``):
-invalid messages go to ``<topic>.dlq``; valid ones are folded (``EntityAggregate.apply``);
-changed states go to the table and its changelog; then every touched entity's rows are pushed
-to Feast, retried until the store takes them. faust acknowledges the batch only after the
-body returns and commits offsets only after flushing the producer (changelog included), so
-on a crash events are redelivered and the ``event_id`` check in the state makes that
-harmless. After every recovery (start, restart, rebalance) the recovered states are pushed
-again, so the online store catches up with pushes a crash cut off.
+One kernel ``BatchSink`` consumes both topics (co-partitioned by entity id) in a group. Per
+batch (at most ``push_batch_size`` events or ``push_batch_s``): invalid messages go to
+``<topic>.dlq``; valid ones are folded in arrival order (``EntityAggregate.apply``,
+``erase``); the state of every touched entity goes to the changelog and is acknowledged; the
+online rows of erased entities are deleted, then the rows of every touched entity that has
+features are pushed, retried until the store takes them; only then are the offsets committed.
+A crash anywhere redelivers the batch, and the ``event_id`` check in the state makes that
+harmless. After every assignment the recovered states are pushed again, so the online store
+catches up with pushes a crash cut off.
 
-Erasures (``entities.erased``, co-partitioned with the events by entity id) replace the
-entity's state with a tombstone that only keeps the erasure time, and delete its online
-rows; events from before the erasure that arrive later are dropped, so nothing is recreated.
+Erasures replace the entity's state with a tombstone that only keeps the erasure time;
+events from before the erasure that arrive later are dropped, so nothing is recreated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from aiokafka import TopicPartition
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind, get_current_span
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, set_span_in_context
 from pydantic import field_validator
 
 from loopmesh.features import instruments
-from loopmesh.features.core import EntityAggregate, Outcome
+from loopmesh.features.core import EntityAggregate
 from loopmesh.features.settings import FeaturesSettings
+from loopmesh.mesh.batch import BatchSink, Taken
+from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.changelog import ChangelogTable, changelog_topic
 from loopmesh.mesh.events import EntityErased, Event, InteractionEvent
-from loopmesh.mesh.streams import decode_or_dead_letter, faust_app, record_lag
-from loopmesh.mesh.telemetry import extract_context, tracer
+from loopmesh.mesh.telemetry import tracer
+from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 
 log = logging.getLogger(__name__)
 TABLE = "entity_state"
+MAX_STATE_BYTES = 4 * 1024 * 1024
+"""Largest state record the changelog takes (a hot entity keeps a day of event ids)."""
 STORABLE_FROM = datetime(1900, 1, 1, tzinfo=UTC)
 STORABLE_UNTIL = datetime(2200, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
-E = TypeVar("E", bound=Event)
 
 Rows = Mapping[str, Mapping[str, Any]]
 
@@ -56,7 +64,7 @@ class StorableInteraction(InteractionEvent):
     """An InteractionEvent whose time the online store can hold; others are dead-lettered.
 
     Feast keeps pandas nanosecond timestamps (years 1677 to 2262) and the windows reach past
-    the event: a valid event from year 9999 crashed the fold agent, and on every restart again.
+    the event: a valid event from year 9999 crashed the fold, and on every restart again.
     """
 
     @field_validator("event_time")
@@ -83,91 +91,132 @@ class AgentStats:
     """What the agents did since start (logs and tests)."""
 
     outcomes: Counter[str]
-    dead_lettered: int = 0
     pushed: int = 0
     erased: int = 0
+    resynced: int = 0
 
 
 class FeatureAgents:
-    """The faust app of the features service with its table and two agents."""
+    """The group member that folds events into the table and pushes rows to the store."""
 
     def __init__(self, settings: FeaturesSettings, sink: FeatureSink, *, partitions: int):
         scope = settings.features
         self.scope = scope
         self.sink = sink
+        self.partitions = partitions
         self.stats = AgentStats(outcomes=Counter())
         self._tracer = tracer("loopmesh.features.agents")
-        data_dir = scope.data_dir.resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tuning = scope.stream
-        self.app = faust_app(
-            scope.app_id,
+        self.events_topic = replace(
+            EVENTS_RAW, name=scope.events_topic, value_type=StorableInteraction
+        )
+        self.erasures_topic = replace(ENTITIES_ERASED, name=scope.erasures_topic)
+        self.table = ChangelogTable(
             settings.kafka,
-            data_dir=data_dir,
-            broker_session_timeout=tuning.session_timeout_s,
-            broker_heartbeat_interval=tuning.heartbeat_interval_s,
-            broker_rebalance_timeout=tuning.rebalance_timeout_s,
-            broker_commit_interval=tuning.commit_interval_s,
-            consumer_auto_offset_reset="earliest",
-            stream_recovery_delay=0.0,
+            changelog_topic(scope.app_id, TABLE, max_value_bytes=MAX_STATE_BYTES),
+            service="features",
         )
-        self.table = self.app.Table(
-            TABLE,
-            key_type=str,
-            value_type=bytes,
-            partitions=partitions,
+        self._dlq = EventProducer(settings.kafka, "features")
+        tuning = scope.stream
+        self.consumer: BatchSink[Event] = BatchSink(
+            settings.kafka,
+            [self.events_topic, self.erasures_topic],
+            scope.app_id,
+            self._fold,
+            dlq=self._dlq,
+            service="features",
+            flush_rows=scope.push_batch_size,
+            flush_seconds=scope.push_batch_s,
+            on_assigned=self._assigned,
+            on_revoked=self._revoked,
+            retry_backoff=scope.push_retry_s,
+            session_timeout_ms=int(tuning.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(tuning.heartbeat_interval_s * 1000),
+            max_poll_interval_ms=int(tuning.rebalance_timeout_s * 1000),
+            rebalance_timeout_ms=int(tuning.rebalance_timeout_s * 1000),
         )
-        self.table.on_recover(self._resync)
-        events = self.app.topic(scope.events_topic, partitions=partitions)
-        erasures = self.app.topic(scope.erasures_topic, partitions=partitions)
-        self.app.agent(events, name="features.fold_events")(self._fold_events)
-        self.app.agent(erasures, name="features.erase_entities")(self._erase_entities)
-        self.app.timer(scope.lag_interval_s, name="features.consumer_lag")(self._record_lag)
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
 
-    async def start(self) -> None:
-        """Start the app; returns once the table is recovered and the agents consume."""
-        await self.app.start()
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Start consuming; returns once partitions are assigned and their state recovered."""
+        await self._dlq.start()
+        await self.table.start(self.partitions)
+        await self.consumer.start()
+        self._task = asyncio.create_task(self.consumer.run(), name="features-fold")
+        ready = asyncio.create_task(self._ready.wait())
+        await asyncio.wait([ready, self._task], timeout=timeout_s, return_when="FIRST_COMPLETED")
+        ready.cancel()
+        if self._task.done():
+            self._task.result()  # raises what stopped it
+        if not self._ready.is_set():
+            raise TimeoutError(f"no partitions of {self.events_topic.name} within {timeout_s}s")
 
     async def stop(self) -> None:
-        await self.app.stop()
+        self._stopping = True
+        if self._task is not None:
+            await self.consumer.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.table.stop()
+        await self._dlq.stop()
+
+    async def finished(self) -> None:
+        """Returns when the fold stopped (a crash, unless ``stop`` was called)."""
+        assert self._task is not None, "not started"
+        with contextlib.suppress(Exception):  # a crash; a cancellation of ours propagates
+            await asyncio.shield(self._task)
 
     @property
     def crashed(self) -> bool:
-        return bool(self.app.crashed)
-
-    # ------------------------------------------------------------------------- the table
-
-    def _load(self, entity_id: str) -> EntityAggregate:
-        return EntityAggregate.from_bytes(
-            entity_id, self.table.get(entity_id), allowed_lateness=self.scope.allowed_lateness_s
+        task = self._task
+        return (
+            task is not None
+            and task.done()
+            and not task.cancelled()
+            and task.exception() is not None
         )
 
-    def _store(self, partition: int, aggregate: EntityAggregate) -> None:
-        # The changelog partition is the source message's: events and erasures are keyed by
-        # entity id, so that is the partition whose owner holds this entity's state.
-        value = aggregate.to_bytes()
-        self.table.data[aggregate.entity_id] = value
-        self.table.send_changelog(partition, aggregate.entity_id, value)
+    # -------------------------------------------------------------------------- rebalances
 
-    # ---------------------------------------------------------------------------- agents
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        partitions = {tp.partition for tp in assigned}
+        await self.table.recover(partitions)
+        await self._resync(partitions)
+        self._ready.set()
 
-    async def _fold_events(self, stream: Any) -> None:
-        async for batch in stream.take_events(
-            self.scope.push_batch_size, within=self.scope.push_batch_s
-        ):
-            await self.handle_batch(batch)
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        # Only when no topic of the pair is still assigned on that partition.
+        self.table.forget({tp.partition for tp in revoked})
 
-    async def handle_batch(self, batch: Sequence[Any]) -> None:
-        """Fold one batch of faust events and push the rows of every entity it touched."""
-        decoded: list[tuple[int, InteractionEvent]] = []
-        links = _links(batch)
+    async def _resync(self, partitions: set[int]) -> None:
+        """Push every recovered state, so the store holds what the changelog says."""
+        rows = []
+        for partition in partitions:
+            for entity_id, raw in list(self.table.partition_items(partition)):
+                aggregate = EntityAggregate.from_bytes(entity_id, raw)
+                if aggregate.has_features:
+                    rows.append(aggregate.rows())
+        size = self.scope.push_batch_size
+        for start in range(0, len(rows), size):
+            await self._push(rows[start : start + size])
+        self.stats.resynced += len(rows)
+        if rows:
+            log.info("resynced %d entities to the online store after recovery", len(rows))
+
+    # -------------------------------------------------------------------------- the fold
+
+    def _load(self, partition: int, entity_id: str) -> EntityAggregate:
+        return EntityAggregate.from_bytes(
+            entity_id,
+            self.table.get(partition, entity_id),
+            allowed_lateness=self.scope.allowed_lateness_s,
+        )
+
+    async def _fold(self, batch: Sequence[Taken[Event]]) -> None:
+        """Fold one batch, make the states durable, then bring the online store in line."""
         parent = _single_parent(batch)
-        for event in batch:
-            parsed = await self._decode(StorableInteraction, event)
-            if parsed is None:
-                self.stats.dead_lettered += 1
-            else:
-                decoded.append((event.message.partition, parsed))
         with self._tracer.start_as_current_span(
             f"{self.scope.events_topic} process",
             kind=SpanKind.CONSUMER,
@@ -177,72 +226,51 @@ class FeatureAgents:
                 "messaging.batch.message_count": len(batch),
             },
             context=parent,
-            links=[] if parent is not None else links,
+            links=[] if parent is not None else _links(batch),
         ) as span:
-            # No await from loading a state to storing it: an erasure cannot interleave.
-            touched: dict[str, tuple[int, EntityAggregate, bool]] = {}
-            for partition, event in decoded:
-                _, aggregate, changed = touched.get(event.entity_id) or (
-                    partition,
-                    self._load(event.entity_id),
-                    False,
+            touched: dict[str, tuple[int, EntityAggregate]] = {}
+            erased: list[EntityErased] = []
+            # No await from loading a state to storing it: the batch is folded as one step.
+            for taken in batch:
+                event = taken.event
+                _, aggregate = touched.get(event.entity_id) or (  # type: ignore[attr-defined]
+                    taken.partition,
+                    self._load(taken.partition, event.entity_id),  # type: ignore[attr-defined]
                 )
-                outcome = aggregate.apply(event)
-                self.stats.outcomes[outcome.value] += 1
-                instruments.record_event(outcome.value)
-                touched[event.entity_id] = (
-                    partition,
-                    aggregate,
-                    changed or outcome is Outcome.ACCEPTED,
-                )
-            for partition, aggregate, changed in touched.values():
-                if changed:
-                    self._store(partition, aggregate)
-            # Duplicates are pushed too: after a crash they re-push what the crash cut off.
-            rows = [agg.rows() for _, agg, _ in touched.values() if agg.has_features]
-            span.set_attribute("loopmesh.features.entities", len(rows))
-            await self._push(rows)
-
-    async def _erase_entities(self, stream: Any) -> None:
-        async for event in stream.events():
-            erasure = await self._decode(EntityErased, event)
-            if erasure is None:
-                self.stats.dead_lettered += 1
-                continue
-            with self._tracer.start_as_current_span(
-                f"{self.scope.erasures_topic} process",
-                kind=SpanKind.CONSUMER,
-                links=_links([event]),
-            ):
-                aggregate = self._load(erasure.entity_id)
-                aggregate.erase(erasure.event_time.timestamp())
-                self._store(event.message.partition, aggregate)
+                if isinstance(event, EntityErased):
+                    aggregate.erase(event.event_time.timestamp())
+                    erased.append(event)
+                else:
+                    assert isinstance(event, InteractionEvent)
+                    outcome = aggregate.apply(event)
+                    self.stats.outcomes[outcome.value] += 1
+                    instruments.record_event(outcome.value)
+                touched[aggregate.entity_id] = (taken.partition, aggregate)
+            # Every touched state, duplicates too: a retried batch re-writes what a failed
+            # changelog write may have lost before its offsets are committed.
+            for partition, aggregate in touched.values():
+                self.table.put(partition, aggregate.entity_id, aggregate.to_bytes())
+            await self.table.flush()
+            for erasure in erased:
                 await self._retry(partial(self.sink.delete, erasure.entity_id), "delete")
                 self.stats.erased += 1
                 instruments.record_erasure()
                 log.info("erased entity %r (event %s)", erasure.entity_id, erasure.event_id)
-
-    async def _record_lag(self) -> None:
-        await record_lag(self.app, self.scope.app_id)
-
-    async def _decode(self, model: type[E], event: Any) -> E | None:
-        # Retried like a push: take_events acknowledges a batch even when its body raises,
-        # so a dead letter that failed to send must not escape as an exception.
-        return await self._retry(
-            partial(decode_or_dead_letter, self.app, model, event, group=self.scope.app_id),
-            "dead-letter",
-        )
+            rows = [agg.rows() for _, agg in touched.values() if agg.has_features]
+            span.set_attribute("loopmesh.features.entities", len(rows))
+            await self._push(rows)
 
     # ------------------------------------------------------------------------ the sink
 
     async def _push(self, rows: Sequence[Rows]) -> None:
         if rows:
             written = await self._retry(lambda: self.sink.write(rows), "push")
-            self.stats.pushed += written or 0
-            instruments.record_online_writes(written or 0)
+            self.stats.pushed += written
+            instruments.record_online_writes(written)
 
-    async def _retry(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
-        """Await ``call()`` until it succeeds: a batch is never dropped on a store hiccup."""
+    async def _retry(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Await ``call()`` until it succeeds: a batch is never dropped on a store hiccup (its
+        offsets stay uncommitted meanwhile; stopping cancels this and leaves them so)."""
         attempt = 0
         while True:
             try:
@@ -250,45 +278,24 @@ class FeatureAgents:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    raise  # offsets stay uncommitted: the next owner folds the batch again
                 attempt += 1
-                if self.app.should_stop:
-                    # Shutting down: give up; the resync after the next recovery catches up.
-                    log.exception("%s failed while stopping; left to the next resync", what)
-                    return None
                 log.exception("%s failed (attempt %d); retrying", what, attempt)
                 await asyncio.sleep(self.scope.push_retry_s)
 
-    async def _resync(self) -> None:
-        """Push every recovered state, so the store holds what the changelog says."""
-        rows = []
-        for entity_id, raw in list(self.table.data.items()):
-            aggregate = EntityAggregate.from_bytes(entity_id, raw)
-            if aggregate.has_features:
-                rows.append(aggregate.rows())
-        size = self.scope.push_batch_size
-        for start in range(0, len(rows), size):
-            await self._push(rows[start : start + size])
-        if rows:
-            log.info("resynced %d entities to the online store after recovery", len(rows))
 
-
-def _links(batch: Sequence[Any], limit: int = 32) -> list[Link]:
+def _links(batch: Sequence[Taken[Event]], limit: int = 32) -> list[Link]:
     """Links to the producers' spans (trace context in the headers); a batch has many parents."""
-    links = []
-    for event in batch[:limit]:
-        context = get_current_span(extract_context(event.message.headers)).get_span_context()
-        if context.is_valid:
-            links.append(Link(context))
-    return links
+    return [Link(t.trace) for t in batch[:limit] if t.trace is not None]
 
 
-def _single_parent(batch: Sequence[Any]) -> Context | None:
-    """The producer's context when every message of the batch carries the same one (one Ingest
+def _single_parent(batch: Sequence[Taken[Event]]) -> Context | None:
+    """The producer's context when every event of the batch carries the same one (one Ingest
     call): the batch then continues that trace. None when it has several causes (links)."""
-    first = None
-    for event in batch:
-        found = [v for k, v in event.message.headers or () if k == "traceparent"]
-        if not found or (first is not None and found[0] != first):
+    first: SpanContext | None = None
+    for taken in batch:
+        if taken.trace is None or (first is not None and taken.trace != first):
             return None
-        first = found[0]
-    return extract_context(batch[0].message.headers) if first is not None else None
+        first = taken.trace
+    return set_span_in_context(NonRecordingSpan(first)) if first is not None else None

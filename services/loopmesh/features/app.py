@@ -2,7 +2,7 @@
 
 Both run in one process by default; ``LOOPMESH_FEATURES__RUN_SERVER`` and
 ``LOOPMESH_FEATURES__RUN_AGENTS`` split them so readers and writers scale apart. A crashed
-faust app sets ``crashed`` (the process exits with status 1 for its supervisor).
+fold sets ``crashed`` (the process exits with status 1 for its supervisor).
 """
 
 from __future__ import annotations
@@ -106,10 +106,8 @@ class FeaturesApp:
         await self.server.start([SERVICE_NAME])
 
     async def _watch_agents(self, agents: FeatureAgents) -> None:
-        # faust reports a crashed app as a flag, not an awaitable: look once a second.
-        while not agents.crashed:  # noqa: ASYNC110 (faust exposes a flag, no event)
-            await asyncio.sleep(1.0)
-        log.error("the faust app crashed")
+        await agents.finished()
+        log.error("the features fold stopped on its own")
         self.crashed.set()
 
     async def stop(self) -> None:

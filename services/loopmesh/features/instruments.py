@@ -4,7 +4,7 @@ Prometheus names: ``loopmesh_features_events_total{outcome}`` (accepted, duplica
 too_late, erased), ``loopmesh_features_online_writes_total`` (entity rows pushed to the online
 store) and ``loopmesh_features_erasures_total``. Dead letters and consumer lag go to the bus's
 ``loopmesh_kafka_dead_lettered_total`` and ``loopmesh_kafka_consumer_lag`` (see
-``loopmesh.mesh.streams``), like every other consumer's.
+``loopmesh.mesh.bus``), like every other consumer's.
 """
 
 from __future__ import annotations

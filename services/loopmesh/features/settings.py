@@ -12,7 +12,7 @@ from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 
 
 class StreamTuning(BaseModel):
-    """Consumer-group timing of the faust worker (tests shorten it so joins are fast)."""
+    """Consumer-group timing of the fold (tests shorten it so joins are fast)."""
 
     session_timeout_s: float = Field(default=30.0, ge=1.0)
     """A worker silent this long leaves the group and its partitions move (Kafka's minimum
@@ -20,10 +20,8 @@ class StreamTuning(BaseModel):
     heartbeat_interval_s: float = Field(default=3.0, gt=0)
     """How often the worker tells the group it is alive (well below the session timeout)."""
     rebalance_timeout_s: float = Field(default=60.0, ge=1.0)
-    """How long a rebalance waits for members to rejoin."""
-    commit_interval_s: float = Field(default=2.8, gt=0)
-    """How often processed offsets are committed (after the producer, changelog included,
-    is flushed)."""
+    """How long a rebalance waits for members to rejoin (also the longest a batch may take,
+    state recovery of newly assigned partitions included)."""
 
 
 class FeaturesScope(BaseModel):
@@ -44,9 +42,8 @@ class FeaturesScope(BaseModel):
     run_agents: bool = True
     """Run the stream agents (events -> Feast) in this process."""
     app_id: str = Field(default="loopmesh-features", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """faust app id: the consumer group and the prefix of the table's changelog topic."""
-    data_dir: Path = Path(".loopmesh/features")
-    """faust's working directory."""
+    """The consumer group and the prefix of the state's changelog topic
+    (``<app_id>-entity_state-changelog``)."""
     events_topic: str = EVENTS_RAW.name
     """Topic of InteractionEvents (tests use a unique one)."""
     erasures_topic: str = ENTITIES_ERASED.name
@@ -70,9 +67,7 @@ class FeaturesScope(BaseModel):
     """Threads that call Feast. Keep 1 for SQLite (Feast shares one connection); Redis
     reads can use more."""
     stream: StreamTuning = StreamTuning()
-    """faust consumer-group timing."""
-    lag_interval_s: float = Field(default=5.0, gt=0)
-    """How often the agents' consumer lag is measured for ``loopmesh_kafka_consumer_lag``."""
+    """Consumer-group timing of the fold."""
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> FeaturesScope:

@@ -2,11 +2,14 @@
 offsets only after the sink made it durable.
 
 ``bus.EventConsumer`` commits after each handled message, which would acknowledge rows still
-in memory when the effect is a file written per batch (the trainer's dataset). ``BatchSink``
-buffers valid events, hands them to ``store`` every ``flush_rows`` events or ``flush_seconds``,
-and commits their offsets after ``store`` returned; a failed store keeps the batch (nothing was
-committed) and retries. Before partitions move to another member it stores what it holds, or
-else forgets those partitions' records (uncommitted, the next owner reads them again).
+in memory when the effect is a file written per batch (the trainer's dataset) or a batch of
+state changes (the features fold). ``BatchSink`` buffers valid events of one or more topics,
+hands them to ``store`` every ``flush_rows`` events or ``flush_seconds``, and commits their
+offsets after ``store`` returned. A failed store keeps the batch (nothing was committed),
+pauses fetching (memory stays bounded while the sink is down) and retries. Before partitions
+move to another member it stores what it holds, or else forgets those partitions' records
+(uncommitted, the next owner reads them again); ``on_assigned`` runs before any record of newly
+assigned partitions is fetched (state recovery), ``on_revoked`` after they were released.
 Malformed messages are dead-lettered like everywhere else. The store runs in one span that
 links to the traces of the events it stores.
 """
@@ -18,7 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from opentelemetry import trace
@@ -42,19 +45,29 @@ E = TypeVar("E", bound=Event)
 MAX_LINKS = 64
 """Traces of the newest buffered events kept for the store span's links."""
 
-Store = Callable[[Sequence[E]], Awaitable[None]]
+
+class Taken(NamedTuple, Generic[E]):
+    """One buffered event with the partition it came from and its producer's trace."""
+
+    partition: int
+    event: E
+    trace: SpanContext | None
+
+
+Store = Callable[[Sequence[Taken[E]]], Awaitable[None]]
 """Make a batch durable (or raise: nothing is committed and the batch is kept)."""
+Rebalanced = Callable[[set[TopicPartition]], Awaitable[None]]
 Stored = Callable[[int, Sequence[SpanContext]], None]
 """Called after a batch was stored and committed, inside the store span's context."""
 
 
 class BatchSink(Generic[E]):
-    """Consumes ``topic`` in a group, storing accepted events in batches before committing."""
+    """Consumes ``topics`` in a group, storing accepted events in batches before committing."""
 
     def __init__(
         self,
         settings: KafkaSettings,
-        topic: Topic,
+        topics: Topic | Sequence[Topic],
         group_id: str,
         store: Store[E],
         *,
@@ -64,17 +77,28 @@ class BatchSink(Generic[E]):
         flush_seconds: float,
         accept: Callable[[E], bool] = lambda _: True,
         on_stored: Stored = lambda n, traces: None,
+        on_assigned: Rebalanced | None = None,
+        on_revoked: Rebalanced | None = None,
+        retry_backoff: float = 1.0,
+        **overrides: Any,
     ) -> None:
-        self.topic = topic
+        self.topics = [topics] if isinstance(topics, Topic) else list(topics)
+        self.topic = self.topics[0]
+        self._value_types = {t.name: t.value_type for t in self.topics}
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+        self._retry_backoff = retry_backoff
         self.group_id = group_id
-        self._consumer = AIOKafkaConsumer(**group_options(settings, service, group_id))
+        self._consumer = AIOKafkaConsumer(
+            **{**group_options(settings, service, group_id), **overrides}
+        )
         self._store = store
         self._accept = accept
         self._on_stored = on_stored
         self._dlq = dlq
         self._flush_rows = flush_rows
         self._flush_seconds = flush_seconds
-        self._buffer: list[tuple[TopicPartition, E]] = []
+        self._buffer: list[tuple[TopicPartition, Taken[E]]] = []
         self._offsets: dict[TopicPartition, int] = {}
         self._traces: deque[SpanContext] = deque(maxlen=MAX_LINKS)
         self._first_at: float | None = None
@@ -87,7 +111,7 @@ class BatchSink(Generic[E]):
         self.dead_lettered = 0
 
     async def start(self) -> None:
-        self._consumer.subscribe([self.topic.name], listener=_StoreOnRevoke(self))
+        self._consumer.subscribe([t.name for t in self.topics], listener=_StoreOnRevoke(self))
         await self._consumer.start()
 
     async def stop(self) -> None:
@@ -112,26 +136,36 @@ class BatchSink(Generic[E]):
                 or time.monotonic() - self._first_at >= self._flush_seconds
             )
             if due:
-                try:
-                    await self.flush()
-                except Exception:
-                    # Nothing was committed; the buffer is kept and the next round retries.
-                    log.exception("storing %d events failed; retrying", len(self._buffer))
-                    await asyncio.sleep(1.0)
+                await self._flush_or_pause()
+
+    async def _flush_or_pause(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            # Nothing was committed; the buffer is kept and retried. Fetching pauses until a
+            # store succeeds, so a sink that is down does not grow the buffer without bound.
+            log.exception("storing %d events failed; retrying", len(self._buffer))
+            self._consumer.pause(*self._consumer.assignment())
+            await asyncio.sleep(self._retry_backoff)
+        else:
+            paused = self._consumer.paused()
+            if paused:
+                self._consumer.resume(*paused)
 
     async def _take(self, tp: TopicPartition, record: Any) -> None:
         try:
-            event = self.topic.value_type.model_validate_json(record.value or b"")
+            event = self._value_types[tp.topic].model_validate_json(record.value or b"")
         except ValidationError as err:
             reason = describe_validation_error(err)
             await dead_letter(self._dlq, record, group=self.group_id, reason=reason)
             self.dead_lettered += 1
         else:
             if self._accept(event):  # type: ignore[arg-type]
-                self._buffer.append((tp, event))  # type: ignore[arg-type]
-                traced = trace.get_current_span(extract_context(record.headers))
-                if traced.get_span_context().is_valid:
-                    self._traces.append(traced.get_span_context())
+                context = trace.get_current_span(extract_context(record.headers))
+                traced = context.get_span_context() if context.get_span_context().is_valid else None
+                self._buffer.append((tp, Taken(tp.partition, event, traced)))  # type: ignore[arg-type]
+                if traced is not None:
+                    self._traces.append(traced)
             else:
                 self.skipped += 1
         self._offsets[tp] = record.offset + 1
@@ -158,7 +192,7 @@ class BatchSink(Generic[E]):
                 links=[Link(t) for t in traces],
             ) as stored:
                 if buffer:
-                    await self._store([event for _, event in buffer])
+                    await self._store([taken for _, taken in buffer])
                 await self._consumer.commit(offsets)
             del self._buffer[: len(buffer)]
             self._traces.clear()
@@ -193,6 +227,11 @@ class _StoreOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         await self._sink.release(set(revoked))
+        if self._sink._on_revoked is not None:
+            await self._sink._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        return None
+        # aiokafka awaits this before fetching for the new assignment: state recovered here
+        # is in place before the first record of these partitions reaches ``store``.
+        if self._sink._on_assigned is not None:
+            await self._sink._on_assigned(set(assigned))

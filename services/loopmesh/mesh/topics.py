@@ -31,6 +31,8 @@ class Topic:
     key_field: str
     retention_ms: int = 7 * DAY_MS
     compacted: bool = False
+    max_message_bytes: int | None = None
+    """Largest record the topic takes (the broker's default, 1 MiB, when None)."""
 
     @property
     def dlq(self) -> str:
@@ -38,9 +40,14 @@ class Topic:
 
     def config(self) -> dict[str, str]:
         """Topic-level configs for the CreateTopics request."""
-        if self.compacted:
-            return {"cleanup.policy": "compact"}
-        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+        config = (
+            {"cleanup.policy": "compact"}
+            if self.compacted
+            else {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+        )
+        if self.max_message_bytes is not None:
+            config["max.message.bytes"] = str(self.max_message_bytes)
+        return config
 
 
 EVENTS_RAW = Topic("events.raw", InteractionEvent, "entity_id")

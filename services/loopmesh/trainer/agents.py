@@ -15,7 +15,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanContext
 
-from loopmesh.mesh.batch import BatchSink
+from loopmesh.mesh.batch import BatchSink, Taken
 from loopmesh.mesh.bus import Delivery, EventProducer
 from loopmesh.mesh.events import EntityErased, LabelledExample, RolloutChanged, VersionMetrics
 from loopmesh.mesh.settings import KafkaSettings
@@ -40,8 +40,8 @@ def example_sink(
 ) -> BatchSink[LabelledExample]:
     """``training.examples`` of ``model_name`` into the dataset, a parquet file per batch."""
 
-    async def store(examples: Sequence[LabelledExample]) -> None:
-        await asyncio.to_thread(dataset.append, list(examples))
+    async def store(taken: Sequence[Taken[LabelledExample]]) -> None:
+        await asyncio.to_thread(dataset.append, [t.event for t in taken])
 
     def stored(count: int, traces: Sequence[SpanContext]) -> None:
         # A run this triggers links to the store span and to the examples' traces.

@@ -14,6 +14,8 @@
 #   CPU-only torch, ~3 GB smaller: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ARG PYTHON_IMAGE=python:3.11-slim
+# The inference data plane (dataplane/, Go): built here, copied into the inference image.
+ARG GO_IMAGE=golang:1.26-bookworm
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.07-py3
 # Keep in step with pyproject.toml: model.pt written by the trainer is loaded by this torch.
 ARG TORCH_VERSION=2.13.0
@@ -35,6 +37,15 @@ RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
 # model-repository volume, the trainer can still write to it.
 EXPOSE 8000 8001 8002
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit"]
+
+# ---------------------------------------------------------------------------------------
+FROM ${GO_IMAGE} AS dataplane
+WORKDIR /src
+# Modules first (go.mod/go.sum pin every one), so editing code does not re-download them.
+COPY dataplane/go.mod dataplane/go.sum ./
+RUN go mod download
+COPY dataplane/ ./
+RUN CGO_ENABLED=0 go build -trimpath -o /out/loopmesh-dataplane ./cmd/loopmesh-dataplane
 
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
@@ -134,6 +145,8 @@ CMD ["loopmesh", "serve", "features"]
 FROM runtime AS inference
 ARG LOOPMESH_UID
 COPY --from=deps-inference /opt/venv /opt/venv
+# Beside the venv's python, where the gateway looks for it (it runs it as its child).
+COPY --from=dataplane /out/loopmesh-dataplane /opt/venv/bin/loopmesh-dataplane
 RUN pip install --no-deps -e /app && python -c "import loopmesh.inference.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "inference"]
@@ -162,6 +175,7 @@ CMD ["loopmesh", "serve", "rollout"]
 FROM runtime AS service
 ARG LOOPMESH_UID
 COPY --from=deps-all /opt/venv /opt/venv
+COPY --from=dataplane /out/loopmesh-dataplane /opt/venv/bin/loopmesh-dataplane
 RUN pip install --no-deps -e /app && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "ingestion"]

@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: deps test unit lint typecheck protos check-protos run infra-up infra-down bench clean
+# The inference data plane (Go, dataplane/): built from source with the pinned go.mod/go.sum.
+DATAPLANE := $(BIN)/loopmesh-dataplane
+DATAPLANE_SRC := $(shell find dataplane -name '*.go' -o -name 'go.mod' -o -name 'go.sum' 2>/dev/null)
+
+.PHONY: deps test unit lint typecheck protos check-protos run infra-up infra-down bench clean dataplane-test
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "LoopMesh needs Python 3.11"'
@@ -14,7 +18,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-deps: $(STAMP)
+$(DATAPLANE): $(STAMP) $(DATAPLANE_SRC)
+	@command -v go >/dev/null || { echo "Go is needed to build dataplane/ (https://go.dev/dl/)"; exit 1; }
+	cd dataplane && go build -trimpath -o $(abspath $(DATAPLANE)) ./cmd/loopmesh-dataplane
+
+deps: $(STAMP) $(DATAPLANE)
 	bash scripts/system-deps.sh
 	$(BIN)/loopmesh infra fetch
 
@@ -22,6 +30,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	@test -z "$$(cd dataplane && gofmt -l .)" || { cd dataplane && gofmt -l .; echo "gofmt: files above"; exit 1; }
+	cd dataplane && go vet ./...
+
+dataplane-test:
+	cd dataplane && go test ./...
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict services/loopmesh
@@ -32,7 +45,7 @@ protos: $(STAMP)
 check-protos: $(STAMP)
 	$(BIN)/python scripts/protogen.py --check
 
-test: deps lint typecheck check-protos
+test: deps lint typecheck check-protos dataplane-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The pure-logic tier alone: no Java, Kafka or Triton needed.

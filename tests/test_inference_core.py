@@ -10,15 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from tritonclient.grpc import service_pb2
 
 from loopmesh.inference.batching import Coalescer
 from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, is_store_ref
 from loopmesh.inference.core import PredictInput, PredictionRecord
-from loopmesh.inference.oip import override_version
 from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import Route, bucket
-from loopmesh.inference.tensors import TensorError, check_infer_inputs
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.errors import InvalidArgument, UnknownModel
@@ -119,20 +116,6 @@ def test_predict_input_trims_and_keeps_context() -> None:
     assert parsed.entity_id == "bob" and parsed.context == {"hour": 3.0}
 
 
-def test_override_version_retargets_without_touching_tensors() -> None:
-    request = service_pb2.ModelInferRequest(model_name="m", id="r1", model_version="")
-    request.raw_input_contents.append(b"\x00\x01" * 100)
-    request.parameters["routing_key"].string_param = "k"
-    for original in ("", "7"):
-        request.model_version = original
-        forwarded = service_pb2.ModelInferRequest.FromString(
-            override_version(request.SerializeToString(), 123456789012345678)
-        )
-        assert forwarded.model_version == "123456789012345678"
-        forwarded.model_version = original
-        assert forwarded == request
-
-
 async def test_prediction_log_drops_when_full_and_counts() -> None:
     # Never started: nothing drains, so the bounded queue fills.
     logger = PredictionLogger(
@@ -169,92 +152,3 @@ def test_catalog_reads_specs_and_names_what_is_unknown(tmp_path: Path) -> None:
     with pytest.raises(BadModelSpec, match="feature_names"):
         catalog.spec("bare", 1)
     assert is_store_ref("view:f") and not is_store_ref("f") and not is_store_ref(":f")
-
-
-def _tensor_request(datatype: str, shape: list[int]) -> service_pb2.ModelInferRequest:
-    request = service_pb2.ModelInferRequest(model_name="m")
-    tensor = request.inputs.add(name="x", datatype=datatype)
-    tensor.shape.extend(shape)
-    return request
-
-
-def _bytes_elements(*items: bytes) -> bytes:
-    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
-
-
-@pytest.mark.parametrize(
-    ("datatype", "shape", "raw"),
-    [
-        ("FP32", [2, 3], bytes(24)),
-        ("FP16", [1, 4], bytes(8)),
-        ("INT64", [0, 3], b""),
-        ("BOOL", [5], bytes(5)),
-        ("BYTES", [1, 2], _bytes_elements(b"ab", b"")),
-    ],
-)
-def test_raw_tensors_whose_bytes_match_their_shape_pass(
-    datatype: str, shape: list[int], raw: bytes
-) -> None:
-    request = _tensor_request(datatype, shape)
-    request.raw_input_contents.append(raw)
-    check_infer_inputs(request)
-
-
-@pytest.mark.parametrize(
-    ("datatype", "shape", "raw", "says"),
-    [
-        ("FP32", [1, 8], bytes(64), "needs 32 bytes, raw_input_contents has 64"),
-        ("FP32", [1, 8], b"", "needs 32 bytes, raw_input_contents has 0"),
-        ("FP64", [2], bytes(15), "needs 16 bytes"),
-        ("BYTES", [2], _bytes_elements(b"a"), "declares 2 elements"),
-        ("BYTES", [1], _bytes_elements(b"a", b"b"), "holds more"),
-        ("BYTES", [1], b"\x05\x00\x00\x00ab", "longer than the data left"),
-        ("BYTES", [1], _bytes_elements(b"a") + b"\x01", "truncated length prefix"),
-        ("FP32", [-1, 8], b"", "negative dimension"),
-        ("COMPLEX", [1], b"", "unknown datatype"),
-    ],
-)
-def test_raw_tensors_that_do_not_match_are_refused_naming_the_input(
-    datatype: str, shape: list[int], raw: bytes, says: str
-) -> None:
-    request = _tensor_request(datatype, shape)
-    request.raw_input_contents.append(raw)
-    with pytest.raises(TensorError, match=r"^inputs\[0\] \(x\): ") as caught:
-        check_infer_inputs(request)
-    assert says in str(caught.value)
-
-
-def test_typed_contents_must_match_shape_and_datatype() -> None:
-    request = _tensor_request("FP32", [2, 2])
-    request.inputs[0].contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
-    check_infer_inputs(request)
-    request.inputs[0].contents.fp32_contents.append(5.0)
-    with pytest.raises(TensorError, match="declares 4 elements, contents hold 5"):
-        check_infer_inputs(request)
-    wrong = _tensor_request("FP32", [1])
-    wrong.inputs[0].contents.int_contents.append(1)
-    with pytest.raises(TensorError, match=r"contents\.int_contents cannot hold FP32"):
-        check_infer_inputs(wrong)
-    half = _tensor_request("FP16", [1])
-    with pytest.raises(TensorError, match="declares 1 elements, contents hold 0"):
-        check_infer_inputs(half)
-    text = _tensor_request("BYTES", [2])
-    text.inputs[0].contents.bytes_contents.extend([b"a", b"b"])
-    check_infer_inputs(text)
-
-
-def test_raw_contents_go_with_every_input_or_none() -> None:
-    request = _tensor_request("FP32", [1])
-    request.inputs.add(name="y", datatype="FP32", shape=[1])
-    request.raw_input_contents.append(bytes(4))
-    with pytest.raises(TensorError, match="raw_input_contents: 1 entries for 2 inputs"):
-        check_infer_inputs(request)
-    both = _tensor_request("FP32", [1])
-    both.inputs[0].contents.fp32_contents.append(1.0)
-    both.raw_input_contents.append(bytes(4))
-    with pytest.raises(TensorError, match="contents given together with raw_input_contents"):
-        check_infer_inputs(both)
-    shm = _tensor_request("FP32", [1])
-    shm.inputs[0].parameters["shared_memory_region"].string_param = "r"
-    with pytest.raises(TensorError, match="shared memory"):
-        check_infer_inputs(shm)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,8 +26,8 @@ from tritonclient.utils import InferenceServerException
 
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
-from loopmesh.inference import oip
 from loopmesh.inference.app import InferenceGateway
+from loopmesh.inference.server import OIP_SERVICE_NAME
 from loopmesh.mesh.auth import AuthSettings, TokenSpec, bearer
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.events import PredictionLogged, RolloutChanged
@@ -542,7 +544,7 @@ async def test_no_caller_ever_receives_another_callers_answer(
     # a tensor carrying two rows of bytes under a one-row shape, and one with no bytes at all.
     rng = np.random.default_rng(19)
     async with grpc.aio.insecure_channel(gateway.address) as channel:
-        infer = channel.unary_unary(f"/{oip.SERVICE_NAME}/ModelInfer")
+        infer = channel.unary_unary(f"/{OIP_SERVICE_NAME}/ModelInfer")
 
         async def call(data: bytes) -> bytes | grpc.aio.AioRpcError:
             try:
@@ -575,3 +577,28 @@ async def test_no_caller_ever_receives_another_callers_answer(
                 assert response.id == request.id
                 scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
                 np.testing.assert_allclose(scores, direct[row : row + 1], atol=1e-6)
+
+
+async def test_a_dead_data_plane_stops_the_gateway(
+    kafka_settings: KafkaSettings,
+    triton: TritonServer,
+    model_repository: Path,
+    features: tuple[FixedFeatureService, str],
+    model: str,
+) -> None:
+    settings = settings_for(
+        kafka_settings,
+        triton.grpc_url,
+        model_repository,
+        features[1],
+        predictions_topic=unique_topic(PREDICTIONS).name,
+        rollouts_topic=unique_topic(ROLLOUTS).name,
+        default_model=model,
+    )
+    async with running(settings) as gw:
+        assert not gw.crashed.is_set()
+        plane = gw.dataplane.pid
+        assert plane is not None
+        os.kill(plane, signal.SIGKILL)
+        # The public port is gone: the process must exit (status 1) for its supervisor.
+        await asyncio.wait_for(gw.crashed.wait(), timeout=30)

@@ -1,10 +1,14 @@
-"""The inference gateway assembled: Kafka (routes in, predictions out), Triton, features, gRPC.
+"""The inference gateway assembled: Kafka (routes in, predictions out), Triton, features, gRPC,
+and the native data plane in front of it all.
 
 ``InferenceGateway.start`` declares its topics, catches up with ``rollouts`` (so the first
-request already sees the routes in force), then opens one gRPC port serving both APIs.
-``stop`` lets in-flight calls finish, then flushes the prediction log. Unless disabled, a
-task publishes each served version's request count, error rate and p99 latency over a sliding
-window to ``metrics.live`` every ``operational_publish_s`` (loopmesh.inference.operational).
+request already sees the routes in force), opens this process' gRPC server on a loopback port
+(Predict, SetRoute, health), then starts the data plane on the public port: it serves the Open
+Inference Protocol itself and proxies the rest here (``loopmesh.inference.dataplane``).
+``stop`` stops the data plane first (its in-flight calls finish), then this server, then
+flushes the prediction log. Unless disabled, a task publishes each served version's request
+count, error rate and p99 latency over a sliding window (Predict's and the data plane's
+ModelInfer calls alike) to ``metrics.live`` every ``operational_publish_s``.
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ from dataclasses import replace
 import grpc
 
 from loopmesh.gen.loopmesh.v1 import inference_pb2_grpc
-from loopmesh.inference import oip
 from loopmesh.inference.catalog import ModelCatalog
 from loopmesh.inference.core import Counters, Predictor
+from loopmesh.inference.dataplane import DataPlane
 from loopmesh.inference.features import FeatureClient
 from loopmesh.inference.operational import OperationalWindows, to_events
 from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import RouteTable, follow_routes
-from loopmesh.inference.server import METHOD_ROLES, SERVICE_NAME, InferenceServicer
+from loopmesh.inference.server import (
+    METHOD_ROLES,
+    OIP_SERVICE_NAME,
+    SERVICE_NAME,
+    InferenceServicer,
+)
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.inference.triton import TritonPool
 from loopmesh.mesh.bus import (
@@ -34,6 +43,7 @@ from loopmesh.mesh.bus import (
 )
 from loopmesh.mesh.privacy import EntityIdMapper
 from loopmesh.mesh.rpc import GrpcServer
+from loopmesh.mesh.settings import GrpcServerSettings
 from loopmesh.mesh.topics import METRICS_LIVE, PREDICTIONS, ROLLOUTS
 
 log = logging.getLogger(__name__)
@@ -105,12 +115,27 @@ class InferenceGateway:
             batch_max_inflight=scope.batch_max_inflight,
             entity_ids=EntityIdMapper(settings.privacy),
         )
+        # Reached only through the data plane, on loopback: no TLS on this hop, but the
+        # callers' tokens travel with each call and are checked here as on the public port.
+        backend = GrpcServerSettings(
+            host="127.0.0.1",
+            port=scope.dataplane.backend_port,
+            max_message_bytes=scope.server.max_message_bytes,
+            grace_seconds=scope.server.grace_seconds,
+        )
         self.grpc = GrpcServer(
             "inference",
-            scope.server,
+            backend,
             auth=settings.auth,
             method_roles=METHOD_ROLES,
             interceptors=interceptors,
+        )
+        self.dataplane = DataPlane(
+            settings,
+            routes=self.routes,
+            catalog=self.catalog,
+            counters=self.counters,
+            routes_ready=self.follower.caught_up.is_set,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(
@@ -118,29 +143,18 @@ class InferenceGateway:
                 self.routes,
                 self.counters,
                 stream_max_inflight=scope.stream_max_inflight,
+                on_route_set=self.dataplane.push_routes,
             ),
             self.grpc.server,
         )
-        oip.add_to_server(
-            oip.OpenInferenceServicer(
-                self.triton,
-                self.routes,
-                self.catalog,
-                self.counters,
-                routes_ready=self.follower.caught_up.is_set,
-            ),
-            self.grpc.server,
-        )
+        self.crashed = asyncio.Event()
+        """Set when the routes follower or the data plane died: the process must restart."""
         self._stack = contextlib.AsyncExitStack()
 
     @property
     def address(self) -> str:
-        return self.grpc.address
-
-    @property
-    def crashed(self) -> asyncio.Event:
-        """Set when the routes follower died: serving on would route by stale weights."""
-        return self.follower.crashed
+        """The public address (the data plane's)."""
+        return self.dataplane.address
 
     async def start(self) -> None:
         scope = self.settings.inference
@@ -164,8 +178,12 @@ class InferenceGateway:
             stack.push_async_callback(self.triton.close)
             stack.push_async_callback(self.features.close)
             stack.push_async_callback(self.predictor.close)
-            await self.grpc.start([SERVICE_NAME, oip.SERVICE_NAME])
+            await self.grpc.start([SERVICE_NAME, OIP_SERVICE_NAME])
             stack.push_async_callback(self.grpc.stop)
+            await self.dataplane.start(self.grpc.address)
+            stack.push_async_callback(self.dataplane.stop)
+            watch = asyncio.create_task(self._watch_parts(), name="inference-watch")
+            stack.push_async_callback(_cancel, watch)
             self._stack = stack.pop_all()
 
     async def stop(self) -> None:
@@ -180,6 +198,19 @@ class InferenceGateway:
             self.logger.logged,
             self.logger.dropped,
         )
+
+    async def _watch_parts(self) -> None:
+        # A stale route table or a dead public port: serving on would be wrong or pointless.
+        parts = [
+            asyncio.create_task(self.follower.crashed.wait()),
+            asyncio.create_task(self.dataplane.crashed.wait()),
+        ]
+        try:
+            await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for part in parts:
+                part.cancel()
+        self.crashed.set()
 
     async def publish_operational(self) -> int:
         """Publish the current window's figures now; how many versions were published."""

@@ -7,6 +7,7 @@ and versions are validated before they touch a path (``loopmesh.mesh.model_repo`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -70,6 +71,17 @@ class ModelCatalog:
         found = model_repo.list_versions(self.repository, model_name)
         self._versions[model_name] = (now, found)
         return found
+
+    def models(self) -> list[str]:
+        """Names of the models the repository holds (directories with a valid name)."""
+        if not self.repository.is_dir():
+            return []
+        names = []
+        for child in self.repository.iterdir():
+            with contextlib.suppress(ValueError):
+                if child.is_dir():
+                    names.append(model_repo.validate_model_name(child.name))
+        return sorted(names)
 
     def latest(self, model_name: str) -> int:
         found = self.versions(model_name)

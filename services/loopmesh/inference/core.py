@@ -176,6 +176,28 @@ class Counters:
         if self.windows is not None:
             self.windows.record(model_name, version, failed=True, latency_ms=latency_ms)
 
+    def absorb(
+        self,
+        model_name: str,
+        version: int,
+        *,
+        answered: int,
+        failed: int,
+        latencies_ms: list[float],
+    ) -> None:
+        """Calls that finished elsewhere (the data plane's ModelInfer), counted in bulk."""
+        stats = self.of(model_name, version)
+        stats.answered += answered
+        stats.failures += failed
+        if self.windows is not None:
+            self.windows.record_many(
+                model_name,
+                version,
+                count=answered + failed,
+                failures=failed,
+                latencies_ms=latencies_ms,
+            )
+
     def of(self, model_name: str, version: int) -> VersionStats:
         key = (model_name, version)
         stats = self.versions.get(key)

@@ -86,6 +86,24 @@ class OperationalWindows:
         at: float | None = None,
     ) -> None:
         """One finished call to ``version``; ``at`` is a ``clock`` reading (default: now)."""
+        self.record_many(
+            model_name, version, count=1, failures=int(failed), latencies_ms=[latency_ms], at=at
+        )
+
+    def record_many(
+        self,
+        model_name: str,
+        version: int,
+        *,
+        count: int,
+        failures: int,
+        latencies_ms: list[float],
+        at: float | None = None,
+    ) -> None:
+        """``count`` finished calls (``failures`` of them failed) with some of their latencies,
+        as the data plane reports them every drain."""
+        if count <= 0:
+            return
         now = self._clock() if at is None else at
         window = self._versions.get((model_name, version))
         if window is None:
@@ -98,10 +116,11 @@ class OperationalWindows:
         # A reading older than the newest bucket (clock read before a concurrent record) is
         # counted in the newest one: at most one bucket off, and the deque stays ordered.
         bucket = window.buckets[-1]
-        bucket.count += 1
-        bucket.failures += failed
-        if math.isfinite(latency_ms) and latency_ms >= 0:
-            window.latencies.append((now, latency_ms))
+        bucket.count += count
+        bucket.failures += failures
+        window.latencies.extend(
+            (now, latency) for latency in latencies_ms if math.isfinite(latency) and latency >= 0
+        )
 
     def snapshot(self, now: float | None = None) -> list[OperationalFigures]:
         """Figures of every version with requests in the window; expired data is dropped."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,13 +74,20 @@ class RouteTable:
 
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
+        self._listeners: list[Callable[[], None]] = []
         self.applied_events = 0
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every change (the data plane's route push)."""
+        self._listeners.append(callback)
 
     def get(self, model_name: str) -> Route | None:
         return self._routes.get(model_name)
 
     def set(self, route: Route) -> None:
         self._routes[route.model_name] = route
+        for callback in self._listeners:
+            callback()
 
     def all(self) -> dict[str, Route]:
         return dict(self._routes)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
 from loopmesh.inference.core import Counters, PredictInput, Predictor, PredictOutput
-from loopmesh.inference.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from loopmesh.inference.routing import Route, RouteTable
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.auth import Role
@@ -24,8 +23,9 @@ from loopmesh.mesh.errors import InvalidArgument, status_of
 from loopmesh.mesh.telemetry import tracer
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+OIP_SERVICE_NAME = "inference.GRPCInferenceService"
+"""The Open Inference Protocol: served by the data plane, which checks its tokens itself."""
 METHOD_ROLES: dict[str, Role] = {
-    f"/{OIP_SERVICE_NAME}/": "predict",
     f"/{SERVICE_NAME}/Predict": "predict",
     f"/{SERVICE_NAME}/PredictStream": "predict",
     f"/{SERVICE_NAME}/SetRoute": "operator",
@@ -69,11 +69,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         counters: Counters,
         *,
         stream_max_inflight: int = 256,
+        on_route_set: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._predictor = predictor
         self._routes = routes
         self._counters = counters
         self._stream_max_inflight = stream_max_inflight
+        self._on_route_set = on_route_set
 
     async def Predict(
         self, request: inference_pb2.PredictRequest, context: grpc.aio.ServicerContext
@@ -135,6 +137,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.RouteStatus:
         route = _route(request)
         self._routes.set(route)
+        if self._on_route_set is not None:
+            # Answered once the data plane routes by it: the caller's next ModelInfer does.
+            await self._on_route_set()
         return self._status_of(route.model_name)
 
     async def GetRoute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -9,11 +10,42 @@ from pydantic import BaseModel, Field
 from loopmesh.mesh.settings import GrpcClientSettings, GrpcServerSettings, MeshSettings
 
 
+class DataPlaneScope(BaseModel):
+    """The native data plane (``loopmesh-dataplane``) this gateway runs and controls."""
+
+    binary: Path | None = None
+    """The executable; unset: ``loopmesh-dataplane`` beside this Python (``make deps`` puts it
+    there), else on ``PATH``."""
+    backend_port: int = Field(default=0, ge=0, le=65535)
+    """Loopback port of this process' own gRPC server (Predict, SetRoute, health), which the
+    data plane proxies to; 0 picks a free one."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Prometheus port of the data plane (on ``telemetry.metrics_host``); None: none."""
+    memory_limit: str | None = Field(default=None, pattern=r"^[0-9]+(B|KiB|MiB|GiB|TiB)?$")
+    """Go's soft heap limit for the data plane (``GOMEMLIMIT``, e.g. ``384MiB``); unset: its
+    own default of 1 GiB. Keep it well inside a container limit the two processes share."""
+    max_concurrent_streams: int = Field(default=1024, ge=1)
+    """Concurrent calls per client connection on the public port."""
+    stats_interval_s: float = Field(default=0.5, gt=0)
+    """How often the per-version figures of ModelInfer are drained into the counters."""
+    known_refresh_s: float = Field(default=5.0, gt=0)
+    """How often the versions of the repository are re-sent even when no route changed."""
+    start_timeout_s: float = Field(default=20.0, gt=0)
+    """How long the data plane may take to bind its ports."""
+    stop_timeout_s: float = Field(default=15.0, gt=0)
+    """How long it may take to finish in-flight calls on shutdown before it is killed."""
+    admin_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline of one call to its loopback admin API."""
+
+
 class InferenceScope(BaseModel):
     """What the inference gateway alone reads."""
 
     server: GrpcServerSettings = GrpcServerSettings(port=50054)
-    """Where the gateway listens (both APIs share the port)."""
+    """The public port (served by the data plane): the Open Inference Protocol and, proxied
+    to this process, ``loopmesh.v1.InferenceService``, health and reflection."""
+    dataplane: DataPlaneScope = DataPlaneScope()
+    """The native data plane (``LOOPMESH_INFERENCE__DATAPLANE__*``)."""
     features_url: str = "127.0.0.1:50053"
     """FeatureService gRPC address."""
     features_client: GrpcClientSettings = GrpcClientSettings()

@@ -1,0 +1,143 @@
+package telemetry
+
+import (
+	"strconv"
+	"sync"
+	"unicode/utf8"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"google.golang.org/grpc/codes"
+)
+
+// Label bounds: model names come from clients, so label sets are capped.
+const (
+	maxModelVersions = 1000
+	maxServices      = 64
+	Other            = "other"
+	Invalid          = "invalid"
+)
+
+// Metrics are the data plane's Prometheus series.
+type Metrics struct {
+	Registry      *prometheus.Registry
+	requests      *prometheus.CounterVec
+	duration      *prometheus.HistogramVec
+	tritonErrors  *prometheus.CounterVec
+	fallbacks     *prometheus.CounterVec
+	proxied       *prometheus.CounterVec
+	statsOverflow prometheus.Counter
+	pairs         *limiter
+	services      *limiter
+}
+
+// NewMetrics registers the series (and Go runtime/process collectors) on a fresh registry.
+func NewMetrics() *Metrics {
+	reg := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: reg,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_requests_total",
+			Help: "Open Inference Protocol calls answered by the data plane.",
+		}, []string{"method", "model", "version", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "loopmesh_dataplane_request_duration_seconds",
+			Help:    "Time to answer an Open Inference Protocol call.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"method", "model", "version"}),
+		tritonErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_triton_errors_total",
+			Help: "Triton calls that failed (other than INVALID_ARGUMENT), by code.",
+		}, []string{"model", "version", "code"}),
+		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_fallbacks_total",
+			Help: "Canary failures answered by the stable version instead.",
+		}, []string{"model"}),
+		proxied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_proxied_total",
+			Help: "Calls proxied to the control plane, by service and code.",
+		}, []string{"service", "code"}),
+		statsOverflow: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_stats_overflow_total",
+			Help: "Calls left out of the drained per-version figures (too many versions).",
+		}),
+		pairs:    newLimiter(maxModelVersions),
+		services: newLimiter(maxServices),
+	}
+	reg.MustRegister(m.requests, m.duration, m.tritonErrors, m.fallbacks, m.proxied, m.statsOverflow,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Version renders a version label ("" when none was chosen).
+func Version(v int64) string {
+	if v <= 0 {
+		return ""
+	}
+	return strconv.FormatInt(v, 10)
+}
+
+// labels caps the (model, version) label sets: past the cap, new ones become "other".
+func (m *Metrics) labels(model, version string) (string, string) {
+	if m.pairs.allow(model + "\x00" + version) {
+		return model, version
+	}
+	return Other, Other
+}
+
+// Request records one answered OIP call. model must be a valid name, "invalid" or "".
+func (m *Metrics) Request(method, model, version string, code codes.Code, seconds float64) {
+	model, version = m.labels(model, version)
+	m.requests.WithLabelValues(method, model, version, CodeName(code)).Inc()
+	m.duration.WithLabelValues(method, model, version).Observe(seconds)
+}
+
+// TritonError records a failed Triton call.
+func (m *Metrics) TritonError(model, version string, code codes.Code) {
+	model, version = m.labels(model, version)
+	m.tritonErrors.WithLabelValues(model, version, CodeName(code)).Inc()
+}
+
+// Fallback records a canary failure answered by stable.
+func (m *Metrics) Fallback(model string) {
+	model, _ = m.labels(model, "")
+	m.fallbacks.WithLabelValues(model).Inc()
+}
+
+// Proxied records a proxied call's outcome.
+func (m *Metrics) Proxied(service string, code codes.Code) {
+	if !utf8.ValidString(service) || !m.services.allow(service) {
+		service = Other
+	}
+	m.proxied.WithLabelValues(service, CodeName(code)).Inc()
+}
+
+// StatsOverflow counts a call the per-version figures could not hold.
+func (m *Metrics) StatsOverflow() { m.statsOverflow.Inc() }
+
+// limiter admits at most max distinct keys; the ones seen first stay admitted.
+type limiter struct {
+	seen sync.Map
+	mu   sync.Mutex
+	n    int
+	max  int
+}
+
+func newLimiter(max int) *limiter { return &limiter{max: max} }
+
+func (l *limiter) allow(key string) bool {
+	if _, ok := l.seen.Load(key); ok {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.seen.Load(key); ok {
+		return true
+	}
+	if l.n >= l.max {
+		return false
+	}
+	l.seen.Store(key, struct{}{})
+	l.n++
+	return true
+}

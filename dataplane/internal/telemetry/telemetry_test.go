@@ -1,0 +1,115 @@
+package telemetry
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+)
+
+const parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+func incoming(kv ...string) context.Context {
+	return metadata.NewIncomingContext(context.Background(), metadata.Pairs(kv...))
+}
+
+func TestTracingContinuesTheCallersTrace(t *testing.T) {
+	exporter := tracetest.NewInMemoryExporter()
+	tr := withExporter(exporter, "test")
+	_, span, out := tr.Start(incoming("traceparent", parent), "ModelInfer", attribute.String("model.name", "m"))
+	span.End()
+	if err := tr.provider.ForceFlush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	spans := exporter.GetSpans()
+	if len(spans) != 1 || spans[0].Name != "ModelInfer" || spans[0].SpanKind != trace.SpanKindServer {
+		t.Fatalf("%+v", spans)
+	}
+	got := spans[0].SpanContext
+	if got.TraceID().String() != "0af7651916cd43dd8448eb211c80319c" || spans[0].Parent.SpanID().String() != "b7ad6b7169203331" {
+		t.Fatalf("not a child of the caller's span: %v", got)
+	}
+	// Triton gets the new span as its parent.
+	want := "00-0af7651916cd43dd8448eb211c80319c-" + got.SpanID().String() + "-01"
+	if tp := out.Get("traceparent"); len(tp) != 1 || tp[0] != want {
+		t.Fatalf("outgoing %v, want %s", tp, want)
+	}
+}
+
+func TestTracingOffForwardsTraceHeaders(t *testing.T) {
+	tr, err := NewTracing(context.Background(), "", "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, span, out := tr.Start(incoming("traceparent", parent, "tracestate", "a=b", "authorization", "x"), "ModelInfer")
+	span.End()
+	if span.IsRecording() || out.Get("traceparent")[0] != parent || out.Get("tracestate")[0] != "a=b" || len(out) != 2 {
+		t.Fatalf("%v", out)
+	}
+	if _, _, out := tr.Start(context.Background(), "ModelInfer"); out != nil {
+		t.Fatal("no trace headers, no metadata")
+	}
+}
+
+func TestMetricLabelsAreBounded(t *testing.T) {
+	m := NewMetrics()
+	for i := 0; i < maxModelVersions+50; i++ {
+		m.Request("ModelInfer", "m", Version(int64(i+1)), codes.OK, 0.001)
+	}
+	m.Proxied("bad\xff", codes.NotFound)
+	series := map[string]int{}
+	var other, proxiedOther float64
+	families, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		for _, s := range f.GetMetric() {
+			series[f.GetName()]++
+			labels := map[string]string{}
+			for _, l := range s.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			switch {
+			case f.GetName() == "loopmesh_dataplane_requests_total" && labels["model"] == Other:
+				other = s.GetCounter().GetValue()
+			case f.GetName() == "loopmesh_dataplane_proxied_total" && labels["service"] == Other:
+				proxiedOther = s.GetCounter().GetValue()
+			}
+		}
+	}
+	if series["loopmesh_dataplane_requests_total"] != maxModelVersions+1 || other != 50 {
+		t.Fatalf("%d series, %v other", series["loopmesh_dataplane_requests_total"], other)
+	}
+	if proxiedOther != 1 {
+		t.Fatal("invalid UTF-8 service")
+	}
+	if CodeName(codes.Unauthenticated) != "UNAUTHENTICATED" || CodeName(codes.Code(99)) != "UNKNOWN" {
+		t.Fatal("CodeName")
+	}
+}
+
+func TestLoggerWritesJSONLines(t *testing.T) {
+	var b bytes.Buffer
+	l := NewLogger(&b, "svc")
+	l.Info("hello", "n", 1)
+	l.Error("bad \"quote\"")
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatal(b.String())
+	}
+	var entry map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &entry); err != nil {
+		t.Fatal(err)
+	}
+	if entry["service"] != "svc" || entry["level"] != "INFO" || entry["message"] != "hello" || entry["n"] != 1.0 || entry["ts"] == nil {
+		t.Fatalf("%v", entry)
+	}
+}

@@ -1,0 +1,104 @@
+package telemetry
+
+import (
+	"context"
+	"strings"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.34.0"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/metadata"
+)
+
+// Tracing starts server spans continuing the caller's W3C trace context. Without an OTLP
+// endpoint it records nothing and only forwards the caller's traceparent/tracestate.
+type Tracing struct {
+	provider *sdktrace.TracerProvider // nil when off
+	tracer   trace.Tracer
+	prop     propagation.TraceContext
+}
+
+// NewTracing exports spans to endpoint ("host:port" or "http://host:port", plaintext) in
+// batches; endpoint "" turns tracing off.
+func NewTracing(ctx context.Context, endpoint, service string, log *Logger) (*Tracing, error) {
+	t := &Tracing{}
+	if endpoint == "" {
+		return t, nil
+	}
+	opts := []otlptracegrpc.Option{otlptracegrpc.WithInsecure()}
+	if strings.Contains(endpoint, "://") {
+		opts = append(opts, otlptracegrpc.WithEndpointURL(endpoint))
+	} else {
+		opts = append(opts, otlptracegrpc.WithEndpoint(endpoint))
+	}
+	exporter, err := otlptracegrpc.New(ctx, opts...)
+	if err != nil {
+		return nil, err
+	}
+	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) { log.Warn("otel: " + err.Error()) }))
+	return withExporter(exporter, service), nil
+}
+
+func withExporter(exporter sdktrace.SpanExporter, service string) *Tracing {
+	res := resource.NewWithAttributes(semconv.SchemaURL,
+		semconv.ServiceName(service), semconv.ServiceNamespace("loopmesh"))
+	provider := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exporter), sdktrace.WithResource(res))
+	return &Tracing{provider: provider, tracer: provider.Tracer("loopmesh.dataplane")}
+}
+
+var noopSpan = trace.SpanFromContext(context.Background())
+
+// Start begins a SERVER span named name under the caller's trace context (incoming metadata)
+// and returns the metadata that carries the new span to Triton. Off, it returns a no-op span
+// and the caller's own trace headers.
+func (t *Tracing) Start(ctx context.Context, name string, attrs ...attribute.KeyValue) (context.Context, trace.Span, metadata.MD) {
+	if t.provider == nil { // cheap: two lookups, no copy of the caller's metadata
+		var out metadata.MD
+		if v := metadata.ValueFromIncomingContext(ctx, "traceparent"); len(v) > 0 {
+			out = metadata.MD{"traceparent": v}
+			if v := metadata.ValueFromIncomingContext(ctx, "tracestate"); len(v) > 0 {
+				out["tracestate"] = v
+			}
+		}
+		return ctx, noopSpan, out
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	ctx = t.prop.Extract(ctx, carrier(md))
+	ctx, span := t.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(attrs...))
+	out := metadata.MD{}
+	t.prop.Inject(ctx, carrier(out))
+	return ctx, span, out
+}
+
+// Shutdown flushes the spans still batched.
+func (t *Tracing) Shutdown(ctx context.Context) error {
+	if t.provider == nil {
+		return nil
+	}
+	return t.provider.Shutdown(ctx)
+}
+
+// carrier adapts gRPC metadata to OpenTelemetry's TextMapCarrier.
+type carrier metadata.MD
+
+func (c carrier) Get(key string) string {
+	if v := metadata.MD(c).Get(key); len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+func (c carrier) Set(key, value string) { metadata.MD(c).Set(key, value) }
+
+func (c carrier) Keys() []string {
+	keys := make([]string, 0, len(c))
+	for k := range c {
+		keys = append(keys, k)
+	}
+	return keys
+}

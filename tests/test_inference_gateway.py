@@ -28,6 +28,7 @@ from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
 from loopmesh.inference.app import InferenceGateway
 from loopmesh.inference.server import OIP_SERVICE_NAME
+from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh.auth import AuthSettings, TokenSpec, bearer
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.events import PredictionLogged, RolloutChanged
@@ -51,6 +52,25 @@ from tests.test_inference_support import (
 MODEL = f"inf{uuid.uuid4().hex[:8]}"
 
 
+def own_settings(
+    kafka_settings: KafkaSettings,
+    triton: TritonServer,
+    model_repository: Path,
+    features: tuple[FixedFeatureService, str],
+    model: str,
+) -> InferenceSettings:
+    """A gateway's settings on the session's infrastructure, with topics of its own."""
+    return settings_for(
+        kafka_settings,
+        triton.grpc_url,
+        model_repository,
+        features[1],
+        predictions_topic=unique_topic(PREDICTIONS).name,
+        rollouts_topic=unique_topic(ROLLOUTS).name,
+        default_model=model,
+    )
+
+
 @pytest.fixture(scope="module")
 async def model(triton: TritonServer, model_repository: Path) -> str:
     publish(model_repository, MODEL, [1, 2], FEATURES)
@@ -72,17 +92,21 @@ async def gateway(
     features: tuple[FixedFeatureService, str],
     model: str,
 ) -> AsyncIterator[InferenceGateway]:
-    settings = settings_for(
-        kafka_settings,
-        triton.grpc_url,
-        model_repository,
-        features[1],
-        predictions_topic=unique_topic(PREDICTIONS).name,
-        rollouts_topic=unique_topic(ROLLOUTS).name,
-        default_model=model,
-    )
+    settings = own_settings(kafka_settings, triton, model_repository, features, model)
     async with running(settings) as gw:
         yield gw
+
+
+@pytest.fixture
+def fresh_settings(
+    kafka_settings: KafkaSettings,
+    triton: TritonServer,
+    model_repository: Path,
+    features: tuple[FixedFeatureService, str],
+    model: str,
+) -> InferenceSettings:
+    """Settings of a gateway of the test's own (the module's one stays as it is)."""
+    return own_settings(kafka_settings, triton, model_repository, features, model)
 
 
 @pytest.fixture(scope="module")
@@ -465,22 +489,8 @@ async def test_concurrent_model_infers_each_get_their_own_rows(
         )
 
 
-async def test_token_auth_guards_both_apis_by_role(
-    kafka_settings: KafkaSettings,
-    triton: TritonServer,
-    model_repository: Path,
-    features: tuple[FixedFeatureService, str],
-    model: str,
-) -> None:
-    settings = settings_for(
-        kafka_settings,
-        triton.grpc_url,
-        model_repository,
-        features[1],
-        predictions_topic=unique_topic(PREDICTIONS).name,
-        rollouts_topic=unique_topic(ROLLOUTS).name,
-        default_model=model,
-    )
+async def test_token_auth_guards_both_apis_by_role(fresh_settings: InferenceSettings) -> None:
+    settings = fresh_settings
     settings.auth = AuthSettings(
         tokens=[
             TokenSpec(name="app", token=SecretStr("app-token"), roles=["predict"]),
@@ -579,22 +589,8 @@ async def test_no_caller_ever_receives_another_callers_answer(
                 np.testing.assert_allclose(scores, direct[row : row + 1], atol=1e-6)
 
 
-async def test_a_dead_data_plane_stops_the_gateway(
-    kafka_settings: KafkaSettings,
-    triton: TritonServer,
-    model_repository: Path,
-    features: tuple[FixedFeatureService, str],
-    model: str,
-) -> None:
-    settings = settings_for(
-        kafka_settings,
-        triton.grpc_url,
-        model_repository,
-        features[1],
-        predictions_topic=unique_topic(PREDICTIONS).name,
-        rollouts_topic=unique_topic(ROLLOUTS).name,
-        default_model=model,
-    )
+async def test_a_dead_data_plane_stops_the_gateway(fresh_settings: InferenceSettings) -> None:
+    settings = fresh_settings
     async with running(settings) as gw:
         assert not gw.crashed.is_set()
         plane = gw.dataplane.pid

@@ -110,6 +110,11 @@ class BatchSink(Generic[E]):
         """Valid events ``accept`` turned down (another member's business): committed."""
         self.dead_lettered = 0
 
+    @property
+    def buffered(self) -> int:
+        """Events taken and not yet stored."""
+        return len(self._buffer)
+
     async def start(self) -> None:
         self._consumer.subscribe([t.name for t in self.topics], listener=_StoreOnRevoke(self))
         await self._consumer.start()

@@ -128,14 +128,14 @@ def test_half_configured_tls_is_refused_naming_the_setting(tmp_path: Path) -> No
 
 
 def test_interceptors_trace_and_carry_the_token() -> None:
-    auth = AuthSettings(client_token="s3cret")
+    auth = AuthSettings(client_token="s3cret-s3cret-s3cret")
     chain = aio_interceptors(GrpcClientSettings(), auth=auth)
     assert isinstance(chain[0], UnaryUnaryAioClientInterceptor)  # tracing, outermost
     assert len(chain) == 8  # four kinds of call, traced, then the token
     assert aio_interceptors(GrpcClientSettings(), tracing=False) == []
     details = grpc.aio.ClientCallDetails(GET_FEATURES, None, None, None, None)
     added = chain[4].details(details)
-    assert list(added.metadata) == [("authorization", "Bearer s3cret")]
+    assert list(added.metadata) == [("authorization", "Bearer s3cret-s3cret-s3cret")]
     mine = grpc.aio.ClientCallDetails(
         GET_FEATURES, 1.0, grpc.aio.Metadata(("authorization", "Bearer other")), None, None
     )
@@ -147,13 +147,13 @@ def test_interceptors_trace_and_carry_the_token() -> None:
 async def test_token_and_trace_cross_a_tls_hop(spans: InMemorySpanExporter, tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     request = features_pb2.GetOnlineFeaturesRequest(entity_ids=["alice"], feature_refs=FEATURES)
-    async with secured_features(pki, "gw-token", mutual=True) as (fixed, address):
+    async with secured_features(pki, "gw-token-0123456789", mutual=True) as (fixed, address):
         async with aio_channel(address, mutual(pki)) as channel:
             call = features_pb2_grpc.FeatureServiceStub(channel).GetOnlineFeatures(request)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        auth = AuthSettings(client_token="gw-token")
+        auth = AuthSettings(client_token="gw-token-0123456789")
         with trace.get_tracer("tests.channels").start_as_current_span("test call") as root:
             async with aio_channel(address, mutual(pki), auth=auth) as channel:
                 stub = features_pb2_grpc.FeatureServiceStub(channel)
@@ -194,7 +194,7 @@ async def test_predict_with_tls_and_tokens_on_gateway_and_features_is_one_trace(
     publish(model_repository, model, [1], FEATURES)
     await load(triton.grpc_url, model)
     try:
-        async with secured_features(pki, "gw-token", mutual=True) as (fixed, address):
+        async with secured_features(pki, "gw-token-0123456789", mutual=True) as (fixed, address):
             settings = settings_for(
                 kafka_settings,
                 triton.grpc_url,
@@ -209,15 +209,15 @@ async def test_predict_with_tls_and_tokens_on_gateway_and_features_is_one_trace(
             server = scope.server.model_copy(
                 update={"tls_certfile": pki.server_cert, "tls_keyfile": pki.server_key}
             )
-            app = TokenSpec(name="app", token="app-token", roles=["predict"])
+            app = TokenSpec(name="app", token="app-token-0123456789", roles=["predict"])
             settings = settings.model_copy(
                 update={
-                    "auth": AuthSettings(tokens=[app], client_token="gw-token"),
+                    "auth": AuthSettings(tokens=[app], client_token="gw-token-0123456789"),
                     "inference": scope.model_copy(update={"server": server}),
                 }
             )
             client = GrpcClientSettings(tls_cafile=pki.ca)
-            caller = AuthSettings(client_token="app-token")
+            caller = AuthSettings(client_token="app-token-0123456789")
             async with (
                 running(settings) as gateway,
                 aio_channel(gateway.address, client, auth=caller) as channel,

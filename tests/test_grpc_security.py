@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
 from loopmesh.mesh.auth import AuthSettings, TokenSpec, bearer
@@ -43,8 +45,8 @@ async def _serve(settings: GrpcServerSettings, auth: AuthSettings | None) -> Grp
 async def authed() -> AsyncIterator[GrpcServer]:
     auth = AuthSettings(
         tokens=[
-            TokenSpec(name="reader", token="r3ader-token", roles=["features"]),
-            TokenSpec(name="app", token="app-token", roles=["ingest"]),
+            TokenSpec(name="reader", token="r3ader-token-0123456789", roles=["features"]),
+            TokenSpec(name="app", token="app-token-0123456789", roles=["ingest"]),
         ]
     )
     server = await _serve(GrpcServerSettings(port=0), auth)
@@ -65,15 +67,16 @@ async def test_token_roles(authed: GrpcServer) -> None:
         stub = features_pb2_grpc.FeatureServiceStub(channel)
         req = features_pb2.GetFeatureSchemaRequest()
         assert await _code(stub.GetFeatureSchema(req)) == grpc.StatusCode.UNAUTHENTICATED
-        wrong = stub.GetFeatureSchema(req, metadata=bearer("r3ader-tokeX"))
+        wrong = stub.GetFeatureSchema(req, metadata=bearer("r3ader-token-012345678X"))
         assert await _code(wrong) == grpc.StatusCode.UNAUTHENTICATED
-        other_role = stub.GetFeatureSchema(req, metadata=bearer("app-token"))
+        other_role = stub.GetFeatureSchema(req, metadata=bearer("app-token-0123456789"))
         assert await _code(other_role) == grpc.StatusCode.PERMISSION_DENIED
-        reply = await stub.GetFeatureSchema(req, metadata=bearer("r3ader-token"))
+        reply = await stub.GetFeatureSchema(req, metadata=bearer("r3ader-token-0123456789"))
         assert reply.features[0].ref == "v:f"
         # A method nobody was given a role for stays closed, even to a valid token.
         delete = stub.DeleteEntity(
-            features_pb2.DeleteEntityRequest(entity_id="e"), metadata=bearer("r3ader-token")
+            features_pb2.DeleteEntityRequest(entity_id="e"),
+            metadata=bearer("r3ader-token-0123456789"),
         )
         assert await _code(delete) == grpc.StatusCode.PERMISSION_DENIED
         # Health stays open for probes.
@@ -120,3 +123,38 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
             assert reply.features
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TokenSpec(name="app", token="short", roles=["ingest"]),
+        lambda: AuthSettings(client_token="fifteen-chars!!"),
+    ],
+)
+def test_short_tokens_are_refused_at_start(build: Callable[[], object]) -> None:
+    with pytest.raises(ValidationError, match="at least 16 are required"):
+        build()
+
+
+async def test_a_server_without_tokens_says_auth_is_off(caplog: pytest.LogCaptureFixture) -> None:
+    server = GrpcServer("open", GrpcServerSettings(port=0), auth=AuthSettings())
+    with caplog.at_level(logging.WARNING, logger="loopmesh.mesh.rpc"):
+        await server.start([])
+    try:
+        assert any("token auth is OFF" in r.getMessage() for r in caplog.records)
+    finally:
+        await server.stop()
+    secured = GrpcServer(
+        "closed",
+        GrpcServerSettings(port=0),
+        auth=AuthSettings(tokens=[TokenSpec(name="a", token="a" * 16, roles=["ingest"])]),
+        method_roles={},
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loopmesh.mesh.rpc"):
+        await secured.start([])
+    try:
+        assert not any("auth is OFF" in r.getMessage() for r in caplog.records)
+    finally:
+        await secured.stop()

@@ -493,8 +493,8 @@ async def test_token_auth_guards_both_apis_by_role(fresh_settings: InferenceSett
     settings = fresh_settings
     settings.auth = AuthSettings(
         tokens=[
-            TokenSpec(name="app", token=SecretStr("app-token"), roles=["predict"]),
-            TokenSpec(name="ops", token=SecretStr("ops-token"), roles=["operator"]),
+            TokenSpec(name="app", token=SecretStr("app-token-0123456789"), roles=["predict"]),
+            TokenSpec(name="ops", token=SecretStr("ops-token-0123456789"), roles=["operator"]),
         ]
     )
     async with running(settings) as secured, grpc.aio.insecure_channel(secured.address) as ch:
@@ -503,13 +503,13 @@ async def test_token_auth_guards_both_apis_by_role(fresh_settings: InferenceSett
         with pytest.raises(grpc.aio.AioRpcError) as anonymous:
             await api.Predict(request, timeout=10)
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        answer = await api.Predict(request, timeout=10, metadata=bearer("app-token"))
+        answer = await api.Predict(request, timeout=10, metadata=bearer("app-token-0123456789"))
         assert answer.prediction_id
         route = inference_pb2.SetRouteRequest(model_name=MODEL, stable_version=1)
         with pytest.raises(grpc.aio.AioRpcError) as wrong_role:
-            await api.SetRoute(route, timeout=10, metadata=bearer("app-token"))
+            await api.SetRoute(route, timeout=10, metadata=bearer("app-token-0123456789"))
         assert wrong_role.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        await api.SetRoute(route, timeout=10, metadata=bearer("ops-token"))
+        await api.SetRoute(route, timeout=10, metadata=bearer("ops-token-0123456789"))
 
         x = np.ones((1, len(FEATURES)), dtype=np.float32)
         async with aioclient.InferenceServerClient(secured.address) as client:
@@ -518,7 +518,7 @@ async def test_token_auth_guards_both_apis_by_role(fresh_settings: InferenceSett
             result = await client.infer(
                 MODEL,
                 [_infer_input(x)],
-                headers={"authorization": "Bearer app-token"},
+                headers={"authorization": "Bearer app-token-0123456789"},
                 client_timeout=10,
             )
             assert result.get_response().model_version == "1"

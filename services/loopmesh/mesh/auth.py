@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import grpc
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, field_validator
 
 Role = Literal["ingest", "feedback", "predict", "operator", "features"]
 OPEN_SERVICES = (
@@ -20,6 +20,19 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+
+MIN_TOKEN_LENGTH = 16
+"""Shortest token accepted (a server's or a client's): short tokens are guessable."""
+
+
+def _long_enough(token: SecretStr, what: str) -> SecretStr:
+    if len(token.get_secret_value()) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{what} has {len(token.get_secret_value())} characters; at least "
+            f"{MIN_TOKEN_LENGTH} are required (use a long random string)"
+        )
+    return token
 
 
 class TokenSpec(BaseModel):
@@ -32,6 +45,11 @@ class TokenSpec(BaseModel):
     roles: list[Role]
     """Roles granted: ingest, feedback, predict, operator, features."""
 
+    @field_validator("token")
+    @classmethod
+    def _token_length(cls, token: SecretStr) -> SecretStr:
+        return _long_enough(token, "token")
+
 
 class AuthSettings(BaseModel):
     """Token auth; off when no tokens are configured."""
@@ -40,6 +58,11 @@ class AuthSettings(BaseModel):
     """JSON list, e.g. ``[{"name":"app","token":"...","roles":["ingest","feedback"]}]``."""
     client_token: SecretStr | None = None
     """Token this service presents when it calls another service (e.g. inference → features)."""
+
+    @field_validator("client_token")
+    @classmethod
+    def _client_token_length(cls, token: SecretStr | None) -> SecretStr | None:
+        return None if token is None else _long_enough(token, "client_token")
 
     def client_metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata for service-to-service calls; empty when no client token is set."""

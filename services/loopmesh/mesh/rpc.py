@@ -59,6 +59,7 @@ class GrpcServer:
     ) -> None:
         self.name = name
         self.settings = settings
+        self.auth_enabled = auth is not None and auth.enabled
         # Tracing outermost so refused calls are traced too; then metrics, then auth.
         chain: list[grpc.aio.ServerInterceptor] = [
             aio_server_interceptor(),  # type: ignore[no-untyped-call]
@@ -105,6 +106,14 @@ class GrpcServer:
         for service in ("", *service_names):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving gRPC on %s", self.name, self.address)
+        if not self.auth_enabled:
+            # Said at every start: an empty token list must never pass for a secured mesh.
+            log.warning(
+                "%s: token auth is OFF on %s (LOOPMESH_AUTH__TOKENS is empty): every caller "
+                "may call every method",
+                self.name,
+                self.address,
+            )
 
     async def stop(self) -> None:
         """Report NOT_SERVING, then let in-flight calls finish within the grace period."""

@@ -152,3 +152,12 @@ def test_catalog_reads_specs_and_names_what_is_unknown(tmp_path: Path) -> None:
     with pytest.raises(BadModelSpec, match="feature_names"):
         catalog.spec("bare", 1)
     assert is_store_ref("view:f") and not is_store_ref("f") and not is_store_ref(":f")
+
+
+def test_catalog_caches_only_models_the_repository_holds(tmp_path: Path) -> None:
+    model_repo.write_version(tmp_path, "m", 1, b"x", {"feature_names": ["a"]}, n_features=1)
+    catalog = ModelCatalog(tmp_path)
+    for i in range(5000):  # names a client made up
+        assert catalog.versions(f"nope{i}") == []
+    assert catalog.versions("m") == [1]
+    assert catalog.cached_models == 1

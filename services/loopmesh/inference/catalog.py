@@ -69,8 +69,19 @@ class ModelCatalog:
         if cached is not None and now - cached[0] < self._refresh_s:
             return cached[1]
         found = model_repo.list_versions(self.repository, model_name)
-        self._versions[model_name] = (now, found)
+        # Only models the repository holds are cached: names come from clients, and caching
+        # each unknown one grew this map without bound (a lookup of an absent directory is
+        # one stat).
+        if found:
+            self._versions[model_name] = (now, found)
+        else:
+            self._versions.pop(model_name, None)
         return found
+
+    @property
+    def cached_models(self) -> int:
+        """How many model names have their versions cached (at most the repository's)."""
+        return len(self._versions)
 
     def models(self) -> list[str]:
         """Names of the models the repository holds (directories with a valid name)."""

@@ -39,8 +39,11 @@ class Effects:
         self.in_triton: dict[str, set[int]] = {}
         self.fail_loads = False
         self.policies: list[PolicySet] = []
+        self.events: list[RolloutChanged] = []
+        self.expected: list[dict[int, str]] = []
 
     async def rollout_changed(self, event: RolloutChanged) -> None:
+        self.events.append(event)
         self.log.append(("publish", (event.state, event.canary_version, event.canary_weight)))
 
     async def policy_set(self, event: PolicySet) -> None:
@@ -54,6 +57,7 @@ class Effects:
     ) -> bool:
         if self.fail_loads:
             raise RuntimeError("Triton said no")
+        self.expected.append(dict(expected_sha or {}))
         self.log.append(("load", tuple(sorted(versions))))
         self.in_triton[model] = set(versions)
         return True
@@ -161,3 +165,34 @@ async def test_restore_resumes_state_policies_and_queued_versions(repo: Path) ->
         await again.resume("m", reason="")
     with pytest.raises(ValueError):
         await again.pause("../m", reason="")
+
+
+async def test_the_announced_sha256_survives_a_restart_and_is_checked_on_every_load(
+    repo: Path,
+) -> None:
+    effects, clock = Effects(), Clock()
+    ctl = controller(repo, effects, clock)
+    first, second = published(repo, 1), published(repo, 2)
+    await ctl.on_published(first)
+    await ctl.on_published(second)
+    await ctl.tick()
+    # Every state names its versions' announced sha256: the compacted topic remembers them.
+    assert effects.events[-1].sha256 == {1: first.sha256, 2: second.sha256}
+    published(repo, 3)  # announced, consumed, not in a rollout yet when the process died
+    third = ModelPublished(
+        model_name="m",
+        model_version=3,
+        sha256=model_repo.read_metadata(repo, "m", 3)["sha256"],
+        feature_names=[],
+    )
+
+    restarted = Effects()
+    again = controller(repo, restarted, clock)
+    again.restore(effects.events, effects.policies, [third])
+    await again.tick()  # reconciles what Triton has (nothing, after its own restart)
+    assert restarted.expected[0] == {1: first.sha256, 2: second.sha256}
+    # A load after the restart still holds each version to its announcement.
+    clock.tick(1)
+    await feed(again, clock, {1: 0.5, 2: 0.9})
+    await again.tick()
+    assert any(e.get(3) == third.sha256 for e in restarted.expected), restarted.expected

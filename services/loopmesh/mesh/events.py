@@ -179,6 +179,11 @@ class RolloutChanged(Event):
     state: RolloutState
     step: int = Field(default=0, ge=0)
     reason: str = ""
+    sha256: dict[int, Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=dict
+    )
+    """The sha256 that ``ModelPublished`` announced for each version this state names: the
+    controller checks it on every load, also after a restart (this topic is its memory)."""
 
 
 class EntityErased(Event):

@@ -90,6 +90,9 @@ class RolloutApp:
             await read_to_end(
                 kafka, policies, service=SERVICE, timeout=timeout, dlq=self._producer
             ),
+            await read_to_end(
+                kafka, published, service=SERVICE, timeout=timeout, dlq=self._producer
+            ),
         )
 
         self._metrics = TopicFollower(

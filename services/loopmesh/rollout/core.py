@@ -114,15 +114,25 @@ class RolloutController:
 
     # -- rebuilding ---------------------------------------------------------------------------
 
-    def restore(self, changes: Iterable[RolloutChanged], policies: Iterable[PolicySet]) -> None:
-        """Rebuild from the rollouts and policies topics (read from their beginning)."""
+    def restore(
+        self,
+        changes: Iterable[RolloutChanged],
+        policies: Iterable[PolicySet],
+        published: Iterable[ModelPublished] = (),
+    ) -> None:
+        """Rebuild from the rollouts and policies topics (read from their beginning) and the
+        retained ``models.published`` (the sha256 of versions not in a rollout yet)."""
         for event in policies:
             self.policies.apply(event)
+        for announced in published:
+            self._expected_sha[(announced.model_name, announced.model_version)] = announced.sha256
         for change in changes:
             if change.event_id in self._seen_changes:
                 continue
             self._remember(change, {})
             self.records[change.model_name] = Record.from_event(change)
+            for version, sha in change.sha256.items():
+                self._expected_sha[(change.model_name, version)] = sha
         for model, record in self.records.items():
             newer = [v for v in self._versions_in_repo(model) if v > record.high_water]
             if newer:
@@ -249,7 +259,10 @@ class RolloutController:
                 change = await self._load_for(model, record, change)
             # The step timer starts when traffic moves, i.e. after a load that may take a while.
             change = replace(change, record=replace(change.record, changed_at=self._clock()))
-            event = change.record.to_event()
+            named = (change.record.stable_version, change.record.canary_version)
+            event = change.record.to_event().model_copy(
+                update={"sha256": self._announced(model, named)}
+            )
             await self._publisher.rollout_changed(event)
         self.records[model] = change.record
         instruments.record_change(event)
@@ -285,15 +298,20 @@ class RolloutController:
             if record is not None:
                 loaded = await self._loader.loaded(model)
                 want |= machine.wanted_loaded(record, loaded, self._clock(), policy.drain_seconds)
-            expected = {
-                v: sha for (m, v), sha in self._expected_sha.items() if m == model and v in want
-            }
-            await self._loader.ensure(model, want, expected)
+            await self._loader.ensure(model, want, self._announced(model, want))
         except Exception as exc:  # any failure to load is a reason to abort, said loudly
             log.warning("%s: loading %s failed: %s", model, sorted(want), exc)
             base = record or Record(model, "aborted", self._clock())
             return machine.load_failed(base, change, str(exc), self._clock())
         return change
+
+    def _announced(self, model: str, versions: Iterable[int | None]) -> dict[int, str]:
+        """The sha256 each version's ModelPublished announced, for the versions known."""
+        return {
+            v: self._expected_sha[(model, v)]
+            for v in versions
+            if v is not None and (model, v) in self._expected_sha
+        }
 
     async def _reconcile(self, model: str) -> None:
         """Keep Triton's loaded versions equal to what the rollout wants (see machine)."""
@@ -309,7 +327,7 @@ class RolloutController:
             loaded = await self._loader.loaded(model)
             want = machine.wanted_loaded(record, loaded, now, policy.drain_seconds)
             if want != loaded:
-                await self._loader.ensure(model, want, None)
+                await self._loader.ensure(model, want, self._announced(model, want))
         except Exception as exc:
             log.warning("%s: reconciling loaded versions failed: %s", model, exc)
             self._reconciled_at[model] = time.monotonic()

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from loopmesh.mesh.errors import MAX_DETAILS, InvalidArgument, Unavailable
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.mesh.settings import GrpcServerSettings
+from tests.helpers import eventually
 
 
 async def test_health_and_reflection_then_graceful_stop() -> None:
@@ -117,3 +118,41 @@ def test_error_details_stay_short_whatever_the_request_held() -> None:
     assert error.details().startswith("context.kkk") and "k…: must be finite" in error.details()
     assert str(error).endswith(": must be finite") and len(str(error)) > 20_000  # logs keep all
     assert InvalidArgument("plain message").details() == "plain message"
+
+
+async def test_calls_beyond_the_limit_are_refused_at_once() -> None:
+    release = asyncio.Event()
+    entered = 0
+
+    async def hold(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        return request
+
+    server = GrpcServer("held", GrpcServerSettings(port=0, grace_seconds=1, max_concurrent_rpcs=2))
+    server.server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "t.Held", {"Hold": grpc.unary_unary_rpc_method_handler(hold)}
+            ),
+        )
+    )
+    await server.start(["t.Held"])
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = channel.unary_unary("/t.Held/Hold")
+            held = [asyncio.ensure_future(call(b"a", timeout=30)) for _ in range(2)]
+
+            async def both_entered() -> bool:
+                return entered == 2
+
+            await eventually(both_entered, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(b"b", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            assert await asyncio.gather(*held) == [b"a", b"a"]
+            assert await call(b"c", timeout=10) == b"c"  # a slot is free again
+    finally:
+        await server.stop()

@@ -75,6 +75,7 @@ class GrpcServer:
         chain.extend([ErrorMapping(), DecodeGuard()])
         self.server = grpc.aio.server(
             interceptors=chain,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -63,6 +63,9 @@ class GrpcServerSettings(BaseModel):
     """CA for client certificates; when set, clients must present one (mutual TLS)."""
     grace_seconds: float = Field(default=5.0, ge=0)
     """How long in-flight calls may finish on shutdown."""
+    max_concurrent_rpcs: int = Field(default=2048, ge=1)
+    """Calls (streams included) served at once; one more is refused RESOURCE_EXHAUSTED at
+    once instead of queueing in memory without bound."""
 
 
 class GrpcClientSettings(BaseModel):

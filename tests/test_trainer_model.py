@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -66,6 +67,26 @@ def test_dataset_appends_files_dedups_evolves_and_windows(tmp_path: Path) -> Non
     assert ds.load("m", window_seconds=70).prediction_ids.tolist() == ["c", "b"]
     # A fresh instance over the same directory sees the same data (counts from metadata).
     assert Dataset(tmp_path).row_count("m") == 4
+
+
+def test_a_flush_syncs_the_directories_of_what_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    [path] = Dataset(tmp_path).append([ex("a", "e1", 0, 1, x=1.0)])
+    # The file, then its directory (the rename), and every directory the flush created.
+    assert str(path.parent) in synced
+    assert str(path.parent.parent) in synced  # date=... is new: its parent holds the entry
+    assert synced.index(str(path.parent)) > max(
+        i for i, name in enumerate(synced) if name.endswith(".tmp")
+    )
 
 
 def test_erased_entities_are_excluded_then_purged(tmp_path: Path) -> None:

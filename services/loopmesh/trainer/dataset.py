@@ -107,19 +107,20 @@ class Dataset:
         Examples of erased entities are dropped.
         """
         groups: dict[tuple[str, str], list[LabelledExample]] = defaultdict(list)
-        # An erased entity's late examples (joined after the erasure) never reach disk.
-        erased = self.erased()
-        for example in examples:
-            if example.entity_id in erased:
-                continue
-            day = example.predicted_at.astimezone(UTC).date().isoformat()
-            groups[(example.model_name, day)].append(example)
         written = []
         with self._lock:
+            # Read under the lock: an erasure recorded meanwhile is not missed. An erased
+            # entity's late examples (joined after the erasure) never reach disk.
+            erased = self.erased()
+            for example in examples:
+                if example.entity_id in erased:
+                    continue
+                day = example.predicted_at.astimezone(UTC).date().isoformat()
+                groups[(example.model_name, day)].append(example)
             counts = self._row_counts()
             for (model_name, day), group in sorted(groups.items()):
                 directory = self._model_dir(model_name) / f"date={day}"
-                directory.mkdir(parents=True, exist_ok=True)
+                _make_dirs_durably(directory)
                 path = directory / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
                 _write_atomic(_to_table(group), path)
                 counts[model_name] = counts.get(model_name, 0) + len(group)
@@ -254,6 +255,29 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    # The rename is durable only once its directory is synced: without it a power loss could
+    # drop a file whose examples' offsets are already committed.
+    _fsync_dir(path.parent)
+
+
+def _make_dirs_durably(directory: Path) -> None:
+    """``mkdir -p`` whose new entries survive a power loss (each new one's parent synced)."""
+    missing = []
+    at = directory
+    while not at.exists():
+        missing.append(at)
+        at = at.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _frame(table: pa.Table) -> Frame:

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from loopmesh.devstack.process import free_port
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
 from loopmesh.inference.app import InferenceGateway
@@ -598,3 +599,20 @@ async def test_a_dead_data_plane_stops_the_gateway(fresh_settings: InferenceSett
         os.kill(plane, signal.SIGKILL)
         # The public port is gone: the process must exit (status 1) for its supervisor.
         await asyncio.wait_for(gw.crashed.wait(), timeout=30)
+
+
+async def test_only_published_versions_are_counted_whatever_callers_pin(
+    fresh_settings: InferenceSettings,
+) -> None:
+    # Triton is down: every call fails UNAVAILABLE, which counts against the version pinned.
+    nowhere = fresh_settings.model_copy(update={"triton_url": f"127.0.0.1:{free_port()}"})
+    async with running(nowhere) as gw, aioclient.InferenceServerClient(gw.address) as client:
+        x = np.zeros((1, len(FEATURES)), dtype=np.float32)
+        inp = aioclient.InferInput("INPUT__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        for version in ("1", "999", "123456"):  # 1 is published, the others are made up
+            with pytest.raises(InferenceServerException):
+                await client.infer(MODEL, [inp], model_version=version, client_timeout=10)
+        await gw.dataplane.drain_stats()
+    counted = gw.counters.for_model(MODEL)
+    assert set(counted) == {1} and counted[1].failures == 1, counted

@@ -241,9 +241,18 @@ class DataPlane:
         total = 0
         for entry in json.loads(raw).get("versions", []):
             answered, failed = int(entry["answered"]), int(entry["failed"])
+            model, version = entry["model"], int(entry["version"])
+            # Callers choose pinned versions: only the repository's are kept (a caller pinning
+            # made-up versions while Triton is down must not grow the counters).
+            try:
+                known = self._catalog.has_version(model, version)
+            except ValueError:
+                known = False
+            if not known:
+                continue
             self._counters.absorb(
-                entry["model"],
-                int(entry["version"]),
+                model,
+                version,
                 answered=answered,
                 failed=failed,
                 latencies_ms=[float(x) for x in entry.get("latencies_ms", [])],

@@ -6,6 +6,7 @@ live with: the last push wins even when it is older, and TTL is not enforced on 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -170,3 +171,30 @@ def test_apply_failure_raises_with_feast_output(tmp_path: Path) -> None:
     (repo / "broken_definitions.py").write_text('raise RuntimeError("marker-7f3a")\n')
     with pytest.raises(RuntimeError, match="marker-7f3a"):
         apply_repo(repo)
+
+
+async def test_a_hung_store_answers_unavailable_within_the_timeout(store: Any) -> None:
+    from loopmesh.features.store import FeastGateway
+    from loopmesh.mesh.errors import Unavailable
+
+    release = threading.Event()
+
+    class Hanging:
+        """The real store, except that online reads hang until released."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def get_online_features(self, **kwargs: Any) -> Any:
+            release.wait(timeout=60)
+            return store.get_online_features(**kwargs)
+
+    gateway = FeastGateway(Hanging(), timeout_s=0.5)  # type: ignore[arg-type]
+    try:
+        specs = list(gateway.schema.features)[:1]
+        # Before the timeout, this read waited for the store (here 60 s) and then succeeded.
+        with pytest.raises(Unavailable, match=r"did not answer within 0\.5s"):
+            await gateway.read(["someone"], specs)
+    finally:
+        release.set()
+        gateway.close()

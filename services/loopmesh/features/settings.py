@@ -66,6 +66,9 @@ class FeaturesScope(BaseModel):
     store_threads: int = Field(default=1, ge=1, le=64)
     """Threads that call Feast. Keep 1 for SQLite (Feast shares one connection); Redis
     reads can use more."""
+    store_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest one online-store call (read, push, delete) may take before its caller gets
+    UNAVAILABLE (reads) or retries (pushes)."""
     stream: StreamTuning = StreamTuning()
     """Consumer-group timing of the fold."""
 

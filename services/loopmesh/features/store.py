@@ -40,6 +40,7 @@ from loopmesh.features.core import (
 )
 from loopmesh.features.repo import feast_config
 from loopmesh.features.settings import FeaturesScope
+from loopmesh.mesh.errors import Unavailable
 
 T = TypeVar("T")
 JOIN_KEY = "entity_id"
@@ -71,9 +72,17 @@ def _entity_key(entity_id: str) -> EntityKeyProto:
 class FeastGateway:
     """Async facade over one ``FeatureStore``; owns its thread pool."""
 
-    def __init__(self, store: FeatureStore, *, threads: int = 1, redis_url: str | None = None):
+    def __init__(
+        self,
+        store: FeatureStore,
+        *,
+        threads: int = 1,
+        redis_url: str | None = None,
+        timeout_s: float = 10.0,
+    ):
         self.store = store
         self._redis_url = redis_url
+        self._timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feast")
         self._write_lock = asyncio.Lock()
         self.schema = FeatureSchema(self._load_specs())
@@ -82,13 +91,24 @@ class FeastGateway:
     def open(cls, scope: FeaturesScope) -> FeastGateway:
         store = FeatureStore(config=repo_config(scope))
         url = scope.redis_url.get_secret_value() if scope.redis_url else None
-        return cls(store, threads=scope.store_threads, redis_url=url)
+        return cls(
+            store, threads=scope.store_threads, redis_url=url, timeout_s=scope.store_timeout_s
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        """``fn()`` on the store's threads, within ``timeout_s``: a hung store answers callers
+        UNAVAILABLE (a read) or is retried (a push) instead of holding them forever. The
+        thread itself cannot be interrupted; calls queued behind it time out alike."""
+        call = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        try:
+            return await asyncio.wait_for(call, self._timeout_s)
+        except TimeoutError:
+            raise Unavailable(
+                f"the online store did not answer within {self._timeout_s}s"
+            ) from None
 
     def _load_specs(self) -> list[FeatureSpec]:
         specs = []

@@ -6,6 +6,7 @@ import io
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ import torch
 from loopmesh.devstack.synthetic import FEATURE_NAMES, SyntheticConfig, SyntheticWorld, examples
 from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.events import LabelledExample
+from loopmesh.trainer import dataset as dataset_module
 from loopmesh.trainer.dataset import Dataset
 from loopmesh.trainer.pipeline import load_stable, publish_files, run_pipeline
 from loopmesh.trainer.prepare import Standardisation
@@ -87,6 +89,38 @@ def test_a_flush_syncs_the_directories_of_what_it_created(
     assert synced.index(str(path.parent)) > max(
         i for i, name in enumerate(synced) if name.endswith(".tmp")
     )
+
+
+def test_a_windowed_load_reads_only_the_days_its_window_reaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = Dataset(tmp_path)
+    day = 86400.0
+    for d in range(10):  # one flush per day, three rows each (one of them redelivered)
+        rows = [ex(f"p{d}-{i}", f"e{i}", d * day + i * 60, i % 2, x=float(d)) for i in range(3)]
+        ds.append([*rows, rows[0]])
+    everything = ds.load("m")
+    opened: list[str] = []
+    real_read = pq.read_table
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).parent.name)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module.pq, "read_table", spy)
+    hour = ds.load("m", window_seconds=3600)
+    assert set(opened) <= {"date=2025-03-10", "date=2025-03-11"}, opened
+    newest = everything.predicted_at.max()
+    keep = everything.predicted_at >= newest - 3600
+    assert hour.prediction_ids.tolist() == everything.prediction_ids[keep].tolist()
+    opened.clear()
+    last_two = ds.load("m", window_rows=2)
+    assert set(opened) == {"date=2025-03-11"}, opened
+    assert last_two.prediction_ids.tolist() == everything.prediction_ids[-2:].tolist()
+    opened.clear()
+    five = ds.load("m", window_rows=5)  # more than a day holds: the day before too
+    assert set(opened) == {"date=2025-03-11", "date=2025-03-10"}, opened
+    assert five.prediction_ids.tolist() == everything.prediction_ids[-5:].tolist()
 
 
 def test_erased_entities_are_excluded_then_purged(tmp_path: Path) -> None:

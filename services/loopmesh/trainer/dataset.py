@@ -16,6 +16,7 @@ the loaded rows are in ``prepare``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -182,12 +183,52 @@ class Dataset:
         window_rows: int | None = None,
         window_seconds: float | None = None,
     ) -> Frame:
-        """Clean examples: erased entities out, unlabelled rows out, one row per prediction."""
+        """Clean examples: erased entities out, unlabelled rows out, one row per prediction.
+
+        Only the days a window can reach are read (files live in ``date=YYYY-MM-DD`` folders
+        of their rows' prediction day): newest days first, until ``window_seconds`` back from
+        the newest day or until ``window_rows`` clean rows; everything without a window.
+        """
+        # Under the lock: a purge after an erasure rewrites files.
         with self._lock:
             paths = [p for p in self._files() if p.is_relative_to(self._model_dir(model_name))]
-            tables = [pq.read_table(p) for p in paths]
-        if not tables:
+            days = sorted({p.parent.name for p in paths}, reverse=True)
+            if window_seconds is not None and days:
+                newest = date.fromisoformat(days[0].removeprefix("date="))
+                reach = math.ceil(window_seconds / 86400.0)
+                oldest = (newest - timedelta(days=reach)).isoformat()
+                days = [d for d in days if d.removeprefix("date=") >= oldest]
+            read: dict[Path, pa.Table] = {}
+            taken: set[str] = set()
+            table: pa.Table | None = None
+            for day in days:
+                taken.add(day)
+                if window_rows is None and day != days[-1]:
+                    continue  # no row bound: every day in reach, read at once below
+                # Oldest file first (the global order), so a prediction's first row is kept.
+                chosen = [p for p in paths if p.parent.name in taken]
+                for path in chosen:
+                    if path not in read:
+                        read[path] = pq.read_table(path)
+                table = self._clean([read[p] for p in chosen])
+                if window_rows is None or table.num_rows >= window_rows:
+                    break
+        if table is None or table.num_rows == 0:
             return _empty_frame()
+        predicted = pc.cast(table.column("predicted_at"), pa.int64()).to_numpy() / 1e6
+        pids = table.column("prediction_id").to_numpy(zero_copy_only=False).astype(str)
+        order = np.lexsort((pids, predicted))
+        if window_seconds is not None and order.size:
+            newest_at = predicted[order[-1]]
+            order = order[predicted[order] >= newest_at - window_seconds]
+        if window_rows is not None:
+            order = order[-window_rows:]
+        return _frame(table.take(pa.array(order)))
+
+    def _clean(self, tables: list[pa.Table]) -> pa.Table:
+        """Erased entities and unlabelled rows out; one row per prediction (its first)."""
+        if not tables:
+            return pa.table({"prediction_id": pa.array([], pa.string())})
         table = pa.concat_tables(tables, promote_options="default")
         erased = pa.array(sorted(self.erased()), pa.string())
         mask = pc.invert(pc.is_in(table.column("entity_id"), value_set=erased))
@@ -196,17 +237,7 @@ class Dataset:
         # Files are read oldest first, so the first row of a prediction is its first arrival.
         ids = table.column("prediction_id").to_numpy(zero_copy_only=False).astype(str)
         _, first = np.unique(ids, return_index=True)
-        table = table.take(pa.array(np.sort(first)))
-        predicted = pc.cast(table.column("predicted_at"), pa.int64()).to_numpy() / 1e6
-        pids = table.column("prediction_id").to_numpy(zero_copy_only=False).astype(str)
-        order = np.lexsort((pids, predicted))
-        if window_seconds is not None and order.size:
-            newest = predicted[order[-1]]
-            order = order[predicted[order] >= newest - window_seconds]
-        if window_rows is not None:
-            order = order[-window_rows:]
-        table = table.take(pa.array(order))
-        return _frame(table)
+        return table.take(pa.array(np.sort(first)))
 
     # -- internals ---------------------------------------------------------------------------
 

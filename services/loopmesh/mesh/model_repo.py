@@ -197,14 +197,14 @@ def write_version(
         _write_synced(tmp / MODEL_FILE, payload)
         _write_synced(tmp / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
         _write_synced(tmp / BACKEND_FILE, backend_model_source())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         # rename(2) of a directory fails on a non-empty target, so a concurrent publisher of
         # the same version loses cleanly instead of clobbering.
         try:
             os.rename(tmp, final)
         except OSError as exc:
             raise FileExistsError(f"{model} version {version} was published concurrently") from exc
-        _fsync_dir(mdir)
+        fsync_dir(mdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,7 +261,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of ``path`` (a rename, a new file or folder in it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

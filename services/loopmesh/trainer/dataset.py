@@ -288,7 +288,7 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
     # The rename is durable only once its directory is synced: without it a power loss could
     # drop a file whose examples' offsets are already committed.
-    _fsync_dir(path.parent)
+    model_repo.fsync_dir(path.parent)
 
 
 def _make_dirs_durably(directory: Path) -> None:
@@ -300,15 +300,7 @@ def _make_dirs_durably(directory: Path) -> None:
         at = at.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        _fsync_dir(new.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        model_repo.fsync_dir(new.parent)
 
 
 def _frame(table: pa.Table) -> Frame:

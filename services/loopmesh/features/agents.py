@@ -35,8 +35,7 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import TopicPartition
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, set_span_in_context
+from opentelemetry.trace import get_current_span
 from pydantic import field_validator
 
 from loopmesh.features import instruments
@@ -46,7 +45,6 @@ from loopmesh.mesh.batch import BatchSink, Taken
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.changelog import ChangelogTable, changelog_topic
 from loopmesh.mesh.events import EntityErased, Event, InteractionEvent
-from loopmesh.mesh.telemetry import tracer
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 
 log = logging.getLogger(__name__)
@@ -105,7 +103,6 @@ class FeatureAgents:
         self.sink = sink
         self.partitions = partitions
         self.stats = AgentStats(outcomes=Counter())
-        self._tracer = tracer("loopmesh.features.agents")
         self.events_topic = replace(
             EVENTS_RAW, name=scope.events_topic, value_type=StorableInteraction
         )
@@ -129,6 +126,8 @@ class FeatureAgents:
             on_assigned=self._assigned,
             on_revoked=self._revoked,
             retry_backoff=scope.push_retry_s,
+            span_name=f"{scope.events_topic} process",
+            continue_single_trace=True,
             session_timeout_ms=int(tuning.session_timeout_s * 1000),
             heartbeat_interval_ms=int(tuning.heartbeat_interval_s * 1000),
             max_poll_interval_ms=int(tuning.rebalance_timeout_s * 1000),
@@ -216,49 +215,39 @@ class FeatureAgents:
 
     async def _fold(self, batch: Sequence[Taken[Event]]) -> None:
         """Fold one batch, make the states durable, then bring the online store in line."""
-        parent = _single_parent(batch)
-        with self._tracer.start_as_current_span(
-            f"{self.scope.events_topic} process",
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": self.scope.events_topic,
-                "messaging.batch.message_count": len(batch),
-            },
-            context=parent,
-            links=[] if parent is not None else _links(batch),
-        ) as span:
-            touched: dict[str, tuple[int, EntityAggregate]] = {}
-            erased: list[EntityErased] = []
-            # No await from loading a state to storing it: the batch is folded as one step.
-            for taken in batch:
-                event = taken.event
-                _, aggregate = touched.get(event.entity_id) or (  # type: ignore[attr-defined]
-                    taken.partition,
-                    self._load(taken.partition, event.entity_id),  # type: ignore[attr-defined]
-                )
-                if isinstance(event, EntityErased):
-                    aggregate.erase(event.event_time.timestamp())
-                    erased.append(event)
-                else:
-                    assert isinstance(event, InteractionEvent)
-                    outcome = aggregate.apply(event)
-                    self.stats.outcomes[outcome.value] += 1
-                    instruments.record_event(outcome.value)
-                touched[aggregate.entity_id] = (taken.partition, aggregate)
-            # Every touched state, duplicates too: a retried batch re-writes what a failed
-            # changelog write may have lost before its offsets are committed.
-            for partition, aggregate in touched.values():
-                self.table.put(partition, aggregate.entity_id, aggregate.to_bytes())
-            await self.table.flush()
-            for erasure in erased:
-                await self._retry(partial(self.sink.delete, erasure.entity_id), "delete")
-                self.stats.erased += 1
-                instruments.record_erasure()
-                log.info("erased entity %r (event %s)", erasure.entity_id, erasure.event_id)
-            rows = [agg.rows() for _, agg in touched.values() if agg.has_features]
-            span.set_attribute("loopmesh.features.entities", len(rows))
-            await self._push(rows)
+        # Inside the sink's "<events> process" span (it continues a single producer's trace).
+        span = get_current_span()
+        touched: dict[str, tuple[int, EntityAggregate]] = {}
+        erased: list[EntityErased] = []
+        # No await from loading a state to storing it: the batch is folded as one step.
+        for taken in batch:
+            event = taken.event
+            _, aggregate = touched.get(event.entity_id) or (  # type: ignore[attr-defined]
+                taken.partition,
+                self._load(taken.partition, event.entity_id),  # type: ignore[attr-defined]
+            )
+            if isinstance(event, EntityErased):
+                aggregate.erase(event.event_time.timestamp())
+                erased.append(event)
+            else:
+                assert isinstance(event, InteractionEvent)
+                outcome = aggregate.apply(event)
+                self.stats.outcomes[outcome.value] += 1
+                instruments.record_event(outcome.value)
+            touched[aggregate.entity_id] = (taken.partition, aggregate)
+        # Every touched state, duplicates too: a retried batch re-writes what a failed
+        # changelog write may have lost before its offsets are committed.
+        for partition, aggregate in touched.values():
+            self.table.put(partition, aggregate.entity_id, aggregate.to_bytes())
+        await self.table.flush()
+        for erasure in erased:
+            await self._retry(partial(self.sink.delete, erasure.entity_id), "delete")
+            self.stats.erased += 1
+            instruments.record_erasure()
+            log.info("erased entity %r (event %s)", erasure.entity_id, erasure.event_id)
+        rows = [agg.rows() for _, agg in touched.values() if agg.has_features]
+        span.set_attribute("loopmesh.features.entities", len(rows))
+        await self._push(rows)
 
     # ------------------------------------------------------------------------ the sink
 
@@ -283,19 +272,3 @@ class FeatureAgents:
                 attempt += 1
                 log.exception("%s failed (attempt %d); retrying", what, attempt)
                 await asyncio.sleep(self.scope.push_retry_s)
-
-
-def _links(batch: Sequence[Taken[Event]], limit: int = 32) -> list[Link]:
-    """Links to the producers' spans (trace context in the headers); a batch has many parents."""
-    return [Link(t.trace) for t in batch[:limit] if t.trace is not None]
-
-
-def _single_parent(batch: Sequence[Taken[Event]]) -> Context | None:
-    """The producer's context when every event of the batch carries the same one (one Ingest
-    call): the batch then continues that trace. None when it has several causes (links)."""
-    first: SpanContext | None = None
-    for taken in batch:
-        if taken.trace is None or (first is not None and taken.trace != first):
-            return None
-        first = taken.trace
-    return set_span_in_context(NonRecordingSpan(first)) if first is not None else None

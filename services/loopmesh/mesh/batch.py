@@ -11,7 +11,8 @@ move to another member it stores what it holds, or else forgets those partitions
 (uncommitted, the next owner reads them again); ``on_assigned`` runs before any record of newly
 assigned partitions is fetched (state recovery), ``on_revoked`` after they were released.
 Malformed messages are dead-lettered like everywhere else. The store runs in one span that
-links to the traces of the events it stores.
+links to the traces of the events it stores; with ``continue_single_trace`` a batch whose
+events all come from one producer span (one Ingest call) continues that trace instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, set_span_in_context
 from pydantic import ValidationError
 
 from loopmesh.mesh.bus import (
@@ -80,6 +82,8 @@ class BatchSink(Generic[E]):
         on_assigned: Rebalanced | None = None,
         on_revoked: Rebalanced | None = None,
         retry_backoff: float = 1.0,
+        span_name: str | None = None,
+        continue_single_trace: bool = False,
         **overrides: Any,
     ) -> None:
         self.topics = [topics] if isinstance(topics, Topic) else list(topics)
@@ -88,6 +92,8 @@ class BatchSink(Generic[E]):
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
         self._retry_backoff = retry_backoff
+        self._span_name = span_name or f"{self.topic.name} store"
+        self._continue_single_trace = continue_single_trace
         self.group_id = group_id
         self._consumer = AIOKafkaConsumer(
             **{**group_options(settings, service, group_id), **overrides}
@@ -186,15 +192,18 @@ class BatchSink(Generic[E]):
             traces = list(self._traces)
             if not offsets:
                 return 0
+            parent = _single_parent(buffer) if self._continue_single_trace else None
             with self._tracer.start_as_current_span(
-                f"{self.topic.name} store",
+                self._span_name,
                 kind=SpanKind.CONSUMER,
                 attributes={
                     "messaging.system": "kafka",
                     "messaging.destination.name": self.topic.name,
                     "messaging.batch.message_count": len(buffer),
                 },
-                links=[Link(t) for t in traces],
+                # One cause (one Ingest call, say) continues its trace; several are links.
+                context=parent,
+                links=[] if parent is not None else [Link(t) for t in traces],
             ) as stored:
                 if buffer:
                     await self._store([taken for _, taken in buffer])
@@ -222,6 +231,16 @@ class BatchSink(Generic[E]):
                 self._buffer = [(tp, e) for tp, e in self._buffer if tp not in revoked]
                 for tp in revoked:
                     self._offsets.pop(tp, None)
+
+
+def _single_parent(buffer: Sequence[tuple[TopicPartition, Taken[Any]]]) -> Context | None:
+    """The producer's context when every buffered event carries the same one, else None."""
+    first: SpanContext | None = None
+    for _, taken in buffer:
+        if taken.trace is None or (first is not None and taken.trace != first):
+            return None
+        first = taken.trace
+    return set_span_in_context(NonRecordingSpan(first)) if first is not None else None
 
 
 class _StoreOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]

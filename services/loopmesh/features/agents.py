@@ -107,19 +107,21 @@ class FeatureAgents:
             EVENTS_RAW, name=scope.events_topic, value_type=StorableInteraction
         )
         self.erasures_topic = replace(ENTITIES_ERASED, name=scope.erasures_topic)
+        # One producer: dead letters and the changelog.
+        self._producer = EventProducer(settings.kafka, "features")
         self.table = ChangelogTable(
             settings.kafka,
             changelog_topic(scope.app_id, TABLE, max_value_bytes=MAX_STATE_BYTES),
+            self._producer,
             service="features",
         )
-        self._dlq = EventProducer(settings.kafka, "features")
         tuning = scope.stream
         self.consumer: BatchSink[Event] = BatchSink(
             settings.kafka,
             [self.events_topic, self.erasures_topic],
             scope.app_id,
             self._fold,
-            dlq=self._dlq,
+            dlq=self._producer,
             service="features",
             flush_rows=scope.push_batch_size,
             flush_seconds=scope.push_batch_s,
@@ -139,8 +141,8 @@ class FeatureAgents:
 
     async def start(self, timeout_s: float = 120.0) -> None:
         """Start consuming; returns once partitions are assigned and their state recovered."""
-        await self._dlq.start()
-        await self.table.start(self.partitions)
+        await self._producer.start()
+        await self.table.declare(self.partitions)
         await self.consumer.start()
         self._task = asyncio.create_task(self.consumer.run(), name="features-fold")
         ready = asyncio.create_task(self._ready.wait())
@@ -158,8 +160,7 @@ class FeatureAgents:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.table.stop()
-        await self._dlq.stop()
+        await self._producer.stop()
 
     async def finished(self) -> None:
         """Returns when the fold stopped (a crash, unless ``stop`` was called)."""

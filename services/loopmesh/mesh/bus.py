@@ -243,10 +243,18 @@ class EventProducer:
         _produced.add(len(events), {"topic": topic.name})
 
     async def publish_raw(
-        self, topic: str, value: bytes | None, key: bytes | None, headers: KafkaHeaders
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: KafkaHeaders,
+        *,
+        partition: int | None = None,
     ) -> None:
-        """Produce bytes as they are (dead letters), waiting for the ack."""
-        await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+        """Produce bytes as they are (dead letters, changelog records), waiting for the ack."""
+        await self._producer.send_and_wait(
+            topic, value=value, key=key, headers=headers, partition=partition
+        )
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from loopmesh.mesh.bus import client_options, declare_topics
+from loopmesh.mesh.bus import EventProducer, client_options, declare_topics
 from loopmesh.mesh.events import Event
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import Topic
@@ -46,29 +45,22 @@ def changelog_topic(app_id: str, table: str, *, max_value_bytes: int) -> Topic:
 class ChangelogTable:
     """``key -> bytes`` for the owned partitions, recovered from and written to a changelog."""
 
-    def __init__(self, settings: KafkaSettings, topic: Topic, *, service: str) -> None:
+    def __init__(
+        self, settings: KafkaSettings, topic: Topic, producer: EventProducer, *, service: str
+    ) -> None:
+        """``producer`` is the process' own (acks from every in-sync replica, idempotent, and
+        records up to 8 MiB: a state record fits)."""
         self.topic = topic
         self._settings = settings
         self._service = service
+        self._producer = producer
         self._data: dict[int, dict[str, bytes]] = {}
-        self._pending: list[asyncio.Future[Any]] = []
-        max_bytes = topic.max_message_bytes or 1024 * 1024
-        self._producer = AIOKafkaProducer(
-            **client_options(settings, f"{service}-changelog"),
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-            max_request_size=max_bytes,
-        )
+        self._pending: list[asyncio.Future[None]] = []
 
-    async def start(self, partitions: int) -> None:
-        """Declare the topic (``partitions``, as many as the source topic) and connect."""
+    async def declare(self, partitions: int) -> None:
+        """Create the topic with ``partitions``, as many as the source topic has."""
         sized = self._settings.model_copy(update={"default_partitions": partitions})
         await declare_topics(sized, [self.topic], with_dlq=False)
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        await self._producer.stop()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -102,13 +94,12 @@ class ChangelogTable:
             values[key] = value
         self._pending.append(self._send(partition, key, value))
 
-    def _send(self, partition: int, key: str, value: bytes | None) -> asyncio.Future[Any]:
-        sent: asyncio.Future[Any] = asyncio.ensure_future(
-            self._producer.send_and_wait(
-                self.topic.name, value=value, key=key.encode(), partition=partition
+    def _send(self, partition: int, key: str, value: bytes | None) -> asyncio.Future[None]:
+        return asyncio.ensure_future(
+            self._producer.publish_raw(
+                self.topic.name, value, key.encode(), [], partition=partition
             )
         )
-        return sent
 
     async def flush(self) -> None:
         """Wait until every staged write is acknowledged; raises if one failed (the caller then

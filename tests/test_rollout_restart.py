@@ -1,4 +1,5 @@
-"""The controller as its own process: SIGKILL mid-rollout, restart, same step; CLI commands.
+"""The controller as its own process: SIGKILL mid-rollout, restart, same step; CLI commands,
+also over mutual TLS with a token.
 
 ``python -m loopmesh.rollout`` runs with settings from the environment, exactly as deployed.
 The trainer and its joiner are simulated by their events (``ModelPublished``, ``VersionMetrics``).
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,11 +25,15 @@ import pytest
 from loopmesh.devstack.process import free_port
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.gen.loopmesh.v1 import rollout_pb2, rollout_pb2_grpc
+from loopmesh.mesh.auth import AuthSettings, TokenSpec
 from loopmesh.mesh.bus import EventProducer
-from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.events import RolloutChanged
+from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.rollout.app import RolloutApp
 from loopmesh.rollout.cli import add_rollout_commands
-from loopmesh.rollout.settings import RolloutTopics
+from loopmesh.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
 from tests.helpers import eventually
+from tests.support.certs import make_pki
 from tests.test_rollout_support import (
     Arm,
     ChangeLog,
@@ -39,8 +45,12 @@ from tests.test_rollout_support import (
 )
 
 MIN_STEP = 12.0
-"""Longer than OUTAGE plus a restart on a busy 2-core machine (5 s measured)."""
+"""Longer than OUTAGE plus a restart on a busy 2-core machine (5 s measured), and than the
+leader session the restarted controller waits out before it leads."""
 OUTAGE = 3.0
+LEADER_SESSION = 6.0
+"""The broker's smallest session timeout (``group.min.session.timeout.ms``)."""
+LEADER_HEARTBEAT = 1.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,15 +112,18 @@ def topics() -> RolloutTopics:
     return unique_topics()
 
 
-@pytest.fixture
-def controller(
+def controller_env(
     topics: RolloutTopics,
     kafka_settings: KafkaSettings,
     triton: TritonServer,
     model_repository: Path,
-    tmp_path: Path,
-) -> Iterator[Controller]:
-    env = {
+    **overrides: str,
+) -> dict[str, str]:
+    """The environment of ``python -m loopmesh.rollout`` on these topics, on a free port.
+
+    Leader group timing is the broker's minimum session (6 s): a restart after a SIGKILL
+    waits out the dead incarnation's session before it leads."""
+    return {
         **os.environ,
         "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
         "LOOPMESH_KAFKA__DEFAULT_PARTITIONS": str(kafka_settings.default_partitions),
@@ -122,12 +135,26 @@ def controller(
         "LOOPMESH_ROLLOUT__TOPICS__ROLLOUTS": topics.rollouts,
         "LOOPMESH_ROLLOUT__TOPICS__POLICIES": topics.policies,
         "LOOPMESH_ROLLOUT__CONSUMER_GROUP": f"g-{topics.rollouts}",
+        "LOOPMESH_ROLLOUT__LEADER__SESSION_TIMEOUT_SECONDS": str(LEADER_SESSION),
+        "LOOPMESH_ROLLOUT__LEADER__HEARTBEAT_INTERVAL_SECONDS": str(LEADER_HEARTBEAT),
         "LOOPMESH_ROLLOUT__TICK_SECONDS": "0.1",
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_SAMPLES": "30",
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_STEP_SECONDS": str(MIN_STEP),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__STEP_TIMEOUT_SECONDS": "120",
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__DRAIN_SECONDS": "600",
+        **overrides,
     }
+
+
+@pytest.fixture
+def controller(
+    topics: RolloutTopics,
+    kafka_settings: KafkaSettings,
+    triton: TritonServer,
+    model_repository: Path,
+    tmp_path: Path,
+) -> Iterator[Controller]:
+    env = controller_env(topics, kafka_settings, triton, model_repository)
     ctl = Controller(env, tmp_path / "rollout.log")
     ctl.start()
     yield ctl
@@ -233,3 +260,69 @@ async def test_killed_controller_resumes_at_the_same_step_and_obeys_the_cli(
         ("rolled_back", 3),
     ]
     assert controller.terminate() == 0, controller.log.read_text()[-3000:]
+
+
+async def test_the_cli_calls_a_controller_over_mutual_tls_with_its_token(
+    kafka_settings: KafkaSettings,
+    producer: EventProducer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loopmesh rollout`` builds its channel with the mesh's factory: TLS from its flags or
+    ``LOOPMESH_ROLLOUT__CLIENT__*``, the token of ``LOOPMESH_AUTH__CLIENT_TOKEN``."""
+    pki = make_pki(tmp_path)
+    token = "operator-token-0123456789"
+    topics = unique_topics()
+    model = unique_model()
+    # A rollout to read back: the controller restores it from its topic at start.
+    seeded = RolloutChanged(model_name=model, stable_version=3, state="stable")
+    await producer.publish(topics.table()[2], seeded)
+    app = RolloutApp(
+        RolloutSettings(
+            kafka=kafka_settings,
+            triton_url="127.0.0.1:1",  # unreachable: its reconcile only logs a warning
+            model_repository=tmp_path / "models",
+            auth=AuthSettings(tokens=[TokenSpec(name="ops", token=token, roles=["operator"])]),
+            rollout=RolloutScope(
+                server=GrpcServerSettings(
+                    port=0,
+                    grace_seconds=0,
+                    tls_certfile=pki.server_cert,
+                    tls_keyfile=pki.server_key,
+                    tls_client_cafile=pki.ca,  # mutual: a client certificate is required
+                ),
+                topics=topics,
+                consumer_group=f"rollout-tls-{uuid.uuid4().hex[:8]}",
+            ),
+        )
+    )
+    await app.start()
+    try:
+        where = ("--address", app.address, "--timeout", "10")
+        mutual = ("--ca-file", str(pki.ca), "--cert-file", str(pki.client_cert))
+        key = ("--key-file", str(pki.client_key))
+
+        async def status(*argv: str) -> tuple[int, str]:
+            capsys.readouterr()
+            code = await asyncio.to_thread(cli, "status", model, "--json", *where, *argv)
+            return code, capsys.readouterr().out
+
+        code, out = await status()  # plaintext to a TLS port
+        assert code == 1 and "UNAVAILABLE" in out, out
+        code, out = await status(*mutual, *key)  # no token
+        assert code == 1 and "UNAUTHENTICATED" in out, out
+
+        monkeypatch.setenv("LOOPMESH_AUTH__CLIENT_TOKEN", token)
+        code, out = await status(*mutual, *key)
+        assert code == 0, out
+        [current] = json.loads(out)["rollouts"]
+        assert (current["state"], current["stable_version"]) == ("stable", "3")
+        # The same with TLS from the settings instead of the flags.
+        monkeypatch.setenv("LOOPMESH_ROLLOUT__CLIENT__TLS_CAFILE", str(pki.ca))
+        monkeypatch.setenv("LOOPMESH_ROLLOUT__CLIENT__TLS_CERTFILE", str(pki.client_cert))
+        monkeypatch.setenv("LOOPMESH_ROLLOUT__CLIENT__TLS_KEYFILE", str(pki.client_key))
+        code, out = await status()
+        assert code == 0 and json.loads(out)["rollouts"][0]["model_name"] == model, out
+    finally:
+        await app.stop()

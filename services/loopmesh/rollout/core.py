@@ -10,6 +10,9 @@ traffic is unloaded once the policy's drain time after that change has passed.
 Versions published while a rollout is in progress wait as pending (the newest wins); after a
 restart they are found again in the model repository (versions newer than any the model's
 rollouts have dealt with), so a queued candidate survives a crash.
+
+Only a leader acts (``leader``): its ``Publisher`` and ``Loader`` raise ``NotLeader`` once the
+leadership is gone, and no change then takes effect, in memory or anywhere else.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext
 
 from loopmesh.mesh import model_repo
-from loopmesh.mesh.errors import UnknownModel
+from loopmesh.mesh.errors import Unavailable, UnknownModel
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.rollout import instruments, machine
@@ -43,7 +46,20 @@ log = logging.getLogger(__name__)
 _tracer = tracer("loopmesh.rollout")
 _MAX_CHAINED = 4
 
-__all__ = ["Evaluation", "HistoryEntry", "Refused", "RolloutController", "Status", "UnknownModel"]
+__all__ = [
+    "Evaluation",
+    "HistoryEntry",
+    "NotLeader",
+    "Refused",
+    "RolloutController",
+    "Status",
+    "UnknownModel",
+]
+
+
+class NotLeader(Unavailable):
+    """This controller does not lead (a standby, or a leader that lost its lease or its
+    partition): it must not publish or load. UNAVAILABLE, so callers retry (the leader)."""
 
 
 class Publisher(Protocol):
@@ -191,6 +207,9 @@ class RolloutController:
         try:
             async with self._locks[model]:
                 await self._drive(model)
+        except NotLeader as exc:
+            # Leadership is going: the term is being stopped, nothing to retry here.
+            log.debug("%s: not driven: %s", model, exc)
         except Exception:
             log.exception("driving the rollout of %s failed; retrying next tick", model)
 
@@ -299,6 +318,8 @@ class RolloutController:
                 loaded = await self._loader.loaded(model)
                 want |= machine.wanted_loaded(record, loaded, self._clock(), policy.drain_seconds)
             await self._loader.ensure(model, want, self._announced(model, want))
+        except NotLeader:
+            raise  # not a failed load: the rollout is the next leader's to drive
         except Exception as exc:  # any failure to load is a reason to abort, said loudly
             log.warning("%s: loading %s failed: %s", model, sorted(want), exc)
             base = record or Record(model, "aborted", self._clock())
@@ -328,6 +349,8 @@ class RolloutController:
             want = machine.wanted_loaded(record, loaded, now, policy.drain_seconds)
             if want != loaded:
                 await self._loader.ensure(model, want, self._announced(model, want))
+        except NotLeader:
+            raise
         except Exception as exc:
             log.warning("%s: reconciling loaded versions failed: %s", model, exc)
             self._reconciled_at[model] = time.monotonic()

@@ -6,7 +6,9 @@ Prometheus names (OTel's conversion):
   (the canary's weight for the canary, the rest for stable);
 - ``loopmesh_rollout_state{model, state}``: 1 for the model's current state, 0 for the others;
 - ``loopmesh_rollout_step{model}``: the canary step (0: candidate or none);
-- ``loopmesh_rollout_changes_total{model, state}``: changes published, by the state entered.
+- ``loopmesh_rollout_changes_total{model, state}``: changes published, by the state entered;
+- ``loopmesh_rollout_leader``: 1 while this controller leads (it alone publishes and loads),
+  0 while it waits as a standby.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _changes = _meter.create_counter(
     description="Rollout changes published, by the state they enter",
 )
 _sources: list[Callable[[], Iterable[Record]]] = []
+_leadership: list[Callable[[], bool]] = []
 
 
 def watch(records: Callable[[], Iterable[Record]]) -> None:
@@ -40,6 +43,16 @@ def watch(records: Callable[[], Iterable[Record]]) -> None:
 def unwatch(records: Callable[[], Iterable[Record]]) -> None:
     if records in _sources:
         _sources.remove(records)
+
+
+def watch_leadership(leading: Callable[[], bool]) -> None:
+    """Report ``loopmesh_rollout_leader`` from ``leading()`` from now on."""
+    _leadership.append(leading)
+
+
+def unwatch_leadership(leading: Callable[[], bool]) -> None:
+    if leading in _leadership:
+        _leadership.remove(leading)
 
 
 def _records() -> list[Record]:
@@ -89,6 +102,18 @@ _meter.create_observable_gauge(
 )
 _meter.create_observable_gauge(
     "loopmesh.rollout.step", callbacks=[_observe_steps], description="Canary step of a model"
+)
+
+
+def _observe_leader(_options: CallbackOptions) -> Iterable[Observation]:
+    for leading in list(_leadership):
+        yield Observation(1 if leading() else 0)
+
+
+_meter.create_observable_gauge(
+    "loopmesh.rollout.leader",
+    callbacks=[_observe_leader],
+    description="1 while this rollout controller leads (publishes and loads), 0 on a standby",
 )
 
 

@@ -2,7 +2,9 @@
 
 Errors map once, here: an invalid model name or policy field -> INVALID_ARGUMENT naming the
 field; a model without rollouts -> NOT_FOUND; a command that does not apply to the state ->
-FAILED_PRECONDITION; Kafka or Triton failing during a command -> UNAVAILABLE (nothing changed).
+FAILED_PRECONDITION; Kafka or Triton failing during a command -> UNAVAILABLE (nothing changed);
+every call to a standby (or to a leader losing the leadership) -> UNAVAILABLE, to be retried
+at the leader.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from loopmesh.mesh import model_repo
 from loopmesh.mesh.auth import Role
 from loopmesh.mesh.errors import InvalidArgument, Unavailable
 from loopmesh.mesh.events import RolloutChanged
-from loopmesh.rollout.core import HistoryEntry, RolloutController, Status
+from loopmesh.rollout.core import HistoryEntry, NotLeader, RolloutController, Status
 from loopmesh.rollout.policy import RolloutPolicy
 from loopmesh.rollout.triton import LoadError
 
@@ -128,8 +130,19 @@ def policy_changes(request: rollout_pb2.SetPolicyRequest) -> dict[str, Any]:
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, controller: RolloutController) -> None:
-        self.controller = controller
+    """``current()`` is the leader's controller, None on a standby (``app``)."""
+
+    def __init__(self, current: Callable[[], RolloutController | None]) -> None:
+        self._current = current
+
+    @property
+    def controller(self) -> RolloutController:
+        controller = self._current()
+        if controller is None:
+            raise NotLeader(
+                "this rollout controller is a standby (another one leads): retry at the leader"
+            )
+        return controller
 
     async def GetRollout(
         self, request: rollout_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]

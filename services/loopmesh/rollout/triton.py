@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import tritonclient.grpc.aio as triton_aio
@@ -75,10 +75,14 @@ class TritonLoader:
         *,
         timeout: float,
         client: GrpcClientSettings | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self.repo = Path(repo)
         self.timeout = timeout
+        self._fence = fence
+        """Raises ``core.NotLeader`` when this controller no longer leads: checked right
+        before every load or unload request, so a deposed leader changes nothing in Triton."""
         self.settings = client or TritonClientSettings()
         # Built now so a half-configured TLS setting fails at start, not at the first load.
         self._credentials = channel_credentials(self.settings)
@@ -95,6 +99,10 @@ class TritonLoader:
                 channel_args=channel_options(self.settings),
             )
         return self._client
+
+    def _check_fence(self) -> None:
+        if self._fence is not None:
+            self._fence()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -126,10 +134,12 @@ class TritonLoader:
             "triton load", attributes={"model": model, "versions": sorted(wanted)}
         ):
             if not wanted:
+                self._check_fence()
                 await self.client.unload_model(model, client_timeout=self.timeout)
                 return True
             await asyncio.to_thread(check_integrity, self.repo, model, wanted, expected_sha or {})
             config = await asyncio.to_thread(version_config, self.repo, model, wanted)
+            self._check_fence()
             log.info("loading %s versions %s (loaded now: %s)", model, sorted(wanted), current)
             try:
                 await self.client.load_model(model, config=config, client_timeout=self.timeout)

@@ -4,5 +4,5 @@ Consumes ``models.published`` and ``metrics.live``, loads versions into Triton, 
 every change to the compacted ``rollouts`` topic the inference gateway routes by. Pure logic
 lives in ``policy``, ``analysis``, ``machine`` and ``metrics``; ``core`` drives it; ``agents``
 (Kafka), ``triton`` (model loading) and ``server`` (gRPC ``loopmesh.v1.RolloutService``) are
-adapters; ``cli`` is ``loopmesh rollout ...``.
+adapters; ``leader`` lets one replica act at a time; ``cli`` is ``loopmesh rollout ...``.
 """

@@ -1,7 +1,8 @@
 """``python -m loopmesh.rollout``: the rollout controller until SIGINT/SIGTERM.
 
-Settings come from the environment (``LOOPMESH_ROLLOUT__...``, see settings.py). Run one
-replica: the controller is the only writer of the ``rollouts`` topic.
+Settings come from the environment (``LOOPMESH_ROLLOUT__...``, see settings.py). The
+controller is the only writer of the ``rollouts`` topic: a second replica on the same topics
+and group waits as a standby and takes over when the leader goes (leader.py).
 """
 
 from __future__ import annotations

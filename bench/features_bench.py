@@ -1,7 +1,7 @@
 """FeatureService.GetOnlineFeatures over gRPC vs Feast's ``get_online_features`` in-process.
 
 One run prepares and applies its own Feast repo (SQLite online store), writes the rows of
-100 entities (folded from events by the service's own ``EntityAggregate``, pushed through
+100 entities (folded from events by the service's own ``EntityFold``, pushed through
 ``FeastGateway``), starts FeatureService in its own process (as deployed, without agents),
 and measures sequential calls for 1 and 100 entities, every feature of both views:
 
@@ -103,25 +103,25 @@ async def _serving(address: str, timeout: float = 180.0) -> None:
 
 def _seed(gateway: Any, n: int) -> list[str]:
     """Rows for ``n`` entities, folded from events the way the agents fold them."""
-    from loopmesh.features.core import EntityAggregate
+    from loopmesh.features.core import EntityFold, event_columns
     from loopmesh.mesh.events import InteractionEvent
 
     now = datetime.now(UTC)
+    views = gateway.definitions.views_of("entity_id")
     ids, rows = [], []
     for i in range(n):
-        aggregate = EntityAggregate(f"bench-{i}")
+        fold = EntityFold("entity_id", f"bench-{i}", views)
         for j in range(5):
-            aggregate.apply(
-                InteractionEvent(
-                    entity_id=aggregate.entity_id,
-                    event_type="view",
-                    event_time=now - timedelta(minutes=j * 7),
-                    numeric={"value": float(i + j), "amount": 2.0},
-                    categorical={"category": "c"},
-                )
+            event = InteractionEvent(
+                entity_id=fold.value,
+                event_type="view",
+                event_time=now - timedelta(minutes=j * 7),
+                numeric={"value": float(i + j), "amount": 2.0},
+                categorical={"category": "c"},
             )
-        ids.append(aggregate.entity_id)
-        rows.append(aggregate.rows())
+            fold.apply(event, event_columns(event))
+        ids.append(fold.value)
+        rows.append(fold.rows())
     asyncio.run(gateway.write(rows))
     return ids
 

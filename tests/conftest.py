@@ -1,4 +1,5 @@
-"""Session fixtures: one real Kafka broker, one real tritonserver and one real Feast repo.
+"""Session fixtures: one real Kafka broker, one real tritonserver, one real Feast repo and
+one real redis-server.
 
 Each starts once per test run on free loopback ports. Logs go under the session's temporary
 directory; on a failed run the path is printed so they can be read.
@@ -23,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from loopmesh.devstack.kafka import KafkaBroker
+from loopmesh.devstack.redis import RedisServer
 from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
@@ -30,7 +32,7 @@ from loopmesh.mesh.settings import KafkaSettings
 
 os.environ.setdefault("LOOPMESH_TELEMETRY__SERVICE_NAMESPACE", "loopmesh-tests")
 
-INFRA_FIXTURES = frozenset({"kafka", "triton", "feast_repo"})
+INFRA_FIXTURES = frozenset({"kafka", "triton", "feast_repo", "redis"})
 """Fixtures that start a real component: a test needing any of them is not a unit test."""
 TIERS = ("unit", "integration", "e2e")
 
@@ -69,6 +71,17 @@ def kafka(infra_dir: Path, request: pytest.FixtureRequest) -> Iterator[KafkaBrok
     yield broker
     broker.stop()
     _keep_logs_on_failure(request, "kafka", broker.log_path)
+
+
+@pytest.fixture(scope="session")
+def redis(infra_dir: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A real redis-server (Debian's package): the Redis online store."""
+    _not_in_unit_tier(request)
+    server = RedisServer(infra_dir / "redis")
+    server.start()
+    yield server
+    server.stop()
+    _keep_logs_on_failure(request, "redis", server.log_path)
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,20 @@ async def test_flush_raises_when_a_write_fails(
     table.put(5, "k", b"v")  # no such partition
     with pytest.raises(Exception):  # noqa: B017 (aiokafka's error type is its own)
         await table.flush()
+
+
+async def test_a_table_whose_state_grew_raises_its_topics_record_limit(
+    kafka_settings: KafkaSettings, producer: EventProducer
+) -> None:
+    app_id = f"cl-{uuid.uuid4().hex[:8]}"
+    small = changelog_topic(app_id, "state", max_value_bytes=100_000)
+    await ChangelogTable(kafka_settings, small, producer, service="test").declare(partitions=1)
+    # The views grew (more slides, more dedup ids): the same topic must take 1.5 MiB now.
+    grown = changelog_topic(app_id, "state", max_value_bytes=3 << 19)
+    table = ChangelogTable(kafka_settings, grown, producer, service="test")
+    await table.declare(partitions=1)
+    table.put(0, "hot", b"x" * (3 << 19))
+    await table.flush()  # refused as too large by a topic left at its old limit
+    reader = ChangelogTable(kafka_settings, grown, producer, service="test")
+    await reader.recover({0})
+    assert reader.get(0, "hot") == b"x" * (3 << 19)

@@ -38,7 +38,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from loopmesh.devstack.kafka import KafkaBroker
 from loopmesh.devstack.process import free_port, log_tail
 from loopmesh.features.agents import FeatureAgents
-from loopmesh.features.core import EntityAggregate
+from loopmesh.features.core import EntityFold
 from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
 from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
 from loopmesh.gen.loopmesh.v1 import ingestion_pb2_grpc as ipb_grpc
@@ -237,12 +237,18 @@ async def served(gateway: Any, entities: list[str]) -> dict[str, dict[str, Any]]
     }
 
 
-def state_as_served(state: dict[str, bytes], specs: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """What the online store should serve for a table's states (``EntityAggregate.rows``)."""
+def state_as_served(
+    state: dict[str, bytes], specs: Sequence[Any], gateway: Any
+) -> dict[str, dict[str, Any]]:
+    """What the online store should serve for a table's states (``EntityFold.rows``)."""
     out = {}
-    for entity, raw in state.items():
-        rows = EntityAggregate.from_bytes(entity, raw).rows()
-        out[entity] = {s.ref: rows[s.view][s.name] for s in specs}
+    views = gateway.definitions.views_of("entity_id")
+    for key, raw in state.items():
+        if "=" not in key:
+            continue  # the backfill marker
+        fold = EntityFold.load(key, raw, views)
+        rows = fold.rows()
+        out[fold.value] = {s.ref: rows[s.view][s.name] for s in specs}
     return out
 
 
@@ -407,7 +413,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_counts_each_event_onc
         async with features_app(fresh_settings, gateway) as fresh:
 
             async def recovered() -> bool:
-                return state_as_served(table_state(fresh), specs) == before
+                return state_as_served(table_state(fresh), specs, gateway) == before
 
             await eventually(recovered, timeout=60, interval=0.2)
             mark("recovered")
@@ -418,7 +424,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_counts_each_event_onc
 
             async def recounted() -> bool:
                 return await caught_up(kafka, app_id, events.name) and (
-                    totals(state_as_served(table_state(fresh), specs)) == want
+                    totals(state_as_served(table_state(fresh), specs, gateway)) == want
                 )
 
             await eventually(recounted, timeout=60, interval=0.5)

@@ -1,7 +1,7 @@
-"""The Feast repo in feature_store/ applies with SQLite and serves what is pushed to it.
+"""The default project in feature_store/ applies with SQLite and serves what is written to it.
 
 Also pins down two behaviours of the SQLite online store that the features service has to
-live with: the last push wins even when it is older, and TTL is not enforced on online reads.
+live with: the last write wins even when it is older, and TTL is not enforced on online reads.
 """
 
 from __future__ import annotations
@@ -40,19 +40,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def _push_activity(store: Any, entity_id: str, ts: datetime, counts: tuple[int, int, int]) -> None:
-    from feast.data_source import PushMode
-
     df = pd.DataFrame(
         {
             "entity_id": [entity_id],
-            "event_timestamp": [ts],
+            "event_time": [ts],
             "events_1h": [counts[0]],
             "events_24h": [counts[1]],
             "events_total": [counts[2]],
             "last_event_ts": [ts.timestamp()],
         }
     )
-    store.push("entity_activity_push", df, to=PushMode.ONLINE)
+    store.write_to_online_store("entity_activity", df)
 
 
 def _read(store: Any, entity_id: str, view: str, names: list[str]) -> dict[str, Any]:
@@ -85,8 +83,6 @@ def test_redis_config() -> None:
 
 @pytest.mark.integration  # a real Feast store
 def test_push_and_read_back(store: Any) -> None:
-    from feast.data_source import PushMode
-
     ts = datetime.now(UTC) - timedelta(minutes=5)
     _push_activity(store, "user-1", ts, (2, 7, 40))
     assert _read(store, "user-1", "entity_activity", ACTIVITY) == {
@@ -100,14 +96,14 @@ def test_push_and_read_back(store: Any) -> None:
     numeric = pd.DataFrame(
         {
             "entity_id": ["user-1"],
-            "event_timestamp": [ts],
+            "event_time": [ts],
             "value_mean": [0.25],
             "amount_mean": [12.5],
             "last_event_type": ["purchase"],
             "last_category": ["shoes"],
         }
     )
-    store.push("entity_numeric_push", numeric, to=PushMode.ONLINE)
+    store.write_to_online_store("entity_numeric", numeric)
     assert _read(store, "user-1", "entity_numeric", NUMERIC) == {
         "entity_id": "user-1",
         "value_mean": 0.25,
@@ -125,14 +121,12 @@ def test_push_and_read_back(store: Any) -> None:
 
 @pytest.mark.integration  # a real Feast store
 def test_push_must_carry_every_feature(store: Any) -> None:
-    from feast.data_source import PushMode
-
     partial = pd.DataFrame(
-        {"entity_id": ["user-3"], "event_timestamp": [datetime.now(UTC)], "value_mean": [1.0]}
+        {"entity_id": ["user-3"], "event_time": [datetime.now(UTC)], "value_mean": [1.0]}
     )
     # feast 0.67 indexes the frame by the view's full schema: a partial row is a KeyError.
     with pytest.raises(KeyError):
-        store.push("entity_numeric_push", partial, to=PushMode.ONLINE)
+        store.write_to_online_store("entity_numeric", partial)
 
 
 @pytest.mark.integration  # a real Feast store

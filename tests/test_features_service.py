@@ -40,7 +40,7 @@ from loopmesh.mesh.events import DeadLetter, EntityErased, InteractionEvent
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, Topic
 from tests.helpers import eventually, read_topic, unique_topic
-from tests.test_features_core import expected
+from tests.test_features_core import DEFAULT_VIEWS, expected
 
 PRESENT = features_pb2.FEATURE_STATUS_PRESENT
 MISSING = features_pb2.FEATURE_STATUS_MISSING
@@ -256,7 +256,7 @@ def expect_rounded(events: list[InteractionEvent]) -> dict[str, Any]:
 
 def close(got: dict[str, Any], want: dict[str, Any]) -> bool:
     return got.keys() == want.keys() and all(
-        got[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else v)
+        got[k] == (pytest.approx(v, rel=1e-9, abs=1e-9) if isinstance(v, float) else v)
         for k, v in want.items()
     )
 
@@ -287,10 +287,12 @@ async def test_produced_events_become_the_expected_features(service: Service) ->
     # The offline export, replayed from the same log, agrees with what is served online.
     log = await read_event_log(service.kafka, service.events.name)
     frame = export_training_frame(
-        pd.DataFrame({"entity_id": [events[0].entity_id], "event_timestamp": [now()]}), log
+        pd.DataFrame({"entity_id": [events[0].entity_id], "event_timestamp": [now()]}),
+        log,
+        DEFAULT_VIEWS,
     )
     exported = {
-        name: None if pd.isna(v) else v if isinstance(v, str) else float(v)
+        name.split("__")[1]: None if pd.isna(v) else v if isinstance(v, str) else float(v)
         for name, v in frame.iloc[0].items()
         if name not in ("entity_id", "event_timestamp")
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import runpy
 from collections.abc import Sequence
 
@@ -31,10 +32,19 @@ def available_services() -> list[str]:
     return [s for s in SERVICES if importlib.util.find_spec(f"loopmesh.{s}.__main__") is not None]
 
 
+def _use_project(args: argparse.Namespace) -> None:
+    """``--project DIR``: the project of this process and of every process it starts."""
+    if getattr(args, "project", None):
+        from pathlib import Path
+
+        os.environ["LOOPMESH_PROJECT"] = str(Path(args.project).resolve())
+
+
 def _infra(args: argparse.Namespace) -> int:
     from loopmesh.devstack.stack import LocalStack, process_alive
     from loopmesh.mesh.settings import MeshSettings
 
+    _use_project(args)
     stack = LocalStack(MeshSettings())
     if args.action == "fetch":
         from loopmesh.devstack.kafka import resolve_libs
@@ -99,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from loopmesh.devstack.runner import RunOptions, run_loop
 
+    _use_project(args)
     options = RunOptions(
         simulator=not args.no_simulator,
         duration_seconds=args.duration,
@@ -125,12 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     infra = sub.add_parser("infra", help="local Kafka, tritonserver and Feast")
     infra.add_argument("action", choices=["fetch", "up", "down", "status"])
+    infra.add_argument("--project", help="the project (a Feast repository) to apply")
     infra.set_defaults(func=_infra)
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("name", choices=SERVICES)
     serve.set_defaults(func=_serve)
     run = sub.add_parser("run", help="the whole loop: local stack, services, simulator, live view")
     run.add_argument("--no-simulator", action="store_true", help="run the mesh only, for real apps")
+    run.add_argument(
+        "--project", help="the project (a Feast repository) to run; default: feature_store/"
+    )
     run.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     run.add_argument("--headless", action="store_true", help="progress lines, no live view")
     run.add_argument("--out", default=".loopmesh/runs", help="where runs keep data and reports")

@@ -64,6 +64,7 @@ class LocalStack:
             metrics_port=infra.triton_metrics_port,
         )
         self.feast_dir = self.state_dir / "feature_store"
+        self.project = settings.project
         self.kafka_settings = settings.kafka.model_copy(
             update={"bootstrap_servers": self.kafka.bootstrap_servers}
         )
@@ -90,7 +91,7 @@ class LocalStack:
             check_abort(abort, "local stack")
             self.triton.start(abort=abort)
             check_abort(abort, "local stack")
-            repo = prepare_repo(self.feast_dir)
+            repo = prepare_repo(self.feast_dir, project=self.project)
             apply_repo(repo)
             check_abort(abort, "local stack")
         except BaseException as exc:

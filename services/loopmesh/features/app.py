@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from loopmesh.features.settings import FeaturesSettings
 from loopmesh.mesh.bus import EventProducer, declare_topics, partition_counts
-from loopmesh.mesh.events import EntityErased
+from loopmesh.mesh.events import EntityErased, erasure_key
 from loopmesh.mesh.privacy import EntityIdMapper
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
@@ -88,7 +88,9 @@ class FeaturesApp:
         await producer.start()
 
         async def publish_erasure(event: EntityErased) -> None:
-            await producer.publish(self.erasures, event)
+            # The topic is compacted by key: another kind's erasure of the same id must not
+            # replace this one, so only entity_id erasures use the bare id.
+            await producer.publish(self.erasures, event, key=erasure_key(event))
 
         self.server = GrpcServer(
             "features", scope.server, auth=self.settings.auth, method_roles=METHOD_ROLES

@@ -1,59 +1,59 @@
 """Per-entity feature state and the rules of the feature API, knowing nothing of Kafka or gRPC.
 
-``EntityAggregate`` folds interaction events into the values the Feast views serve
-(feature_store/features.py). Everything runs on event time, never on arrival time:
+``EntityFold`` folds interaction events into the values of every declared stream feature view
+of one entity key (``features.definitions``). Everything runs on event time, never on arrival
+time (docs/features.md holds the user's version of these rules):
 
-* Windows end at the entity's newest event: ``events_1h`` counts events with
-  ``newest - 1h < t <= newest`` (``events_24h`` likewise), so a late event moves a count
-  only if it falls inside the window, and any arrival order yields the same values.
-* Idempotent by ``event_id``: the ids of every event within ``horizon`` of the newest one
-  are kept, so a redelivered event is recognised and counted once.
-* Allowed lateness: an event older than ``newest - allowed_lateness`` is dropped (``TOO_LATE``).
-  Its id may already be forgotten, so counting it could count it twice; dropping it keeps
-  the fold idempotent. Within the allowed lateness, arrival order never changes the result.
-* Last values (``last_event_type``, ``last_category``) belong to the event with the greatest
-  ``(event_time, event_id)``: an older event never overwrites a newer value.
-* Means are exact sums (Shewchuk partials) divided once, so they do not depend on order.
-* Erasure (right to be forgotten) drops everything and keeps only the erasure time: events at
-  or before it belong to the erased history and are dropped, later ones start afresh.
+* Each view's windows end at the view's newest event: a hopping window of width ``W`` and
+  slide ``S`` holds the events of the ``W/S`` slides (buckets ``floor(t/S)``) up to and
+  including the newest event's. A late event moves a value only if its slide is still inside
+  the window, and any arrival order within the allowed lateness yields the same values.
+* Bounded whatever the traffic: a window keeps ``W/S`` bucket summaries (count, sum, sum of
+  squared deviations, min, max), an aggregation without a window one, a latest value one.
+* Idempotent by ``event_id``: a record redelivered by Kafka is recognised by its offset (the
+  state keeps the greatest offset folded per source topic), and a copy written again under
+  the same id by the last ``dedup_ids`` accepted ids of the entity.
+* Allowed lateness (per view): an event older than the view's newest by more is ``late`` for
+  that view; the caller counts and reports it.
+* Latest values belong to the event with the greatest ``(event_time, event_id)``.
+* Erasure drops everything and keeps only the erasure time (at least the newest event time
+  folded so far): events at or before it belong to the erased history and are dropped.
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from loopmesh.features.definitions import (
+    PRIMARY_JOIN_KEY,
+    AggregationSpec,
+    ViewSpec,
+)
 from loopmesh.mesh.events import InteractionEvent
 from loopmesh.mesh.model_repo import shown
 
 HOUR = 3600.0
 DAY = 24 * HOUR
-WINDOWS: dict[str, float] = {"events_1h": HOUR, "events_24h": DAY}
-"""Windowed counts by feature name and width in seconds."""
-NUMERIC_MEANS: dict[str, str] = {"value_mean": "value", "amount_mean": "amount"}
-"""Mean features by name and the numeric attribute they average."""
-CATEGORY_ATTRIBUTE = "category"
 DEFAULT_MAX_AGE_SECONDS = 7 * DAY
-"""The views' TTL (``FEATURE_TTL`` in feature_store/features.py): older values are stale."""
-
-ACTIVITY_VIEW = "entity_activity"
-NUMERIC_VIEW = "entity_numeric"
+"""Freshness bound of a view without a TTL."""
 MAX_ENTITY_ID_LENGTH = 256
+STATE_VERSION = 2
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-
-def _ts(entry: tuple[float, str]) -> float:
-    return entry[0]
+Value = float | int | str | None
+Columns = dict[str, float | str]
+"""An event flattened into the columns views name (``event_columns``)."""
 
 
 class Outcome(enum.Enum):
-    """What folding one event did."""
+    """What folding one event did to one entity."""
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
@@ -61,169 +61,343 @@ class Outcome(enum.Enum):
     ERASED = "erased"
 
 
-class _Mean(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    partials: list[float] = Field(default_factory=list)
-    """Non-overlapping partial sums whose exact total is the sum of the values."""
-    count: int = 0
-
-    def add(self, x: float) -> None:
-        # Shewchuk's exact summation (the algorithm behind math.fsum), kept incrementally.
-        partials = self.partials
-        i = 0
-        for y in partials:
-            if abs(x) < abs(y):
-                x, y = y, x
-            hi = x + y
-            lo = y - (hi - x)
-            if lo:
-                partials[i] = lo
-                i += 1
-            x = hi
-        partials[i:] = [x]
-        self.count += 1
-
-    def value(self) -> float | None:
-        if self.count == 0:
-            return None
-        try:
-            mean = math.fsum(self.partials) / self.count
-        except (OverflowError, ValueError):
-            return None  # only sums beyond ±1.8e308 get here; no honest mean exists
-        return mean if math.isfinite(mean) else None
+def event_columns(event: InteractionEvent) -> Columns:
+    """The event as the columns a source's schema may declare (definitions module docs)."""
+    columns: Columns = {
+        **event.categorical,
+        **event.numeric,
+        **event.entities,
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "event_time": event.event_time.timestamp(),
+        "entity_id": event.entity_id,
+    }
+    return columns
 
 
-class _Last(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    value: str
-    ts: float
-    event_id: str
-
-    def older_than(self, ts: float, event_id: str) -> bool:
-        return (self.ts, self.event_id) < (ts, event_id)
+def key_of(event: InteractionEvent, join_key: str) -> str | None:
+    """The event's value of ``join_key`` (None when it carries none)."""
+    if join_key == PRIMARY_JOIN_KEY:
+        return event.entity_id
+    return event.entities.get(join_key)
 
 
-class EntityState(BaseModel):
-    """The serialized state of one entity (a faust table value), JSON."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    v: int = 1
-    """Shape version of this state."""
-    newest: float | None = None
-    """Event time (unix seconds) of the newest accepted event."""
-    recent: list[tuple[float, str]] = Field(default_factory=list)
-    """``(event_time, event_id)`` of accepted events within the horizon, sorted."""
-    total: int = 0
-    means: dict[str, _Mean] = Field(default_factory=dict)
-    last_type: _Last | None = None
-    last_category: _Last | None = None
-    erased_at: float | None = None
-    """Event time of the latest erasure; events at or before it are dropped."""
+def table_key(join_key: str, value: str) -> str:
+    """The state table's key of one entity (join keys are identifiers, so '=' splits)."""
+    return f"{join_key}={value}"
 
 
-class EntityAggregate:
-    """One entity's state with the fold rules; ``to_bytes``/``from_bytes`` for the table."""
+def split_key(key: str) -> tuple[str, str]:
+    join_key, _, value = key.partition("=")
+    return join_key, value
+
+
+# A bucket summary: [count, sum, sum of squares, min, max], the sums as Shewchuk partials
+# (the non-overlapping floats whose exact total is the sum; at most ~40 for any doubles), so
+# every value is the correctly rounded result of exact arithmetic: the same whatever the
+# arrival order, and no cancellation in the variance.
+Summary = list[Any]
+
+
+def _grow(partials: list[float], x: float) -> None:
+    # Shewchuk's exact summation (the algorithm behind math.fsum), kept incrementally.
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+
+
+def _add(summary: Summary | None, x: float) -> Summary:
+    if summary is None:
+        return [1, [x], [x * x], x, x]
+    _grow(summary[1], x)
+    _grow(summary[2], x * x)
+    summary[0] += 1
+    summary[3] = min(summary[3], x)
+    summary[4] = max(summary[4], x)
+    return summary
+
+
+def _result(spec: AggregationSpec, summaries: Sequence[Summary]) -> Value:
+    n = sum(int(summary[0]) for summary in summaries)
+    if spec.function == "count":
+        return n
+    if n == 0:
+        return None
+    try:
+        if spec.function in ("sum", "mean"):
+            total = math.fsum(p for summary in summaries for p in summary[1])
+            out = total if spec.function == "sum" else total / n
+        elif spec.function == "min":
+            out = min(float(summary[3]) for summary in summaries)
+        elif spec.function == "max":
+            out = max(float(summary[4]) for summary in summaries)
+        else:  # stddev: the sample standard deviation, as Spark's and pandas' std
+            if n < 2:
+                return None
+            exact = sum((Fraction(p) for summary in summaries for p in summary[1]), Fraction())
+            squares = sum((Fraction(p) for summary in summaries for p in summary[2]), Fraction())
+            out = math.sqrt(max(float((squares - exact * exact / n) / (n - 1)), 0.0))
+    except (OverflowError, ValueError):
+        return None  # only sums beyond ±1.8e308 get here; no honest value exists
+    return out if math.isfinite(out) else None
+
+
+class _ViewState:
+    """One view's part of an entity's state (JSON: ``{"fp", "newest", "a"}``)."""
+
+    __slots__ = ("data", "spec")
+
+    def __init__(self, spec: ViewSpec, data: dict[str, Any] | None) -> None:
+        self.spec = spec
+        if data is None or data.get("fp") != spec.fingerprint:
+            data = {"fp": spec.fingerprint, "newest": None, "a": {}}
+        self.data = data
+
+    @property
+    def newest(self) -> float | None:
+        newest: float | None = self.data["newest"]
+        return newest
+
+    def late(self, ts: float) -> bool:
+        newest = self.newest
+        return newest is not None and ts < newest - self.spec.allowed_lateness_s
+
+    @property
+    def row_time(self) -> datetime:
+        """The row's event time: the newest event's, moved on by a microsecond per change
+        when that stays put (Feast's Redis store skips a row not newer than the stored one, so
+        a late event folded in must still make a newer row)."""
+        return EPOCH + timedelta(microseconds=self.data["rt"])
+
+    def fold(self, ts: float, event_id: str, columns: Columns) -> None:
+        data = self.data
+        if data["newest"] is None or ts > data["newest"]:
+            data["newest"] = ts
+            self._prune()
+        data["rt"] = max(round(data["newest"] * 1e6), data.get("rt", 0) + 1)
+        states: dict[str, Any] = data["a"]
+        for agg in self.spec.aggregations:
+            x = columns.get(agg.column)
+            if x is None:
+                continue
+            if agg.function == "last":
+                if isinstance(x, str) != (agg.kind == "categorical"):
+                    continue  # an attribute of the other kind under the same name
+                current = states.get(agg.feature)
+                if current is None or (current[1], current[2]) < (ts, event_id):
+                    states[agg.feature] = [x, ts, event_id]
+                continue
+            number = 1.0 if agg.function == "count" else x
+            if not isinstance(number, float | int):
+                continue  # a categorical value where a number is declared: not this column
+            if agg.slide_s is None:
+                states[agg.feature] = _add(states.get(agg.feature), float(number))
+                continue
+            bucket = math.floor(ts / agg.slide_s)
+            assert data["newest"] is not None
+            if bucket <= math.floor(data["newest"] / agg.slide_s) - agg.buckets:
+                continue  # its slide already left the window
+            buckets = states.setdefault(agg.feature, {})
+            name = str(bucket)
+            buckets[name] = _add(buckets.get(name), float(number))
+
+    def _prune(self) -> None:
+        newest = self.data["newest"]
+        for agg in self.spec.aggregations:
+            if agg.slide_s is None:
+                continue
+            buckets = self.data["a"].get(agg.feature)
+            if buckets:
+                first = math.floor(newest / agg.slide_s) - agg.buckets + 1
+                for name in [b for b in buckets if int(b) < first]:
+                    del buckets[name]
+
+    def values(self) -> dict[str, Value]:
+        states: dict[str, Any] = self.data["a"]
+        out: dict[str, Value] = {}
+        for agg in self.spec.aggregations:
+            state = states.get(agg.feature)
+            if agg.function == "last":
+                out[agg.feature] = state[0] if state is not None else None
+                continue
+            if state is None:
+                summaries: list[Summary] = []
+            elif agg.slide_s is None:
+                summaries = [state]
+            else:
+                summaries = list(state.values())
+            out[agg.feature] = _result(agg, summaries)
+        return out
+
+
+class EntityFold:
+    """One entity key's state with the fold rules; ``to_bytes``/``load`` for the table.
+
+    ``views`` are the declared views of this entity's join key.
+    """
 
     def __init__(
         self,
-        entity_id: str,
-        state: EntityState | None = None,
+        join_key: str,
+        value: str,
+        views: Sequence[ViewSpec],
+        state: dict[str, Any] | None = None,
         *,
-        allowed_lateness: float = DAY,
+        dedup_ids: int = 1000,
     ) -> None:
-        if allowed_lateness < 0:
-            raise ValueError("allowed_lateness must be >= 0")
-        self.entity_id = entity_id
-        self.state = state or EntityState()
-        self.allowed_lateness = allowed_lateness
-        # Ids must outlive the allowed lateness (to deduplicate) and the widest window.
-        self.horizon = max(allowed_lateness, *WINDOWS.values())
-        self._ids = {event_id for _, event_id in self.state.recent}
+        self.join_key = join_key
+        self.value = value
+        self.dedup_ids = dedup_ids
+        state = state if state is not None and state.get("v") == STATE_VERSION else None
+        self.state: dict[str, Any] = state or {
+            "v": STATE_VERSION,
+            "erased_at": None,
+            "seen": {},
+            "ids": [],
+            "views": {},
+        }
+        stored = self.state["views"]
+        # Views no longer declared are dropped; a changed definition starts afresh.
+        self.views = {v.name: _ViewState(v, stored.get(v.name)) for v in views}
+        self._ids = set(self.state["ids"])
 
     @classmethod
-    def from_bytes(
-        cls, entity_id: str, raw: bytes | None, *, allowed_lateness: float = DAY
-    ) -> EntityAggregate:
-        state = EntityState.model_validate_json(raw) if raw else None
-        return cls(entity_id, state, allowed_lateness=allowed_lateness)
+    def load(
+        cls,
+        key: str,
+        raw: bytes | None,
+        views: Sequence[ViewSpec],
+        *,
+        dedup_ids: int = 1000,
+    ) -> EntityFold:
+        join_key, value = split_key(key)
+        state = json.loads(raw) if raw else None
+        return cls(join_key, value, views, state, dedup_ids=dedup_ids)
+
+    @property
+    def key(self) -> str:
+        return table_key(self.join_key, self.value)
 
     def to_bytes(self) -> bytes:
-        return self.state.model_dump_json().encode()
+        self.state["views"] = {name: view.data for name, view in self.views.items()}
+        return json.dumps(self.state, separators=(",", ":")).encode()
 
     @property
     def has_features(self) -> bool:
-        return self.state.newest is not None
+        return any(view.newest is not None for view in self.views.values())
 
-    def apply(self, event: InteractionEvent) -> Outcome:
-        """Fold one event in; returns what happened to it."""
+    @property
+    def erased_at(self) -> float | None:
+        erased: float | None = self.state["erased_at"]
+        return erased
+
+    def known_views(self) -> set[str]:
+        """Views whose stored state matches their current definition (backfill skips)."""
+        return {name for name, view in self.views.items() if view.newest is not None}
+
+    def apply(
+        self,
+        event: InteractionEvent,
+        columns: Columns,
+        *,
+        source: tuple[str, int] | None = None,
+        only: Collection[str] | None = None,
+        dedup: bool = True,
+    ) -> tuple[Outcome, list[str]]:
+        """Fold one event in: what happened, and the views it came too late for.
+
+        ``source`` (topic, offset) recognises a Kafka redelivery. ``only`` folds into those
+        views alone; ``dedup=False`` skips the duplicate checks (a backfill of new views from
+        the retained log, which reads each record once).
+        """
         s = self.state
         ts = event.event_time.timestamp()
-        if s.erased_at is not None and ts <= s.erased_at:
-            return Outcome.ERASED
-        if event.event_id in self._ids:
-            return Outcome.DUPLICATE
-        if s.newest is not None and ts <= s.newest - self.allowed_lateness:
-            return Outcome.TOO_LATE
-        s.total += 1
-        bisect.insort(s.recent, (ts, event.event_id))
-        self._ids.add(event.event_id)
-        if s.newest is None or ts > s.newest:
-            s.newest = ts
-            self._prune()
-        for feature, attribute in NUMERIC_MEANS.items():
-            if attribute in event.numeric:
-                s.means.setdefault(feature, _Mean()).add(event.numeric[attribute])
-        if s.last_type is None or s.last_type.older_than(ts, event.event_id):
-            s.last_type = _Last(value=event.event_type, ts=ts, event_id=event.event_id)
-        category = event.categorical.get(CATEGORY_ATTRIBUTE)
-        if category is not None and (
-            s.last_category is None or s.last_category.older_than(ts, event.event_id)
-        ):
-            s.last_category = _Last(value=category, ts=ts, event_id=event.event_id)
-        return Outcome.ACCEPTED
+        if s["erased_at"] is not None and ts <= s["erased_at"]:
+            return Outcome.ERASED, []
+        if dedup:
+            if event.event_id in self._ids:
+                return Outcome.DUPLICATE, []
+            if source is not None:
+                topic, offset = source
+                if offset <= s["seen"].get(topic, -1):
+                    return Outcome.DUPLICATE, []
+                s["seen"][topic] = offset
+        late: list[str] = []
+        folded = False
+        for name, view in self.views.items():
+            if only is not None and name not in only:
+                continue
+            if not view.spec.wants(event.event_type):
+                continue
+            if view.late(ts):
+                late.append(name)
+                continue
+            view.fold(ts, event.event_id, columns)
+            folded = True
+        if not folded:
+            return (Outcome.TOO_LATE if late else Outcome.ACCEPTED), late
+        if dedup:
+            ids: list[str] = s["ids"]
+            ids.append(event.event_id)
+            self._ids.add(event.event_id)
+            if len(ids) > self.dedup_ids:
+                for old in ids[: len(ids) - self.dedup_ids]:
+                    self._ids.discard(old)
+                del ids[: len(ids) - self.dedup_ids]
+        return Outcome.ACCEPTED, late
 
     def erase(self, at: float) -> None:
-        """Forget everything; remember only that events up to ``at`` are erased history."""
-        previous = self.state.erased_at
-        self.state = EntityState(erased_at=at if previous is None else max(previous, at))
+        """Forget everything; events up to ``at`` (or the newest folded) are erased history."""
+        newest = [v.newest for v in self.views.values() if v.newest is not None]
+        previous = self.state["erased_at"]
+        cut = max([at, *newest, *([previous] if previous is not None else [])])
+        self.state = {"v": STATE_VERSION, "erased_at": cut, "seen": self.state["seen"]}
+        self.state.update(ids=[], views={})
+        self.views = {name: _ViewState(view.spec, None) for name, view in self.views.items()}
         self._ids = set()
 
-    def _prune(self) -> None:
-        assert self.state.newest is not None
-        cut = bisect.bisect_right(self.state.recent, self.state.newest - self.horizon, key=_ts)
-        if cut:
-            for _, event_id in self.state.recent[:cut]:
-                self._ids.discard(event_id)
-            del self.state.recent[:cut]
-
-    def count_within(self, width: float) -> int:
-        """Accepted events with ``newest - width < t <= newest``."""
-        if self.state.newest is None:
-            return 0
-        start = bisect.bisect_right(self.state.recent, self.state.newest - width, key=_ts)
-        return len(self.state.recent) - start
+    def reset(self, views: Collection[str]) -> None:
+        """Start ``views`` afresh (a backfill refills them)."""
+        for name in views:
+            view = self.views.get(name)
+            if view is not None:
+                self.views[name] = _ViewState(view.spec, None)
 
     def rows(self) -> dict[str, dict[str, Any]]:
-        """The Feast rows by view name (every feature of each view); empty without events."""
-        s = self.state
-        if s.newest is None:
-            return {}
-        ts = datetime.fromtimestamp(s.newest, UTC)
-        activity: dict[str, Any] = {"entity_id": self.entity_id, "event_timestamp": ts}
-        for name, width in WINDOWS.items():
-            activity[name] = self.count_within(width)
-        activity["events_total"] = s.total
-        activity["last_event_ts"] = s.newest
-        numeric: dict[str, Any] = {"entity_id": self.entity_id, "event_timestamp": ts}
-        for name in NUMERIC_MEANS:
-            mean = s.means.get(name)
-            numeric[name] = mean.value() if mean else None
-        numeric["last_event_type"] = s.last_type.value if s.last_type else None
-        numeric["last_category"] = s.last_category.value if s.last_category else None
-        return {ACTIVITY_VIEW: activity, NUMERIC_VIEW: numeric}
+        """The Feast rows by view name (every feature of each view that has events)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for name, view in self.views.items():
+            if view.newest is None:
+                continue
+            row: dict[str, Any] = {
+                self.join_key: self.value,
+                view.spec.timestamp_column: view.row_time,
+            }
+            row.update(view.values())
+            rows[name] = row
+        return rows
+
+
+def state_bytes_bound(views: Sequence[ViewSpec], dedup_ids: int) -> int:
+    """A generous upper bound of one entity's serialized state (the changelog record size)."""
+    per_bucket = 2 * 40 * 26 + 3 * 26 + 30  # worst-case partials, the bucket key, punctuation
+    total = 4096 + dedup_ids * (256 + 4)  # ids up to 256 characters
+    for view in views:
+        total += 512
+        for agg in view.aggregations:
+            if agg.function == "last":
+                total += 256 * 2 + 64 + 64
+            else:
+                total += agg.buckets * per_bucket + 64
+    return total
 
 
 # ---------------------------------------------------------------------------- the read API
@@ -253,6 +427,8 @@ class FeatureSpec:
     dtype: str
     description: str = ""
     max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS
+    join_key: str = PRIMARY_JOIN_KEY
+    """The join key of the view's entity: reads name entities by it."""
 
     @property
     def ref(self) -> str:
@@ -277,10 +453,18 @@ class FeatureSchema:
     def __post_init__(self) -> None:
         self.by_ref = {spec.ref: spec for spec in self.features}
 
-    def resolve(self, refs: Sequence[str]) -> list[FeatureSpec]:
-        """The specs of ``refs`` in order (all features when empty); RequestError if unknown."""
+    @property
+    def join_keys(self) -> set[str]:
+        return {spec.join_key for spec in self.features}
+
+    def resolve(self, refs: Sequence[str], join_key: str = PRIMARY_JOIN_KEY) -> list[FeatureSpec]:
+        """The specs of ``refs`` in order (all features of ``join_key``'s entity when empty);
+        RequestError if one is unknown or belongs to another entity."""
+        if join_key not in self.join_keys:
+            known = ", ".join(sorted(self.join_keys)) or "none"
+            raise RequestError("join_key", f"no view has join key {shown(join_key)} ({known})")
         if not refs:
-            return list(self.features)
+            return [spec for spec in self.features if spec.join_key == join_key]
         out = []
         for i, ref in enumerate(refs):
             spec = self.by_ref.get(ref)
@@ -291,6 +475,11 @@ class FeatureSchema:
                     else f"{shown(ref)} is not a 'view:feature' reference"
                 )
                 raise RequestError(f"feature_refs[{i}]", reason)
+            if spec.join_key != join_key:
+                raise RequestError(
+                    f"feature_refs[{i}]",
+                    f"{shown(ref)} is keyed by {spec.join_key}, not {shown(join_key)}",
+                )
             out.append(spec)
         return out
 

@@ -1,8 +1,11 @@
-"""OpenTelemetry instruments of the features agents: events folded, online writes, erasures.
+"""OpenTelemetry instruments of the features agents: events folded, late events, online writes,
+erasures.
 
 Prometheus names: ``loopmesh_features_events_total{outcome}`` (accepted, duplicate,
-too_late, erased), ``loopmesh_features_online_writes_total`` (entity rows pushed to the online
-store) and ``loopmesh_features_erasures_total``. Dead letters and consumer lag go to the bus's
+too_late, erased; per entity key an event feeds), ``loopmesh_features_late_events_total{view}``
+(events older than a view's allowed lateness: reported to ``events.raw.dlq``, not folded),
+``loopmesh_features_online_writes_total`` (view rows written to the online store) and
+``loopmesh_features_erasures_total``. Dead letters and consumer lag go to the bus's
 ``loopmesh_kafka_dead_lettered_total`` and ``loopmesh_kafka_consumer_lag`` (see
 ``loopmesh.mesh.bus``), like every other consumer's.
 """
@@ -23,6 +26,11 @@ _online_writes = _meter.create_counter(
     unit="{row}",
     description="Entity feature rows written to the online store",
 )
+_late = _meter.create_counter(
+    "loopmesh.features.late_events",
+    unit="{event}",
+    description="Events later than a view's allowed lateness (dead-lettered, not folded)",
+)
 _erasures = _meter.create_counter(
     "loopmesh.features.erasures", unit="{entity}", description="Entities erased"
 )
@@ -30,6 +38,10 @@ _erasures = _meter.create_counter(
 
 def record_event(outcome: str) -> None:
     _events.add(1, {"outcome": outcome})
+
+
+def record_late(view: str) -> None:
+    _late.add(1, {"view": view})
 
 
 def record_online_writes(rows: int) -> None:

@@ -41,7 +41,8 @@ from loopmesh.features.store import FeastGateway
 from loopmesh.gen.loopmesh.v1 import common_pb2, features_pb2, features_pb2_grpc
 from loopmesh.mesh.auth import Role
 from loopmesh.mesh.bus import describe_validation_error
-from loopmesh.mesh.events import EntityErased
+from loopmesh.mesh.events import PRIMARY_JOIN_KEY, EntityErased
+from loopmesh.mesh.model_repo import shown
 from loopmesh.mesh.telemetry import tracer
 
 SERVICE_NAME = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
@@ -87,6 +88,7 @@ def _spec(spec: FeatureSpec, max_age: float) -> features_pb2.FeatureSpec:
         view=spec.view,
         description=spec.description,
         stale_after_seconds=max_age,
+        join_key=spec.join_key,
     )
 
 
@@ -119,13 +121,14 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         with _tracer.start_as_current_span("FeatureService/GetOnlineFeatures") as span:
             try:
                 entity_ids = validate_entity_ids(request.entity_ids, limit=self._max_entities)
-                specs = self._store.schema.resolve(request.feature_refs)
+                join_key = request.join_key or PRIMARY_JOIN_KEY
+                specs = self._store.schema.resolve(request.feature_refs, join_key)
             except RequestError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             span.set_attribute("loopmesh.features.entities", len(entity_ids))
             span.set_attribute("loopmesh.features.refs", len(specs))
             try:
-                stored = await self._store.read(entity_ids, specs)
+                stored = await self._store.read(entity_ids, specs, join_key)
             except Exception as err:
                 span.record_exception(err)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"online store: {err}")
@@ -169,9 +172,14 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         with _tracer.start_as_current_span("FeatureService/DeleteEntity"):
             try:
                 entity_id = validate_entity_id(request.entity_id)
+                join_key = request.join_key or PRIMARY_JOIN_KEY
+                if join_key not in self._store.schema.join_keys | {PRIMARY_JOIN_KEY}:
+                    raise RequestError("join_key", f"no view has join key {shown(join_key)}")
                 if self._entity_ids is not None:
                     entity_id = self._entity_ids(entity_id)
-                erasure = EntityErased(entity_id=entity_id, reason=request.reason)
+                erasure = EntityErased(
+                    entity_id=entity_id, join_key=join_key, reason=request.reason
+                )
             except RequestError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             except ValidationError as err:  # e.g. a reason over the length limit
@@ -180,14 +188,14 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                 )
             try:
                 # Asked before the erasure is published: the agents may delete first.
-                existed = await self._store.exists(entity_id)
+                existed = await self._store.exists(entity_id, join_key)
                 await self._publish_erasure(erasure)
             except Exception as err:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"recording the erasure failed: {err}"
                 )
             try:
-                await self._store.delete(entity_id)
+                await self._store.delete(entity_id, join_key)
             except Exception as err:
                 # Recorded: the agents delete the rows when they handle the erasure.
                 await context.abort(

@@ -42,8 +42,8 @@ class FeaturesScope(BaseModel):
     run_agents: bool = True
     """Run the stream agents (events -> Feast) in this process."""
     app_id: str = Field(default="loopmesh-features", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """The consumer group and the prefix of the state's changelog topic
-    (``<app_id>-entity_state-changelog``)."""
+    """The consumer group and the prefix of its own topics: the state's changelog
+    (``<app_id>-entity_state-changelog``) and the re-keyed events (``<app_id>-rekeyed``)."""
     events_topic: str = EVENTS_RAW.name
     """Topic of InteractionEvents (tests use a unique one)."""
     erasures_topic: str = ENTITIES_ERASED.name
@@ -56,9 +56,13 @@ class FeaturesScope(BaseModel):
     """Pause before retrying a push the online store refused (the batch is retried, never
     dropped; its offsets are not committed meanwhile)."""
     allowed_lateness_s: float = Field(default=24 * 3600.0, ge=0)
-    """Events older than an entity's newest event by more than this are dropped: their ids
-    are no longer remembered, so they cannot be deduplicated. At 24 h or more, window counts
-    never depend on arrival order."""
+    """Allowed lateness of a view whose source sets no ``watermark_delay_threshold``: an
+    event older than the view's newest event by more is late (counted in
+    ``loopmesh_features_late_events_total``, reported to the events topic's DLQ, not folded)."""
+    dedup_ids: int = Field(default=1000, ge=0, le=20_000)
+    """Event ids each entity remembers (its newest accepted): a copy of an event written
+    again under the same id is recognised among them. Kafka redeliveries are recognised by
+    offset, whatever this is. Bounds the state: about 40 bytes per id."""
     stale_after_s: float | None = Field(default=None, gt=0)
     """Values older than this are served as STALE; unset uses each view's TTL."""
     max_entities: int = Field(default=1000, ge=1)

@@ -1,15 +1,15 @@
-"""The Feast online store behind the features service: read, guarded push, per-entity delete.
+"""The Feast online store behind the features service: read, guarded write, per-entity delete.
 
 This is the one module of the mesh that imports ``feast`` (seconds of import time, and torch
 with it). Feast is synchronous and, on SQLite, shares one connection: every call runs on a
 small thread pool (one thread by default), off the event loop. Writes and deletes also hold
-an asyncio lock, so a delete issued after a push lands after it.
+an asyncio lock, so a delete issued after a write lands after it.
 
 Feast facts this module works around (pinned in tests/test_feast_store.py):
 
-* the SQLite store writes whatever is pushed last, even an older row, so ``write`` reads the
-  stored ``(last_event_ts, events_total)`` first and skips rows older than what is stored;
-* a push must carry every feature of its view, which ``EntityAggregate.rows`` always does;
+* the SQLite store writes whatever is written last, even an older row, so ``write`` reads the
+  stored event time of each row first and skips rows older than what is stored;
+* a write must carry every feature of its view, which ``EntityFold.rows`` always does;
 * Feast has no per-entity delete, so ``delete`` removes the rows itself: SQLite rows by
   serialized entity key in each view's table, or the entity's Redis hash.
 """
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 import sqlite3
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,27 +28,25 @@ from typing import Any, TypeVar
 
 import pandas as pd  # type: ignore[import-untyped]
 from feast import FeatureStore, RepoConfig
-from feast.data_source import PushMode
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import compute_table_id
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from loopmesh.features.core import (
-    ACTIVITY_VIEW,
-    FeatureSchema,
-    FeatureSpec,
-    StoredValue,
-)
+from loopmesh.features.core import FeatureSchema, FeatureSpec, StoredValue
+from loopmesh.features.definitions import Definitions, load_definitions
 from loopmesh.features.repo import feast_config
 from loopmesh.features.settings import FeaturesScope
 from loopmesh.mesh.errors import Unavailable
+from loopmesh.mesh.events import PRIMARY_JOIN_KEY
+
+# Feast warns on every StreamFeatureView it builds (it is "alpha" in Feast because Feast
+# itself computes them only with Spark); LoopMesh computes them, so the warning misleads.
+warnings.filterwarnings("ignore", message="Stream feature views are experimental")
 
 T = TypeVar("T")
-JOIN_KEY = "entity_id"
 Rows = Mapping[str, Mapping[str, Any]]
-"""One entity's rows by view name (``EntityAggregate.rows``)."""
-_VERSION_REFS = [f"{ACTIVITY_VIEW}:last_event_ts", f"{ACTIVITY_VIEW}:events_total"]
+"""One entity's rows by view name (``EntityFold.rows``)."""
 
 
 def repo_config(scope: FeaturesScope) -> RepoConfig:
@@ -65,8 +65,8 @@ def _python_value(value: ValueProto) -> float | int | str | None:
     return None  # null, or a kind no view of ours declares
 
 
-def _entity_key(entity_id: str) -> EntityKeyProto:
-    return EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=entity_id)])
+def _entity_key(join_key: str, entity_id: str) -> EntityKeyProto:
+    return EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
 
 
 class FeastGateway:
@@ -79,12 +79,25 @@ class FeastGateway:
         threads: int = 1,
         redis_url: str | None = None,
         timeout_s: float = 10.0,
+        default_lateness_s: float = 24 * 3600.0,
     ):
         self.store = store
         self._redis_url = redis_url
         self._timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feast")
         self._write_lock = asyncio.Lock()
+        # Validated first: a declaration LoopMesh cannot compute stops the service here.
+        self.definitions: Definitions = load_definitions(
+            store.list_stream_feature_views(),
+            store.list_entities(),
+            default_lateness_s=default_lateness_s,
+        )
+        self._views = {
+            **{v.name: v for v in store.list_feature_views()},
+            **{v.name: v for v in store.list_stream_feature_views()},
+        }
+        self._join_key_of = {v.name: v.join_key for v in self.definitions.views}
+        self._timestamp_of = {v.name: v.timestamp_column for v in self.definitions.views}
         self.schema = FeatureSchema(self._load_specs())
 
     @classmethod
@@ -92,7 +105,11 @@ class FeastGateway:
         store = FeatureStore(config=repo_config(scope))
         url = scope.redis_url.get_secret_value() if scope.redis_url else None
         return cls(
-            store, threads=scope.store_threads, redis_url=url, timeout_s=scope.store_timeout_s
+            store,
+            threads=scope.store_threads,
+            redis_url=url,
+            timeout_s=scope.store_timeout_s,
+            default_lateness_s=scope.allowed_lateness_s,
         )
 
     def close(self) -> None:
@@ -112,9 +129,23 @@ class FeastGateway:
 
     def _load_specs(self) -> list[FeatureSpec]:
         specs = []
-        for view in sorted(self.store.list_feature_views(), key=lambda v: v.name):
+        entities = {e.name: e.join_key for e in self.store.list_entities()}
+        computed = {v.name: v for v in self.definitions.views}
+        for view in sorted(self._views.values(), key=lambda v: v.name):
             ttl = view.ttl.total_seconds() if view.ttl else float("inf")
-            for feature in view.features:
+            keys = [entities.get(name, name) for name in view.entities]
+            if len(keys) != 1:
+                continue  # a view of a composite key is read by neither door of ours
+            # Declaration order for computed views (Feast's registry does not keep it).
+            order = (
+                {a.feature: i for i, a in enumerate(computed[view.name].aggregations)}
+                if (view.name in computed)
+                else {}
+            )
+            features = sorted(view.features, key=lambda f: order.get(f.name, len(order)))
+            for feature in features:
+                if feature.name == keys[0]:
+                    continue  # a stream view keeps its join key among its fields
                 specs.append(
                     FeatureSpec(
                         view=view.name,
@@ -122,6 +153,7 @@ class FeastGateway:
                         dtype=str(feature.dtype),
                         description=feature.description,
                         max_age_seconds=ttl,
+                        join_key=keys[0],
                     )
                 )
         return specs
@@ -129,18 +161,24 @@ class FeastGateway:
     # ------------------------------------------------------------------------------ reads
 
     async def read(
-        self, entity_ids: Sequence[str], specs: Sequence[FeatureSpec]
+        self,
+        entity_ids: Sequence[str],
+        specs: Sequence[FeatureSpec],
+        join_key: str = PRIMARY_JOIN_KEY,
     ) -> list[list[StoredValue]]:
         """Stored values per entity (in order) per spec (in order)."""
-        return await self._call(lambda: self.read_sync(entity_ids, specs))
+        return await self._call(lambda: self.read_sync(entity_ids, specs, join_key))
 
     def read_sync(
-        self, entity_ids: Sequence[str], specs: Sequence[FeatureSpec]
+        self,
+        entity_ids: Sequence[str],
+        specs: Sequence[FeatureSpec],
+        join_key: str = PRIMARY_JOIN_KEY,
     ) -> list[list[StoredValue]]:
         unique = list(dict.fromkeys(entity_ids))
         response = self.store.get_online_features(
             features=[spec.ref for spec in specs],
-            entity_rows=[{JOIN_KEY: entity_id} for entity_id in unique],
+            entity_rows=[{join_key: entity_id} for entity_id in unique],
             full_feature_names=True,
         ).proto
         # Feast orders its columns its own way; find each requested one by its full name.
@@ -158,57 +196,70 @@ class FeastGateway:
     # ----------------------------------------------------------------------------- writes
 
     async def write(self, rows: Sequence[Rows]) -> int:
-        """Push each entity's rows unless the store already holds a newer state; returns how
-        many entities were written."""
+        """Write each entity's rows, view by view, unless the store already holds a newer row
+        of that view; returns how many rows were written."""
         if not rows:
             return 0
         async with self._write_lock:
             return await self._call(lambda: self._write_sync(rows))
 
     def _write_sync(self, rows: Sequence[Rows]) -> int:
-        latest: dict[str, Rows] = {}
+        by_view: dict[str, dict[str, Mapping[str, Any]]] = {}
         for entity_rows in rows:
-            latest[entity_rows[ACTIVITY_VIEW][JOIN_KEY]] = entity_rows
-        stored = self._stored_versions(list(latest))
-        fresh = [
-            entity_rows
-            for entity_id, entity_rows in latest.items()
-            if _version(entity_rows) >= stored.get(entity_id, (float("-inf"), -1))
-        ]
-        if not fresh:
-            return 0
-        for view in fresh[0]:
-            frame = pd.DataFrame([dict(entity_rows[view]) for entity_rows in fresh])
-            self.store.push(f"{view}_push", frame, to=PushMode.ONLINE)
-        return len(fresh)
+            for view, row in entity_rows.items():
+                # The last row of an entity in the batch is its newest state.
+                by_view.setdefault(view, {})[row[self._join_key_of[view]]] = row
+        written = 0
+        for view, latest in by_view.items():
+            stored = self._stored_times(view, list(latest))
+            timestamp = self._timestamp_of[view]
+            fresh = [
+                dict(row)
+                for entity_id, row in latest.items()
+                # Feast keeps event times to the second: a row of the same second is written.
+                if math.floor(row[timestamp].timestamp()) >= stored.get(entity_id, -math.inf)
+            ]
+            if fresh:
+                self.store.write_to_online_store(view, pd.DataFrame(fresh))
+                written += len(fresh)
+        return written
 
-    def _stored_versions(self, entity_ids: list[str]) -> dict[str, tuple[float, int]]:
-        by_ref = self.schema.by_ref
-        specs = [by_ref[ref] for ref in _VERSION_REFS]
+    def _stored_times(self, view: str, entity_ids: list[str]) -> dict[str, float]:
+        """Event time (whole seconds) of the stored row of each entity that has one."""
+        spec = next(s for s in self.schema.features if s.view == view)
         out = {}
-        for entity_id, (ts, total) in zip(
-            entity_ids, self.read_sync(entity_ids, specs), strict=True
+        for entity_id, (value,) in zip(
+            entity_ids, self.read_sync(entity_ids, [spec], spec.join_key), strict=True
         ):
-            if isinstance(ts.value, float | int) and isinstance(total.value, int):
-                out[entity_id] = (float(ts.value), total.value)
+            if value.event_time is not None:
+                out[entity_id] = value.event_time
         return out
 
-    async def exists(self, entity_id: str) -> bool:
+    def _specs_of(self, join_key: str) -> list[FeatureSpec]:
+        return [spec for spec in self.schema.features if spec.join_key == join_key]
+
+    async def exists(self, entity_id: str, join_key: str = PRIMARY_JOIN_KEY) -> bool:
         """Whether the online store holds any value of the entity."""
-        (values,) = await self.read([entity_id], list(self.schema.features))
+        specs = self._specs_of(join_key)
+        if not specs:
+            return False
+        (values,) = await self.read([entity_id], specs, join_key)
         return any(v.value is not None for v in values)
 
-    async def delete(self, entity_id: str) -> bool:
+    async def delete(self, entity_id: str, join_key: str = PRIMARY_JOIN_KEY) -> bool:
         """Remove every online value of the entity; True when it had any."""
         async with self._write_lock:
-            return await self._call(lambda: self._delete_sync(entity_id))
+            return await self._call(lambda: self._delete_sync(entity_id, join_key))
 
-    def _delete_sync(self, entity_id: str) -> bool:
-        (values,) = self.read_sync([entity_id], list(self.schema.features))
-        existed = any(v.value is not None for v in values)
+    def _delete_sync(self, entity_id: str, join_key: str) -> bool:
+        specs = self._specs_of(join_key)
+        existed = False
+        if specs:
+            (values,) = self.read_sync([entity_id], specs, join_key)
+            existed = any(v.value is not None for v in values)
         config = self.store.config
         key = serialize_entity_key(
-            _entity_key(entity_id),
+            _entity_key(join_key, entity_id),
             entity_key_serialization_version=config.entity_key_serialization_version,
         )
         if config.online_store.type == "redis":
@@ -224,8 +275,7 @@ class FeastGateway:
             path = Path(config.repo_path) / path
         versioning = config.registry.enable_online_feature_view_versioning
         tables = [
-            compute_table_id(config.project, view, versioning)
-            for view in self.store.list_feature_views()
+            compute_table_id(config.project, view, versioning) for view in self._views.values()
         ]
         # A connection of our own: Feast's is private to its store object.
         conn = sqlite3.connect(path, timeout=30)
@@ -249,8 +299,3 @@ class FeastGateway:
             client.delete(key)
         finally:
             client.close()
-
-
-def _version(rows: Rows) -> tuple[float, int]:
-    activity = rows[ACTIVITY_VIEW]
-    return float(activity["last_event_ts"]), int(activity["events_total"])

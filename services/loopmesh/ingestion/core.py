@@ -52,9 +52,11 @@ def interaction_rules(limits: IntakeLimits) -> list[Rule[InteractionEvent]]:
 
     def attributes(event: InteractionEvent) -> Refusal | None:
         numeric = event.numeric
-        if len(numeric) > most or len(event.categorical) > most:
-            return check_size("numeric", numeric, most) or check_size(
-                "categorical", event.categorical, most
+        if len(numeric) > most or len(event.categorical) > most or len(event.entities) > most:
+            return (
+                check_size("numeric", numeric, most)
+                or check_size("categorical", event.categorical, most)
+                or check_size("entities", event.entities, most)
             )
         # One C-level pass in the common case; the offender is looked up only on refusal.
         if numeric and max(map(abs, numeric.values())) > largest:
@@ -80,7 +82,11 @@ def ingestion_intake(
     """The intake of interaction events, with pseudonymisation when ``entity_ids`` enables it."""
 
     def pseudonymise(event: InteractionEvent) -> InteractionEvent:
-        return event.model_copy(update={"entity_id": entity_ids(event.entity_id)})
+        # Every join key's id: an item id identifies a person as well as a user id can.
+        update: dict[str, Any] = {"entity_id": entity_ids(event.entity_id)}
+        if event.entities:
+            update["entities"] = {k: entity_ids(v) for k, v in event.entities.items()}
+        return event.model_copy(update=update)
 
     return Intake(
         name="ingestion",

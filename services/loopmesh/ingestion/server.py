@@ -38,7 +38,7 @@ class BatchTooLarge(Exception):
 
 def event_item(message: ingestion_pb2.InteractionEvent, index: int) -> Item:
     """The model fields of one event message; unset fields are left to the model's defaults."""
-    numeric, categorical = message.numeric, message.categorical
+    numeric, categorical, entities = message.numeric, message.categorical, message.entities
     data: dict[str, Any] = {
         "entity_id": message.entity_id,
         "event_type": message.event_type,
@@ -46,6 +46,8 @@ def event_item(message: ingestion_pb2.InteractionEvent, index: int) -> Item:
         "numeric": {k: numeric[k] for k in numeric} if numeric else {},
         "categorical": {k: categorical[k] for k in categorical} if categorical else {},
     }
+    if entities:
+        data["entities"] = {k: entities[k] for k in entities}
     return envelope_item(message, index, data)
 
 

@@ -49,11 +49,13 @@ MAX_LINKS = 64
 
 
 class Taken(NamedTuple, Generic[E]):
-    """One buffered event with the partition it came from and its producer's trace."""
+    """One buffered event with where it came from and its producer's trace."""
 
     partition: int
     event: E
     trace: SpanContext | None
+    topic: str = ""
+    offset: int = -1
 
 
 Store = Callable[[Sequence[Taken[E]]], Awaitable[None]]
@@ -174,7 +176,8 @@ class BatchSink(Generic[E]):
             if self._accept(event):  # type: ignore[arg-type]
                 context = trace.get_current_span(extract_context(record.headers))
                 traced = context.get_span_context() if context.get_span_context().is_valid else None
-                self._buffer.append((tp, Taken(tp.partition, event, traced)))  # type: ignore[arg-type]
+                taken = Taken(tp.partition, event, traced, tp.topic, record.offset)
+                self._buffer.append((tp, taken))  # type: ignore[arg-type]
                 if traced is not None:
                     self._traces.append(traced)
             else:
@@ -255,7 +258,10 @@ class _StoreOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._sink._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        # aiokafka awaits this before fetching for the new assignment: state recovered here
-        # is in place before the first record of these partitions reaches ``store``.
+        # aiokafka sets the assignment before it awaits this, and its fetcher may hand the
+        # new partitions' records to ``getmany`` meanwhile: they are buffered, and the store
+        # lock held here keeps them from ``store`` until the state this recovers is in place
+        # (a backfill that took seconds lost its work to a concurrent batch before).
         if self._sink._on_assigned is not None:
-            await self._sink._on_assigned(set(assigned))
+            async with self._sink._lock:
+                await self._sink._on_assigned(set(assigned))

@@ -22,6 +22,8 @@ import logging
 from collections.abc import Iterable, Iterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from loopmesh.mesh.bus import EventProducer, client_options, declare_topics
 from loopmesh.mesh.events import Event
@@ -58,9 +60,37 @@ class ChangelogTable:
         self._pending: list[asyncio.Future[None]] = []
 
     async def declare(self, partitions: int) -> None:
-        """Create the topic with ``partitions``, as many as the source topic has."""
+        """Create the topic with ``partitions``, as many as the source topic has, taking
+        records of the table's size; an existing topic that takes less is raised to it (a
+        state that grew with its definitions would otherwise fail every write)."""
         sized = self._settings.model_copy(update={"default_partitions": partitions})
         await declare_topics(sized, [self.topic], with_dlq=False)
+        wanted = self.topic.max_message_bytes
+        if wanted is None:
+            return
+        admin = AIOKafkaAdminClient(**client_options(self._settings, f"{self._service}-admin"))
+        await admin.start()
+        try:
+            resource = ConfigResource(ConfigResourceType.TOPIC, self.topic.name)
+            (described,) = await admin.describe_configs([resource])
+            entries = {e[0]: e[1] for e in described.resources[0][4]}
+            current = int(entries.get("max.message.bytes") or 0)
+            if current < wanted:
+                # AlterConfigs replaces the topic's whole config: give all of it.
+                config = ConfigResource(
+                    ConfigResourceType.TOPIC, self.topic.name, configs=self.topic.config()
+                )
+                (altered,) = await admin.alter_configs([config])
+                code = altered.resources[0][0]
+                if code != 0:
+                    raise RuntimeError(
+                        f"raising max.message.bytes of {self.topic.name} failed: error {code}"
+                    )
+                log.info(
+                    "raised max.message.bytes of %s from %d to %d", self.topic.name, current, wanted
+                )
+        finally:
+            await admin.close()
 
     # -- reads -------------------------------------------------------------------------------
 

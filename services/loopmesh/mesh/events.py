@@ -34,6 +34,9 @@ Finite = Annotated[float, AfterValidator(_finite)]
 """A float that is neither NaN nor infinite."""
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 """An id: trimmed, non-empty, bounded."""
+PRIMARY_JOIN_KEY = "entity_id"
+JoinKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+"""A Feast join key name (an identifier), e.g. ``item_id``."""
 ModelName = Annotated[str, StringConstraints(pattern=rf"^{MODEL_NAME_PATTERN}$")]
 """The model repository's rule (``model_repo.MODEL_NAME_PATTERN``), so events and paths agree."""
 """A model name that is safe as a directory name."""
@@ -83,6 +86,16 @@ class InteractionEvent(Event):
     categorical: dict[Identifier, Annotated[str, StringConstraints(max_length=256)]] = Field(
         default_factory=dict
     )
+    entities: dict[JoinKey, Identifier] = Field(default_factory=dict)
+    """Further entities the event is about, by join key (``{"item_id": "sku-42"}``); the
+    event's own entity is ``entity_id``, never an entry here."""
+
+    @field_validator("entities")
+    @classmethod
+    def _no_primary(cls, value: dict[str, str]) -> dict[str, str]:
+        if PRIMARY_JOIN_KEY in value:
+            raise ValueError(f"{PRIMARY_JOIN_KEY} is the event's own entity, not an entry here")
+        return value
 
 
 class PredictionLogged(Event):
@@ -191,7 +204,16 @@ class EntityErased(Event):
 
     SCHEMA: ClassVar[str] = "erasure.v1"
     entity_id: Identifier
+    join_key: JoinKey = "entity_id"
+    """Which kind of entity ``entity_id`` names (its join key), e.g. ``item_id``."""
     reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+
+
+def erasure_key(event: EntityErased) -> str:
+    """The compaction key of an erasure: the id, prefixed by its join key unless entity_id."""
+    if event.join_key == PRIMARY_JOIN_KEY:
+        return event.entity_id
+    return f"{event.join_key}={event.entity_id}"
 
 
 class DeadLetter(Event):

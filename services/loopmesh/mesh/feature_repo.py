@@ -1,4 +1,9 @@
-"""Prepare and apply the Feast repository (``feature_store/``) in a working directory.
+"""Prepare and apply a project's Feast repository in a working directory.
+
+A *project* is a directory the user owns: a Feast feature repository (what ``feast init``
+makes), found through ``LOOPMESH_PROJECT`` (``loopmesh run --project DIR``); the top-level
+``feature_store/`` is the default one. Its code is copied into a working directory next to
+the applied registry and online store, so ``feast apply`` never writes into the project.
 
 Feast is driven through its CLI in a subprocess only: ``import feast`` costs seconds and pulls
 in torch, and only the features service may pay that (docs/architecture.md).
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +23,14 @@ from urllib.parse import unquote, urlsplit
 
 from loopmesh.mesh.errors import SetupError
 
-# The source definitions: <repo root>/feature_store, this file being
+# The default project: <repo root>/feature_store, this file being
 # <repo root>/services/loopmesh/mesh/feature_repo.py.
 FEATURE_REPO_DIR = Path(__file__).resolve().parents[3] / "feature_store"
+# What is never copied from a project: Feast's own outputs and the user's local config.
+_NOT_CODE = shutil.ignore_patterns(
+    "data", "__pycache__", ".*", "feature_store.yaml", "*.db", "*.parquet"
+)
+_PROJECT_NAME = re.compile(r"^project:\s*['\"]?([A-Za-z0-9_]+)['\"]?\s*$", re.MULTILINE)
 
 OnlineStore = Literal["sqlite", "redis"]
 
@@ -61,8 +72,32 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value)
 
 
+def project_dir(project: Path | None) -> Path:
+    """The project directory (the default project when None); SetupError if it is not one."""
+    directory = (project or FEATURE_REPO_DIR).resolve()
+    if not directory.is_dir():
+        raise SetupError(f"project {directory} (LOOPMESH_PROJECT) is not a directory")
+    if not any(directory.rglob("*.py")):
+        raise SetupError(f"project {directory} holds no Feast definitions (*.py)")
+    return directory
+
+
+def project_name(project: Path) -> str:
+    """The Feast project name of ``project`` (its ``feature_store.yaml``'s), else ``loopmesh``."""
+    config = project / "feature_store.yaml"
+    if config.is_file():
+        match = _PROJECT_NAME.search(config.read_text())
+        if match:
+            return match.group(1)
+    return PROJECT
+
+
 def render_config(
-    repo_dir: Path, *, online_store: OnlineStore = "sqlite", redis_url: str | None = None
+    repo_dir: Path,
+    *,
+    online_store: OnlineStore = "sqlite",
+    redis_url: str | None = None,
+    project: str = PROJECT,
 ) -> str:
     """The ``feature_store.yaml`` text for a working repo at ``repo_dir`` (absolute paths)."""
     data_dir = repo_dir.resolve() / "data"
@@ -77,7 +112,7 @@ def render_config(
         raise ValueError(f"unknown online store {online_store!r} (sqlite or redis)")
     return (
         "# Written by loopmesh.mesh.feature_repo; edits are lost on the next prepare.\n"
-        f"project: {PROJECT}\n"
+        f"project: {project}\n"
         "provider: local\n"
         f"registry: {_yaml_str(str(data_dir / 'registry.db'))}\n"
         f"online_store:\n{online}"
@@ -88,24 +123,37 @@ def render_config(
 
 
 def prepare_repo(
-    target_dir: Path, *, online_store: OnlineStore = "sqlite", redis_url: str | None = None
+    target_dir: Path,
+    *,
+    project: Path | None = None,
+    online_store: OnlineStore = "sqlite",
+    redis_url: str | None = None,
 ) -> Path:
-    """Copy the Feast definitions into ``target_dir`` and write its config; returns the dir.
+    """Copy the project's code into ``target_dir`` and write its config; returns the dir.
 
     A working copy keeps ``feast apply`` (registry, online store, batch parquet paths) out of
-    the source tree. Re-preparing the same directory keeps its data but refreshes the code.
+    the project. Re-preparing the same directory keeps its data but refreshes the code.
     """
-    text = render_config(target_dir, online_store=online_store, redis_url=redis_url)
-    sources = sorted(FEATURE_REPO_DIR.glob("*.py"))
-    if not sources:
-        raise SetupError(f"no Feast definitions (*.py) found in {FEATURE_REPO_DIR}")
+    source = project_dir(project)
+    text = render_config(
+        target_dir,
+        online_store=online_store,
+        redis_url=redis_url,
+        project=project_name(source),
+    )
     repo_dir = target_dir.resolve()
+    if repo_dir == source or source in repo_dir.parents:
+        raise SetupError(f"the working copy {repo_dir} must not lie inside the project {source}")
     (repo_dir / "data").mkdir(parents=True, exist_ok=True)
-    # Feast applies every *.py in the repo: a file deleted from the source must go here too.
-    for stale in repo_dir.glob("*.py"):
-        stale.unlink()
-    for src in sources:
-        shutil.copy2(src, repo_dir / src.name)
+    # Feast applies every *.py in the repo: a file deleted from the project must go here too.
+    for entry in repo_dir.iterdir():
+        if entry.name == "data":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    shutil.copytree(source, repo_dir, ignore=_NOT_CODE, dirs_exist_ok=True)
     (repo_dir / "feature_store.yaml").write_text(text)
     return repo_dir
 

@@ -155,6 +155,10 @@ class MeshSettings(BaseSettings):
     has one pseudonym everywhere."""
     infra: InfraSettings = InfraSettings()
     """Local stack."""
+    project: Path | None = None
+    """The user's project (``LOOPMESH_PROJECT``): a Feast repository declaring the entities
+    and stream feature views LoopMesh computes. Unset: the default project, the repository's
+    ``feature_store/``. ``loopmesh run --project DIR`` sets it for every process it starts."""
     triton_url: str = "127.0.0.1:8001"
     """tritonserver gRPC address."""
     triton_client: TritonClientSettings = TritonClientSettings()

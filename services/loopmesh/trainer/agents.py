@@ -17,7 +17,13 @@ from opentelemetry.trace import SpanContext
 
 from loopmesh.mesh.batch import BatchSink, Taken
 from loopmesh.mesh.bus import Delivery, EventProducer
-from loopmesh.mesh.events import EntityErased, LabelledExample, RolloutChanged, VersionMetrics
+from loopmesh.mesh.events import (
+    PRIMARY_JOIN_KEY,
+    EntityErased,
+    LabelledExample,
+    RolloutChanged,
+    VersionMetrics,
+)
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import Topic
 from loopmesh.trainer.core import TrainerCore, with_example_traces
@@ -72,6 +78,8 @@ class TrainerHandlers:
         self.core = core
 
     async def on_erased(self, event: EntityErased, delivery: Delivery) -> None:
+        if event.join_key != PRIMARY_JOIN_KEY:
+            return  # examples are keyed by entity_id; another entity kind has none here
         # Durable before the offset commits: recorded (fsync), then purged from the files.
         await asyncio.to_thread(self._erase, event.entity_id)
 

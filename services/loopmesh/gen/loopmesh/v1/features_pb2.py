@@ -26,33 +26,33 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loopmesh.gen.loopmesh.v1 import common_pb2 as loopmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloopmesh/v1/features.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopmesh/v1/common.proto\"D\n\x18GetOnlineFeaturesRequest\x12\x12\n\nentity_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x66\x65\x61ture_refs\x18\x02 \x03(\t\"\x8d\x01\n\x0c\x46\x65\x61tureValue\x12!\n\x05value\x18\x01 \x01(\x0b\x32\x12.loopmesh.v1.Value\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.loopmesh.v1.FeatureStatus\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x0e\x45ntityFeatures\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12)\n\x06values\x18\x02 \x03(\x0b\x32\x19.loopmesh.v1.FeatureValue\"`\n\x19GetOnlineFeaturesResponse\x12\x14\n\x0c\x66\x65\x61ture_refs\x18\x01 \x03(\t\x12-\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x1b.loopmesh.v1.EntityFeatures\"\x19\n\x17GetFeatureSchemaRequest\"i\n\x0b\x46\x65\x61tureSpec\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04view\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x1b\n\x13stale_after_seconds\x18\x05 \x01(\x01\"F\n\x18GetFeatureSchemaResponse\x12*\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x18.loopmesh.v1.FeatureSpec\"8\n\x13\x44\x65leteEntityRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x14\x44\x65leteEntityResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x12\x18\n\x10\x65rasure_event_id\x18\x02 \x01(\t*\x81\x01\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_MISSING\x10\x02\x12\x18\n\x14\x46\x45\x41TURE_STATUS_STALE\x10\x03\x32\xaa\x02\n\x0e\x46\x65\x61tureService\x12\x62\n\x11GetOnlineFeatures\x12%.loopmesh.v1.GetOnlineFeaturesRequest\x1a&.loopmesh.v1.GetOnlineFeaturesResponse\x12_\n\x10GetFeatureSchema\x12$.loopmesh.v1.GetFeatureSchemaRequest\x1a%.loopmesh.v1.GetFeatureSchemaResponse\x12S\n\x0c\x44\x65leteEntity\x12 .loopmesh.v1.DeleteEntityRequest\x1a!.loopmesh.v1.DeleteEntityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloopmesh/v1/features.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopmesh/v1/common.proto\"V\n\x18GetOnlineFeaturesRequest\x12\x12\n\nentity_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x66\x65\x61ture_refs\x18\x02 \x03(\t\x12\x10\n\x08join_key\x18\x03 \x01(\t\"\x8d\x01\n\x0c\x46\x65\x61tureValue\x12!\n\x05value\x18\x01 \x01(\x0b\x32\x12.loopmesh.v1.Value\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.loopmesh.v1.FeatureStatus\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x0e\x45ntityFeatures\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12)\n\x06values\x18\x02 \x03(\x0b\x32\x19.loopmesh.v1.FeatureValue\"`\n\x19GetOnlineFeaturesResponse\x12\x14\n\x0c\x66\x65\x61ture_refs\x18\x01 \x03(\t\x12-\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x1b.loopmesh.v1.EntityFeatures\"\x19\n\x17GetFeatureSchemaRequest\"{\n\x0b\x46\x65\x61tureSpec\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04view\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x1b\n\x13stale_after_seconds\x18\x05 \x01(\x01\x12\x10\n\x08join_key\x18\x06 \x01(\t\"F\n\x18GetFeatureSchemaResponse\x12*\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x18.loopmesh.v1.FeatureSpec\"J\n\x13\x44\x65leteEntityRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08join_key\x18\x03 \x01(\t\"A\n\x14\x44\x65leteEntityResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x12\x18\n\x10\x65rasure_event_id\x18\x02 \x01(\t*\x81\x01\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_MISSING\x10\x02\x12\x18\n\x14\x46\x45\x41TURE_STATUS_STALE\x10\x03\x32\xaa\x02\n\x0e\x46\x65\x61tureService\x12\x62\n\x11GetOnlineFeatures\x12%.loopmesh.v1.GetOnlineFeaturesRequest\x1a&.loopmesh.v1.GetOnlineFeaturesResponse\x12_\n\x10GetFeatureSchema\x12$.loopmesh.v1.GetFeatureSchemaRequest\x1a%.loopmesh.v1.GetFeatureSchemaResponse\x12S\n\x0c\x44\x65leteEntity\x12 .loopmesh.v1.DeleteEntityRequest\x1a!.loopmesh.v1.DeleteEntityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loopmesh.v1.features_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEATURESTATUS']._serialized_start=826
-  _globals['_FEATURESTATUS']._serialized_end=955
+  _globals['_FEATURESTATUS']._serialized_start=880
+  _globals['_FEATURESTATUS']._serialized_end=1009
   _globals['_GETONLINEFEATURESREQUEST']._serialized_start=102
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=170
-  _globals['_FEATUREVALUE']._serialized_start=173
-  _globals['_FEATUREVALUE']._serialized_end=314
-  _globals['_ENTITYFEATURES']._serialized_start=316
-  _globals['_ENTITYFEATURES']._serialized_end=394
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=396
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=492
-  _globals['_GETFEATURESCHEMAREQUEST']._serialized_start=494
-  _globals['_GETFEATURESCHEMAREQUEST']._serialized_end=519
-  _globals['_FEATURESPEC']._serialized_start=521
-  _globals['_FEATURESPEC']._serialized_end=626
-  _globals['_GETFEATURESCHEMARESPONSE']._serialized_start=628
-  _globals['_GETFEATURESCHEMARESPONSE']._serialized_end=698
-  _globals['_DELETEENTITYREQUEST']._serialized_start=700
-  _globals['_DELETEENTITYREQUEST']._serialized_end=756
-  _globals['_DELETEENTITYRESPONSE']._serialized_start=758
-  _globals['_DELETEENTITYRESPONSE']._serialized_end=823
-  _globals['_FEATURESERVICE']._serialized_start=958
-  _globals['_FEATURESERVICE']._serialized_end=1256
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=188
+  _globals['_FEATUREVALUE']._serialized_start=191
+  _globals['_FEATUREVALUE']._serialized_end=332
+  _globals['_ENTITYFEATURES']._serialized_start=334
+  _globals['_ENTITYFEATURES']._serialized_end=412
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=414
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=510
+  _globals['_GETFEATURESCHEMAREQUEST']._serialized_start=512
+  _globals['_GETFEATURESCHEMAREQUEST']._serialized_end=537
+  _globals['_FEATURESPEC']._serialized_start=539
+  _globals['_FEATURESPEC']._serialized_end=662
+  _globals['_GETFEATURESCHEMARESPONSE']._serialized_start=664
+  _globals['_GETFEATURESCHEMARESPONSE']._serialized_end=734
+  _globals['_DELETEENTITYREQUEST']._serialized_start=736
+  _globals['_DELETEENTITYREQUEST']._serialized_end=810
+  _globals['_DELETEENTITYRESPONSE']._serialized_start=812
+  _globals['_DELETEENTITYRESPONSE']._serialized_end=877
+  _globals['_FEATURESERVICE']._serialized_start=1012
+  _globals['_FEATURESERVICE']._serialized_end=1310
 # @@protoc_insertion_point(module_scope)

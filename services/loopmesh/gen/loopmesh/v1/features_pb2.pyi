@@ -52,23 +52,29 @@ class GetOnlineFeaturesRequest(_message.Message):
 
     ENTITY_IDS_FIELD_NUMBER: _builtins.int
     FEATURE_REFS_FIELD_NUMBER: _builtins.int
+    JOIN_KEY_FIELD_NUMBER: _builtins.int
+    join_key: _builtins.str
+    """The join key entity_ids are values of (empty: "entity_id"); every referenced feature
+    must belong to a view of that entity.
+    """
     @_builtins.property
     def entity_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Entities to read; at most the configured batch limit."""
 
     @_builtins.property
     def feature_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"view:feature" references; empty means every feature of the schema."""
+        """"view:feature" references; empty means every feature of the join key's views."""
 
     def __init__(
         self,
         *,
         entity_ids: _abc.Iterable[_builtins.str] | None = ...,
         feature_refs: _abc.Iterable[_builtins.str] | None = ...,
+        join_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_ids", b"entity_ids", "feature_refs", b"feature_refs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_ids", b"entity_ids", "feature_refs", b"feature_refs", "join_key", b"join_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,6 +184,7 @@ class FeatureSpec(_message.Message):
     VIEW_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     STALE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    JOIN_KEY_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """"view:feature"."""
     dtype: _builtins.str
@@ -186,6 +193,8 @@ class FeatureSpec(_message.Message):
     description: _builtins.str
     stale_after_seconds: _builtins.float
     """Values older than this (seconds since their event time) are served as STALE."""
+    join_key: _builtins.str
+    """The join key of the view's entity (GetOnlineFeaturesRequest.join_key)."""
     def __init__(
         self,
         *,
@@ -194,10 +203,11 @@ class FeatureSpec(_message.Message):
         view: _builtins.str = ...,
         description: _builtins.str = ...,
         stale_after_seconds: _builtins.float = ...,
+        join_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "ref", b"ref", "stale_after_seconds", b"stale_after_seconds", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "join_key", b"join_key", "ref", b"ref", "stale_after_seconds", b"stale_after_seconds", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,20 +239,24 @@ class DeleteEntityRequest(_message.Message):
 
     ENTITY_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    JOIN_KEY_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
     """The raw entity id, as the app knows it: mapped to its pseudonym like ingestion does when
     pseudonymisation is on.
     """
     reason: _builtins.str
+    join_key: _builtins.str
+    """The join key entity_id is a value of (empty: "entity_id"), e.g. "item_id"."""
     def __init__(
         self,
         *,
         entity_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        join_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "join_key", b"join_key", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

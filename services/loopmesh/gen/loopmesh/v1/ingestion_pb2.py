@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loopmesh.gen.loopmesh.v1 import common_pb2 as loopmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloopmesh/v1/ingestion.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopmesh/v1/common.proto\"\xe1\x02\n\x10InteractionEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x07numeric\x18\x05 \x03(\x0b\x32*.loopmesh.v1.InteractionEvent.NumericEntry\x12\x43\n\x0b\x63\x61tegorical\x18\x06 \x03(\x0b\x32..loopmesh.v1.InteractionEvent.CategoricalEntry\x1a.\n\x0cNumericEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\rIngestRequest\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.loopmesh.v1.InteractionEvent\"r\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12(\n\x07results\x18\x04 \x03(\x0b\x32\x17.loopmesh.v1.ItemResult\"\x93\x01\n\x14IngestStreamResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12(\n\x07results\x18\x04 \x03(\x0b\x32\x17.loopmesh.v1.ItemResult\x12\x19\n\x11results_truncated\x18\x05 \x01(\x08\x32\xa6\x01\n\x10IngestionService\x12\x41\n\x06Ingest\x12\x1a.loopmesh.v1.IngestRequest\x1a\x1b.loopmesh.v1.IngestResponse\x12O\n\x0cIngestStream\x12\x1a.loopmesh.v1.IngestRequest\x1a!.loopmesh.v1.IngestStreamResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloopmesh/v1/ingestion.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopmesh/v1/common.proto\"\xd1\x03\n\x10InteractionEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x07numeric\x18\x05 \x03(\x0b\x32*.loopmesh.v1.InteractionEvent.NumericEntry\x12\x43\n\x0b\x63\x61tegorical\x18\x06 \x03(\x0b\x32..loopmesh.v1.InteractionEvent.CategoricalEntry\x12=\n\x08\x65ntities\x18\x07 \x03(\x0b\x32+.loopmesh.v1.InteractionEvent.EntitiesEntry\x1a.\n\x0cNumericEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\rIngestRequest\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.loopmesh.v1.InteractionEvent\"r\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12(\n\x07results\x18\x04 \x03(\x0b\x32\x17.loopmesh.v1.ItemResult\"\x93\x01\n\x14IngestStreamResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12(\n\x07results\x18\x04 \x03(\x0b\x32\x17.loopmesh.v1.ItemResult\x12\x19\n\x11results_truncated\x18\x05 \x01(\x08\x32\xa6\x01\n\x10IngestionService\x12\x41\n\x06Ingest\x12\x1a.loopmesh.v1.IngestRequest\x1a\x1b.loopmesh.v1.IngestResponse\x12O\n\x0cIngestStream\x12\x1a.loopmesh.v1.IngestRequest\x1a!.loopmesh.v1.IngestStreamResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERACTIONEVENT_NUMERICENTRY']._serialized_options = b'8\001'
   _globals['_INTERACTIONEVENT_CATEGORICALENTRY']._loaded_options = None
   _globals['_INTERACTIONEVENT_CATEGORICALENTRY']._serialized_options = b'8\001'
+  _globals['_INTERACTIONEVENT_ENTITIESENTRY']._loaded_options = None
+  _globals['_INTERACTIONEVENT_ENTITIESENTRY']._serialized_options = b'8\001'
   _globals['_INTERACTIONEVENT']._serialized_start=104
-  _globals['_INTERACTIONEVENT']._serialized_end=457
-  _globals['_INTERACTIONEVENT_NUMERICENTRY']._serialized_start=359
-  _globals['_INTERACTIONEVENT_NUMERICENTRY']._serialized_end=405
-  _globals['_INTERACTIONEVENT_CATEGORICALENTRY']._serialized_start=407
-  _globals['_INTERACTIONEVENT_CATEGORICALENTRY']._serialized_end=457
-  _globals['_INGESTREQUEST']._serialized_start=459
-  _globals['_INGESTREQUEST']._serialized_end=521
-  _globals['_INGESTRESPONSE']._serialized_start=523
-  _globals['_INGESTRESPONSE']._serialized_end=637
-  _globals['_INGESTSTREAMRESPONSE']._serialized_start=640
-  _globals['_INGESTSTREAMRESPONSE']._serialized_end=787
-  _globals['_INGESTIONSERVICE']._serialized_start=790
-  _globals['_INGESTIONSERVICE']._serialized_end=956
+  _globals['_INTERACTIONEVENT']._serialized_end=569
+  _globals['_INTERACTIONEVENT_NUMERICENTRY']._serialized_start=422
+  _globals['_INTERACTIONEVENT_NUMERICENTRY']._serialized_end=468
+  _globals['_INTERACTIONEVENT_CATEGORICALENTRY']._serialized_start=470
+  _globals['_INTERACTIONEVENT_CATEGORICALENTRY']._serialized_end=520
+  _globals['_INTERACTIONEVENT_ENTITIESENTRY']._serialized_start=522
+  _globals['_INTERACTIONEVENT_ENTITIESENTRY']._serialized_end=569
+  _globals['_INGESTREQUEST']._serialized_start=571
+  _globals['_INGESTREQUEST']._serialized_end=633
+  _globals['_INGESTRESPONSE']._serialized_start=635
+  _globals['_INGESTRESPONSE']._serialized_end=749
+  _globals['_INGESTSTREAMRESPONSE']._serialized_start=752
+  _globals['_INGESTSTREAMRESPONSE']._serialized_end=899
+  _globals['_INGESTIONSERVICE']._serialized_start=902
+  _globals['_INGESTIONSERVICE']._serialized_end=1068
 # @@protoc_insertion_point(module_scope)

@@ -66,12 +66,33 @@ class InteractionEvent(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EntitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EVENT_ID_FIELD_NUMBER: _builtins.int
     ENTITY_ID_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     NUMERIC_FIELD_NUMBER: _builtins.int
     CATEGORICAL_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Idempotency key chosen by the app (e.g. a UUID); empty lets the server assign one, which
     makes retries produce copies, so apps should set it.
@@ -94,6 +115,13 @@ class InteractionEvent(_message.Message):
     def categorical(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Categorical attributes, e.g. {"page": "home"}; values are trimmed."""
 
+    @_builtins.property
+    def entities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Further entities the event is about, by join key, e.g. {"item_id": "sku-42"}: feature
+        views of those entities aggregate it under that id (entity_id needs no entry here).
+        Pseudonymised like entity_id when configured.
+        """
+
     def __init__(
         self,
         *,
@@ -103,10 +131,11 @@ class InteractionEvent(_message.Message):
         event_time: _timestamp_pb2.Timestamp | None = ...,
         numeric: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         categorical: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        entities: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "entity_id", b"entity_id", "event_id", b"event_id", "event_time", b"event_time", "event_type", b"event_type", "numeric", b"numeric"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "entities", b"entities", "entity_id", b"entity_id", "event_id", b"event_id", "event_time", b"event_time", "event_type", b"event_type", "numeric", b"numeric"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

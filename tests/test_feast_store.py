@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from loopmesh.mesh.errors import SetupError
 from loopmesh.mesh.feature_repo import (
     apply_repo,
     prepare_repo,
@@ -192,3 +193,27 @@ async def test_a_hung_store_answers_unavailable_within_the_timeout(store: Any) -
     finally:
         release.set()
         gateway.close()
+
+
+def test_a_users_project_is_copied_with_its_name_and_without_its_data(tmp_path: Path) -> None:
+    project = tmp_path / "shop"
+    (project / "pkg").mkdir(parents=True)
+    (project / "data").mkdir()
+    (project / "features.py").write_text("# views\n")
+    (project / "pkg" / "more.py").write_text("# more views\n")
+    (project / "data" / "online.db").write_text("not to be copied")
+    (project / "feature_store.yaml").write_text("project: shop\nprovider: local\n")
+    repo = prepare_repo(tmp_path / "work", project=project)
+    assert (repo / "features.py").read_text() == "# views\n"
+    assert (repo / "pkg" / "more.py").is_file()
+    assert not (repo / "data" / "online.db").exists()
+    assert "project: shop\n" in (repo / "feature_store.yaml").read_text()
+    # A file the project no longer has leaves the working copy on the next prepare.
+    (project / "pkg" / "more.py").unlink()
+    prepare_repo(tmp_path / "work", project=project)
+    assert not (repo / "pkg" / "more.py").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SetupError, match="holds no Feast definitions"):
+        prepare_repo(tmp_path / "work2", project=tmp_path / "empty")
+    with pytest.raises(SetupError, match="must not lie inside the project"):
+        prepare_repo(project / "work", project=project)

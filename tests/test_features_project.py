@@ -387,3 +387,30 @@ async def test_a_view_added_to_a_running_mesh_fills_from_the_retained_events(sho
         want[key] = {**want[key], **row}
     await served_as_expected(shop, want)
     assert "backfilled" in shop.worker.log.read_text()
+
+
+@pytest.mark.parametrize("shop", ["sqlite"], indirect=True)
+async def test_two_workers_one_killed_mid_stream_still_count_each_event_once(
+    shop: Shop, tmp_path: Path
+) -> None:
+    # A second member of the same group, on its own port: the partitions are split.
+    env = {**shop.worker.env, "LOOPMESH_FEATURES__SERVER__PORT": str(free_port())}
+    second = Worker(env, tmp_path / "second.log")
+    second.start()
+    try:
+        # Started means assigned: its agents return from start once partitions are theirs.
+        async def joined() -> bool:
+            return "features started" in second.log.read_text()
+
+        await eventually(joined, timeout=120, interval=0.5)
+        end = datetime.now(UTC) - timedelta(minutes=5)
+        events = shop_events(shop.run, 3000, end=end, seed=31)
+        chunks = [events[i : i + 250] for i in range(0, len(events), 250)]
+        for i, chunk in enumerate(chunks):
+            await shop.producer.publish_many(shop.events, chunk)
+            if i == len(chunks) // 2:
+                second.kill()  # mid-stream: its partitions move to the first worker
+        await served_as_expected(shop, expected(events, shop.run))
+    finally:
+        if second.proc is not None and second.proc.poll() is None:
+            second.proc.kill()

@@ -9,16 +9,24 @@ Each joined example goes to ``training.examples`` (keyed by entity) and to an in
 keyed by model name, whose consumer keeps the live sliding-window metrics per version and
 publishes them to ``metrics.live``: keying by model puts all versions of a model on one
 worker, so every version's window is whole even with many joiner workers.
+
+State is bounded: the table is on disk (RocksDB) by default; feedback for a prediction the
+joiner has not seen waits ``unmatched_feedback_wait_seconds`` at most and at most
+``max_unmatched_feedback`` such entries are kept per worker (the oldest are dropped, counted
+and logged). ``entities.erased`` is followed by every worker from its beginning, before the
+agents start: a prediction of an erased entity from before its erasure is neither stored nor
+joined, and the sweeper deletes the ones stored before the erasure arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from opentelemetry import trace
@@ -28,8 +36,23 @@ from loopmesh.joiner import instruments
 from loopmesh.joiner.core import JoinEntry, Outcome, on_feedback, on_prediction
 from loopmesh.joiner.live import LiveMetrics
 from loopmesh.joiner.settings import JoinerScope
-from loopmesh.mesh.bus import consume_span, declare_topics, encode, event_headers
-from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
+from loopmesh.joiner.state import (
+    ErasureLog,
+    UnmatchedFeedback,
+    Waiting,
+    created_of,
+    has_prediction,
+)
+from loopmesh.mesh.bus import (
+    Delivery,
+    EventProducer,
+    consume_span,
+    declare_topics,
+    encode,
+    event_headers,
+)
+from loopmesh.mesh.events import EntityErased, FeedbackEvent, LabelledExample, PredictionLogged
+from loopmesh.mesh.follow import TopicFollower
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.streams import decode_or_dead_letter, faust_app, record_lag
 from loopmesh.mesh.telemetry import extract_context, tracer
@@ -40,6 +63,17 @@ log = logging.getLogger(__name__)
 Step = Callable[..., tuple[JoinEntry, Outcome, LabelledExample | None]]
 """``step(entry, now=..., offset=...)``: a pairing transition with its event bound."""
 Side = Literal["prediction", "feedback"]
+Scanned = tuple[int | None, bytes, bytes]
+"""(partition if the store knows it, key, encoded JoinEntry): one entry as the sweeper reads it."""
+
+ERASURES_CATCHUP_S = 120.0
+"""Longest wait at start for ``entities.erased`` to be read to its end."""
+SCAN_CHUNK = 2000
+"""Entries the sweeper reads between yields to the agents."""
+DROP_LOG_INTERVAL_S = 10.0
+"""Drops of unmatched feedback are logged at most this often (with their count)."""
+UNMATCHED_EXPIRY_INTERVAL_S = 30.0
+"""How often unmatched feedback past its wait is deleted (from the age index, no scan)."""
 
 
 class Joiner:
@@ -68,6 +102,7 @@ class Joiner:
             broker_session_timeout=settings.session_timeout_seconds,
             broker_heartbeat_interval=settings.heartbeat_interval_seconds,
         )
+        self.on_disk = settings.store.startswith("rocksdb:")
         partitions = kafka.default_partitions
         # Raw bytes both ways, so recovery yields exactly what was written.
         self.table = self.app.Table(
@@ -76,7 +111,7 @@ class Joiner:
             key_type=bytes,
             value_type=bytes,
             partitions=partitions,
-            on_changelog_event=self._on_changelog_event,
+            options=_rocksdb_options(settings) if self.on_disk else None,
             help="prediction_id -> JoinEntry (JSON)",
         )
         self._predictions = self.app.topic(topics.predictions)
@@ -92,13 +127,23 @@ class Joiner:
         self._kafka = kafka
         self.live = LiveMetrics(settings.metrics_window_seconds, settings.metrics_max_points)
         self.stats: Counter[str] = Counter()
-        self._created: dict[bytes, float] = {}
-        self._partition: dict[bytes, int] = {}
+        self.unmatched = UnmatchedFeedback(settings.max_unmatched_feedback)
+        self.erasures: ErasureLog | None = None
+        self._purge_erased = False
+        self._drops_unlogged = 0
+        self._drops_logged_at = -DROP_LOG_INTERVAL_S
+        self._unwatch: Callable[[], None] | None = None
         self._model_partition: dict[str, int] = {}
+        # Its own producer only for dead letters of malformed erasures (the follower's API).
+        self._dlq = EventProducer(kafka, "joiner")
+        self._erased = TopicFollower(
+            kafka, topics.topic("erased"), self._on_erased, service="joiner", dlq=self._dlq
+        )
         self.app.agent(self._predictions, name="joiner-predictions")(self._on_predictions)
         self.app.agent(self._feedback, name="joiner-feedback")(self._on_feedback)
         self.app.agent(self._by_model, name="joiner-live")(self._on_examples)
         self.app.timer(settings.sweep_interval_seconds, name="joiner-sweep")(self.sweep)
+        self.app.timer(UNMATCHED_EXPIRY_INTERVAL_S, name="joiner-unmatched")(self.expire_unmatched)
         self.app.timer(settings.metrics_publish_interval_seconds, name="joiner-metrics")(
             self.publish_metrics
         )
@@ -111,10 +156,36 @@ class Joiner:
         # Declared before the first send: a produce to a missing topic would auto-create it
         # with the broker's default partition count (or time out) instead.
         await declare_topics(self._kafka, [self._by_model_topic], with_dlq=False)
-        await self.app.start()
+        await declare_topics(self._kafka, [self.topics.topic("erased")])
+        self.erasures = ErasureLog(self.settings.data_dir / "erased" if self.on_disk else None)
+        try:
+            await self._dlq.start()
+            # Every erasure known before the first prediction is handled: one handled earlier
+            # could join for an entity erased long ago.
+            await self._erased.follow(ERASURES_CATCHUP_S)
+            await self.app.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._unwatch = instruments.watch_unmatched(lambda: len(self.unmatched))
+        # A restart finds unmatched feedback on disk: index it (and apply the cap) now.
+        await self.sweep()
 
     async def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         await self.app.stop()
+        await self._erased.stop()
+        await self._dlq.stop()
+        if self.erasures is not None:
+            self.erasures.close()
+            self.erasures = None
+
+    @property
+    def crashed(self) -> bool:
+        """The faust app or the erasure follower died (the process must restart)."""
+        return bool(self.app.crashed) or self._erased.crashed.is_set()
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -128,7 +199,10 @@ class Joiner:
                 continue
             with self._span(event, prediction.event_id):
                 step = functools.partial(
-                    on_prediction, prediction=prediction, ttl=self.settings.ttl_seconds
+                    on_prediction,
+                    prediction=prediction,
+                    ttl=self.settings.ttl_seconds,
+                    feedback_wait=self.settings.unmatched_feedback_wait_seconds,
                 )
                 await self._apply_retrying(prediction.prediction_id, event, step, "prediction")
 
@@ -144,6 +218,7 @@ class Joiner:
                     feedback=feedback,
                     ttl=self.settings.ttl_seconds,
                     reward_threshold=self.settings.reward_threshold,
+                    feedback_wait=self.settings.unmatched_feedback_wait_seconds,
                 )
                 await self._apply_retrying(feedback.prediction_id, event, step, "feedback")
 
@@ -164,20 +239,34 @@ class Joiner:
 
     async def _apply(self, prediction_id: str, event: Any, step: Step, side: Side) -> None:
         key = prediction_id.encode()
-        if event.message.key != key:
+        message = event.message
+        if message.key != key:
             # Still joined, but state may sit on another partition than its events.
             self.stats["key_mismatch"] += 1
         raw = self.table.get(key)
         entry = JoinEntry.decode(raw) if raw is not None else None
         _link_waiting_side(entry, side)
-        new_entry, outcome, example = step(entry, now=self._clock(), offset=event.message.offset)
+        new_entry, outcome, example = step(entry, now=self._clock(), offset=message.offset)
+        if new_entry.prediction is not None and self._is_erased(new_entry.prediction):
+            # The entity was erased after this prediction: keep none of it, emit nothing.
+            if raw is not None:
+                self._delete(key, message.partition)
+            self.unmatched.discard(key)
+            self.stats["erased"] += 1
+            instruments.record_erased()
+            return
         if new_entry is not entry:
             # This side is (now) the entry's: keep its trace for the other side's join span.
-            traceparent = _traceparent(event.message.headers)
-            new_entry = new_entry.model_copy(update={f"{side}_trace": traceparent})
+            traceparent = _traceparent(message.headers)
+            new_entry = new_entry.model_copy(
+                update={f"{side}_trace": traceparent, "partition": message.partition}
+            )
             self.table[key] = new_entry.encode()
-            self._created[key] = new_entry.created
-            self._partition[key] = event.message.partition
+            if new_entry.unmatched_feedback:
+                waiting = Waiting(key, new_entry.created, message.partition)
+                self._drop_unmatched(self.unmatched.add(waiting))
+            else:
+                self.unmatched.discard(key)
         self.stats[outcome.value] += 1
         if example is not None:
             value = encode(example)
@@ -198,46 +287,164 @@ class Joiner:
             self.live.add(example)
             self._model_partition[example.model_name] = event.message.partition
 
+    async def _on_erased(self, event: EntityErased, _delivery: Delivery) -> None:
+        assert self.erasures is not None  # the follower runs between start and stop
+        if getattr(event, "join_key", "entity_id") != "entity_id":
+            # Another kind of entity (an item, say): predictions are keyed by entity_id only.
+            return
+        if self.erasures.record(event.entity_id, event.event_time.timestamp()):
+            # Stored predictions of the entity may wait in the table: the next sweep looks.
+            self._purge_erased = True
+        self.stats["erasures"] += 1
+
+    def _is_erased(self, prediction: PredictionLogged) -> bool:
+        erasures = self.erasures
+        at = prediction.event_time.timestamp()
+        return erasures is not None and erasures.covers(prediction.entity_id, at)
+
+    # -- bounded state -----------------------------------------------------------------------
+
+    def _delete(self, key: bytes, partition: int) -> None:
+        """Delete an entry from any partition, also outside stream iteration (where faust
+        cannot infer a key's partition): the tombstone goes to where the entry was written."""
+        self.table.send_changelog(partition, key, None, value_serializer="raw")
+        with contextlib.suppress(KeyError):
+            # `del`, not `pop`: the RocksDB store's reads inside an agent see only the
+            # current event's partition, its deletes every partition.
+            del self.table.data[key]
+        self.unmatched.discard(key)
+
+    def _drop_unmatched(self, dropped: list[Waiting]) -> None:
+        if not dropped:
+            return
+        for waiting in dropped:
+            self._delete(waiting.key, waiting.partition)
+        self.stats["unmatched_dropped"] += len(dropped)
+        instruments.record_dropped(len(dropped))
+        self._drops_unlogged += len(dropped)
+        self._log_drops()
+
+    def _log_drops(self, *, force: bool = False) -> None:
+        # One line per interval, not per entry: a flood of bogus ids would flood the log too.
+        if not self._drops_unlogged:
+            return
+        now = time.monotonic()
+        if not force and now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "dropped %d unmatched feedback entries (over the cap of %d waiting for their "
+            "prediction); %d since start",
+            self._drops_unlogged,
+            self.unmatched.cap,
+            self.stats["unmatched_dropped"],
+        )
+        self._drops_unlogged = 0
+        self._drops_logged_at = now
+
     # -- timers ------------------------------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Delete join entries older than the TTL; returns how many went.
+        """Delete expired entries (and stored predictions of erased entities); returns how many.
 
-        Runs outside stream iteration, where faust cannot infer a key's partition, so the
-        tombstone goes explicitly to the partition the entry was written to (or recovered
-        from): the same place a delete inside the agent would have sent it.
+        Predictions go ``ttl_seconds`` after they were stored, unmatched feedback after
+        ``unmatched_feedback_wait_seconds``. Reads every entry of this worker's partitions in
+        chunks, yielding to the agents between them; an entry the agents changed meanwhile is
+        left alone. Also indexes unmatched feedback the worker has not seen arrive (recovered
+        after a restart or a rebalance) and applies the cap to it.
         """
         now = self._clock()
-        ttl = self.settings.ttl_seconds
-        expired = []
-        for key in list(self.table.data.keys()):
-            created = self._created.get(key)
-            if created is None:  # recovered from the changelog: read it once
-                raw = self.table.data.get(key)
-                if raw is None:
-                    continue
-                created = self._created[key] = JoinEntry.decode(raw).created
-            if now - created > ttl and key in self._partition:
-                expired.append(key)
-        for key in expired:
-            self.table.send_changelog(self._partition[key], key, None, value_serializer="raw")
-            self.table.data.pop(key, None)
-            self._created.pop(key, None)
-            self._partition.pop(key, None)
+        purge = self._purge_erased
+        self._purge_erased = False
+        removed = await self.expire_unmatched()
+        chunk: list[Scanned] = []
+        for item in self._scan():
+            chunk.append(item)
+            if len(chunk) >= SCAN_CHUNK:
+                removed += self._sweep_chunk(chunk, now, purge=purge)
+                chunk = []
+                await asyncio.sleep(0)
+        removed += self._sweep_chunk(chunk, now, purge=purge)
+        self._log_drops(force=True)
+        return removed
+
+    async def expire_unmatched(self) -> int:
+        """Delete unmatched feedback past its wait, oldest first; returns how many went.
+
+        Reads the age index, not the table: cheap enough to run often, so bogus feedback
+        leaves the disk minutes after it came rather than at the next full sweep.
+        """
+        expired = self.unmatched.expired(
+            self._clock(), self.settings.unmatched_feedback_wait_seconds
+        )
+        for waiting in expired:
+            self._delete(waiting.key, waiting.partition)
         self.stats["expired"] += len(expired)
+        self._log_drops(force=True)
         return len(expired)
+
+    def _scan(self) -> Iterator[Scanned]:
+        store: Any = self.table.data  # faust's store classes: their internals are untyped
+        dbs = getattr(store, "_dbs", None)
+        if isinstance(dbs, dict):  # faust's RocksDB store: one database per partition
+            offset_key = store.offset_key
+            active = self._active_partitions()
+            for partition, db in list(dbs.items()):
+                if partition in active:  # not a standby copy of another worker's
+                    for key, value in db.items():
+                        if key != offset_key:
+                            yield partition, key, value
+        else:  # the memory store: a dict, copied because the agents change it meanwhile
+            for key, value in list(store.data.items()):
+                yield None, key, value
+
+    def _sweep_chunk(self, chunk: list[Scanned], now: float, *, purge: bool) -> int:
+        # No await in here: what is read again below is what is deleted or indexed.
+        ttl = self.settings.ttl_seconds
+        wait = self.settings.unmatched_feedback_wait_seconds
+        active = self._active_partitions()
+        removed = 0
+        found: list[Waiting] = []
+        for partition, key, raw in chunk:
+            created = created_of(raw)
+            entry = JoinEntry.decode(raw) if created is None or partition is None else None
+            if entry is not None:
+                created = entry.created
+                partition = entry.partition if partition is None else partition
+            if partition is None or partition not in active:
+                continue  # written before entries named their partition, or moved away
+            assert created is not None
+            reason = None
+            if now - created > ttl:
+                reason = "expired"
+            elif not has_prediction(raw):
+                if now - created > wait:
+                    reason = "expired"
+                elif key not in self.unmatched and self.table.data.get(key) == raw:
+                    # Not seen arriving (recovered after a restart or a rebalance). Read again:
+                    # the scan's snapshot may predate an agent's drop or join of the entry.
+                    found.append(Waiting(key, created, partition))
+            elif purge:
+                entry = entry or JoinEntry.decode(raw)
+                if entry.prediction is not None and self._is_erased(entry.prediction):
+                    reason = "erased"
+            # Read again: an agent may have changed the entry since the chunk was read.
+            if reason is not None and self.table.data.get(key) == raw:
+                self._delete(key, partition)
+                self.stats[reason] += 1
+                if reason == "erased":
+                    instruments.record_erased()
+                removed += 1
+        self._drop_unmatched(self.unmatched.merge(found))
+        return removed
+
+    def _active_partitions(self) -> set[int]:
+        changelog = self.table.changelog_topic.get_topic_name()
+        return {
+            tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == changelog
+        }
 
     async def _record_lag(self) -> None:
         await record_lag(self.app, self.group)
-
-    async def _on_changelog_event(self, event: Any) -> None:
-        # Recovery replays the changelog: remember where each entry lives for the sweeper.
-        key = event.key
-        if event.message.value is None:
-            self._partition.pop(key, None)
-            self._created.pop(key, None)
-        else:
-            self._partition[key] = event.message.partition
 
     async def publish_metrics(self) -> int:
         """Publish the windows that moved since the last call; returns how many."""
@@ -262,9 +469,22 @@ class Joiner:
             instruments.forget_live(gone)
             for model in gone:
                 self._model_partition.pop(model, None)
+        # The join table is co-partitioned with its sources: their partitions are its own.
+        sources = {self.topics.predictions, self.topics.feedback}
+        self.unmatched.forget_partitions({tp.partition for tp in revoked if tp.topic in sources})
 
     def _span(self, event: Any, event_id: str) -> Any:
         return consume_span(self._tracer, event.message, event_id, self.group)
+
+
+def _rocksdb_options(settings: JoinerScope) -> dict[str, Any]:
+    """RocksDB's memory per partition, bounded by settings (faust's default cache is 2 GiB)."""
+    mib = 1024 * 1024
+    return {
+        "block_cache_size": settings.rocksdb_block_cache_mib * mib,
+        "write_buffer_size": settings.rocksdb_write_buffer_mib * mib,
+        "max_write_buffer_number": 2,
+    }
 
 
 def _traceparent(headers: Any) -> str | None:

@@ -37,9 +37,9 @@ class JoinerApp:
         await self.server.start([])
 
     async def _watch_app(self) -> None:
-        while not self.joiner.app.crashed:  # noqa: ASYNC110 (faust exposes a flag, no event)
+        while not self.joiner.crashed:  # noqa: ASYNC110 (faust exposes a flag, no event)
             await asyncio.sleep(1.0)
-        log.error("the faust joiner crashed")
+        log.error("the joiner crashed (its faust app or its erasure follower)")
         self.crashed.set()
 
     async def stop(self) -> None:

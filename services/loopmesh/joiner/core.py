@@ -11,6 +11,9 @@ the example. A producer's duplicate of that event sits at another offset and is 
 
 Time rules: a pair joins when the feedback's event time is within ``ttl`` of the prediction's
 (either order of arrival); entries are swept ``ttl`` after they were created, by wall clock.
+Feedback waiting for a prediction that is not known yet has a shorter wait, ``feedback_wait``:
+past it the entry counts as gone even before the sweeper deleted it, so whether it joins does
+not depend on when the sweeper last ran.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ class JoinEntry(BaseModel):
     """W3C traceparent of the prediction's message: the join links to the prediction's trace."""
     feedback_trace: str | None = None
     """W3C traceparent of the feedback's message, likewise."""
+    partition: int | None = None
+    """Changelog partition the entry was written to (where its tombstone must go); None in
+    entries written before it was recorded."""
+
+    @property
+    def unmatched_feedback(self) -> bool:
+        """Feedback waiting for a prediction the joiner has not seen."""
+        return self.prediction is None and self.feedback is not None
 
     def replays_emitter(self, event_id: str, offset: int | None) -> bool:
         return self.emitted_by == event_id and self.emitted_offset == offset
@@ -110,6 +121,17 @@ def make_example(prediction: PredictionLogged, feedback: PendingFeedback) -> Lab
     )
 
 
+def live_entry(
+    entry: JoinEntry | None, *, now: float, ttl: float, feedback_wait: float | None
+) -> JoinEntry | None:
+    """The entry as the join sees it: None once it is due to be swept."""
+    if entry is None or entry.expired(now, ttl):
+        return None
+    if feedback_wait is not None and entry.unmatched_feedback and entry.expired(now, feedback_wait):
+        return None
+    return entry
+
+
 def _within(prediction: PredictionLogged, feedback: PendingFeedback, ttl: float) -> bool:
     return abs(feedback.at - prediction.event_time) <= timedelta(seconds=ttl)
 
@@ -121,9 +143,11 @@ def on_prediction(
     now: float,
     ttl: float,
     offset: int | None = None,
+    feedback_wait: float | None = None,
 ) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
     """Handle a prediction: the new entry, what happened, and the example if one is due."""
-    if entry is None or entry.expired(now, ttl):
+    entry = live_entry(entry, now=now, ttl=ttl, feedback_wait=feedback_wait)
+    if entry is None:
         return JoinEntry(created=now, prediction=prediction), Outcome.STORED, None
     if entry.prediction is not None:
         if entry.replays_emitter(prediction.event_id, offset) and entry.feedback is not None:
@@ -154,6 +178,7 @@ def on_feedback(
     ttl: float,
     reward_threshold: float = 0.0,
     offset: int | None = None,
+    feedback_wait: float | None = None,
 ) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
     """Handle a feedback: the new entry, what happened, and the example if one is due."""
     pending = PendingFeedback(
@@ -161,7 +186,8 @@ def on_feedback(
         label=label_of(feedback, reward_threshold),
         at=feedback.event_time,
     )
-    if entry is None or entry.expired(now, ttl):
+    entry = live_entry(entry, now=now, ttl=ttl, feedback_wait=feedback_wait)
+    if entry is None:
         return JoinEntry(created=now, feedback=pending), Outcome.STORED, None
     if entry.feedback is not None:
         if entry.replays_emitter(feedback.event_id, offset) and entry.prediction is not None:

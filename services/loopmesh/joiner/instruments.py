@@ -4,6 +4,11 @@ Prometheus names (OTel's conversion):
 
 - ``loopmesh_joiner_joined_feedback_total{model, version}``: predictions joined with their
   feedback (examples emitted);
+- ``loopmesh_joiner_unmatched_feedback_dropped_total``: feedback entries whose prediction
+  never came, dropped because one worker held more than ``max_unmatched_feedback``;
+- ``loopmesh_joiner_unmatched_feedback``: feedback entries now waiting for their prediction;
+- ``loopmesh_joiner_erased_total``: predictions and joins skipped, and stored entries
+  deleted, because their entity was erased;
 - ``loopmesh_model_live_{log_loss,auc,accuracy,label_rate,count}{model, version}``: the
   latest sliding-window figures per version (a version leaves when its window drains to
   count 0).
@@ -28,7 +33,31 @@ _joined = _meter.create_counter(
     unit="{example}",
     description="Predictions joined with their feedback, per model version",
 )
+_dropped = _meter.create_counter(
+    "loopmesh.joiner.unmatched_feedback_dropped",
+    unit="{entry}",
+    description="Unmatched feedback entries dropped over the cap (oldest first)",
+)
+_erased = _meter.create_counter(
+    "loopmesh.joiner.erased",
+    unit="{entry}",
+    description="Predictions and joins of erased entities skipped or deleted",
+)
 _live: dict[tuple[str, int], VersionMetrics] = {}
+_unmatched: list[Callable[[], int]] = []
+
+
+def _observe_unmatched(_options: CallbackOptions) -> Iterable[Observation]:
+    if _unmatched:
+        yield Observation(sum(count() for count in _unmatched))
+
+
+_meter.create_observable_gauge(
+    "loopmesh.joiner.unmatched_feedback",
+    callbacks=[_observe_unmatched],
+    unit="{entry}",
+    description="Feedback entries waiting for a prediction the joiner has not seen",
+)
 
 
 def _gauge(figure: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -55,6 +84,20 @@ for _figure, _description in (
 
 def record_joined(model: str, version: int) -> None:
     _joined.add(1, {"model": model, "version": str(version)})
+
+
+def record_dropped(count: int) -> None:
+    _dropped.add(count)
+
+
+def record_erased(count: int = 1) -> None:
+    _erased.add(count)
+
+
+def watch_unmatched(count: Callable[[], int]) -> Callable[[], None]:
+    """Report ``count()`` in the unmatched gauge until the returned function is called."""
+    _unmatched.append(count)
+    return lambda: _unmatched.remove(count)
 
 
 def record_live(metrics: VersionMetrics) -> None:

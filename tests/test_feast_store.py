@@ -217,3 +217,52 @@ def test_a_users_project_is_copied_with_its_name_and_without_its_data(tmp_path: 
         prepare_repo(tmp_path / "work2", project=tmp_path / "empty")
     with pytest.raises(SetupError, match="must not lie inside the project"):
         prepare_repo(project / "work", project=project)
+
+
+async def test_a_hung_redis_write_does_not_hold_up_reads(tmp_path: Path, redis: Any) -> None:
+    import asyncio
+
+    from feast import FeatureStore
+
+    from loopmesh.features.store import FeastGateway
+
+    repo = prepare_repo(tmp_path / "repo", online_store="redis", redis_url=redis.url)
+    apply_repo(repo)
+    store = FeatureStore(repo_path=str(repo))
+    release, entered = threading.Event(), threading.Event()
+
+    class HangingWrites:
+        """The real Redis-backed store, except that writes hang until released."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def write_to_online_store(self, *args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(timeout=60)
+            return store.write_to_online_store(*args, **kwargs)
+
+    gateway = FeastGateway(HangingWrites(), timeout_s=5.0)  # type: ignore[arg-type]
+    row = {
+        "entity_activity": {
+            "entity_id": "w",
+            "event_time": datetime.now(UTC),
+            "events_1h": 1,
+            "events_24h": 1,
+            "events_total": 1,
+            "last_event_ts": 1.0,
+        }
+    }
+    try:
+        writing = asyncio.create_task(gateway.write([row]))
+        assert await asyncio.to_thread(entered.wait, 30)  # the write hangs on its thread
+        specs = list(gateway.schema.features)[:1]
+        # Before: one thread served both, so this read queued behind the hung write and
+        # failed with Unavailable when the 5 s timeout passed.
+        (values,) = await gateway.read(["someone"], specs)
+        assert values[0].value is None
+        release.set()
+        assert await writing == 1
+    finally:
+        release.set()
+        gateway.close()

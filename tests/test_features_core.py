@@ -471,3 +471,19 @@ def test_online_store_is_sqlite_by_default_and_redis_when_configured(
         "connection_string": "cache:6380,db=1,password=s3cret",
     }
     assert config["registry"] == str(repo / "data" / "registry.db")
+
+
+def test_an_event_written_before_an_erasure_is_erased_whatever_its_event_time() -> None:
+    # The door takes events stamped up to minutes ahead: one written before the erasure but
+    # folded after it (another topic, another partition) must not bring the entity back.
+    state = fold([ev(0)])
+    erased_written_ms = 1_000_000
+    state.erase((T0 + timedelta(minutes=1)).timestamp(), erased_written_ms)
+    ahead = ev(5)  # stamped after the erasure's time
+    outcome, _ = state.apply(ahead, event_columns(ahead), written_ms=erased_written_ms - 10)
+    assert outcome is Outcome.ERASED
+    restored = EntityFold.load(state.key, state.to_bytes(), DEFAULT_VIEWS)
+    after = ev(6)
+    outcome, _ = restored.apply(after, event_columns(after), written_ms=erased_written_ms + 10)
+    assert outcome is Outcome.ACCEPTED
+    assert flat(restored)["events_total"] == 1

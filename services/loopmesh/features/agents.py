@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -114,6 +114,8 @@ class Rekeyed(Event):
     origin_partition: int
     """Where the event sits in the events topic (a backfill counted it there, maybe)."""
     origin_offset: int
+    origin_written_ms: int = -1
+    """When the event (or erasure) was written to its own topic (the broker's time)."""
     interaction: StorableInteraction | None = None
     erasure: EntityErased | None = None
 
@@ -126,6 +128,15 @@ def partition_of(key: str, partitions: int) -> int:
     """The partition of an entity key in the re-keyed topic (and so of its state)."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % partitions
+
+
+class Origin(NamedTuple):
+    """Where an event (or erasure) was written first: its own topic's partition and offset,
+    and the broker's append time."""
+
+    partition: int
+    offset: int
+    written_ms: int
 
 
 class FeatureSink(Protocol):
@@ -454,7 +465,9 @@ class FeatureAgents:
             if not new:
                 continue
             _, fold = touched.get(key) or (target, self._load(target, key))
-            outcome, late = fold.apply(event, columns, only=new, dedup=False)
+            outcome, late = fold.apply(
+                event, columns, only=new, dedup=False, written_ms=record.timestamp
+            )
             for name in late:
                 self.stats.late[name] += 1
                 instruments.record_late(name)
@@ -480,13 +493,11 @@ class FeatureAgents:
             batch.touched[key] = entry
         return entry[1]
 
-    def _counted(
-        self, partition: int, origin: tuple[int, int], views: Iterable[ViewSpec]
-    ) -> set[str]:
-        """Views a backfill already counted the event at ``origin`` (events partition, offset)
-        in, for the state in table ``partition``."""
+    def _counted(self, partition: int, origin: Origin, views: Iterable[ViewSpec]) -> set[str]:
+        """Views a backfill already counted the event at ``origin`` in, for the state in
+        table ``partition``."""
         since = self._since.get(partition, {})
-        q, offset = origin
+        q, offset = origin.partition, origin.offset
         return {v.name for v in views if offset < since.get(v.name, {}).get(q, 0)}
 
     def _fold_event(
@@ -498,7 +509,7 @@ class FeatureAgents:
         event: InteractionEvent,
         columns: Columns,
         source: tuple[str, int],
-        origin: tuple[int, int],
+        origin: Origin,
     ) -> None:
         views = self._views_of.get(join_key, [])
         if not views:
@@ -507,17 +518,18 @@ class FeatureAgents:
         fold = self._entity(batch, partition, key)
         counted = self._counted(partition, origin, views)
         only = None if not counted else {v.name for v in views} - counted
-        outcome, late = fold.apply(event, columns, source=source, only=only)
+        outcome, late = fold.apply(
+            event, columns, source=source, only=only, written_ms=origin.written_ms
+        )
         self.stats.outcomes[outcome.value] += 1
         instruments.record_event(outcome.value)
         if late:
-            q, offset = origin
             batch.late.append(
                 (
                     _Late(
                         self.events_topic.name,
-                        q,
-                        offset,
+                        origin.partition,
+                        origin.offset,
                         event.entity_id.encode(),
                         encode(event),
                         tuple(event_headers(event)),
@@ -531,7 +543,7 @@ class FeatureAgents:
         batch: _Batch,
         join_key: str,
         value: str,
-        origin: tuple[int, int],
+        origin: Origin,
         payload: InteractionEvent | EntityErased,
     ) -> None:
         key = table_key(join_key, value)
@@ -539,8 +551,9 @@ class FeatureAgents:
             event_id=payload.event_id,
             join_key=join_key,
             key=value,
-            origin_partition=origin[0],
-            origin_offset=origin[1],
+            origin_partition=origin.partition,
+            origin_offset=origin.offset,
+            origin_written_ms=origin.written_ms,
             interaction=payload if isinstance(payload, InteractionEvent) else None,
             erasure=payload if isinstance(payload, EntityErased) else None,
         )
@@ -555,8 +568,8 @@ class FeatureAgents:
         for taken in batch_in:
             event, p, offset = taken.event, taken.partition, taken.offset
             source = (taken.topic, offset)
+            origin = Origin(p, offset, taken.timestamp_ms)
             if isinstance(event, InteractionEvent):
-                origin = (p, offset)
                 columns = event_columns(event)
                 self._fold_event(
                     batch, p, PRIMARY_JOIN_KEY, event.entity_id, event, columns, source, origin
@@ -567,12 +580,12 @@ class FeatureAgents:
                         self._rekey(batch, join_key, value, origin, event)
             elif isinstance(event, EntityErased):
                 if event.join_key == PRIMARY_JOIN_KEY:
-                    self._erase(batch, p, event)
+                    self._erase(batch, p, event, taken.timestamp_ms)
                 else:
-                    self._rekey(batch, event.join_key, event.entity_id, (p, offset), event)
+                    self._rekey(batch, event.join_key, event.entity_id, origin, event)
             elif isinstance(event, Rekeyed):
                 if event.erasure is not None:
-                    self._erase(batch, p, event.erasure)
+                    self._erase(batch, p, event.erasure, event.origin_written_ms)
                 elif event.interaction is not None:
                     interaction = event.interaction
                     self._fold_event(
@@ -583,7 +596,9 @@ class FeatureAgents:
                         interaction,
                         event_columns(interaction),
                         source,
-                        (event.origin_partition, event.origin_offset),
+                        Origin(
+                            event.origin_partition, event.origin_offset, event.origin_written_ms
+                        ),
                     )
         await self._send_rekeyed(batch.rekeyed)
         for record, views in batch.late:
@@ -611,9 +626,10 @@ class FeatureAgents:
         span.set_attribute("loopmesh.features.entities", len(rows))
         await self._push(rows)
 
-    def _erase(self, batch: _Batch, partition: int, erasure: EntityErased) -> None:
+    def _erase(self, batch: _Batch, partition: int, erasure: EntityErased, written_ms: int) -> None:
         key = table_key(erasure.join_key, erasure.entity_id)
-        self._entity(batch, partition, key).erase(erasure.event_time.timestamp())
+        fold = self._entity(batch, partition, key)
+        fold.erase(erasure.event_time.timestamp(), written_ms if written_ms >= 0 else None)
         batch.erased.append((erasure.join_key, erasure.entity_id))
 
     async def _send_rekeyed(self, copies: Sequence[tuple[int, Rekeyed]]) -> None:

@@ -311,16 +311,26 @@ class EntityFold:
         source: tuple[str, int] | None = None,
         only: Collection[str] | None = None,
         dedup: bool = True,
+        written_ms: int | None = None,
     ) -> tuple[Outcome, list[str]]:
         """Fold one event in: what happened, and the views it came too late for.
 
         ``source`` (topic, offset) recognises a Kafka redelivery. ``only`` folds into those
         views alone; ``dedup=False`` skips the duplicate checks (a backfill of new views from
-        the retained log, which reads each record once).
+        the retained log, which reads each record once). ``written_ms``: when the event was
+        written to Kafka (the broker's time), so one written before an erasure is erased
+        history whatever its event time says.
         """
         s = self.state
         ts = event.event_time.timestamp()
         if s["erased_at"] is not None and ts <= s["erased_at"]:
+            return Outcome.ERASED, []
+        erased_written = s.get("erased_written_ms")
+        if (
+            erased_written is not None
+            and written_ms is not None
+            and 0 <= written_ms <= erased_written
+        ):
             return Outcome.ERASED, []
         if dedup:
             if event.event_id in self._ids:
@@ -354,12 +364,20 @@ class EntityFold:
                 del ids[: len(ids) - self.dedup_ids]
         return Outcome.ACCEPTED, late
 
-    def erase(self, at: float) -> None:
-        """Forget everything; events up to ``at`` (or the newest folded) are erased history."""
+    def erase(self, at: float, written_ms: int | None = None) -> None:
+        """Forget everything: events up to ``at`` (or the newest folded) are erased history,
+        and so is every event written to Kafka before the erasure (``written_ms``), even one
+        stamped in the future (the door takes events up to minutes ahead)."""
         newest = [v.newest for v in self.views.values() if v.newest is not None]
         previous = self.state["erased_at"]
         cut = max([at, *newest, *([previous] if previous is not None else [])])
+        written = max(
+            [w for w in (written_ms, self.state.get("erased_written_ms")) if w is not None],
+            default=None,
+        )
         self.state = {"v": STATE_VERSION, "erased_at": cut, "seen": self.state["seen"]}
+        if written is not None:
+            self.state["erased_written_ms"] = written
         self.state.update(ids=[], views={})
         self.views = {name: _ViewState(view.spec, None) for name, view in self.views.items()}
         self._ids = set()

@@ -84,7 +84,15 @@ class FeastGateway:
         self.store = store
         self._redis_url = redis_url
         self._timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feast")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feast-read")
+        # On Redis, writes have a thread of their own: a write that hangs (a store that stopped
+        # answering) must not hold up every read behind it. Feast's SQLite store shares one
+        # connection, which two threads must not use at once: there they share the pool.
+        self._write_pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-write")
+            if store.config.online_store.type == "redis"
+            else self._pool
+        )
         self._write_lock = asyncio.Lock()
         # Validated first: a declaration LoopMesh cannot compute stops the service here.
         self.definitions: Definitions = load_definitions(
@@ -114,12 +122,14 @@ class FeastGateway:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._write_pool is not self._pool:
+            self._write_pool.shutdown(wait=True)
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    async def _call(self, fn: Callable[[], T], pool: ThreadPoolExecutor | None = None) -> T:
         """``fn()`` on the store's threads, within ``timeout_s``: a hung store answers callers
         UNAVAILABLE (a read) or is retried (a push) instead of holding them forever. The
         thread itself cannot be interrupted; calls queued behind it time out alike."""
-        call = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        call = asyncio.get_running_loop().run_in_executor(pool or self._pool, fn)
         try:
             return await asyncio.wait_for(call, self._timeout_s)
         except TimeoutError:
@@ -201,7 +211,7 @@ class FeastGateway:
         if not rows:
             return 0
         async with self._write_lock:
-            return await self._call(lambda: self._write_sync(rows))
+            return await self._call(lambda: self._write_sync(rows), self._write_pool)
 
     def _write_sync(self, rows: Sequence[Rows]) -> int:
         by_view: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -249,7 +259,9 @@ class FeastGateway:
     async def delete(self, entity_id: str, join_key: str = PRIMARY_JOIN_KEY) -> bool:
         """Remove every online value of the entity; True when it had any."""
         async with self._write_lock:
-            return await self._call(lambda: self._delete_sync(entity_id, join_key))
+            return await self._call(
+                lambda: self._delete_sync(entity_id, join_key), self._write_pool
+            )
 
     def _delete_sync(self, entity_id: str, join_key: str) -> bool:
         specs = self._specs_of(join_key)

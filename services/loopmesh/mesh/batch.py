@@ -56,6 +56,8 @@ class Taken(NamedTuple, Generic[E]):
     trace: SpanContext | None
     topic: str = ""
     offset: int = -1
+    timestamp_ms: int = -1
+    """The record's Kafka timestamp (the broker's append time on topics that ask for it)."""
 
 
 Store = Callable[[Sequence[Taken[E]]], Awaitable[None]]
@@ -176,7 +178,9 @@ class BatchSink(Generic[E]):
             if self._accept(event):  # type: ignore[arg-type]
                 context = trace.get_current_span(extract_context(record.headers))
                 traced = context.get_span_context() if context.get_span_context().is_valid else None
-                taken = Taken(tp.partition, event, traced, tp.topic, record.offset)
+                taken = Taken(
+                    tp.partition, event, traced, tp.topic, record.offset, record.timestamp
+                )
                 self._buffer.append((tp, taken))  # type: ignore[arg-type]
                 if traced is not None:
                     self._traces.append(traced)

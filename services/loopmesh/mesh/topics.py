@@ -33,6 +33,9 @@ class Topic:
     compacted: bool = False
     max_message_bytes: int | None = None
     """Largest record the topic takes (the broker's default, 1 MiB, when None)."""
+    broker_time: bool = False
+    """Records carry the broker's append time (``LogAppendTime``), not the producer's clock:
+    one clock orders events and erasures written by different processes."""
 
     @property
     def dlq(self) -> str:
@@ -47,17 +50,21 @@ class Topic:
         )
         if self.max_message_bytes is not None:
             config["max.message.bytes"] = str(self.max_message_bytes)
+        if self.broker_time:
+            config["message.timestamp.type"] = "LogAppendTime"
         return config
 
 
-EVENTS_RAW = Topic("events.raw", InteractionEvent, "entity_id")
+EVENTS_RAW = Topic("events.raw", InteractionEvent, "entity_id", broker_time=True)
 PREDICTIONS = Topic("predictions", PredictionLogged, "prediction_id")
 FEEDBACK = Topic("feedback", FeedbackEvent, "prediction_id")
 TRAINING_EXAMPLES = Topic("training.examples", LabelledExample, "entity_id", 30 * DAY_MS)
 METRICS_LIVE = Topic("metrics.live", VersionMetrics, "model_name", 1 * DAY_MS)
 MODELS_PUBLISHED = Topic("models.published", ModelPublished, "model_name", compacted=False)
 ROLLOUTS = Topic("rollouts", RolloutChanged, "model_name", compacted=True)
-ENTITIES_ERASED = Topic("entities.erased", EntityErased, "entity_id", compacted=True)
+ENTITIES_ERASED = Topic(
+    "entities.erased", EntityErased, "entity_id", compacted=True, broker_time=True
+)
 
 ALL_TOPICS: tuple[Topic, ...] = (
     EVENTS_RAW,

@@ -11,16 +11,16 @@ from loopmesh.trainer.prepare import Standardisation
 
 
 class MLP(nn.Module):
-    """Linear/ReLU stack ending in one logit."""
+    """Linear/ReLU stack ending in ``n_outputs`` values (one logit by default)."""
 
-    def __init__(self, n_features: int, hidden: list[int]) -> None:
+    def __init__(self, n_features: int, hidden: list[int], n_outputs: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, n_outputs))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
-// Command loopmesh-dataplane serves the Open Inference Protocol in front of Triton and proxies
-// every other gRPC service on the same port to the Python control plane.
+// Command loopmesh-dataplane serves the Open Inference Protocol in front of Triton ("mode":
+// "inference", the default) or FeatureService.GetOnlineFeatures from the Feast online store
+// ("mode": "features"), and proxies every other gRPC call on the same port to the Python
+// control plane that started it.
 //
 //	loopmesh-dataplane --config -        # JSON config on stdin (tokens never on argv)
 //	loopmesh-dataplane --config FILE
@@ -36,6 +38,7 @@ import (
 	"github.com/loopmesh/loopmesh/dataplane/internal/admin"
 	"github.com/loopmesh/loopmesh/dataplane/internal/auth"
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
+	"github.com/loopmesh/loopmesh/dataplane/internal/features"
 	"github.com/loopmesh/loopmesh/dataplane/internal/gateway"
 	"github.com/loopmesh/loopmesh/dataplane/internal/proxy"
 	"github.com/loopmesh/loopmesh/dataplane/internal/routing"
@@ -110,20 +113,6 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		return configError{fmt.Errorf("otlp_endpoint: %v", err)}
 	}
 	metrics := telemetry.NewMetrics()
-	rec := stats.New(0, 0)
-	rec.OnOverflow = metrics.StatsOverflow
-	routes := routing.NewStore()
-
-	tritonCreds, err := tritonCredentials(cfg.Triton.TLS)
-	if err != nil {
-		return configError{err}
-	}
-	triton, err := gateway.DialTriton(cfg.Triton.Address, cfg.Triton.Channels,
-		time.Duration(cfg.Triton.TimeoutS*float64(time.Second)), tritonCreds, cfg.MaxMessageBytes)
-	if err != nil {
-		return configError{fmt.Errorf("triton.address: %v", err)}
-	}
-	defer triton.Close()
 	backend, err := grpc.NewClient(cfg.Backend,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithConnectParams(gateway.ConnectParams),
@@ -138,9 +127,15 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	for i, t := range cfg.Tokens {
 		tokens[i] = auth.Token{Name: t.Name, Secret: t.Token, Roles: t.Roles}
 	}
+	// Inference answers UNIMPLEMENTED for OIP methods it does not serve; features proxies
+	// every FeatureService method but GetOnlineFeatures to the Python process.
+	var local []string
+	if cfg.Mode == config.ModeInference {
+		local = []string{gateway.Service}
+	}
 	opts := []grpc.ServerOption{
 		grpc.ForceServerCodecV2(proxy.Codec{}),
-		grpc.UnknownServiceHandler(proxy.Handler(backend, []string{gateway.Service}, metrics.Proxied)),
+		grpc.UnknownServiceHandler(proxy.Handler(backend, local, metrics.Proxied)),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxConcurrentStreams(uint32(cfg.MaxConcurrentStreams)),
@@ -155,8 +150,36 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		opts = append(opts, grpc.Creds(creds))
 	}
 	server := grpc.NewServer(opts...)
-	(&gateway.Gateway{Triton: triton, Routes: routes, Stats: rec, Metrics: metrics,
-		Auth: auth.New(tokens), Tracing: tracing}).Register(server)
+	var adminHandler http.Handler
+	var upstream []any // what the "serving" line names
+	if cfg.Mode == config.ModeFeatures {
+		fs, err := features.New(cfg.Features, metrics, auth.New(tokens), tracing, log)
+		if err != nil {
+			return configError{fmt.Errorf("features.store: %v", err)}
+		}
+		defer fs.Close()
+		fs.Register(server)
+		adminHandler = admin.Features(fs.Replace, fs.Config)
+		upstream = []any{"store", cfg.Features.Store.Type}
+	} else {
+		rec := stats.New(0, 0)
+		rec.OnOverflow = metrics.StatsOverflow
+		routes := routing.NewStore()
+		tritonCreds, err := tritonCredentials(cfg.Triton.TLS)
+		if err != nil {
+			return configError{err}
+		}
+		triton, err := gateway.DialTriton(cfg.Triton.Address, cfg.Triton.Channels,
+			time.Duration(cfg.Triton.TimeoutS*float64(time.Second)), tritonCreds, cfg.MaxMessageBytes)
+		if err != nil {
+			return configError{fmt.Errorf("triton.address: %v", err)}
+		}
+		defer triton.Close()
+		(&gateway.Gateway{Triton: triton, Routes: routes, Stats: rec, Metrics: metrics,
+			Auth: auth.New(tokens), Tracing: tracing}).Register(server)
+		adminHandler = admin.Handler(routes, rec)
+		upstream = []any{"triton", cfg.Triton.Address}
+	}
 
 	// Bind everything before saying where: the control plane reads one line and connects.
 	grpcLis, err := net.Listen("tcp", cfg.Listen)
@@ -167,7 +190,7 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	if err != nil {
 		return fmt.Errorf("admin_listen: %v", err)
 	}
-	adminServer := &http.Server{Handler: admin.Handler(routes, rec), ReadHeaderTimeout: 10 * time.Second}
+	adminServer := &http.Server{Handler: adminHandler, ReadHeaderTimeout: 10 * time.Second}
 	var metricsLis net.Listener
 	var metricsServer *http.Server
 	if cfg.MetricsListen != nil {
@@ -188,15 +211,21 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	if metricsServer != nil {
 		go func() { served <- metricsServer.Serve(metricsLis) }()
 	}
-	log.Info("serving", "grpc", grpcLis.Addr().String(), "triton", cfg.Triton.Address,
-		"backend", cfg.Backend, "tls", cfg.TLS != nil, "auth", len(tokens) > 0, "tracing", endpoint != "")
+	log.Info("serving", append([]any{"mode", cfg.Mode, "grpc", grpcLis.Addr().String()}, append(upstream,
+		"backend", cfg.Backend, "tls", cfg.TLS != nil, "auth", len(tokens) > 0, "tracing", endpoint != "")...)...)
 
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	orphaned := make(chan struct{})
+	if cfg.StopOnStdinEOF {
+		go func() { _, _ = io.Copy(io.Discard, os.Stdin); close(orphaned) }()
+	}
 	var failed error
 	select {
 	case sig := <-signals:
 		log.Info("stopping", "signal", sig.String())
+	case <-orphaned:
+		log.Warn("stopping: standard input closed (the control plane is gone)")
 	case err := <-served:
 		failed = fmt.Errorf("a listener stopped: %v", err)
 	}

@@ -106,3 +106,44 @@ func TestConfigErrorExits2(t *testing.T) {
 		}
 	}
 }
+
+// Features mode: the control plane keeps stdin open; when it closes (the parent died, even
+// by SIGKILL) the data plane stops by itself and frees the port.
+func TestFeaturesModeStopsWhenStdinCloses(t *testing.T) {
+	config := `{"mode": "features", "backend": "127.0.0.1:1", "stop_on_stdin_eof": true, "service_name": "features-dataplane",
+	 "features": {"max_entities": 10, "store_timeout_s": 1, "features": [{"view": "v", "name": "f", "join_key": "entity_id"}],
+	 "views": {"v": {"table": "p_v", "name": "v"}}, "store": {"type": "sqlite", "path": "/nonexistent/x.db", "entity_key_serialization_version": 3}}}`
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "DATAPLANE_RUN_MAIN=1", "DATAPLANE_ARGS=--config -")
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	_, _ = io.WriteString(stdin, config)
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || !strings.Contains(line, `"listening"`) {
+		t.Fatalf("%q %v; stderr: %s", line, err, &stderr)
+	}
+	resp, err := http.Get("http://" + adminOf(t, line) + "/features")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%v %v", resp, err)
+	}
+	resp.Body.Close()
+	stdin.Close()
+	if code := exitCode(t, cmd); code != 0 || !strings.Contains(stderr.String(), "standard input closed") {
+		t.Fatalf("exit %d; stderr: %s", code, &stderr)
+	}
+}
+
+func adminOf(t *testing.T, line string) string {
+	t.Helper()
+	var said struct{ Admin string }
+	if err := json.Unmarshal([]byte(line), &said); err != nil {
+		t.Fatal(err)
+	}
+	return said.Admin
+}

@@ -1,5 +1,6 @@
-// Package admin is the control plane's loopback HTTP API: it pushes the route table and
-// drains the per-version figures.
+// Package admin is the control plane's loopback HTTP API: in inference mode it pushes the
+// route table and drains the per-version figures; in features mode it pushes the schema and
+// the online store's location.
 package admin
 
 import (
@@ -7,6 +8,7 @@ import (
 	"io"
 	"net/http"
 
+	"github.com/loopmesh/loopmesh/dataplane/internal/config"
 	"github.com/loopmesh/loopmesh/dataplane/internal/routing"
 	"github.com/loopmesh/loopmesh/dataplane/internal/stats"
 )
@@ -36,6 +38,44 @@ func Handler(routes *routing.Store, rec *stats.Recorder) http.Handler {
 	})
 	mux.HandleFunc("POST /stats/drain", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, map[string][]stats.Version{"versions": rec.Drain()})
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		_, _ = io.WriteString(w, "ok")
+	})
+	return mux
+}
+
+// Features serves PUT/GET /features (the whole features config: schema and store) and
+// GET /healthz. GET leaves the Redis password out.
+func Features(replace func(*config.Features) error, current func() *config.Features) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("PUT /features", func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+		if err != nil {
+			http.Error(w, "features: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		f, err := config.ParseFeatures(body)
+		if err != nil {
+			http.Error(w, "features: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := replace(f); err != nil {
+			http.Error(w, "features: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("GET /features", func(w http.ResponseWriter, _ *http.Request) {
+		f := *current()
+		if f.Store.Redis != nil && f.Store.Redis.Password != nil {
+			redis := *f.Store.Redis
+			hidden := "**********"
+			redis.Password = &hidden
+			f.Store.Redis = &redis
+		}
+		writeJSON(w, f)
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/loopmesh/loopmesh/dataplane/internal/config"
 	"github.com/loopmesh/loopmesh/dataplane/internal/routing"
 	"github.com/loopmesh/loopmesh/dataplane/internal/stats"
 )
@@ -49,5 +50,29 @@ func TestAdminAPI(t *testing.T) {
 	}
 	if w := do(h, "GET", "/stats/drain", ""); w.Code != http.StatusMethodNotAllowed {
 		t.Fatalf("GET drain: %d", w.Code)
+	}
+}
+
+func TestFeaturesAPI(t *testing.T) {
+	password := "secret"
+	current := &config.Features{MaxEntities: 1, Store: config.Store{Type: "redis", Redis: &config.Redis{Address: "r:1", Password: &password}}}
+	var replaced *config.Features
+	h := Features(func(f *config.Features) error { replaced = f; return nil }, func() *config.Features { return current })
+	if w := do(h, "GET", "/features", ""); w.Code != 200 || strings.Contains(w.Body.String(), "secret") || !strings.Contains(w.Body.String(), `"r:1"`) {
+		t.Fatalf("get: %d %s", w.Code, w.Body)
+	}
+	if *current.Store.Redis.Password != "secret" {
+		t.Fatal("GET changed the config in force")
+	}
+	body := `{"max_entities": 3, "store_timeout_s": 1, "features": [{"view": "v", "name": "f", "join_key": "k"}],
+		"views": {"v": {"table": "t", "name": "v"}}, "store": {"type": "sqlite", "path": "/x", "entity_key_serialization_version": 3}}`
+	if w := do(h, "PUT", "/features", body); w.Code != 204 || replaced == nil || replaced.MaxEntities != 3 {
+		t.Fatalf("put: %d %s", w.Code, w.Body)
+	}
+	if w := do(h, "PUT", "/features", `{"max_entities": 0}`); w.Code != 400 || !strings.Contains(w.Body.String(), "max_entities") {
+		t.Fatalf("bad put: %d %s", w.Code, w.Body)
+	}
+	if w := do(h, "GET", "/healthz", ""); w.Code != 200 {
+		t.Fatal(w.Code)
 	}
 }

@@ -78,6 +78,23 @@ func (a *Auth) Check(authorization []string, role string) error {
 	return nil
 }
 
+// CheckMethod is Check with the Python services' wording (loopmesh.mesh.auth
+// TokenAuthInterceptor), for methods the Python process serves too: UNAUTHENTICATED
+// "missing or invalid token", PERMISSION_DENIED "role '<role>' is needed for <method>".
+func (a *Auth) CheckMethod(authorization []string, role, fullMethod string) error {
+	if !a.Enabled() {
+		return nil
+	}
+	err := a.Check(authorization, role)
+	switch status.Code(err) {
+	case codes.OK:
+		return nil
+	case codes.Unauthenticated:
+		return status.Error(codes.Unauthenticated, "missing or invalid token")
+	}
+	return status.Errorf(codes.PermissionDenied, "role '%s' is needed for %s", role, fullMethod)
+}
+
 // bearer returns the token of the last "authorization: Bearer <token>" entry (scheme
 // case-insensitive, surrounding whitespace stripped), or nil.
 func bearer(authorization []string) []byte {

@@ -41,3 +41,20 @@ func TestCheck(t *testing.T) {
 		t.Error("Open")
 	}
 }
+
+func TestCheckMethodSpeaksLikePython(t *testing.T) {
+	a := New([]Token{{Name: "ops", Secret: "s3cret", Roles: []string{"operator"}}})
+	if err := a.CheckMethod(nil, "features", "/x.Y/Z"); status.Code(err) != codes.Unauthenticated || status.Convert(err).Message() != "missing or invalid token" {
+		t.Fatal(err)
+	}
+	err := a.CheckMethod([]string{"Bearer s3cret"}, "features", "/x.Y/Z")
+	if status.Code(err) != codes.PermissionDenied || status.Convert(err).Message() != "role 'features' is needed for /x.Y/Z" {
+		t.Fatal(err)
+	}
+	if err := a.CheckMethod([]string{"Bearer s3cret"}, "operator", "/x.Y/Z"); err != nil {
+		t.Fatal(err)
+	}
+	if err := New(nil).CheckMethod(nil, "features", "/x.Y/Z"); err != nil {
+		t.Fatal(err)
+	}
+}

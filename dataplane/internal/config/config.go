@@ -1,5 +1,9 @@
 // Package config reads the data plane's JSON config (from stdin or a file: secrets never
 // travel on argv). Unknown keys are errors; every error names the key at fault.
+//
+// One binary, two modes: "inference" (the default: the Open Inference Protocol in front of
+// Triton) and "features" (FeatureService.GetOnlineFeatures from the Feast online store).
+// Both proxy every other call on their port to the Python process that started them.
 package config
 
 import (
@@ -42,8 +46,16 @@ type Triton struct {
 	TLS      *TritonTLS `json:"tls"`
 }
 
+// Modes of the data plane.
+const (
+	ModeInference = "inference"
+	ModeFeatures  = "features"
+)
+
 // Config is the whole config.
 type Config struct {
+	// Mode is "inference" (default) or "features".
+	Mode                 string  `json:"mode"`
 	Listen               string  `json:"listen"`
 	Backend              string  `json:"backend"`
 	TLS                  *TLS    `json:"tls"`
@@ -55,6 +67,11 @@ type Config struct {
 	MaxConcurrentStreams int64   `json:"max_concurrent_streams"`
 	OTLPEndpoint         *string `json:"otlp_endpoint"`
 	ServiceName          string  `json:"service_name"`
+	// Features is the features mode's schema and online store (required there).
+	Features *Features `json:"features"`
+	// StopOnStdinEOF: the data plane stops (gracefully) once its standard input closes,
+	// so a control plane that dies, even by SIGKILL, never leaves it holding the port.
+	StopOnStdinEOF bool `json:"stop_on_stdin_eof"`
 }
 
 // Roles a token may hold (loopmesh.mesh.auth.Role).
@@ -63,6 +80,7 @@ var Roles = map[string]bool{"ingest": true, "feedback": true, "predict": true, "
 // Load reads one JSON object from r (more input after it is ignored) and checks it.
 func Load(r io.Reader) (*Config, error) {
 	c := &Config{
+		Mode:                 ModeInference,
 		Listen:               "127.0.0.1:0",
 		AdminListen:          "127.0.0.1:0",
 		Triton:               Triton{Channels: 2, TimeoutS: 2.0},
@@ -99,10 +117,27 @@ func (c *Config) check() error {
 	fail := func(key, format string, a ...any) error {
 		return fmt.Errorf("config: %s: %s", key, fmt.Sprintf(format, a...))
 	}
-	for key, addr := range map[string]string{"listen": c.Listen, "backend": c.Backend, "triton.address": c.Triton.Address, "admin_listen": c.AdminListen} {
+	if c.Mode != ModeInference && c.Mode != ModeFeatures {
+		return fail("mode", "%q is not %q or %q", c.Mode, ModeInference, ModeFeatures)
+	}
+	addrs := map[string]string{"listen": c.Listen, "backend": c.Backend, "admin_listen": c.AdminListen}
+	if c.Mode == ModeInference {
+		addrs["triton.address"] = c.Triton.Address
+	}
+	for key, addr := range addrs {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			return fail(key, "%q is not HOST:PORT", addr)
 		}
+	}
+	if c.Mode == ModeFeatures {
+		if c.Features == nil {
+			return fail("features", "required in mode %q", ModeFeatures)
+		}
+		if err := c.Features.Check(); err != nil {
+			return fmt.Errorf("config: features.%v", err)
+		}
+	} else if c.Features != nil {
+		return fail("features", "only in mode %q", ModeFeatures)
 	}
 	if host, _, _ := net.SplitHostPort(c.AdminListen); !loopback(host) {
 		return fail("admin_listen", "%q must be a loopback address", c.AdminListen)

@@ -58,3 +58,41 @@ func TestErrorsNameTheKey(t *testing.T) {
 		}
 	}
 }
+
+const featuresMinimal = `{"mode": "features", "backend": "127.0.0.1:1", "features": {"max_entities": 10,
+	"store_timeout_s": 1.5, "features": [{"view": "v", "name": "f", "dtype": "Int64", "join_key": "entity_id",
+	"max_age_s": null}], "views": {"v": {"table": "p_v", "name": "v"}},
+	"store": {"type": "sqlite", "path": "/x.db", "project": "p", "redis": null, "entity_key_serialization_version": 3}}}`
+
+func TestFeaturesMode(t *testing.T) {
+	c, err := Load(strings.NewReader(featuresMinimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Mode != ModeFeatures || c.Features.MaxEntities != 10 || c.Features.Features[0].MaxAgeS != nil {
+		t.Fatalf("%+v", c)
+	}
+	f := `"features": {"max_entities": 10, "store_timeout_s": 1, "features": [{"view": "v", "name": "f", "join_key": "k"}], "views": {"v": {"table": "t", "name": "v"}}, "store": %s}`
+	cases := map[string]string{
+		`{"mode": "both", "backend": "b:1"}`:                               "mode:",
+		`{"mode": "features", "backend": "b:1"}`:                           "features: required",
+		`{"backend": "b:1", "triton": {"address": "t:1"}, "features": {}}`: "features: only in mode",
+		`{"mode": "features", "backend": "b:1", ` + strings.Replace(f, "%s", `{"type": "sqlite", "path": "/x", "entity_key_serialization_version": 2}`, 1) + `}`:                "features.store.entity_key_serialization_version:",
+		`{"mode": "features", "backend": "b:1", ` + strings.Replace(f, "%s", `{"type": "mongo", "entity_key_serialization_version": 3}`, 1) + `}`:                               "features.store.type:",
+		`{"mode": "features", "backend": "b:1", ` + strings.Replace(f, "%s", `{"type": "redis", "entity_key_serialization_version": 3}`, 1) + `}`:                               "features.store.redis:",
+		`{"mode": "features", "backend": "b:1", ` + strings.Replace(f, "%s", `{"type": "redis", "redis": {"address": "nope"}, "entity_key_serialization_version": 3}`, 1) + `}`: "features.store.redis.address:",
+		`{"mode": "features", "backend": "b:1", "features": {"max_entities": 0}}`:                                                                                               "features.max_entities:",
+	}
+	for body, want := range cases {
+		_, err := Load(strings.NewReader(body))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: got %v, want %q", body, err, want)
+		}
+	}
+	if _, err := ParseFeatures([]byte(`{"max_entities": 1} {}`)); err == nil {
+		t.Fatal("two values")
+	}
+	if _, err := ParseFeatures([]byte(`{"max_entities": 1, "colour": 2}`)); err == nil || !strings.Contains(err.Error(), `unknown key "colour"`) {
+		t.Fatalf("%v", err)
+	}
+}

@@ -27,6 +27,10 @@ type Metrics struct {
 	fallbacks     *prometheus.CounterVec
 	proxied       *prometheus.CounterVec
 	statsOverflow prometheus.Counter
+	features      *prometheus.CounterVec
+	featuresTime  *prometheus.HistogramVec
+	featureValues *prometheus.CounterVec
+	storeErrors   *prometheus.CounterVec
 	pairs         *limiter
 	services      *limiter
 }
@@ -61,10 +65,28 @@ func NewMetrics() *Metrics {
 			Name: "loopmesh_dataplane_stats_overflow_total",
 			Help: "Calls left out of the drained per-version figures (too many versions).",
 		}),
+		features: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_feature_requests_total",
+			Help: "FeatureService calls answered by the data plane, by method and code.",
+		}, []string{"method", "code"}),
+		featuresTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "loopmesh_dataplane_feature_request_duration_seconds",
+			Help:    "Time to answer a FeatureService call.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"method"}),
+		featureValues: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_feature_values_total",
+			Help: "Feature values served, by status (present, missing, stale).",
+		}, []string{"status"}),
+		storeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_online_store_errors_total",
+			Help: "Online-store reads that failed (answered UNAVAILABLE), by store.",
+		}, []string{"store"}),
 		pairs:    newLimiter(maxModelVersions),
 		services: newLimiter(maxServices),
 	}
 	reg.MustRegister(m.requests, m.duration, m.tritonErrors, m.fallbacks, m.proxied, m.statsOverflow,
+		m.features, m.featuresTime, m.featureValues, m.storeErrors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -111,6 +133,27 @@ func (m *Metrics) Proxied(service string, code codes.Code) {
 	}
 	m.proxied.WithLabelValues(service, CodeName(code)).Inc()
 }
+
+// FeatureRequest records one answered FeatureService call (method is a fixed name).
+func (m *Metrics) FeatureRequest(method string, code codes.Code, seconds float64) {
+	m.features.WithLabelValues(method, CodeName(code)).Inc()
+	m.featuresTime.WithLabelValues(method).Observe(seconds)
+}
+
+// FeatureValues counts the values of one answer by status.
+func (m *Metrics) FeatureValues(present, missing, stale int) {
+	for _, c := range []struct {
+		status string
+		n      int
+	}{{"present", present}, {"missing", missing}, {"stale", stale}} {
+		if c.n > 0 {
+			m.featureValues.WithLabelValues(c.status).Add(float64(c.n))
+		}
+	}
+}
+
+// StoreError counts a failed online-store read.
+func (m *Metrics) StoreError(store string) { m.storeErrors.WithLabelValues(store).Inc() }
 
 // StatsOverflow counts a call the per-version figures could not hold.
 func (m *Metrics) StatsOverflow() { m.statsOverflow.Inc() }

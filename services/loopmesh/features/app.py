@@ -3,6 +3,11 @@
 Both run in one process by default; ``LOOPMESH_FEATURES__RUN_SERVER`` and
 ``LOOPMESH_FEATURES__RUN_AGENTS`` split them so readers and writers scale apart. A crashed
 fold sets ``crashed`` (the process exits with status 1 for its supervisor).
+
+The server's port belongs to the Go data plane when ``features.dataplane.enabled`` (the
+default): it serves ``GetOnlineFeatures`` from the online store itself and proxies the rest
+to this process's FeatureService on a loopback port (``loopmesh.features.dataplane``). Its
+exit is a crash too.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from loopmesh.mesh.bus import EventProducer, declare_topics, partition_counts
 from loopmesh.mesh.events import EntityErased, erasure_key
 from loopmesh.mesh.privacy import EntityIdMapper
 from loopmesh.mesh.rpc import GrpcServer
+from loopmesh.mesh.settings import GrpcServerSettings
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 
 if TYPE_CHECKING:
     from loopmesh.features.agents import FeatureAgents
+    from loopmesh.features.dataplane import FeaturesDataPlane
     from loopmesh.features.store import FeastGateway
 
 log = logging.getLogger(__name__)
@@ -38,10 +45,21 @@ class FeaturesApp:
         self.erasures = replace(ENTITIES_ERASED, name=scope.erasures_topic)
         self.crashed = asyncio.Event()
         self.server: GrpcServer | None = None
+        """This process's FeatureService: on the public port, or on loopback behind the data
+        plane."""
+        self.dataplane: FeaturesDataPlane | None = None
         self.agents: FeatureAgents | None = None
         self._store: FeastGateway | None = None
         self._producer: EventProducer | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._watch_plane: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str | None:
+        """The public FeatureService address (the data plane's when it runs)."""
+        if self.dataplane is not None:
+            return self.dataplane.address
+        return self.server.address if self.server is not None else None
 
     async def start(self) -> None:
         try:
@@ -92,8 +110,20 @@ class FeaturesApp:
             # replace this one, so only entity_id erasures use the bare id.
             await producer.publish(self.erasures, event, key=erasure_key(event))
 
+        plane = scope.dataplane
+        listen = scope.server
+        if plane.enabled:
+            # Reached only through the data plane, on loopback: no TLS on this hop, but the
+            # callers' tokens travel with each call and are checked here as on the port.
+            listen = GrpcServerSettings(
+                host="127.0.0.1",
+                port=plane.backend_port,
+                max_message_bytes=scope.server.max_message_bytes,
+                grace_seconds=scope.server.grace_seconds,
+                max_concurrent_rpcs=scope.server.max_concurrent_rpcs,
+            )
         self.server = GrpcServer(
-            "features", scope.server, auth=self.settings.auth, method_roles=METHOD_ROLES
+            "features", listen, auth=self.settings.auth, method_roles=METHOD_ROLES
         )
         features_pb2_grpc.add_FeatureServiceServicer_to_server(
             FeatureServicer(
@@ -106,6 +136,17 @@ class FeaturesApp:
             self.server.server,
         )
         await self.server.start([SERVICE_NAME])
+        if plane.enabled:
+            from loopmesh.features.dataplane import FeaturesDataPlane
+
+            self.dataplane = FeaturesDataPlane(self.settings, store)
+            await self.dataplane.start(self.server.address)
+            self._watch_plane = asyncio.create_task(self._watch_dataplane(self.dataplane))
+
+    async def _watch_dataplane(self, dataplane: FeaturesDataPlane) -> None:
+        await dataplane.crashed.wait()
+        log.error("the features data plane stopped on its own")
+        self.crashed.set()
 
     async def _watch_agents(self, agents: FeatureAgents) -> None:
         await agents.finished()
@@ -121,6 +162,15 @@ class FeaturesApp:
         if self.agents is not None:
             await self.agents.stop()
             self.agents = None
+        if self._watch_plane is not None:
+            self._watch_plane.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_plane
+            self._watch_plane = None
+        if self.dataplane is not None:
+            # First: its proxied calls still need this process's server.
+            await self.dataplane.stop()
+            self.dataplane = None
         if self.server is not None:
             await self.server.stop()
             self.server = None

@@ -127,11 +127,16 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             span.set_attribute("loopmesh.features.entities", len(entity_ids))
             span.set_attribute("loopmesh.features.refs", len(specs))
+            # Each feature read once: Feast refuses a ref asked twice ("Duplicate features").
+            distinct = list(dict.fromkeys(specs))
             try:
-                stored = await self._store.read(entity_ids, specs, join_key)
+                stored = await self._store.read(entity_ids, distinct, join_key)
             except Exception as err:
                 span.record_exception(err)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"online store: {err}")
+            if len(distinct) != len(specs):
+                column = {spec: i for i, spec in enumerate(distinct)}
+                stored = [[values[column[spec]] for spec in specs] for values in stored]
             now = time.time()
             bounds = [self._max_age(spec) for spec in specs]
             return features_pb2.GetOnlineFeaturesResponse(

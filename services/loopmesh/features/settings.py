@@ -24,11 +24,41 @@ class StreamTuning(BaseModel):
     state recovery of newly assigned partitions included)."""
 
 
+class DataPlaneScope(BaseModel):
+    """The native data plane (``loopmesh-dataplane`` in features mode) on the public port."""
+
+    enabled: bool = True
+    """Serve ``GetOnlineFeatures`` from the Go data plane, which reads the online store itself
+    (the other calls are proxied to this process). False: this process serves the port alone
+    (a host without the binary)."""
+    binary: Path | None = None
+    """The executable; unset: ``loopmesh-dataplane`` beside this Python (``make deps`` puts it
+    there), else on ``PATH``."""
+    backend_port: int = Field(default=0, ge=0, le=65535)
+    """Loopback port of this process' own gRPC server (GetFeatureSchema, DeleteEntity,
+    health), which the data plane proxies to; 0 picks a free one."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Prometheus port of the data plane (on ``telemetry.metrics_host``); None: none."""
+    memory_limit: str | None = Field(default=None, pattern=r"^[0-9]+(B|KiB|MiB|GiB|TiB)?$")
+    """Go's soft heap limit for the data plane (``GOMEMLIMIT``, e.g. ``256MiB``); unset: its
+    own default of 1 GiB. Keep it well inside a container limit the two processes share."""
+    max_concurrent_streams: int = Field(default=1024, ge=1)
+    """Concurrent calls per client connection on the public port."""
+    start_timeout_s: float = Field(default=20.0, gt=0)
+    """How long the data plane may take to bind its ports."""
+    stop_timeout_s: float = Field(default=15.0, gt=0)
+    """How long it may take to finish in-flight calls on shutdown before it is killed."""
+    admin_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline of one call to its loopback admin API."""
+
+
 class FeaturesScope(BaseModel):
     """What the features service alone reads."""
 
     server: GrpcServerSettings = GrpcServerSettings(port=50053)
-    """Where FeatureService listens."""
+    """Where FeatureService listens (the data plane, when enabled)."""
+    dataplane: DataPlaneScope = DataPlaneScope()
+    """The native data plane (``LOOPMESH_FEATURES__DATAPLANE__*``)."""
     repo_path: Path = Path(".loopmesh/feature_store")
     """Applied Feast repo (``feature_store.yaml`` and registry), as ``loopmesh infra up``
     prepares it."""

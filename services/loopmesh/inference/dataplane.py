@@ -17,6 +17,9 @@ This module is the control plane's side of it:
   ``Counters`` (and so into ``metrics.live`` for the canary guards, exactly like Predict's);
 * if the child exits, set ``crashed``: the app stops with exit 1 rather than serve Predict
   behind a port nobody answers.
+
+Running the child (finding it, its config on stdin, its listening line, the admin calls, the
+exit watch) is ``loopmesh.mesh.dataplane``, shared with the features service's data plane.
 """
 
 from __future__ import annotations
@@ -25,13 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import shutil
-import signal
-import sys
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,51 +36,22 @@ from loopmesh.inference.catalog import ModelCatalog
 from loopmesh.inference.core import Counters
 from loopmesh.inference.routing import RouteTable
 from loopmesh.inference.settings import InferenceSettings
-from loopmesh.mesh.errors import SetupError
+from loopmesh.mesh import dataplane as child
+from loopmesh.mesh.dataplane import BINARY, DataPlaneProcess, Listening
 
 log = logging.getLogger(__name__)
-BINARY = "loopmesh-dataplane"
-
-
-@dataclass(frozen=True, slots=True)
-class Listening:
-    """Where the data plane listens (its one line on stdout)."""
-
-    grpc: str
-    admin: str
-    metrics: str | None
+__all__ = ["BINARY", "DataPlane", "Listening", "config_of", "find_binary"]
 
 
 def find_binary(configured: Path | None) -> Path:
     """The data plane executable: the configured path, else beside this Python, else PATH."""
-    if configured is not None:
-        if not configured.is_file():
-            raise SetupError("inference.dataplane.binary", f"{configured} does not exist")
-        return configured
-    beside = Path(sys.executable).parent / BINARY
-    if beside.is_file():
-        return beside
-    found = shutil.which(BINARY)
-    if found is None:
-        raise SetupError(
-            "inference.dataplane.binary",
-            f"{BINARY} not found beside {sys.executable} or on PATH: build it with `make deps` "
-            "(README, 'The inference data plane')",
-        )
-    return Path(found)
+    return child.find_binary(configured, setting="inference.dataplane.binary")
 
 
 def config_of(settings: InferenceSettings, backend: str) -> dict[str, Any]:
     """The data plane's config: the public server, Triton, auth and telemetry settings."""
     scope = settings.inference
     server, plane = scope.server, scope.dataplane
-    tls = None
-    if server.tls_certfile is not None and server.tls_keyfile is not None:
-        tls = {
-            "cert_file": str(server.tls_certfile),
-            "key_file": str(server.tls_keyfile),
-            "client_ca_file": str(server.tls_client_cafile) if server.tls_client_cafile else None,
-        }
     client = settings.triton_client
     triton_tls = None
     if client.tls_enabled:
@@ -98,11 +66,8 @@ def config_of(settings: InferenceSettings, backend: str) -> dict[str, Any]:
     return {
         "listen": f"{server.host}:{server.port}",
         "backend": backend,
-        "tls": tls,
-        "tokens": [
-            {"name": t.name, "token": t.token.get_secret_value(), "roles": list(t.roles)}
-            for t in settings.auth.tokens
-        ],
+        "tls": child.server_tls(server),
+        "tokens": child.tokens(settings.auth),
         "triton": {
             "address": settings.triton_url,
             "channels": scope.triton_channels,
@@ -136,7 +101,7 @@ class DataPlane:
         self._catalog = catalog
         self._counters = counters
         self._routes_ready = routes_ready
-        self._proc: asyncio.subprocess.Process | None = None
+        self._process: DataPlaneProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._push_lock = asyncio.Lock()
@@ -148,7 +113,7 @@ class DataPlane:
     @property
     def pid(self) -> int | None:
         """The child's process id (None before start)."""
-        return self._proc.pid if self._proc is not None else None
+        return self._process.pid if self._process is not None else None
 
     @property
     def address(self) -> str:
@@ -157,38 +122,18 @@ class DataPlane:
 
     async def start(self, backend: str) -> None:
         """Start the child proxying to ``backend``; returns once it listens and has routes."""
-        binary = find_binary(self._scope.binary)
-        config = json.dumps(config_of(self._settings, backend)).encode()
-        env = dict(os.environ)
-        if self._scope.memory_limit is not None:
-            env["GOMEMLIMIT"] = self._scope.memory_limit
-        self._proc = proc = await asyncio.create_subprocess_exec(
-            str(binary),
-            "--config",
-            "-",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
+        self._process = process = DataPlaneProcess(
+            find_binary(self._scope.binary),
+            start_timeout_s=self._scope.start_timeout_s,
+            stop_timeout_s=self._scope.stop_timeout_s,
+            admin_timeout_s=self._scope.admin_timeout_s,
+            memory_limit=self._scope.memory_limit,
         )
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(config)
-        await proc.stdin.drain()
-        proc.stdin.close()
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), self._scope.start_timeout_s)
-        except TimeoutError:
-            await self._terminate()
-            raise SetupError(
-                f"{BINARY} did not listen within {self._scope.start_timeout_s}s"
-            ) from None
-        if not line:
-            code = await proc.wait()
-            raise SetupError(f"{BINARY} exited with {code} before listening (its log is above)")
-        said = json.loads(line)
-        self.listening = Listening(said["grpc"], said["admin"], said.get("metrics"))
+        self.listening = await process.start(config_of(self._settings, backend))
         await self.push_routes()
+        process.watch()
         self._tasks = [
-            asyncio.create_task(self._watch_exit(), name="dataplane-watch"),
+            asyncio.create_task(self._watch_exit(process), name="dataplane-crash"),
             asyncio.create_task(self._sync(), name="dataplane-sync"),
         ]
         log.info(
@@ -201,6 +146,8 @@ class DataPlane:
     async def stop(self) -> None:
         """Stop the child (in-flight calls finish), then take its last figures."""
         self.stopping = True
+        if self._process is not None:
+            self._process.stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -208,7 +155,8 @@ class DataPlane:
                 await task
         with contextlib.suppress(OSError):
             await self.drain_stats()
-        await self._terminate()
+        if self._process is not None:
+            await self._process.stop()
 
     # -- route table ---------------------------------------------------------------------------
 
@@ -263,14 +211,8 @@ class DataPlane:
     # -- internals ------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, body: bytes) -> bytes:
-        assert self.listening is not None
-        request = urllib.request.Request(
-            f"http://{self.listening.admin}{path}", data=body or None, method=method
-        )
-        if body:
-            request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=self._scope.admin_timeout_s) as answer:  # noqa: S310 (loopback http, our own child)
-            return bytes(answer.read())
+        assert self._process is not None
+        return self._process.request(method, path, body)
 
     async def _sync(self) -> None:
         """Push routes when they change (or readiness flips, or the repository moves on) and
@@ -291,23 +233,6 @@ class DataPlane:
             except OSError:
                 log.warning("data plane admin call failed; retrying", exc_info=True)
 
-    async def _watch_exit(self) -> None:
-        assert self._proc is not None
-        code = await self._proc.wait()
-        if not self.stopping:
-            log.error("%s exited with %s", BINARY, code)
-            self.crashed.set()
-
-    async def _terminate(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), self._scope.stop_timeout_s)
-        except TimeoutError:
-            log.warning(
-                "%s did not stop within %ss; killing it", BINARY, self._scope.stop_timeout_s
-            )
-            proc.kill()
-            await proc.wait()
+    async def _watch_exit(self, process: DataPlaneProcess) -> None:
+        await process.crashed.wait()
+        self.crashed.set()

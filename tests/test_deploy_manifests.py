@@ -488,3 +488,23 @@ async def test_healthcheck_exit_codes() -> None:
     finally:
         await server.stop()
     assert await probe(server.address) == 1  # nobody listening
+
+
+def test_inference_presents_a_token_to_features_wherever_it_runs(
+    compose: Obj, rendered: dict[str, list[Obj]]
+) -> None:
+    # Before: no LOOPMESH_AUTH__CLIENT_TOKEN anywhere, so with auth on every Predict's feature
+    # read was UNAUTHENTICATED and degraded to the declared defaults.
+    env = compose["services"]["inference"]["environment"]
+    assert env["LOOPMESH_AUTH__CLIENT_TOKEN"] == "${LOOPMESH_AUTH__CLIENT_TOKEN:-}"
+    for overlay in OVERLAYS:
+        (dep,) = find(rendered[overlay], "Deployment", "inference")
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        refs = {e["name"]: e.get("valueFrom", {}) for e in container["env"]}
+        assert refs["LOOPMESH_AUTH__CLIENT_TOKEN"]["secretKeyRef"]["key"] == "client-token"
+    # What compose passes when the variable is unset: no client token, not a bad one.
+    from loopmesh.mesh.auth import AuthSettings
+
+    assert AuthSettings.model_validate({"client_token": ""}).client_token is None
+    with pytest.raises(ValueError, match="at least 16"):
+        AuthSettings.model_validate({"client_token": "short"})

@@ -59,6 +59,12 @@ class AuthSettings(BaseModel):
     client_token: SecretStr | None = None
     """Token this service presents when it calls another service (e.g. inference → features)."""
 
+    @field_validator("client_token", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, token: object) -> object:
+        # compose passes `${LOOPMESH_AUTH__CLIENT_TOKEN:-}`: an empty value means none.
+        return None if token == "" else token
+
     @field_validator("client_token")
     @classmethod
     def _client_token_length(cls, token: SecretStr | None) -> SecretStr | None:

@@ -2,7 +2,9 @@
 
 Entities produce events (Ingest), a backend asks for predictions (Predict), and feedback
 follows from a hidden labelling rule (Submit) that switches partway through (concept
-drift). Everything goes through the public gRPC APIs, exactly as real apps would.
+drift). Everything goes through the public gRPC APIs with the client SDK
+(``loopmesh.client``), exactly as real apps would: event ids set before the first attempt,
+retries on UNAVAILABLE, a deadline on every call.
 """
 
 from __future__ import annotations
@@ -10,23 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import grpc
 import numpy as np
+from pydantic import SecretStr
 
+from loopmesh.client import AsyncClient, CallError, ClientConfig, Event, Feedback, RetryPolicy
 from loopmesh.devstack.synthetic import SyntheticWorld
-from loopmesh.gen.loopmesh.v1 import (
-    feedback_pb2,
-    feedback_pb2_grpc,
-    inference_pb2,
-    inference_pb2_grpc,
-    ingestion_pb2,
-    ingestion_pb2_grpc,
-)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +34,8 @@ class SimulatorConfig:
     tick_seconds: float = 0.5
     feedback_delay_seconds: float = 1.0
     rpc_timeout_seconds: float = 5.0
+    rpc_attempts: int = 3
+    """Attempts of one call (the client retries UNAVAILABLE with the same event ids)."""
 
 
 @dataclass
@@ -62,23 +58,30 @@ class TrafficSimulator:
         inference: str,
         feedback: str,
         on_drift: Callable[[datetime], None] = lambda _: None,
-        metadata: tuple[tuple[str, str], ...] = (),
+        token: str | None = None,
         seed: int = 1,
     ) -> None:
         self.world = world
         self.config = config
         self.stats = SimulatorStats()
-        self._addresses = (ingestion, inference, feedback)
+        self._client_config = ClientConfig(
+            ingestion_url=ingestion,
+            inference_url=inference,
+            feedback_url=feedback,
+            token=None if token is None else SecretStr(token),
+            deadline_s=config.rpc_timeout_seconds,
+            stream_deadline_s=config.rpc_timeout_seconds,
+            retry=RetryPolicy(
+                max_attempts=config.rpc_attempts, total_timeout_s=config.rpc_timeout_seconds
+            ),
+            tracing=False,
+        )
         self._on_drift = on_drift
-        self._metadata = metadata
         self._rng = np.random.default_rng(seed)
         self._pending: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        ingestion, inference, feedback = (grpc.aio.insecure_channel(a) for a in self._addresses)
-        self._ingest = ingestion_pb2_grpc.IngestionServiceStub(ingestion)
-        self._predict = inference_pb2_grpc.InferenceServiceStub(inference)
-        self._feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback)
+        self._client = AsyncClient(self._client_config)
         loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
@@ -86,9 +89,9 @@ class TrafficSimulator:
                 n = max(1, round(self.config.requests_per_second * self.config.tick_seconds))
                 try:
                     await self._one_tick(n)
-                except grpc.aio.AioRpcError as err:
+                except CallError as err:
                     self.stats.errors += 1
-                    log.warning("simulator call failed: %s %s", err.code().name, err.details())
+                    log.warning("simulator call failed: %s", err)
                 elapsed = loop.time() - tick
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -97,8 +100,8 @@ class TrafficSimulator:
         finally:
             for task in list(self._pending):
                 task.cancel()
-            for channel in (ingestion, inference, feedback):
-                await channel.close()
+            await asyncio.gather(*self._pending, return_exceptions=True)
+            await self._client.close()
 
     def inject_drift(self) -> None:
         """Switch the hidden labelling rule; features keep their distribution."""
@@ -108,33 +111,23 @@ class TrafficSimulator:
     async def _one_tick(self, n: int) -> None:
         batch = self.world.sample(n, self._rng)
         now = datetime.now(UTC)
-        events = []
-        for entity_id, row in zip(batch.entity_ids, batch.feature_dicts(), strict=True):
-            event = ingestion_pb2.InteractionEvent(
-                event_id=uuid.uuid4().hex,
+        rows = batch.feature_dicts()
+        events = [
+            Event(
                 entity_id=entity_id,
                 event_type="view",
                 numeric={"value": row["price"], "amount": row["discount"]},
                 categorical={"category": "hour-" + ("day" if row["hour_sin"] > 0 else "night")},
+                event_time=now,
             )
-            event.event_time.FromDatetime(now)
-            events.append(event)
-        await self._ingest.Ingest(
-            ingestion_pb2.IngestRequest(events=events),
-            timeout=self.config.rpc_timeout_seconds,
-            metadata=self._metadata,
-        )
+            for entity_id, row in zip(batch.entity_ids, rows, strict=True)
+        ]
+        await self._client.ingest(events)
         self.stats.ingested += len(events)
 
         calls = [
-            self._predict.Predict(
-                inference_pb2.PredictRequest(
-                    entity_id=entity_id, context=row, model_name=self.config.model_name
-                ),
-                timeout=self.config.rpc_timeout_seconds,
-                metadata=self._metadata,
-            )
-            for entity_id, row in zip(batch.entity_ids, batch.feature_dicts(), strict=True)
+            self._client.predict(entity_id, context=row, model_name=self.config.model_name)
+            for entity_id, row in zip(batch.entity_ids, rows, strict=True)
         ]
         replies = await asyncio.gather(*calls, return_exceptions=True)
         labels = self.world.draw_labels(batch, self._rng)
@@ -151,23 +144,18 @@ class TrafficSimulator:
 
     async def _send_feedback_later(self, answered: list[tuple[str, int]]) -> None:
         await asyncio.sleep(self.config.feedback_delay_seconds)  # users answer later
+        if not answered:
+            return
         now = datetime.now(UTC)
-        calls = []
-        for prediction_id, label in answered:
-            item = feedback_pb2.Feedback(
-                event_id=uuid.uuid4().hex, prediction_id=prediction_id, label=label
-            )
-            item.event_time.FromDatetime(now)
-            calls.append(
-                self._feedback.Submit(
-                    feedback_pb2.SubmitRequest(feedback=item),
-                    timeout=self.config.rpc_timeout_seconds,
-                    metadata=self._metadata,
-                )
-            )
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                self.stats.errors += 1
-            else:
-                self.stats.feedback_sent += 1
+        items = [
+            Feedback(prediction_id=prediction_id, label=label, event_time=now)
+            for prediction_id, label in answered
+        ]
+        try:
+            result = await self._client.submit_many(items)
+        except CallError as err:
+            self.stats.errors += len(items)
+            log.warning("simulator feedback failed: %s", err)
+            return
+        self.stats.feedback_sent += result.accepted + result.duplicates
+        self.stats.errors += result.rejected

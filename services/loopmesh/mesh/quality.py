@@ -1,4 +1,5 @@
-"""Binary-classification figures shared by the live window, the gate and the benchmark.
+"""Quality figures shared by the live window, the gate and the benchmark: binary ones, and the
+loss, its variance and the primary metric of every task (binary, multiclass, regression).
 
 Pure numpy. AUC is the Mann-Whitney statistic with average ranks for ties, so a constant
 predictor scores exactly 0.5 and the figure matches the usual ROC-curve area.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -107,3 +109,84 @@ def score(labels: npt.ArrayLike, probs: npt.ArrayLike) -> Scores:
 
 def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+# ------------------------------------------------------------------ figures of every task
+
+Task = Literal["binary", "multiclass", "regression"]
+PRIMARY: dict[str, tuple[str, bool]] = {
+    "binary": ("auc", True),
+    "multiclass": ("accuracy", True),
+    "regression": ("mae", False),
+}
+"""Each task's primary metric and whether higher is better (the gate and the dashboards)."""
+LOSS: dict[str, str] = {"binary": "log_loss", "multiclass": "cross_entropy", "regression": "mse"}
+"""Each task's loss: the per-example quantity whose mean the canary analysis compares."""
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """One task's figures: the loss (mean per-example loss, what training minimises and the
+    canary bound compares), the variance of the per-example loss (the bound's width), and the
+    task's metrics by name (None where undefined)."""
+
+    task: str
+    count: int
+    loss: float | None
+    loss_var: float | None
+    metrics: dict[str, float | None]
+
+    @property
+    def primary(self) -> float | None:
+        return self.metrics.get(PRIMARY[self.task][0])
+
+
+def per_example_loss(task: Task, targets: npt.ArrayLike, outputs: npt.ArrayLike) -> FloatArray:
+    """The loss of each example: log loss (binary, outputs are probabilities), cross-entropy
+    (multiclass, outputs are ``[n, k]`` class probabilities, targets class indices) or squared
+    error (regression)."""
+    y = np.asarray(targets, dtype=np.float64)
+    out = np.asarray(outputs, dtype=np.float64)
+    if task == "binary":
+        p = np.clip(out, EPS, 1 - EPS)
+        losses: FloatArray = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        return losses
+    if task == "multiclass":
+        if out.ndim != 2 or out.shape[0] != y.size:
+            raise ValueError(f"multiclass outputs must be [n, k], got {out.shape} for {y.size}")
+        index = y.astype(np.int64)
+        if np.any(index < 0) or np.any(index >= out.shape[1]) or np.any(index != y):
+            raise ValueError(f"class labels must be integers in [0, {out.shape[1]})")
+        chosen = np.clip(out[np.arange(y.size), index], EPS, 1.0)
+        ce: FloatArray = -np.log(chosen)
+        return ce
+    squared: FloatArray = (out - y) ** 2
+    return squared
+
+
+def task_scores(task: Task, targets: npt.ArrayLike, outputs: npt.ArrayLike) -> TaskScores:
+    """Every figure of ``task`` at once; all None but the count for no examples."""
+    y = np.asarray(targets, dtype=np.float64)
+    out = np.asarray(outputs, dtype=np.float64)
+    names = {"binary": ("auc", "accuracy"), "multiclass": ("accuracy",), "regression": ("mae",)}
+    if y.size == 0:
+        return TaskScores(task, 0, None, None, dict.fromkeys(names[task]))
+    if not np.all(np.isfinite(out)):
+        raise ValueError("outputs contain NaN or infinity")
+    if task != "multiclass" and y.shape != out.shape:
+        raise ValueError(f"targets {y.shape} and outputs {out.shape} differ in shape")
+    losses = per_example_loss(task, y, out)
+    metrics: dict[str, float | None]
+    if task == "binary":
+        metrics = {"auc": roc_auc(y, out), "accuracy": accuracy(y, out)}
+    elif task == "multiclass":
+        metrics = {"accuracy": float(np.mean(np.argmax(out, axis=1) == y))}
+    else:
+        metrics = {"mae": float(np.mean(np.abs(out - y)))}
+    return TaskScores(
+        task=task,
+        count=int(y.size),
+        loss=float(losses.mean()),
+        loss_var=float(losses.var(ddof=1)) if y.size > 1 else 0.0,
+        metrics=metrics,
+    )

@@ -28,7 +28,7 @@ import (
 
 // Rows as Feast writes them (feast/infra/online_stores/sqlite.py): the table Feast creates,
 // entity keys serialized, values serialized feast Values, event_ts int(naive_utc.timestamp()).
-func feastSQLite(t *testing.T, rows map[string][][4]any) string {
+func feastSQLite(t testing.TB, rows map[string][][4]any) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "online.db")
 	db, err := sql.Open("sqlite", path)

@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/url"
 	"runtime"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -67,9 +69,25 @@ func newRows(n, features int) viewRows {
 // writes it from the Python process. One table per view: (entity_key BLOB, feature_name
 // TEXT, value BLOB (a serialized feast Value), event_ts, ...), keyed by (entity_key,
 // feature_name) (feast/infra/online_stores/sqlite.py).
+//
+// Feast reads each view with "SELECT entity_key, feature_name, value, event_ts FROM <table>
+// WHERE entity_key IN (...) ORDER BY entity_key" and keeps the event time of an entity's last
+// row, which the primary key's index orders by feature_name. Here every view of a request is
+// read by one statement (UNION ALL: one prepare, one read lock) with the same rows, and an
+// entity's time is that of its greatest feature_name, as in Feast. Statements are prepared
+// once per set of tables and size: the key list is padded to a power of two by repeating a
+// key, which IN ignores.
 type sqliteStore struct {
-	db *sql.DB
+	db    *sql.DB
+	mu    sync.Mutex
+	stmts map[string]*sql.Stmt
 }
+
+// SQLite's default SQLITE_MAX_VARIABLE_NUMBER is 32766: statements stay below it.
+const maxSQLiteArgs = 32000
+
+// maxStatements bounds the prepared statements kept (sets of tables x sizes).
+const maxStatements = 256
 
 func openSQLite(path string) (*sqliteStore, error) {
 	// mode=ro: never writes, never creates the file. busy_timeout: waits out Feast's write
@@ -82,74 +100,150 @@ func openSQLite(path string) (*sqliteStore, error) {
 	n := 2 * runtime.GOMAXPROCS(0)
 	db.SetMaxOpenConns(n)
 	db.SetMaxIdleConns(n)
-	return &sqliteStore{db: db}, nil
+	return &sqliteStore{db: db, stmts: map[string]*sql.Stmt{}}, nil
 }
 
 func (s *sqliteStore) Kind() string { return "sqlite" }
-func (s *sqliteStore) Close() error { return s.db.Close() }
+
+func (s *sqliteStore) Close() error {
+	s.mu.Lock()
+	for _, st := range s.stmts {
+		_ = st.Close()
+	}
+	s.stmts = nil
+	s.mu.Unlock()
+	return s.db.Close()
+}
 
 func quoteID(name string) string { return `"` + strings.ReplaceAll(name, `"`, `""`) + `"` }
 
+// statement is the prepared UNION ALL of views' reads for size keys each; kept: it is in
+// the cache (else the caller closes it).
+func (s *sqliteStore) statement(ctx context.Context, views []viewRead, size int) (st *sql.Stmt, kept bool, err error) {
+	var key strings.Builder
+	key.WriteString(strconv.Itoa(size))
+	for _, v := range views {
+		key.WriteString("\x00" + v.view.Table)
+	}
+	s.mu.Lock()
+	st, ok := s.stmts[key.String()]
+	s.mu.Unlock()
+	if ok {
+		return st, true, nil
+	}
+	placeholders := strings.TrimSuffix(strings.Repeat("?,", size), ",")
+	parts := make([]string, len(views))
+	for i, v := range views {
+		parts[i] = "SELECT " + strconv.Itoa(i) + ", entity_key, feature_name, value, CAST(event_ts AS INTEGER) FROM " +
+			quoteID(v.view.Table) + " WHERE entity_key IN (" + placeholders + ")"
+	}
+	if st, err = s.db.PrepareContext(ctx, strings.Join(parts, " UNION ALL ")); err != nil {
+		return nil, false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stmts == nil || len(s.stmts) >= maxStatements {
+		return st, false, nil
+	}
+	if other, ok := s.stmts[key.String()]; ok { // prepared meanwhile by another call
+		_ = st.Close()
+		return other, true, nil
+	}
+	s.stmts[key.String()] = st
+	return st, true, nil
+}
+
 func (s *sqliteStore) Read(ctx context.Context, joinKey string, ids []string, views []viewRead) ([]viewRows, error) {
-	keys := make([]any, len(ids))
+	size := 1
+	for size < len(ids) {
+		size *= 2
+	}
+	keys := make([]any, size)
 	index := make(map[string]int, len(ids))
 	for i, id := range ids {
 		k := entityKey(joinKey, id)
 		keys[i] = k
 		index[string(k)] = i
 	}
-	placeholders := strings.TrimSuffix(strings.Repeat("?,", len(ids)), ",")
-	out := make([]viewRows, len(views))
-	conn, err := s.db.Conn(ctx)
-	if err != nil {
-		return nil, err
+	for i := len(ids); i < size; i++ {
+		keys[i] = keys[len(ids)-1]
 	}
-	defer conn.Close()
+	out := make([]viewRows, len(views))
+	columns := make([]map[string]int, len(views))
 	for v, view := range views {
-		rows := newRows(len(ids), len(view.features))
-		column := make(map[string]int, len(view.features))
+		out[v] = newRows(len(ids), len(view.features))
+		columns[v] = make(map[string]int, len(view.features))
 		for i, f := range view.features {
-			column[f] = i
+			columns[v][f] = i
 		}
-		// Feast's own query; the last row of an entity gives its time, as in Feast.
-		q := "SELECT entity_key, feature_name, value, CAST(event_ts AS INTEGER) FROM " + quoteID(view.view.Table) +
-			" WHERE entity_key IN (" + placeholders + ") ORDER BY entity_key"
-		if err := s.query(ctx, conn, q, keys, func(key []byte, feature string, raw []byte, ts sql.NullInt64) error {
+	}
+	// The greatest feature_name seen per (view, entity), whose row gives the time.
+	last := make([][]string, len(views))
+	raw := make([][]sql.NullInt64, len(views))
+	for v := range views {
+		last[v] = make([]string, len(ids))
+		raw[v] = make([]sql.NullInt64, len(ids))
+	}
+	per := max(1, maxSQLiteArgs/size)
+	for first := 0; first < len(views); first += per {
+		chunk := views[first:min(first+per, len(views))]
+		args := make([]any, 0, size*len(chunk))
+		for range chunk {
+			args = append(args, keys...)
+		}
+		if err := s.query(ctx, chunk, size, args, func(v int, key []byte, feature string, value []byte, ts sql.NullInt64) error {
+			v += first
 			e, ok := index[string(key)]
 			if !ok {
 				return nil
 			}
-			rows.seconds[e] = sqliteSeconds(ts)
-			if f, ok := column[feature]; ok {
-				val, err := parseValue(raw)
+			if seen := last[v][e]; seen == "" || feature > seen {
+				last[v][e], raw[v][e] = feature, ts
+			}
+			if f, ok := columns[v][feature]; ok {
+				val, err := parseValue(value)
 				if err != nil {
-					return fmt.Errorf("%s: feature %s: %v", view.view.Table, feature, err)
+					return fmt.Errorf("%s: feature %s: %v", views[v].view.Table, feature, err)
 				}
-				rows.values[e][f] = val
+				out[v].values[e][f] = val
 			}
 			return nil
 		}); err != nil {
 			return nil, err
 		}
-		out[v] = rows
+	}
+	for v := range views {
+		for e := range ids {
+			if last[v][e] != "" || raw[v][e].Valid {
+				out[v].seconds[e] = sqliteSeconds(raw[v][e])
+			}
+		}
 	}
 	return out, nil
 }
 
-func (s *sqliteStore) query(ctx context.Context, conn *sql.Conn, q string, args []any, each func([]byte, string, []byte, sql.NullInt64) error) error {
-	rs, err := conn.QueryContext(ctx, q, args...)
+func (s *sqliteStore) query(ctx context.Context, views []viewRead, size int, args []any, each func(int, []byte, string, []byte, sql.NullInt64) error) error {
+	st, kept, err := s.statement(ctx, views, size)
+	if err != nil {
+		return err
+	}
+	if !kept {
+		defer st.Close()
+	}
+	rs, err := st.QueryContext(ctx, args...)
 	if err != nil {
 		return err
 	}
 	defer rs.Close()
-	var key, raw []byte
+	var v int
+	var key, value []byte
 	var feature string
 	var ts sql.NullInt64
 	for rs.Next() {
-		if err := rs.Scan(&key, &feature, &raw, &ts); err != nil {
+		if err := rs.Scan(&v, &key, &feature, &value, &ts); err != nil {
 			return err
 		}
-		if err := each(key, feature, raw, ts); err != nil {
+		if err := each(v, key, feature, value, ts); err != nil {
 			return err
 		}
 	}

@@ -1,3 +1,4 @@
+# ruff: noqa: E402 (torch is blocked before feast is imported)
 """Writes golden.json: what the Python FeatureService and Feast compute, for golden_test.go.
 
 Run from the repository root with the project's Python after changing any rule the data
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # feast imports it, unused here
 
-import mmh3  # noqa: E402
+import mmh3
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -39,7 +40,7 @@ from loopmesh.gen.loopmesh.v1 import features_pb2
 from loopmesh.mesh.model_repo import shown
 
 b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-rng = random.Random(17)
+rng = random.Random(17)  # noqa: S311 (test data)
 
 
 def random_text(n: int) -> str:
@@ -105,8 +106,15 @@ for ids, refs, join_key in requests:
     try:
         validate_entity_ids(ids, limit=5)
         specs = schema.resolve(refs, join_key or "entity_id")
-        validation.append({"ids": ids, "refs": refs, "join_key": join_key, "error": None,
-                           "resolved": [s.ref for s in specs]})
+        validation.append(
+            {
+                "ids": ids,
+                "refs": refs,
+                "join_key": join_key,
+                "error": None,
+                "resolved": [s.ref for s in specs],
+            }
+        )
     except RequestError as err:
         validation.append({"ids": ids, "refs": refs, "join_key": join_key, "error": str(err)})
 
@@ -148,8 +156,11 @@ for v in values:
                     "raw": b64(v.SerializeToString()),
                     "seconds": event_time or 0,
                     "max_age": None if max_age == float("inf") else max_age,
-                    "status": {FeatureStatus.PRESENT: 1, FeatureStatus.MISSING: 2,
-                               FeatureStatus.STALE: 3}[status],
+                    "status": {
+                        FeatureStatus.PRESENT: 1,
+                        FeatureStatus.MISSING: 2,
+                        FeatureStatus.STALE: 3,
+                    }[status],
                     "wire": b64(_value(sv, status).SerializeToString()),
                 }
             )
@@ -158,8 +169,10 @@ response = features_pb2.GetOnlineFeaturesResponse(
     entities=[
         features_pb2.EntityFeatures(
             entity_id=e,
-            values=[_value(StoredValue(1, 1_700_000_000), FeatureStatus.PRESENT),
-                    _value(StoredValue("t", None), FeatureStatus.PRESENT)],
+            values=[
+                _value(StoredValue(1, 1_700_000_000), FeatureStatus.PRESENT),
+                _value(StoredValue("t", None), FeatureStatus.PRESENT),
+            ],
         )
         for e in ("e1", "é2", "e1")
     ],
@@ -168,20 +181,33 @@ response = features_pb2.GetOnlineFeaturesResponse(
 keys = []
 for join_key, entity in [("entity_id", "u1"), ("item_id", "sku-42"), ("entity_id", "é" * 300)]:
     key = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=entity)])
-    keys.append({"join_key": join_key, "id": entity,
-                 "key": b64(serialize_entity_key(key, entity_key_serialization_version=3))})
-hashes = [{"text": t, "mmh3": mmh3.hash(t, signed=False), "field": b64(_mmh3(t))}
-          for t in ["", "a", "ab", "abc", "abcd", "entity_activity:events_1h", "é:ü", "x" * 1001]]
+    keys.append(
+        {
+            "join_key": join_key,
+            "id": entity,
+            "key": b64(serialize_entity_key(key, entity_key_serialization_version=3)),
+        }
+    )
+hashes = [
+    {"text": t, "mmh3": mmh3.hash(t, signed=False), "field": b64(_mmh3(t))}
+    for t in ["", "a", "ab", "abc", "abcd", "entity_activity:events_1h", "é:ü", "x" * 1001]
+]
 
 times = []
-for seconds, nanos in [(1_700_000_000, 0), (1_700_000_000, 999_999_000), (1_700_000_000, 999_999_499),
-                       (1_700_000_000, 999_999_500), (1_700_000_000, 999_999_999), (0, 0), (5, 1)]:
+edges = [0, 999_999_000, 999_999_499, 999_999_500, 999_999_999]
+for seconds, nanos in [*((1_700_000_000, n) for n in edges), (0, 0), (5, 1)]:
     ts = Timestamp(seconds=seconds, nanos=nanos)
     dt = datetime.fromtimestamp(ts.seconds + ts.nanos / 1_000_000_000.0, tz=UTC)
     out = Timestamp()
     out.FromDatetime(dt)
-    times.append({"seconds": seconds, "nanos": nanos, "served": out.seconds,
-                  "raw": b64(ts.SerializeToString())})
+    times.append(
+        {
+            "seconds": seconds,
+            "nanos": nanos,
+            "served": out.seconds,
+            "raw": b64(ts.SerializeToString()),
+        }
+    )
 
 floats = [10.0, 0.5, 1e-05, 0.0001, 1e16, 123456789012345.6, 2.5e-7, 1e300, 3.0]
 golden = {

@@ -14,7 +14,7 @@
 #   CPU-only torch, ~3 GB smaller: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ARG PYTHON_IMAGE=python:3.11-slim
-# The inference data plane (dataplane/, Go): built here, copied into the inference image.
+# The data plane (dataplane/, Go): built here, copied into the inference and features images.
 ARG GO_IMAGE=golang:1.26-bookworm
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.07-py3
 # Keep in step with pyproject.toml: model.pt written by the trainer is loaded by this torch.
@@ -138,6 +138,8 @@ CMD ["loopmesh", "serve", "feedback"]
 FROM runtime AS features
 ARG LOOPMESH_UID
 COPY --from=deps-features /opt/venv /opt/venv
+# Beside the venv's python, where the features service looks for it (its GetOnlineFeatures).
+COPY --from=dataplane /out/loopmesh-dataplane /opt/venv/bin/loopmesh-dataplane
 RUN pip install --no-deps -e /app && python -c "import loopmesh.features.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "features"]

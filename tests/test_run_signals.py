@@ -145,7 +145,7 @@ async def test_sigint_stops_every_process_and_writes_the_summary(
         return None
 
     monkeypatch.setattr(stack_module, "declare_topics", no_topics)
-    monkeypatch.setattr(stack_module, "prepare_repo", lambda path: path)
+    monkeypatch.setattr(stack_module, "prepare_repo", lambda path, **_: path)
     monkeypatch.setattr(stack_module, "apply_repo", lambda path: None)
     run = InterruptedRun(RunOptions(simulator=False, headless=True, out_dir=tmp_path), Console())
     run.scenario, scenario.run = scenario, run

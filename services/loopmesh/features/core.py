@@ -142,8 +142,16 @@ def _result(spec: AggregationSpec, summaries: Sequence[Summary]) -> Value:
         else:  # stddev: the sample standard deviation, as Spark's and pandas' std
             if n < 2:
                 return None
-            exact = sum((Fraction(p) for summary in summaries for p in summary[1]), Fraction())
-            squares = sum((Fraction(p) for summary in summaries for p in summary[2]), Fraction())
+            # Merged into a few partials first (exactly): Fractions of those alone are cheap.
+            sums: list[float] = []
+            sq: list[float] = []
+            for summary in summaries:
+                for p in summary[1]:
+                    _grow(sums, p)
+                for p in summary[2]:
+                    _grow(sq, p)
+            exact = sum(map(Fraction, sums), Fraction())
+            squares = sum(map(Fraction, sq), Fraction())
             out = math.sqrt(max(float((squares - exact * exact / n) / (n - 1)), 0.0))
     except (OverflowError, ValueError):
         return None  # only sums beyond ±1.8e308 get here; no honest value exists
@@ -153,10 +161,12 @@ def _result(spec: AggregationSpec, summaries: Sequence[Summary]) -> Value:
 class _ViewState:
     """One view's part of an entity's state (JSON: ``{"fp", "newest", "a"}``)."""
 
-    __slots__ = ("data", "spec")
+    __slots__ = ("_pruned", "data", "spec")
 
     def __init__(self, spec: ViewSpec, data: dict[str, Any] | None) -> None:
         self.spec = spec
+        self._pruned: dict[str, int] = {}
+        """Newest slide each window was last pruned at (in memory: pruning is idempotent)."""
         if data is None or data.get("fp") != spec.fingerprint:
             data = {"fp": spec.fingerprint, "newest": None, "a": {}}
         self.data = data
@@ -214,9 +224,13 @@ class _ViewState:
         for agg in self.spec.aggregations:
             if agg.slide_s is None:
                 continue
+            slide = math.floor(newest / agg.slide_s)
+            if self._pruned.get(agg.feature) == slide:
+                continue  # the window has not moved since the last pass
+            self._pruned[agg.feature] = slide
             buckets = self.data["a"].get(agg.feature)
             if buckets:
-                first = math.floor(newest / agg.slide_s) - agg.buckets + 1
+                first = slide - agg.buckets + 1
                 for name in [b for b in buckets if int(b) < first]:
                     del buckets[name]
 

@@ -15,6 +15,11 @@ keys, dtypes and max ages (a view's TTL, or ``stale_after_s``), the request limi
 timeout, each view's SQLite table and Redis name, and where the online store is. That is its
 whole config at start; ``push`` sends it again (``PUT /features``) should the schema change.
 
+Every ``stats_interval_s`` the calls it answered (method, status code, latencies) are drained
+(``POST /calls/drain``) into this process's ``rpc.server.calls`` and ``rpc.server.duration``,
+the instruments its gRPC server records: the features process's metrics count
+``GetOnlineFeatures`` as before, although those calls no longer reach Python.
+
 Only the applied repo's own store kinds are read: SQLite, and plain Redis (``redis://`` or
 ``rediss://`` with user, password and database, as ``features.redis_url`` gives them); a
 Feast connection string with options the data plane does not implement is refused at start.
@@ -22,6 +27,8 @@ Feast connection string with options the data plane does not implement is refuse
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -32,10 +39,9 @@ from loopmesh.features.settings import FeaturesSettings
 from loopmesh.mesh import dataplane as child
 from loopmesh.mesh.dataplane import DataPlaneProcess, Listening
 from loopmesh.mesh.errors import SetupError
+from loopmesh.mesh.telemetry import rpc_instruments
 
 if TYPE_CHECKING:
-    import asyncio
-
     from loopmesh.features.store import FeastGateway
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,7 @@ class FeaturesDataPlane:
         self._gateway = gateway
         self._scope = settings.features.dataplane
         self._process: DataPlaneProcess | None = None
+        self._drain: asyncio.Task[None] | None = None
         self.listening: Listening | None = None
 
     @property
@@ -202,6 +209,7 @@ class FeaturesDataPlane:
         )
         self.listening = await process.start(config_of(self._settings, backend, features))
         process.watch()
+        self._drain = asyncio.create_task(self._drain_calls(), name="features-dataplane-calls")
         log.info(
             "data plane serving GetOnlineFeatures on %s from %s (admin %s, metrics %s)",
             self.listening.grpc,
@@ -217,7 +225,37 @@ class FeaturesDataPlane:
         body = features if features is not None else features_config(self._settings, self._gateway)
         await self._process.call("PUT", "/features", json.dumps(body).encode())
 
+    async def drain_calls(self) -> int:
+        """Record the calls answered since the last drain; how many."""
+        assert self._process is not None, "data plane not started"
+        raw = await self._process.call("POST", "/calls/drain")
+        calls, duration = rpc_instruments("features")
+        total = 0
+        for entry in json.loads(raw).get("calls", []):
+            method, count = str(entry["method"]), int(entry["count"])
+            calls.add(count, {"rpc.method": method, "rpc.grpc.status_code": str(entry["code"])})
+            for ms in entry.get("latencies_ms", []):
+                duration.record(float(ms), {"rpc.method": method})
+            total += count
+        return total
+
+    async def _drain_calls(self) -> None:
+        while True:
+            await asyncio.sleep(self._scope.stats_interval_s)
+            try:
+                await self.drain_calls()
+            except OSError:
+                log.warning("data plane admin call failed; retrying", exc_info=True)
+
     async def stop(self) -> None:
-        """Stop the child; its in-flight calls finish."""
+        """Stop the child (its in-flight calls finish), then record its last calls."""
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+            self._drain = None
         if self._process is not None:
+            self._process.stopping = True
+            with contextlib.suppress(OSError):
+                await self.drain_calls()
             await self._process.stop()

@@ -44,6 +44,8 @@ class DataPlaneScope(BaseModel):
     own default of 1 GiB. Keep it well inside a container limit the two processes share."""
     max_concurrent_streams: int = Field(default=1024, ge=1)
     """Concurrent calls per client connection on the public port."""
+    stats_interval_s: float = Field(default=0.5, gt=0)
+    """How often its answered calls are drained into this process's RPC metrics."""
     start_timeout_s: float = Field(default=20.0, gt=0)
     """How long the data plane may take to bind its ports."""
     stop_timeout_s: float = Field(default=15.0, gt=0)

@@ -110,7 +110,8 @@ async def stack(
             redis_url=redis_url,
             max_entities=MAX_ENTITIES,
             server=GrpcServerSettings(port=0),
-            dataplane=DataPlaneScope(metrics_port=free_port()),
+            # Drained by the tests alone (the app's default drains every 0.5 s).
+            dataplane=DataPlaneScope(metrics_port=free_port(), stats_interval_s=3600),
         ),
         auth=AuthSettings(tokens=TOKENS),
     )
@@ -305,12 +306,18 @@ async def test_a_pushed_schema_is_served_and_metrics_count_the_calls(stack: Stac
     finally:
         await stack.plane.push()
     await _both(stack, _request(["fresh"]))
+    async with grpc.aio.insecure_channel(stack.plane.address) as channel:  # one proxied call
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert stack.plane.listening is not None and stack.plane.listening.metrics is not None
     url = f"http://{stack.plane.listening.metrics}/metrics"
     text = await asyncio.to_thread(_get, url)
     assert 'loopmesh_dataplane_feature_requests_total{code="OK",method="GetOnlineFeatures"}' in text
     assert 'loopmesh_dataplane_feature_values_total{status="present"}' in text
     assert 'loopmesh_dataplane_proxied_total{code="OK",service="grpc.health.v1.Health"}' in text
+    # Its answered calls reach this process's rpc.server.* instruments.
+    await _both(stack, _request(["fresh"]))
+    assert await stack.plane.drain_calls() >= 1
+    assert await stack.plane.drain_calls() == 0
 
 
 def _get(url: str) -> str:

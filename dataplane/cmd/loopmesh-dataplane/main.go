@@ -159,7 +159,7 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		}
 		defer fs.Close()
 		fs.Register(server)
-		adminHandler = admin.Features(fs.Replace, fs.Config)
+		adminHandler = admin.Features(fs.Replace, fs.Config, fs.DrainCalls)
 		upstream = []any{"store", cfg.Features.Store.Type}
 	} else {
 		rec := stats.New(0, 0)

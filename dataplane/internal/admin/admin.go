@@ -46,10 +46,14 @@ func Handler(routes *routing.Store, rec *stats.Recorder) http.Handler {
 	return mux
 }
 
-// Features serves PUT/GET /features (the whole features config: schema and store) and
-// GET /healthz. GET leaves the Redis password out.
-func Features(replace func(*config.Features) error, current func() *config.Features) http.Handler {
+// Features serves PUT/GET /features (the whole features config: schema and store), POST
+// /calls/drain (the calls answered since the last drain, by method and code, for the control
+// plane's own RPC metrics) and GET /healthz. GET leaves the Redis password out.
+func Features[C any](replace func(*config.Features) error, current func() *config.Features, drain func() []C) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("POST /calls/drain", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, map[string][]C{"calls": drain()})
+	})
 	mux.HandleFunc("PUT /features", func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 		if err != nil {

@@ -57,7 +57,11 @@ func TestFeaturesAPI(t *testing.T) {
 	password := "secret"
 	current := &config.Features{MaxEntities: 1, Store: config.Store{Type: "redis", Redis: &config.Redis{Address: "r:1", Password: &password}}}
 	var replaced *config.Features
-	h := Features(func(f *config.Features) error { replaced = f; return nil }, func() *config.Features { return current })
+	h := Features(func(f *config.Features) error { replaced = f; return nil }, func() *config.Features { return current },
+		func() []int { return []int{7} })
+	if w := do(h, "POST", "/calls/drain", ""); w.Code != 200 || w.Body.String() != `{"calls":[7]}` {
+		t.Fatalf("drain: %d %s", w.Code, w.Body)
+	}
 	if w := do(h, "GET", "/features", ""); w.Code != 200 || strings.Contains(w.Body.String(), "secret") || !strings.Contains(w.Body.String(), `"r:1"`) {
 		t.Fatalf("get: %d %s", w.Code, w.Body)
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/loopmesh/loopmesh/dataplane/internal/auth"
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
+	"github.com/loopmesh/loopmesh/dataplane/internal/stats"
 	"github.com/loopmesh/loopmesh/dataplane/internal/telemetry"
 )
 
@@ -41,8 +42,31 @@ type Server struct {
 	Tracing *telemetry.Tracing
 	Log     *telemetry.Logger
 
+	// Calls holds each answered call (method, code, latency) until the control plane drains
+	// it into its own rpc.server.* instruments (POST /calls/drain): the features process's
+	// metrics keep counting GetOnlineFeatures although its calls no longer reach Python.
+	Calls *stats.Recorder
+
 	mu      sync.Mutex // serialises Replace
 	current atomic.Pointer[catalog]
+}
+
+// Call is one (method, code)'s calls since the previous drain.
+type Call struct {
+	Method      string    `json:"method"`
+	Code        string    `json:"code"`
+	Count       int64     `json:"count"`
+	LatenciesMs []float64 `json:"latencies_ms"` // the newest, at most stats.MaxLatencies
+}
+
+// DrainCalls returns the calls answered since the previous drain.
+func (s *Server) DrainCalls() []Call {
+	drained := s.Calls.Drain()
+	out := make([]Call, len(drained))
+	for i, d := range drained {
+		out[i] = Call{Method: d.Model, Code: telemetry.CodeName(codes.Code(d.Version)), Count: d.Answered + d.Failed, LatenciesMs: d.LatenciesMs}
+	}
+	return out
 }
 
 // New opens the configured store and serves cfg.
@@ -51,7 +75,7 @@ func New(cfg *config.Features, m *telemetry.Metrics, a *auth.Auth, tr *telemetry
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{Metrics: m, Auth: a, Tracing: tr, Log: log}
+	s := &Server{Metrics: m, Auth: a, Tracing: tr, Log: log, Calls: stats.New(64, 0)}
 	s.current.Store(newCatalog(cfg, store))
 	return s, nil
 }
@@ -101,7 +125,10 @@ func (s *Server) Register(g *grpc.Server) {
 				}
 				return s.GetOnlineFeatures(ctx, req)
 			}()
-			s.Metrics.FeatureRequest(method, status.Code(err), time.Since(start).Seconds())
+			elapsed := time.Since(start)
+			code := status.Code(err)
+			s.Metrics.FeatureRequest(method, code, elapsed.Seconds())
+			s.Calls.Record(path, int64(code), true, float64(elapsed.Nanoseconds())/1e6)
 			return resp, err
 		}}},
 	}, s)

@@ -89,6 +89,12 @@ func testConfig(store config.Store) *config.Features {
 // serve runs a Server on a loopback port and returns a raw client connection.
 func serve(t *testing.T, cfg *config.Features, tokens ...auth.Token) *grpc.ClientConn {
 	t.Helper()
+	conn, _ := serveWith(t, cfg, tokens...)
+	return conn
+}
+
+func serveWith(t *testing.T, cfg *config.Features, tokens ...auth.Token) (*grpc.ClientConn, *Server) {
+	t.Helper()
 	tr, _ := telemetry.NewTracing(context.Background(), "", "test", nil)
 	s, err := New(cfg, telemetry.NewMetrics(), auth.New(tokens), tr, nil)
 	if err != nil {
@@ -108,7 +114,7 @@ func serve(t *testing.T, cfg *config.Features, tokens ...auth.Token) *grpc.Clien
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return conn
+	return conn, s
 }
 
 func encodeRequest(ids, refs []string, joinKey string) []byte {
@@ -349,5 +355,20 @@ func TestServesRedisRowsLikePython(t *testing.T) {
 	_, err = call(serve(t, testConfig(bad)), encodeRequest([]string{"u1"}, nil, ""))
 	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.HasPrefix(st.Message(), "online store: ") {
 		t.Fatalf("%v", err)
+	}
+}
+
+func TestAnsweredCallsAreDrainedForThePythonMetrics(t *testing.T) {
+	conn, s := serveWith(t, testConfig(sqliteFixture(t)))
+	for _, req := range [][]byte{encodeRequest([]string{"u1"}, nil, ""), encodeRequest([]string{"u1"}, nil, ""), encodeRequest(nil, nil, "")} {
+		_, _ = call(conn, req)
+	}
+	got := s.DrainCalls()
+	if len(got) != 2 || got[0].Method != path || got[0].Code != "OK" || got[0].Count != 2 || len(got[0].LatenciesMs) != 2 ||
+		got[1].Code != "INVALID_ARGUMENT" || got[1].Count != 1 {
+		t.Fatalf("%+v", got)
+	}
+	if again := s.DrainCalls(); len(again) != 0 {
+		t.Fatalf("drained twice: %+v", again)
 	}
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -119,17 +120,26 @@ def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
 
 
+@functools.cache
+def rpc_instruments(service: str) -> tuple[metrics.Counter, metrics.Histogram]:
+    """``rpc.server.calls`` (attributes ``rpc.method``, ``rpc.grpc.status_code``) and
+    ``rpc.server.duration`` (ms, ``rpc.method``) of ``service``: its gRPC servers' interceptor
+    records them, and so does a control plane for the calls its data plane answered."""
+    m = meter(f"loopmesh.{service}.rpc")
+    calls = m.create_counter(
+        "rpc.server.calls", unit="{call}", description="gRPC calls by method and status code"
+    )
+    duration = m.create_histogram(
+        "rpc.server.duration", unit="ms", description="gRPC call duration by method"
+    )
+    return calls, duration
+
+
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Counts calls and records their duration per method and status code."""
 
     def __init__(self, service: str) -> None:
-        m = meter(f"loopmesh.{service}.rpc")
-        self._calls = m.create_counter(
-            "rpc.server.calls", unit="{call}", description="gRPC calls by method and status code"
-        )
-        self._duration = m.create_histogram(
-            "rpc.server.duration", unit="ms", description="gRPC call duration by method"
-        )
+        self._calls, self._duration = rpc_instruments(service)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any

@@ -1,10 +1,18 @@
-"""A real single-node Apache Kafka broker (KRaft, combined broker+controller) for local runs.
+"""A real single-node Apache Kafka broker (KRaft, combined broker+controller) for local runs,
+and a cluster of three such nodes for fault tests.
 
 The broker comes from the Maven Central jars named in ``infra/kafka/pom.xml``: Maven copies the
 runtime classpath once into ``$LOOPMESH_CACHE_DIR`` (default ``~/.cache/loopmesh``) under
 ``kafka-<version>/libs``, and the broker is started with ``java -cp '<libs>/*' kafka.Kafka``.
 No Kafka tarball, no Docker. Readiness is a real protocol round trip (ApiVersions, then Metadata)
 that must list this broker and the cluster id it was formatted with.
+
+``KafkaBroker`` is the one node ``loopmesh run`` and the tests use. ``KafkaCluster`` runs three
+nodes on loopback (each a broker, a controller and a static voter; its own ports, log dir and
+log file), any of which can be SIGKILLed and restarted; ``move_leadership`` makes one node lead
+every partition of some topics, so a test can kill the leader of all of them. The small wire
+client below speaks the few requests this needs (Metadata, AlterPartitionReassignments,
+ElectLeaders), so no Kafka tool has to be installed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -171,6 +181,13 @@ def resolve_libs(pom_path: Path | None = None, *, timeout: float = 900.0) -> Pat
 
 _API_METADATA = 3
 _API_VERSIONS = 18
+_API_ELECT_LEADERS = 43
+_API_ALTER_PARTITION_REASSIGNMENTS = 45
+# Flexible versions (Kafka 4.4 serves ElectLeaders v0-v2, AlterPartitionReassignments v0-v1).
+_ELECT_LEADERS_VERSION = 2
+_ALTER_PARTITION_REASSIGNMENTS_VERSION = 0
+_PREFERRED_ELECTION = 0
+_ELECTION_NOT_NEEDED = 84
 # Last version before flexible encoding, so plain structs suffice; Kafka 4.4 serves v0-v13.
 _METADATA_VERSION = 4
 
@@ -187,19 +204,75 @@ class _Reader:
         self._pos += struct.calcsize(fmt)
         return int(value)
 
+    def int8(self) -> int:
+        return self._take(">b")
+
     def int16(self) -> int:
         return self._take(">h")
 
     def int32(self) -> int:
         return self._take(">i")
 
-    def nullable_string(self) -> str | None:
-        size = self.int16()
-        if size < 0:
-            return None
+    def _text(self, size: int) -> str:
         text = self._data[self._pos : self._pos + size].decode()
         self._pos += size
         return text
+
+    def nullable_string(self) -> str | None:
+        size = self.int16()
+        return None if size < 0 else self._text(size)
+
+    def int32_array(self) -> tuple[int, ...]:
+        return tuple(self.int32() for _ in range(self.int32()))
+
+    # Flexible versions (KIP-482): unsigned varint lengths, +1 so that 0 can mean null.
+    def uvarint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self._data[self._pos]
+            self._pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+
+    def compact_nullable_string(self) -> str | None:
+        size = self.uvarint() - 1
+        return None if size < 0 else self._text(size)
+
+    def compact_array_length(self) -> int:
+        return max(self.uvarint() - 1, 0)
+
+    def skip_tags(self) -> None:
+        for _ in range(self.uvarint()):
+            self.uvarint()  # tag
+            self._pos += self.uvarint()  # size, then the field itself
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">h", len(data)) + data
+
+
+def _compact_string(text: str) -> bytes:
+    data = text.encode()
+    return _uvarint(len(data) + 1) + data
+
+
+def _compact_array(items: list[bytes]) -> bytes:
+    return _uvarint(len(items) + 1) + b"".join(items)
+
+
+_NO_TAGS = b"\x00"
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -213,18 +286,48 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 
 def _round_trip(
-    sock: socket.socket, api_key: int, version: int, correlation_id: int, body: bytes
+    sock: socket.socket,
+    api_key: int,
+    version: int,
+    correlation_id: int,
+    body: bytes,
+    *,
+    flexible: bool = False,
 ) -> _Reader:
     client_id = b"loopmesh-probe"
-    # Request header v1; both requests used here predate flexible (tagged-field) headers.
+    # Request header v1, or v2 (v1 plus tagged fields) for a flexible version of the API.
     header = struct.pack(">hhih", api_key, version, correlation_id, len(client_id)) + client_id
-    message = header + body
+    message = header + (_NO_TAGS if flexible else b"") + body
     sock.sendall(struct.pack(">i", len(message)) + message)
     (size,) = struct.unpack(">i", _recv_exact(sock, 4))
     reader = _Reader(_recv_exact(sock, size))
     if reader.int32() != correlation_id:
         raise ConnectionError("response correlation id does not match the request")
+    if flexible:
+        reader.skip_tags()  # response header v1
     return reader
+
+
+def _api_versions(sock: socket.socket) -> dict[int, tuple[int, int]]:
+    """The versions the broker serves, by API key (ApiVersions v0: every broker answers it)."""
+    versions = _round_trip(sock, _API_VERSIONS, 0, 1, b"")
+    versions.int16()  # error code; the version list comes back either way
+    served: dict[int, tuple[int, int]] = {}
+    for _ in range(versions.int32()):
+        key, low, high = versions.int16(), versions.int16(), versions.int16()
+        served[key] = (low, high)
+    return served
+
+
+def _require_version(
+    served: dict[int, tuple[int, int]], api_key: int, version: int, what: str, where: str
+) -> None:
+    low, high = served.get(api_key, (1, 0))
+    if not low <= version <= high:
+        raise SetupError(
+            f"broker at {where} serves {what} versions {served.get(api_key)}, "
+            f"this client speaks v{version}"
+        )
 
 
 def probe_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[str | None, list[int]]:
@@ -237,20 +340,8 @@ def probe_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[str | No
         sock.settimeout(timeout)
         # ApiVersions v0 is answered by every broker, even with UNSUPPORTED_VERSION, so this
         # tells us up front whether our Metadata version is still served.
-        versions = _round_trip(sock, _API_VERSIONS, 0, 1, b"")
-        versions.int16()  # error code; the version list comes back either way
-        metadata_range: tuple[int, int] | None = None
-        for _ in range(versions.int32()):
-            key, low, high = versions.int16(), versions.int16(), versions.int16()
-            if key == _API_METADATA:
-                metadata_range = (low, high)
-        if metadata_range is None or not (
-            metadata_range[0] <= _METADATA_VERSION <= metadata_range[1]
-        ):
-            raise SetupError(
-                f"broker at {host}:{port} serves Metadata versions {metadata_range}, "
-                f"the probe speaks v{_METADATA_VERSION}"
-            )
+        served = _api_versions(sock)
+        _require_version(served, _API_METADATA, _METADATA_VERSION, "Metadata", f"{host}:{port}")
         # Body: topics = empty array (no topic details), allow_auto_topic_creation = false.
         reply = _round_trip(sock, _API_METADATA, _METADATA_VERSION, 2, struct.pack(">ib", 0, 0))
         reply.int32()  # throttle_time_ms
@@ -261,6 +352,151 @@ def probe_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[str | No
             reply.int32()  # port
             reply.nullable_string()  # rack
         return reply.nullable_string(), broker_ids
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    """One partition as the cluster's metadata reports it."""
+
+    leader: int
+    """Node id of the leader; -1 while the partition has none."""
+    replicas: tuple[int, ...]
+    """Assigned replicas, the preferred leader first."""
+    isr: tuple[int, ...]
+    """In-sync replicas: those an ``acks=all`` write waits for."""
+
+
+def describe_partitions(
+    host: str, port: int, topic: str, timeout: float = 3.0
+) -> dict[int, PartitionState]:
+    """Leader, replicas and ISR of every partition of ``topic`` (Metadata v4, one round trip).
+
+    Raises ``SetupError`` naming the error code when the topic does not exist (yet).
+    """
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        served = _api_versions(sock)
+        _require_version(served, _API_METADATA, _METADATA_VERSION, "Metadata", f"{host}:{port}")
+        body = struct.pack(">i", 1) + _string(topic) + struct.pack(">b", 0)
+        reply = _round_trip(sock, _API_METADATA, _METADATA_VERSION, 2, body)
+        reply.int32()  # throttle_time_ms
+        for _ in range(reply.int32()):  # brokers
+            reply.int32()
+            reply.nullable_string()
+            reply.int32()
+            reply.nullable_string()
+        reply.nullable_string()  # cluster id
+        reply.int32()  # controller id
+        out: dict[int, PartitionState] = {}
+        for _ in range(reply.int32()):
+            error, name = reply.int16(), reply.nullable_string()
+            reply.int8()  # is_internal
+            if error != 0:
+                raise SetupError(f"Metadata for topic {name!r}: error code {error}")
+            for _ in range(reply.int32()):
+                reply.int16()  # partition error (LEADER_NOT_AVAILABLE shows as leader -1)
+                index, leader = reply.int32(), reply.int32()
+                replicas, isr = reply.int32_array(), reply.int32_array()
+                out[index] = PartitionState(leader, replicas, isr)
+        return out
+
+
+def reassign_replicas(
+    host: str, port: int, assignment: dict[str, dict[int, list[int]]], timeout: float = 30.0
+) -> None:
+    """Give partitions new replica lists (AlterPartitionReassignments; the broker forwards it
+    to the active controller). The same replicas in another order move no data: only the
+    preferred leader, the first one, changes. Raises ``SetupError`` on any error."""
+    topics = [
+        _compact_string(name)
+        + _compact_array(
+            [
+                struct.pack(">i", index)
+                + _compact_array([struct.pack(">i", r) for r in replicas])
+                + _NO_TAGS
+                for index, replicas in sorted(partitions.items())
+            ]
+        )
+        + _NO_TAGS
+        for name, partitions in sorted(assignment.items())
+    ]
+    body = struct.pack(">i", int(timeout * 1000)) + _compact_array(topics) + _NO_TAGS
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        version = _ALTER_PARTITION_REASSIGNMENTS_VERSION
+        served = _api_versions(sock)
+        _require_version(
+            served,
+            _API_ALTER_PARTITION_REASSIGNMENTS,
+            version,
+            "AlterPartitionReassignments",
+            f"{host}:{port}",
+        )
+        reply = _round_trip(
+            sock, _API_ALTER_PARTITION_REASSIGNMENTS, version, 2, body, flexible=True
+        )
+        reply.int32()  # throttle_time_ms
+        error, message = reply.int16(), reply.compact_nullable_string()
+        if error != 0:
+            raise SetupError(f"AlterPartitionReassignments failed: error {error} {message}")
+        failures = []
+        for _ in range(reply.compact_array_length()):
+            name = reply.compact_nullable_string()
+            for _ in range(reply.compact_array_length()):
+                index, error = reply.int32(), reply.int16()
+                message = reply.compact_nullable_string()
+                reply.skip_tags()
+                if error != 0:
+                    failures.append(f"{name}[{index}]: error {error} {message}")
+            reply.skip_tags()
+        if failures:
+            raise SetupError("AlterPartitionReassignments failed: " + "; ".join(failures))
+
+
+def elect_preferred_leaders(
+    host: str, port: int, partitions: dict[str, list[int]], timeout: float = 30.0
+) -> dict[tuple[str, int], str]:
+    """Make each partition's preferred (first) replica its leader (ElectLeaders, preferred).
+
+    Returns the partitions that did not move, with the reason (e.g. the preferred replica is
+    not in sync yet); one that already had its preferred leader counts as moved.
+    """
+    topics = [
+        _compact_string(name)
+        + _compact_array([struct.pack(">i", p) for p in sorted(indexes)])
+        + _NO_TAGS
+        for name, indexes in sorted(partitions.items())
+    ]
+    body = (
+        struct.pack(">b", _PREFERRED_ELECTION)
+        + _compact_array(topics)
+        + struct.pack(">i", int(timeout * 1000))
+        + _NO_TAGS
+    )
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        served = _api_versions(sock)
+        _require_version(
+            served, _API_ELECT_LEADERS, _ELECT_LEADERS_VERSION, "ElectLeaders", f"{host}:{port}"
+        )
+        reply = _round_trip(
+            sock, _API_ELECT_LEADERS, _ELECT_LEADERS_VERSION, 2, body, flexible=True
+        )
+        reply.int32()  # throttle_time_ms
+        error = reply.int16()
+        if error != 0:
+            raise SetupError(f"ElectLeaders failed: error {error}")
+        refused: dict[tuple[str, int], str] = {}
+        for _ in range(reply.compact_array_length()):
+            name = reply.compact_nullable_string() or ""
+            for _ in range(reply.compact_array_length()):
+                index, error = reply.int32(), reply.int16()
+                message = reply.compact_nullable_string()
+                reply.skip_tags()
+                if error not in (0, _ELECTION_NOT_NEEDED):
+                    refused[(name, index)] = f"error {error} {message}"
+            reply.skip_tags()
+        return refused
 
 
 # --- the broker ----------------------------------------------------------------------------
@@ -315,6 +551,9 @@ class KafkaBroker:
         if self.controller_port == self.port:
             raise SetupError(f"broker and controller ports must differ (both {self.port})")
         self.pom_path = pom_path
+        self.node_id = NODE_ID
+        self._name = "kafka"
+        self._jvm_options: tuple[str, ...] = ()
         self._process: ManagedProcess | None = None
         self._cluster_id: str | None = None
         self._probe_error: str | None = None
@@ -359,7 +598,7 @@ class KafkaBroker:
         if self.running:
             raise SetupError(f"Kafka broker is already running (pid {self.pid})")
         libs = resolve_libs(self.pom_path)
-        check_abort(abort, "kafka")
+        check_abort(abort, self._name)
         java = _java()
         deadline = time.monotonic() + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -367,17 +606,18 @@ class KafkaBroker:
         jvm = [
             java,
             _JVM_HEAP,
+            *self._jvm_options,
             f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
             "-Djava.awt.headless=true",
             "-cp",
             str(libs / "*"),  # expanded by the JVM, not a shell
         ]
         self._cluster_id = self._format_once(jvm, timeout)
-        check_abort(abort, "kafka")
+        check_abort(abort, self._name)
         # Kafka's own start script uses G1 with short pauses; the rest is the same JVM setup.
         gc = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
         argv = [*jvm, *gc, "kafka.Kafka", str(self.config_path)]
-        self._process = ManagedProcess("kafka", argv, log_path=self.log_path, cwd=self.data_dir)
+        self._process = ManagedProcess(self._name, argv, log_path=self.log_path, cwd=self.data_dir)
         self._process.start()
         self._probe_error = None
         try:
@@ -421,9 +661,16 @@ class KafkaBroker:
         self.stop()
 
     def _write_configs(self) -> None:
-        h, log_dir = self.host, _prop_value(str(self.log_dir))
         lines = [
             "# Generated by loopmesh.devstack.kafka on every start; edits are overwritten.",
+            *self._server_properties(),
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        (self.data_dir / "log4j2.properties").write_text(_LOG4J2_PROPERTIES)
+
+    def _server_properties(self) -> list[str]:
+        h, log_dir = self.host, _prop_value(str(self.log_dir))
+        return [
             "process.roles=broker,controller",
             f"node.id={NODE_ID}",
             # Static voter set: one node, no dynamic quorum (no --standalone format needed).
@@ -451,8 +698,6 @@ class KafkaBroker:
             "broker.session.timeout.ms=5000",
             "broker.heartbeat.interval.ms=1000",
         ]
-        self.config_path.write_text("\n".join(lines) + "\n")
-        (self.data_dir / "log4j2.properties").write_text(_LOG4J2_PROPERTIES)
 
     def _format_once(self, jvm: list[str], timeout: float) -> str:
         """Format the log dir on the first start only; return the cluster id it carries."""
@@ -508,7 +753,252 @@ class KafkaBroker:
             raise
         # Our cluster id guards against some other broker already sitting on this port;
         # our node id being listed means the broker is registered and unfenced.
-        if cluster_id != self._cluster_id or NODE_ID not in broker_ids:
+        if cluster_id != self._cluster_id or self.node_id not in broker_ids:
             self._probe_error = f"cluster id {cluster_id!r}, broker ids {broker_ids}"
             return False
         return True
+
+
+# --- a cluster of three ------------------------------------------------------------------------
+
+
+class ClusterNode(KafkaBroker):
+    """One node of a ``KafkaCluster``: a combined broker+controller, one of the static voters.
+
+    Its own data dir (log dir, ``broker.log``, ``server.properties``) and its own two ports,
+    kept across restarts. The cluster writes the shared cluster id into ``cluster.id`` before
+    the first start, so every node formats its storage with the same one.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        node_id: int,
+        voters: str,
+        host: str,
+        port: int,
+        controller_port: int,
+        size: int,
+        min_insync_replicas: int,
+        pom_path: Path | None = None,
+        jvm_options: Sequence[str] = (),
+    ) -> None:
+        super().__init__(
+            data_dir, host=host, port=port, controller_port=controller_port, pom_path=pom_path
+        )
+        self.node_id = node_id
+        self._name = f"kafka-{node_id}"
+        self._jvm_options = tuple(jvm_options)
+        self._voters = voters
+        self._size = size
+        self._min_insync = min_insync_replicas
+
+    def _server_properties(self) -> list[str]:
+        h, log_dir = self.host, _prop_value(str(self.log_dir))
+        rf, isr = self._size, self._min_insync
+        return [
+            "process.roles=broker,controller",
+            f"node.id={self.node_id}",
+            # Static voter set: every node, so a majority survives any one of them.
+            f"controller.quorum.voters={self._voters}",
+            f"listeners=PLAINTEXT://{h}:{self.port},CONTROLLER://{h}:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{h}:{self.port}",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={log_dir}",
+            "num.partitions=1",
+            "auto.create.topics.enable=true",
+            # As a production cluster: every replica everywhere, a write needs two of them.
+            f"default.replication.factor={rf}",
+            f"min.insync.replicas={isr}",
+            f"offsets.topic.replication.factor={rf}",
+            # 50 partitions by default: 150 replicas to create before the first group joins.
+            "offsets.topic.num.partitions=10",
+            f"transaction.state.log.replication.factor={rf}",
+            f"transaction.state.log.min.isr={isr}",
+            f"share.coordinator.state.topic.replication.factor={rf}",
+            f"share.coordinator.state.topic.min.isr={isr}",
+            "unclean.leader.election.enable=false",
+            "group.initial.rebalance.delay.ms=0",
+            # A SIGKILLed node is fenced (and dropped from every ISR) when its session expires.
+            "broker.session.timeout.ms=5000",
+            "broker.heartbeat.interval.ms=1000",
+        ]
+
+
+class KafkaCluster:
+    """``size`` Kafka 4.x nodes on loopback (three by default), each a combined
+    broker+controller and a static KRaft voter, for fault tests.
+
+    Ports are chosen at construction and kept, so a node that is killed and restarted comes
+    back on the same address with its data. Brokers default to replication factor ``size``
+    and ``min.insync.replicas`` (2 of 3 by default) for the topics they create themselves
+    (internal ones, auto-created ones); topics a service declares take
+    ``KafkaSettings.replication_factor`` and ``min_insync_replicas``.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        min_insync_replicas: int = 2,
+        pom_path: Path | None = None,
+        jvm_options: Sequence[str] = (),
+    ) -> None:
+        if size < 1 or not 1 <= min_insync_replicas <= size:
+            raise SetupError(f"a cluster of {size} cannot need {min_insync_replicas} in sync")
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        ports: list[int] = []
+        while len(ports) < 2 * size:  # free_port may hand back one it gave before
+            port = free_port(host)
+            if port not in ports:
+                ports.append(port)
+        ids = range(1, size + 1)
+        voters = ",".join(f"{i}@{host}:{ports[2 * (i - 1) + 1]}" for i in ids)
+        self.nodes: dict[int, ClusterNode] = {
+            i: ClusterNode(
+                self.data_dir / f"node-{i}",
+                node_id=i,
+                voters=voters,
+                host=host,
+                port=ports[2 * (i - 1)],
+                controller_port=ports[2 * (i - 1) + 1],
+                size=size,
+                min_insync_replicas=min_insync_replicas,
+                pom_path=pom_path,
+                jvm_options=jvm_options,
+            )
+            for i in ids
+        }
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Every node's listener: clients find the cluster through any live one."""
+        return ",".join(node.bootstrap_servers for node in self.nodes.values())
+
+    def node(self, node_id: int) -> ClusterNode:
+        return self.nodes[node_id]
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start every node at once and wait until each is registered and unfenced.
+
+        At once because a node is ready only when a majority of voters has elected a
+        controller. Nothing is left running when one fails.
+        """
+        id_file_text = _new_cluster_id() + "\n"
+        for node in self.nodes.values():
+            node.data_dir.mkdir(parents=True, exist_ok=True)
+            id_file = node.data_dir / "cluster.id"
+            if not (node.log_dir / "meta.properties").is_file() and not id_file.is_file():
+                id_file.write_text(id_file_text)
+        resolve_libs(self.nodes[1].pom_path)  # once, before the nodes race for the lock
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            futures = [pool.submit(node.start, timeout) for node in self.nodes.values()]
+            errors = [f.exception() for f in futures]
+        failed = [e for e in errors if e is not None]
+        if failed:
+            self.stop()
+            raise failed[0]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every node gracefully (SIGTERM), SIGKILL what outlives ``timeout``."""
+        # SIGTERM to all, then wait: they shut down side by side (about 6 s for three on two
+        # busy cores), not one after another.
+        for node in self.nodes.values():
+            if node.running and node._process is not None:
+                node._process.terminate()
+        deadline = time.monotonic() + timeout
+        for node in self.nodes.values():
+            if node._process is not None:
+                node._process.wait_stopped(deadline)
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL one node, as a crash."""
+        self.nodes[node_id].kill()
+
+    def restart(self, node_id: int, timeout: float = 120.0) -> None:
+        """Start a stopped or killed node again on its ports and data (log recovery first)."""
+        self.nodes[node_id].restart(timeout)
+
+    def __enter__(self) -> KafkaCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- partitions and leaders ----------------------------------------------------------------
+
+    def _live(self) -> list[ClusterNode]:
+        live = [n for n in self.nodes.values() if n.running]
+        if not live:
+            raise SetupError("no node of the cluster is running")
+        return live
+
+    def partitions(self, topic: str) -> dict[int, PartitionState]:
+        """Leader, replicas and ISR of each partition of ``topic``, asked of a live node."""
+        last: Exception | None = None
+        for node in self._live():
+            try:
+                return describe_partitions(node.host, node.port, topic)
+            except (OSError, struct.error) as exc:
+                last = exc  # that node is going down, or not up yet: ask another
+        raise SetupError(f"no live node answered Metadata for {topic!r}: {last}")
+
+    def leaders(self, topic: str) -> dict[int, int]:
+        """The leader's node id of each partition of ``topic`` (-1: none at the moment)."""
+        return {index: p.leader for index, p in self.partitions(topic).items()}
+
+    def in_sync(self, topics: Sequence[str]) -> bool:
+        """Whether every partition of ``topics`` has a leader and all its replicas in sync."""
+        for topic in topics:
+            for state in self.partitions(topic).values():
+                if state.leader < 0 or set(state.isr) != set(state.replicas):
+                    return False
+        return True
+
+    def move_leadership(self, topics: Sequence[str], node_id: int, timeout: float = 60.0) -> None:
+        """Make ``node_id`` the leader of every partition of ``topics`` (a fault test then
+        kills the leader of all of them at once).
+
+        Each partition's replica list is reordered with ``node_id`` first (the same replicas,
+        so no data moves), then a preferred-leader election runs until every partition is
+        led by it. ``node_id`` must hold a replica of each partition (with replication factor
+        equal to the cluster's size, it holds one of all).
+        """
+        deadline = time.monotonic() + timeout
+        node = self.nodes[node_id]
+        if not node.running:
+            raise SetupError(f"node {node_id} is not running")
+        assignment: dict[str, dict[int, list[int]]] = {}
+        for topic in topics:
+            for index, state in self.partitions(topic).items():
+                if node_id not in state.replicas:
+                    raise SetupError(f"{topic}[{index}] has no replica on node {node_id}")
+                if state.replicas[0] != node_id:
+                    rest = [r for r in state.replicas if r != node_id]
+                    assignment.setdefault(topic, {})[index] = [node_id, *rest]
+        if assignment:
+            reassign_replicas(node.host, node.port, assignment)
+        wanted = {topic: list(self.partitions(topic)) for topic in topics}
+        last: object = None
+        while time.monotonic() < deadline:
+            states = {t: self.partitions(t) for t in topics}
+            if all(p.leader == node_id for parts in states.values() for p in parts.values()):
+                return
+            if all(p.replicas[0] == node_id for parts in states.values() for p in parts.values()):
+                last = elect_preferred_leaders(node.host, node.port, wanted)
+            else:
+                last = "replica order not applied yet"
+            time.sleep(0.2)
+        raise SetupError(f"node {node_id} did not become leader of {list(topics)}: {last}")

@@ -142,7 +142,14 @@ def event_headers(event: Event) -> KafkaHeaders:
 async def declare_topics(
     settings: KafkaSettings, topics: Iterable[Topic], *, with_dlq: bool = True
 ) -> None:
-    """Create the topics (and their dead-letter topics) that do not exist yet."""
+    """Create the topics (and their dead-letter topics) that do not exist yet.
+
+    Each gets ``settings.replication_factor`` replicas and, when set,
+    ``settings.min_insync_replicas``; a topic that exists already is left as it is.
+    """
+    durability: dict[str, str] = {}
+    if settings.min_insync_replicas is not None:
+        durability["min.insync.replicas"] = str(settings.min_insync_replicas)
     wanted: list[NewTopic] = []
     # One request may not name a topic twice (two deployables' lists often overlap).
     for topic in {t.name: t for t in topics}.values():
@@ -151,7 +158,7 @@ async def declare_topics(
                 topic.name,
                 num_partitions=settings.default_partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs=topic.config(),
+                topic_configs={**topic.config(), **durability},
             )
         )
         if with_dlq:
@@ -160,7 +167,7 @@ async def declare_topics(
                     topic.dlq,
                     num_partitions=1,
                     replication_factor=settings.replication_factor,
-                    topic_configs=DLQ_TOPIC_CONFIG,
+                    topic_configs={**DLQ_TOPIC_CONFIG, **durability},
                 )
             )
     admin = AIOKafkaAdminClient(**client_options(settings, "admin"))

@@ -8,9 +8,9 @@ resolve the same way everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loopmesh.mesh.auth import AuthSettings
@@ -42,8 +42,26 @@ class KafkaSettings(BaseModel):
     """Partitions for topics this project declares at start-up."""
     replication_factor: int = Field(default=1, ge=1)
     """Replication factor for declared topics (1 on one machine, 3 in a cluster)."""
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+    """``min.insync.replicas`` of declared topics (and their DLQs): replicas that must have an
+    ``acks=all`` write, as every LoopMesh producer sends them, before the broker acknowledges
+    it; with fewer in sync the broker refuses the write (the doors answer UNAVAILABLE). None
+    leaves the broker's default. In a cluster of three with ``replication_factor`` 3, 2: one
+    broker can die without a write being lost or refused. At most ``replication_factor``.
+    Topics faust creates for the joiner's table take the broker's default."""
     request_timeout_ms: int = Field(default=15_000, ge=1_000)
     """Upper bound on one Kafka request; keeps failures fast instead of hanging."""
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> Self:
+        if self.min_insync_replicas is not None and (
+            self.min_insync_replicas > self.replication_factor
+        ):
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync_replicas}) exceeds replication_factor "
+                f"({self.replication_factor}): no write could ever be acknowledged"
+            )
+        return self
 
 
 class GrpcServerSettings(BaseModel):

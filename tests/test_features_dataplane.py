@@ -325,9 +325,9 @@ def _get(url: str) -> str:
         return str(answer.read().decode())
 
 
+# The port's TLS does not depend on the store: one store is enough.
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 async def test_tls_on_the_public_port(stack: Stack, tmp_path: Path) -> None:
-    if stack.store != "sqlite":
-        pytest.skip("the port's TLS does not depend on the store")
     pki = make_pki(tmp_path)
     scope = stack.settings.features.model_copy(
         update={

@@ -23,7 +23,6 @@ time (docs/features.md holds the user's version of these rules):
 from __future__ import annotations
 
 import enum
-import json
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +30,11 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any, NamedTuple
 
+import pydantic_core
+
 from loopmesh.features.definitions import (
     PRIMARY_JOIN_KEY,
+    STATE_LAYOUT,
     AggregationSpec,
     ViewSpec,
 )
@@ -44,7 +46,7 @@ DAY = 24 * HOUR
 DEFAULT_MAX_AGE_SECONDS = 7 * DAY
 """Freshness bound of a view without a TTL."""
 MAX_ENTITY_ID_LENGTH = 256
-STATE_VERSION = 2
+STATE_VERSION = STATE_LAYOUT
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Value = float | int | str | None
@@ -125,12 +127,15 @@ def _add(summary: Summary | None, x: float) -> Summary:
     return summary
 
 
-def _result(spec: AggregationSpec, summaries: Sequence[Summary]) -> Value:
-    n = sum(int(summary[0]) for summary in summaries)
+def _result(spec: AggregationSpec, found: Sequence[Summary | int]) -> Value:
+    """The feature's value from its series' summaries (bare counts for a string column)."""
+    n = sum(s if isinstance(s, int) else int(s[0]) for s in found)
     if spec.function == "count":
         return n
     if n == 0:
         return None
+    # The other functions read numeric series only (definitions refuse them on strings).
+    summaries = [s for s in found if not isinstance(s, int)]
     try:
         if spec.function in ("sum", "mean"):
             total = math.fsum(p for summary in summaries for p in summary[1])
@@ -158,17 +163,69 @@ def _result(spec: AggregationSpec, summaries: Sequence[Summary]) -> Value:
     return out if math.isfinite(out) else None
 
 
-class _ViewState:
-    """One view's part of an entity's state (JSON: ``{"fp", "newest", "a"}``)."""
+@dataclass(frozen=True)
+class _Series:
+    """What one view keeps per column and window: every count, sum, mean, min, max and stddev
+    over the same (column, window, slide) reads the same slide summaries."""
 
-    __slots__ = ("_pruned", "data", "spec")
+    key: str
+    column: str
+    numeric: bool
+    """Numbers are summed; a string column (counts only) contributes 0 to the sums."""
+    slide_s: float | None
+    buckets: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A view's series and latest values, worked out once per definition."""
+
+    series: tuple[_Series, ...]
+    latest: tuple[AggregationSpec, ...]
+    series_of: dict[str, str]
+    """Feature -> key of the series it reads."""
+
+
+_PLANS: dict[tuple[str, str], _Plan] = {}
+
+
+def _plan(spec: ViewSpec) -> _Plan:
+    found = _PLANS.get((spec.name, spec.fingerprint))
+    if found is not None:
+        return found
+    series: dict[str, _Series] = {}
+    series_of: dict[str, str] = {}
+    for agg in spec.aggregations:
+        if agg.function == "last":
+            continue
+        key = f"{agg.column}/{agg.window_s or 0:g}/{agg.slide_s or 0:g}"
+        series.setdefault(
+            key, _Series(key, agg.column, agg.kind == "numeric", agg.slide_s, agg.buckets)
+        )
+        series_of[agg.feature] = key
+    plan = _Plan(
+        tuple(series.values()),
+        tuple(a for a in spec.aggregations if a.function == "last"),
+        series_of,
+    )
+    _PLANS[(spec.name, spec.fingerprint)] = plan
+    return plan
+
+
+class _ViewState:
+    """One view's part of an entity's state: ``{"fp", "newest", "rt", "s", "l"}``, the series'
+    summaries (``s``: key -> summary, or slide -> summary for a window) and the latest values
+    (``l``: feature -> ``[value, event time, event id]``)."""
+
+    __slots__ = ("_pruned", "data", "plan", "spec")
 
     def __init__(self, spec: ViewSpec, data: dict[str, Any] | None) -> None:
         self.spec = spec
+        self.plan = _plan(spec)
         self._pruned: dict[str, int] = {}
         """Newest slide each window was last pruned at (in memory: pruning is idempotent)."""
         if data is None or data.get("fp") != spec.fingerprint:
-            data = {"fp": spec.fingerprint, "newest": None, "a": {}}
+            data = {"fp": spec.fingerprint, "newest": None, "s": {}, "l": {}}
         self.data = data
 
     @property
@@ -189,66 +246,75 @@ class _ViewState:
 
     def fold(self, ts: float, event_id: str, columns: Columns) -> None:
         data = self.data
-        if data["newest"] is None or ts > data["newest"]:
-            data["newest"] = ts
+        newest = data["newest"]
+        if newest is None or ts > newest:
+            newest = data["newest"] = ts
             self._prune()
-        data["rt"] = max(round(data["newest"] * 1e6), data.get("rt", 0) + 1)
-        states: dict[str, Any] = data["a"]
-        for agg in self.spec.aggregations:
-            x = columns.get(agg.column)
+        data["rt"] = max(round(newest * 1e6), data.get("rt", 0) + 1)
+        summaries: dict[str, Any] = data["s"]
+        for series in self.plan.series:
+            x = columns.get(series.column)
             if x is None:
                 continue
-            if agg.function == "last":
-                if isinstance(x, str) != (agg.kind == "categorical"):
-                    continue  # an attribute of the other kind under the same name
-                current = states.get(agg.feature)
-                if current is None or (current[1], current[2]) < (ts, event_id):
-                    states[agg.feature] = [x, ts, event_id]
+            if series.numeric and not isinstance(x, float | int):
+                continue  # a categorical value where a number is declared
+            if series.slide_s is None:
+                current = summaries.get(series.key)
+                # A string column only counts: its summary is the count alone.
+                summaries[series.key] = (
+                    _add(current, float(x)) if series.numeric else (current or 0) + 1
+                )
                 continue
-            number = 1.0 if agg.function == "count" else x
-            if not isinstance(number, float | int):
-                continue  # a categorical value where a number is declared: not this column
-            if agg.slide_s is None:
-                states[agg.feature] = _add(states.get(agg.feature), float(number))
-                continue
-            bucket = math.floor(ts / agg.slide_s)
-            assert data["newest"] is not None
-            if bucket <= math.floor(data["newest"] / agg.slide_s) - agg.buckets:
+            bucket = math.floor(ts / series.slide_s)
+            if bucket <= math.floor(newest / series.slide_s) - series.buckets:
                 continue  # its slide already left the window
-            buckets = states.setdefault(agg.feature, {})
+            buckets = summaries.setdefault(series.key, {})
             name = str(bucket)
-            buckets[name] = _add(buckets.get(name), float(number))
+            current = buckets.get(name)
+            buckets[name] = _add(current, float(x)) if series.numeric else (current or 0) + 1
+        latest: dict[str, Any] = data["l"]
+        for agg in self.plan.latest:
+            x = columns.get(agg.column)
+            if x is None or isinstance(x, str) != (agg.kind == "categorical"):
+                continue  # absent, or an attribute of the other kind under the same name
+            current = latest.get(agg.feature)
+            if current is None or (current[1], current[2]) < (ts, event_id):
+                latest[agg.feature] = [x, ts, event_id]
 
     def _prune(self) -> None:
         newest = self.data["newest"]
-        for agg in self.spec.aggregations:
-            if agg.slide_s is None:
+        for series in self.plan.series:
+            if series.slide_s is None:
                 continue
-            slide = math.floor(newest / agg.slide_s)
-            if self._pruned.get(agg.feature) == slide:
+            slide = math.floor(newest / series.slide_s)
+            if self._pruned.get(series.key) == slide:
                 continue  # the window has not moved since the last pass
-            self._pruned[agg.feature] = slide
-            buckets = self.data["a"].get(agg.feature)
+            self._pruned[series.key] = slide
+            buckets = self.data["s"].get(series.key)
             if buckets:
-                first = slide - agg.buckets + 1
+                first = slide - series.buckets + 1
                 for name in [b for b in buckets if int(b) < first]:
                     del buckets[name]
 
     def values(self) -> dict[str, Value]:
-        states: dict[str, Any] = self.data["a"]
+        summaries: dict[str, Any] = self.data["s"]
+        latest: dict[str, Any] = self.data["l"]
+        windows = {s.key: s.slide_s is not None for s in self.plan.series}
         out: dict[str, Value] = {}
         for agg in self.spec.aggregations:
-            state = states.get(agg.feature)
             if agg.function == "last":
-                out[agg.feature] = state[0] if state is not None else None
+                current = latest.get(agg.feature)
+                out[agg.feature] = current[0] if current is not None else None
                 continue
+            key = self.plan.series_of[agg.feature]
+            state = summaries.get(key)
             if state is None:
-                summaries: list[Summary] = []
-            elif agg.slide_s is None:
-                summaries = [state]
+                found: list[Summary | int] = []
+            elif windows[key]:
+                found = list(state.values())
             else:
-                summaries = list(state.values())
-            out[agg.feature] = _result(agg, summaries)
+                found = [state]
+            out[agg.feature] = _result(agg, found)
         return out
 
 
@@ -293,7 +359,7 @@ class EntityFold:
         dedup_ids: int = 1000,
     ) -> EntityFold:
         join_key, value = split_key(key)
-        state = json.loads(raw) if raw else None
+        state = pydantic_core.from_json(raw) if raw else None
         return cls(join_key, value, views, state, dedup_ids=dedup_ids)
 
     @property
@@ -302,7 +368,9 @@ class EntityFold:
 
     def to_bytes(self) -> bytes:
         self.state["views"] = {name: view.data for name, view in self.views.items()}
-        return json.dumps(self.state, separators=(",", ":")).encode()
+        # pydantic-core's encoder: four times json's on these float-heavy states (the fold's
+        # largest cost in bench/features_fold_bench.py), the same JSON.
+        return pydantic_core.to_json(self.state)
 
     @property
     def has_features(self) -> bool:

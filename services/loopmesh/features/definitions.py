@@ -45,6 +45,9 @@ NUMERIC_TYPES = frozenset({"double", "float", "int", "integer", "bigint", "long"
 STRING_TYPES = frozenset({"string"})
 Function = Literal["count", "sum", "mean", "min", "max", "stddev", "last"]
 FUNCTIONS: tuple[Function, ...] = ("count", "sum", "mean", "min", "max", "stddev", "last")
+STATE_LAYOUT = 3
+"""Version of the fold's state layout (``features.core``): part of every view's fingerprint, so
+a new layout makes every view new, and the workers refill it from the retained events."""
 MAX_BUCKETS = 1440
 """Most slides one window may hold (a day in minutes): state per entity stays bounded."""
 EVENT_TYPES_TAG = "loopmesh.event_types"
@@ -109,6 +112,7 @@ class ViewSpec:
     def fingerprint(self) -> str:
         """Identity of what the view computes: a changed definition is a new view."""
         data = {
+            "state": STATE_LAYOUT,
             "join_key": self.join_key,
             "event_types": sorted(self.event_types) if self.event_types is not None else None,
             "aggregations": [

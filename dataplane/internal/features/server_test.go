@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"math"
 	"net"
 	"os/exec"
@@ -135,23 +136,23 @@ func encodeRequest(ids, refs []string, joinKey string) []byte {
 func decodeResponse(t *testing.T, b []byte) []string {
 	t.Helper()
 	var refs, out []string
-	err := walk(b, func(num protowire.Number, _ protowire.Type, v []byte, _ uint64) error {
+	err := pbwire.Walk(b, func(num protowire.Number, _ protowire.Type, v []byte, _ uint64) error {
 		if num == 1 {
 			refs = append(refs, string(v))
 			return nil
 		}
 		var id string
 		i := 0
-		return walk(v, func(num protowire.Number, _ protowire.Type, v []byte, _ uint64) error {
+		return pbwire.Walk(v, func(num protowire.Number, _ protowire.Type, v []byte, _ uint64) error {
 			if num == 1 {
 				id = string(v)
 				return nil
 			}
 			val, st, sec := "none", uint64(0), int64(0)
-			err := walk(v, func(num protowire.Number, _ protowire.Type, v []byte, x uint64) error {
+			err := pbwire.Walk(v, func(num protowire.Number, _ protowire.Type, v []byte, x uint64) error {
 				switch num {
 				case 1:
-					return walk(v, func(num protowire.Number, _ protowire.Type, v []byte, x uint64) error {
+					return pbwire.Walk(v, func(num protowire.Number, _ protowire.Type, v []byte, x uint64) error {
 						if num == 1 {
 							val = strconv.FormatFloat(math.Float64frombits(x), 'g', -1, 64)
 						} else {

@@ -2,52 +2,14 @@ package features
 
 import (
 	"encoding/binary"
-	"errors"
+	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"math"
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
-// errMalformed: bytes that are not the expected message (protobuf's parsers refuse them too:
-// a truncated field, field number 0, a string that is not UTF-8).
-var errMalformed = errors.New("malformed protobuf")
-
-// walk calls fn for each field of b: v is the payload of a length-delimited field, x the
-// value of a varint or fixed field. Groups are skipped (still checked).
-func walk(b []byte, fn func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error) error {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return errMalformed
-		}
-		b = b[n:]
-		var v []byte
-		var x uint64
-		switch typ {
-		case protowire.VarintType:
-			x, n = protowire.ConsumeVarint(b)
-		case protowire.Fixed32Type:
-			var x32 uint32
-			x32, n = protowire.ConsumeFixed32(b)
-			x = uint64(x32)
-		case protowire.Fixed64Type:
-			x, n = protowire.ConsumeFixed64(b)
-		case protowire.BytesType:
-			v, n = protowire.ConsumeBytes(b)
-		default:
-			n = protowire.ConsumeFieldValue(num, typ, b)
-		}
-		if n < 0 {
-			return errMalformed
-		}
-		b = b[n:]
-		if err := fn(num, typ, v, x); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+var errMalformed = pbwire.ErrMalformed
 
 // request is a GetOnlineFeaturesRequest.
 type request struct {
@@ -60,7 +22,7 @@ type request struct {
 // accumulate, the last join_key wins, a field of an unexpected wire type is an unknown field.
 func parseRequest(b []byte) (*request, error) {
 	r := &request{}
-	err := walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+	err := pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 		if typ != protowire.BytesType || num < 1 || num > 3 {
 			return nil
 		}
@@ -116,7 +78,7 @@ func isValueMember(num protowire.Number) bool {
 // (as 0/1) are numbers, string is text, anything else (null, lists, bytes...) is no value.
 func parseValue(b []byte) (value, error) {
 	var out value
-	err := walk(b, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
+	err := pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
 		if !isValueMember(num) {
 			return nil
 		}
@@ -156,7 +118,7 @@ func parseValue(b []byte) (value, error) {
 
 // parseTimestamp reads a google.protobuf.Timestamp.
 func parseTimestamp(b []byte) (seconds int64, nanos int32, err error) {
-	err = walk(b, func(num protowire.Number, typ protowire.Type, _ []byte, x uint64) error {
+	err = pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, _ []byte, x uint64) error {
 		if typ != protowire.VarintType {
 			return nil
 		}

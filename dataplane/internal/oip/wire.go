@@ -1,15 +1,13 @@
 package oip
 
 import (
-	"errors"
+	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
-// ErrMalformed: the bytes are not the expected message (bad wire format or a string field
-// that is not UTF-8, which protobuf's own parsers refuse too).
-var ErrMalformed = errors.New("malformed protobuf")
+var ErrMalformed = pbwire.ErrMalformed
 
 // Typed content fields of InferTensorContents, by field number.
 const (
@@ -48,7 +46,7 @@ type Tensor struct {
 // last value and repeated messages merge, as protobuf parsers do.
 func ParseInferRequest(b []byte) (*InferRequest, error) {
 	r := &InferRequest{}
-	err := walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+	err := pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 		if typ != protowire.BytesType {
 			return nil
 		}
@@ -70,7 +68,7 @@ func ParseInferRequest(b []byte) (*InferRequest, error) {
 			r.Inputs = append(r.Inputs, t)
 			return err
 		case 6:
-			return walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+			return pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 				if typ != protowire.BytesType {
 					return nil
 				}
@@ -96,7 +94,7 @@ func ParseInferRequest(b []byte) (*InferRequest, error) {
 
 func parseTensor(b []byte) (Tensor, error) {
 	var t Tensor
-	err := walk(b, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
+	err := pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
 		switch {
 		case num == 3 && typ == protowire.VarintType:
 			t.Shape = append(t.Shape, int64(x))
@@ -131,7 +129,7 @@ func parseTensor(b []byte) (Tensor, error) {
 // countContents adds the element count of each typed field of an InferTensorContents,
 // packed (one length-delimited record) or not (one record per element).
 func countContents(b []byte, counts *[9]int) error {
-	return walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+	return pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 		var elem protowire.Type
 		switch num {
 		case BoolContents, IntContents, Int64Contents, UintContents, Uint64Contents:
@@ -187,7 +185,7 @@ type param struct {
 func parseParamEntry(b []byte) (string, param, error) {
 	var key string
 	var p param
-	err := walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+	err := pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 		if typ != protowire.BytesType {
 			return nil
 		}
@@ -195,7 +193,7 @@ func parseParamEntry(b []byte) (string, param, error) {
 		case 1:
 			return str(v, &key)
 		case 2: // a repeated message field merges: the oneof member set last wins
-			return walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+			return pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 				switch {
 				case (num == 1 || num == 2 || num == 5) && typ == protowire.VarintType,
 					num == 4 && typ == protowire.Fixed64Type:
@@ -214,7 +212,7 @@ func parseParamEntry(b []byte) (string, param, error) {
 
 // ParseModelRequest reads ModelReady/ModelMetadata/ModelConfig requests: name=1, version=2.
 func ParseModelRequest(b []byte) (name, version string, err error) {
-	err = walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
+	err = pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 		if typ != protowire.BytesType {
 			return nil
 		}
@@ -231,13 +229,13 @@ func ParseModelRequest(b []byte) (name, version string, err error) {
 
 // Validate checks that b is well-formed protobuf (for messages with no fields we read).
 func Validate(b []byte) error {
-	return walk(b, func(protowire.Number, protowire.Type, []byte, uint64) error { return nil })
+	return pbwire.Walk(b, func(protowire.Number, protowire.Type, []byte, uint64) error { return nil })
 }
 
 // ReadBool returns the last value of bool field num (false when absent).
 func ReadBool(b []byte, num protowire.Number) (bool, error) {
 	var out bool
-	err := walk(b, func(n protowire.Number, typ protowire.Type, _ []byte, x uint64) error {
+	err := pbwire.Walk(b, func(n protowire.Number, typ protowire.Type, _ []byte, x uint64) error {
 		if n == num && typ == protowire.VarintType {
 			out = x != 0
 		}
@@ -250,42 +248,6 @@ func ReadBool(b []byte, num protowire.Number) (bool, error) {
 // string field's value (the last one wins) without touching the rest.
 func StringField(num protowire.Number, s string) []byte {
 	return protowire.AppendString(protowire.AppendTag(nil, num, protowire.BytesType), s)
-}
-
-// walk calls fn for each field of b: v is the payload of a length-delimited field and x the
-// value of a varint or fixed field. Groups are skipped (still checked).
-func walk(b []byte, fn func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error) error {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return ErrMalformed
-		}
-		b = b[n:]
-		var v []byte
-		var x uint64
-		switch typ {
-		case protowire.VarintType:
-			x, n = protowire.ConsumeVarint(b)
-		case protowire.Fixed32Type:
-			var x32 uint32
-			x32, n = protowire.ConsumeFixed32(b)
-			x = uint64(x32)
-		case protowire.Fixed64Type:
-			x, n = protowire.ConsumeFixed64(b)
-		case protowire.BytesType:
-			v, n = protowire.ConsumeBytes(b)
-		default:
-			n = protowire.ConsumeFieldValue(num, typ, b)
-		}
-		if n < 0 {
-			return ErrMalformed
-		}
-		b = b[n:]
-		if err := fn(num, typ, v, x); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 func str(v []byte, dst *string) error {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
-	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"math"
 	"net"
 	"os/exec"
@@ -25,6 +24,8 @@ import (
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
 	"github.com/loopmesh/loopmesh/dataplane/internal/proxy"
 	"github.com/loopmesh/loopmesh/dataplane/internal/telemetry"
+
+	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 )
 
 // Rows as Feast writes them (feast/infra/online_stores/sqlite.py): the table Feast creates,

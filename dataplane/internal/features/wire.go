@@ -2,11 +2,12 @@ package features
 
 import (
 	"encoding/binary"
-	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"math"
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 )
 
 var errMalformed = pbwire.ErrMalformed

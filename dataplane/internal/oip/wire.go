@@ -1,10 +1,11 @@
 package oip
 
 import (
-	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 )
 
 var ErrMalformed = pbwire.ErrMalformed

@@ -64,7 +64,7 @@ class JoinerScope(BaseModel):
     max_unmatched_feedback: int = Field(default=100_000, ge=1)
     """Most unmatched feedback entries one worker keeps; beyond it the oldest are dropped,
     counted (``loopmesh_joiner_unmatched_feedback_dropped_total``) and logged. Each costs about
-    200 bytes of memory (the age index) besides its place on disk."""
+    300 bytes of memory (the age index: 30 MiB at the default) besides its place on disk."""
     sweep_interval_seconds: float = Field(default=600.0, gt=0)
     """How often every stored entry is read to delete expired predictions and stored ones of
     erased entities (tombstones in the changelog). About 2 µs an entry: a day at 100

@@ -162,16 +162,31 @@ async def group_members(kafka: KafkaSettings, group: str, topic: str) -> list[se
     return held
 
 
-async def topic_overrides(kafka: KafkaSettings, topic: str) -> dict[str, str]:
-    """The configs set on ``topic`` itself, not inherited from the brokers (DescribeConfigs)."""
-    admin = AIOKafkaAdminClient(**client_options(kafka, "config-probe"))
-    await admin.start()
-    try:
-        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    finally:
-        await admin.close()
-    [resource] = response.resources
-    error_code, error_message, _, _, entries = resource[:5]
+UNKNOWN_TOPIC_OR_PARTITION = 3
+
+
+async def topic_overrides(
+    kafka: KafkaSettings, topic: str, timeout: float = 30.0
+) -> dict[str, str]:
+    """The configs set on ``topic`` itself, not inherited from the brokers (DescribeConfigs).
+
+    A topic just created may not be known yet to the node asked (error 3 until the cluster's
+    metadata reaches it): asked again until the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(**client_options(kafka, "config-probe"))
+        await admin.start()
+        try:
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic)]
+            )
+        finally:
+            await admin.close()
+        [resource] = response.resources
+        error_code, error_message, _, _, entries = resource[:5]
+        if error_code != UNKNOWN_TOPIC_OR_PARTITION or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
     assert error_code == 0, f"DescribeConfigs {topic}: {error_code} {error_message}"
     if response.API_VERSION == 0:  # (name, value, read_only, is_default, is_sensitive)
         return {e[0]: e[1] for e in entries if not e[3]}

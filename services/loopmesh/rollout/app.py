@@ -41,6 +41,34 @@ from loopmesh.rollout.triton import TritonLoader
 log = logging.getLogger(__name__)
 
 
+class _Loops:
+    """The background tasks of one owner: a task that ends while the owner runs is a crash."""
+
+    def __init__(self, crashed: asyncio.Event) -> None:
+        self._crashed = crashed
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stopping = asyncio.Event()
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._done)
+        self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stopping.is_set():
+            return
+        log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
+        self._crashed.set()
+
+    async def cancel(self) -> None:
+        """Cancel every task and wait for each (``stopping`` must be set first)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
 class _Term:
     """One leadership: the controller with its state re-read, its loops and consumers."""
 
@@ -52,8 +80,7 @@ class _Term:
         self._loader: TritonLoader | None = None
         self._metrics: TopicFollower[VersionMetrics] | None = None
         self._published: EventConsumer[ModelPublished] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
+        self._loops = _Loops(app.crashed)
 
     async def start(self) -> None:
         settings = self._app.settings
@@ -89,10 +116,10 @@ class _Term:
             since=utcnow() - timedelta(seconds=scope.metrics_lookback_seconds),
         )
         await self._metrics.start()
-        self._spawn(self._metrics.run(), "rollout-metrics")
+        self._loops.spawn(self._metrics.run(), "rollout-metrics")
         await self._metrics.wait_caught_up(timeout)
 
-        self._spawn(controller.run(self._stop), "rollout-loop")
+        self._loops.spawn(controller.run(self._loops.stopping), "rollout-loop")
         self._published = EventConsumer(
             kafka,
             published,
@@ -101,20 +128,9 @@ class _Term:
             dlq=dlq,
             service=SERVICE,
         )
-        self._spawn(self._consume_published(), "rollout-published")
+        self._loops.spawn(self._consume_published(), "rollout-published")
         self.controller = controller
         instruments.watch(self._records)
-
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(work, name=name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stop.is_set():
-            return
-        log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
-        self._app.crashed.set()
 
     async def _consume_published(self) -> None:
         # Joining the group can wait out the session of a killed predecessor (seconds): the
@@ -128,17 +144,13 @@ class _Term:
 
     async def stop(self) -> None:
         """Stop every part; a change being published or a load under way is cancelled."""
-        self._stop.set()
+        self._loops.stopping.set()
         instruments.unwatch(self._records)
         for part in (self._published, self._metrics):
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._loops.cancel()
         if self._loader is not None:
             with contextlib.suppress(Exception):
                 await self._loader.close()
@@ -157,10 +169,9 @@ class RolloutApp:
         self._producer: EventProducer | None = None
         self._term: _Term | None = None
         self._ready = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
         self.crashed = asyncio.Event()
         """Set when a loop died unexpectedly: the process should exit for its supervisor."""
+        self._loops = _Loops(self.crashed)
 
     @property
     def address(self) -> str:
@@ -201,7 +212,7 @@ class RolloutApp:
         )
         instruments.watch_leadership(self._leads)
         await self.leadership.start()
-        self._spawn(self.leadership.run(), "rollout-leader")
+        self._loops.spawn(self.leadership.run(), "rollout-leader")
         # The role is known at the first assignment; a leader's term then re-reads the state.
         await self._until(self.leadership.decided, scope.start_timeout_seconds)
         if self.leadership.leading:
@@ -269,7 +280,7 @@ class RolloutApp:
     async def _announce(self) -> None:
         """RolloutService health: SERVING while this replica leads, else NOT_SERVING (a
         standby is alive, which health ``""`` says, but has nothing to answer)."""
-        if self.server is None or self._stop.is_set():
+        if self.server is None or self._loops.stopping.is_set():
             return
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -278,30 +289,15 @@ class RolloutApp:
         )
         await self.server.health.set(SERVICE_NAME, status)
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(work, name=name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stop.is_set():
-            return
-        log.error("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
-        self.crashed.set()
-
     async def stop(self) -> None:
         """Stop serving, stop acting, then leave the leader group (a standby takes over)."""
-        if self._stop.is_set():
+        if self._loops.stopping.is_set():
             return
-        self._stop.set()
+        self._loops.stopping.set()
         instruments.unwatch_leadership(self._leads)
         if self.server is not None:
             await self.server.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._loops.cancel()
         if self.leadership is not None:
             with contextlib.suppress(Exception):
                 await self.leadership.stop()

@@ -8,7 +8,8 @@ an asyncio lock, so a delete issued after a write lands after it.
 Feast facts this module works around (pinned in tests/test_feast_store.py):
 
 * the SQLite store writes whatever is written last, even an older row, so ``write`` reads the
-  stored event time of each row first and skips rows older than what is stored;
+  stored event time of each row first and skips rows older than what is stored (the Redis
+  store skips them itself);
 * a write must carry every feature of its view, which ``EntityFold.rows`` always does;
 * Feast has no per-entity delete, so ``delete`` removes the rows itself: SQLite rows by
   serialized entity key in each view's table, or the entity's Redis hash.
@@ -220,8 +221,11 @@ class FeastGateway:
                 # The last row of an entity in the batch is its newest state.
                 by_view.setdefault(view, {})[row[self._join_key_of[view]]] = row
         written = 0
+        # Feast's Redis store keeps the newer row by itself (it skips older ones); only the
+        # SQLite store needs the stored times read first.
+        redis = self.store.config.online_store.type == "redis"
         for view, latest in by_view.items():
-            stored = self._stored_times(view, list(latest))
+            stored = {} if redis else self._stored_times(view, list(latest))
             timestamp = self._timestamp_of[view]
             fresh = [
                 dict(row)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from loopmesh.gen.loopmesh.v1 import inference_pb2
 from loopmesh.inference.batching import Coalescer
 from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, is_store_ref
-from loopmesh.inference.core import PredictInput, PredictionRecord
+from loopmesh.inference.core import Counters, PredictInput, PredictionRecord, PredictOutput
 from loopmesh.inference.prediction_log import PredictionLogger
-from loopmesh.inference.routing import Route, bucket
+from loopmesh.inference.routing import Route, RouteTable, bucket
+from loopmesh.inference.server import InferenceServicer
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.errors import InvalidArgument, UnknownModel
@@ -161,3 +163,58 @@ def test_catalog_caches_only_models_the_repository_holds(tmp_path: Path) -> None
         assert catalog.versions(f"nope{i}") == []
     assert catalog.versions("m") == [1]
     assert catalog.cached_models == 1
+
+
+class _CountingPredictor:
+    """Answers at once and counts: how many requests of a stream the server went on to score."""
+
+    def __init__(self, until: int) -> None:
+        self.calls = 0
+        self.until = until
+        self.all_scored = asyncio.Event()
+
+    async def predict(self, request: PredictInput) -> PredictOutput:
+        self.calls += 1
+        if self.calls >= self.until:
+            self.all_scored.set()
+        return PredictOutput(
+            prediction_id=f"p{self.calls}",
+            score=0.5,
+            model_name="m",
+            model_version=1,
+            arm="stable",
+            degraded=False,
+            defaulted_features=(),
+            request_id=request.request_id,
+        )
+
+
+async def test_a_stream_client_that_never_reads_stops_being_read() -> None:
+    # Issue 20: slots were released when a prediction was computed, so answers nobody read
+    # piled up in the gateway without limit.
+    sent = 2_000
+    predictor = _CountingPredictor(until=sent)
+    window = 8
+    servicer = InferenceServicer(
+        predictor,  # type: ignore[arg-type]
+        RouteTable(),
+        Counters(),
+        stream_max_inflight=window,
+    )
+
+    async def requests() -> AsyncIterator[inference_pb2.PredictRequest]:
+        for i in range(sent):
+            yield inference_pb2.PredictRequest(entity_id=f"u{i}", request_id=str(i))
+
+    stream = servicer.PredictStream(requests(), None)  # type: ignore[arg-type]
+    first = await anext(stream)
+    assert first.request_id == "0"
+    # The client reads nothing more. Give the server every chance to go on reading: the old
+    # code scored all 2,000 within milliseconds.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(predictor.all_scored.wait(), timeout=2.0)
+    assert predictor.calls <= window + 1
+    # Reading again resumes the stream, and every request gets its answer.
+    rest = [answer.request_id async for answer in stream]
+    assert sorted([first.request_id, *rest], key=int) == [str(i) for i in range(sent)]
+    assert predictor.calls == sent

@@ -88,6 +88,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.PredictRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.PredictResponse]:
+        # A slot is held from reading a request until its answer has been handed to gRPC
+        # (the yield returns once the write is done, and a write waits on the client's HTTP/2
+        # window): a client that sends and never reads stops being read after
+        # stream_max_inflight requests instead of growing the answers kept here.
         answers: asyncio.Queue[inference_pb2.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_inflight)
         tasks: set[asyncio.Task[None]] = set()
@@ -103,14 +107,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         code=code.value[0], field=field, message=message
                     ),
                 )
-            finally:
-                slots.release()
             answers.put_nowait(answer)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    # Backpressure: stop reading while the window is full.
                     await slots.acquire()
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
@@ -126,6 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                slots.release()
             await reader
         finally:
             reader.cancel()

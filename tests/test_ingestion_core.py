@@ -16,7 +16,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import SecretStr, ValidationError
 
+from loopmesh.features.settings import FeaturesScope
 from loopmesh.ingestion.core import ingestion_intake, normalise_event_type
+from loopmesh.ingestion.settings import IngestionScope
 from loopmesh.mesh.events import InteractionEvent
 from loopmesh.mesh.intake import (
     DedupeWindow,
@@ -295,3 +297,11 @@ def test_limits_have_documented_defaults() -> None:
     window = limits.time_window()
     assert window.max_future == timedelta(minutes=5)
     assert window.max_age == timedelta(days=30)
+
+
+def test_the_ingestion_door_refuses_what_no_view_would_count() -> None:
+    # Issue 20: the door accepted events 30 days old that the features, with their default
+    # allowed lateness, never counted.
+    door = IngestionScope().limits.time_window().max_age
+    assert door == timedelta(seconds=FeaturesScope().allowed_lateness_s)
+    assert door < IntakeLimits().time_window().max_age  # feedback keeps the longer window

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
+from loopmesh.mesh.intake import EVENT_LATENESS_S
 from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW
 
@@ -87,7 +88,7 @@ class FeaturesScope(BaseModel):
     push_retry_s: float = Field(default=1.0, gt=0)
     """Pause before retrying a push the online store refused (the batch is retried, never
     dropped; its offsets are not committed meanwhile)."""
-    allowed_lateness_s: float = Field(default=24 * 3600.0, ge=0)
+    allowed_lateness_s: float = Field(default=EVENT_LATENESS_S, ge=0)
     """Allowed lateness of a view whose source sets no ``watermark_delay_threshold``: an
     event older than the view's newest event by more is late (counted in
     ``loopmesh_features_late_events_total``, reported to the events topic's DLQ, not folded)."""

@@ -130,6 +130,12 @@ class DedupeWindow:
             entries.popitem(last=False)
 
 
+EVENT_LATENESS_S = 24 * 3600.0
+"""How old an interaction event may be and still count: the ingestion door's default max age
+and the features' default allowed lateness are this one figure, so the door refuses (with a
+reason) what the features would not fold, instead of acknowledging it."""
+
+
 @dataclass(frozen=True)
 class TimeWindow:
     """Accepted event times relative to the server's clock."""
@@ -288,7 +294,8 @@ class Intake(Generic[E]):
         if event_time < oldest:
             return Refusal(
                 "event_time",
-                f"{event_time.isoformat()} is older than {self.time_window.max_age}",
+                f"{event_time.isoformat()} is older than {self.time_window.max_age} "
+                "(the door's limits.max_age_seconds)",
             )
         return None
 

@@ -545,7 +545,14 @@ class LoopRun:
             extra["simulator"] = self.simulator.stats.__dict__
         summary_path = write_summary(self.loop_state, self.options.out_dir / "summary.json", extra)
         try:
-            plot = str(write_plot(self.loop_state, self.options.out_dir / "live_metrics.png"))
+            plot = str(
+                write_plot(
+                    self.loop_state,
+                    self.options.out_dir / "live_metrics.png",
+                    started_at=self.started_at,
+                    ended_at=datetime.now(UTC),
+                )
+            )
         except Exception as exc:  # the summary matters more than the picture
             plot = f"not written ({exc!r})"
         self.console.print(f"summary: {summary_path}\nplot: {plot}")

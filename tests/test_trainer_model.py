@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,9 +17,10 @@ from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.events import LabelledExample
 from loopmesh.trainer import dataset as dataset_module
 from loopmesh.trainer.dataset import Dataset
+from loopmesh.trainer.export import OnnxScoring, export_module
 from loopmesh.trainer.pipeline import load_stable, publish_files, run_pipeline
 from loopmesh.trainer.prepare import Standardisation
-from loopmesh.trainer.scoring import ScoringModule
+from loopmesh.trainer.scoring import MLP, ScoringModule
 from loopmesh.trainer.settings import TrainerScope, TrainingSettings
 from loopmesh.trainer.train import (
     WarmStart,
@@ -29,7 +29,7 @@ from loopmesh.trainer.train import (
     load_scoring,
     new_mlp,
     predict,
-    torchscript_bytes,
+    warm_start_from,
 )
 
 T0 = datetime(2025, 3, 1, 23, 59, tzinfo=UTC)
@@ -154,7 +154,9 @@ def data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, Standardisation]:
     return batch.features, y, st
 
 
-def test_training_is_deterministic_and_torchscript_takes_raw_features() -> None:
+def test_training_is_deterministic_and_the_onnx_export_takes_raw_features(
+    tmp_path: Path,
+) -> None:
     x, y, st = data(seed=2, n=1200)
     a = fit(x[:900], y[:900], x[900:1000], y[900:1000], st, FAST)
     b = fit(x[:900], y[:900], x[900:1000], y[900:1000], st, FAST)
@@ -165,7 +167,10 @@ def test_training_is_deterministic_and_torchscript_takes_raw_features() -> None:
     assert a.best_epoch >= 1 and a.epochs <= FAST.max_epochs and not a.warm_started
     p = predict(a.module, x[1000:])
     assert quality.roc_auc(y[1000:], p) > 0.75
-    scripted = torch.jit.load(io.BytesIO(torchscript_bytes(a.module)))
+    exported = export_module(a.module, x[1000:])
+    assert exported.n_features == len(FEATURE_NAMES) and exported.n_outputs == 1
+    (tmp_path / "model.onnx").write_bytes(exported.onnx)
+    scripted = OnnxScoring(tmp_path / "model.onnx")
     np.testing.assert_allclose(predict(scripted, x[1000:]), p, atol=1e-6)
     # NaN inputs are imputed with the training mean inside the module, never NaN out.
     holes = x[1000:1010].copy()
@@ -224,12 +229,18 @@ def test_pipeline_publishes_then_gates_against_the_stable_version(tmp_path: Path
     )
     stable = load_stable(repo, "pipe", 1)
     assert stable is not None
-    # What the module computes equals what its metadata says it computes.
+    assert meta["format"] == "onnx" and meta["n_outputs"] == 1
+    assert meta["export"]["max_abs_diff"] <= 1e-4 and meta["weights_sha256"]
+    # What model.onnx computes equals what its weights and metadata say it computes.
     scripted = load_scoring(stable.path)
+    warm = warm_start_from(stable.path, stable.standardisation)
+    assert warm is not None
+    mlp = MLP(len(names), list(FAST.hidden))
+    mlp.load_state_dict(warm.state)
     frame = ds.load("pipe")
     z = stable.standardisation.transform(frame.matrix(names))
     with torch.no_grad():
-        expected = torch.sigmoid(scripted.mlp(torch.as_tensor(z, dtype=torch.float32))).reshape(-1)
+        expected = torch.sigmoid(mlp(torch.as_tensor(z, dtype=torch.float32))).reshape(-1)
     np.testing.assert_allclose(predict(scripted, frame.matrix(names)), expected.numpy(), atol=1e-5)
 
     # More data: the warm-started candidate is compared with version 1 on the same holdout.
@@ -249,6 +260,14 @@ def test_pipeline_publishes_then_gates_against_the_stable_version(tmp_path: Path
         and ref.log_loss is not None
         and cand.log_loss < ref.log_loss - scope.gate.min_log_loss_improvement
     )
-    # A tampered stable version is not used as a reference or a warm start.
-    (stable.path).write_bytes(stable.path.read_bytes() + b"x")
+    # A tampered stable version is not used as a reference or a warm start: its graph...
+    weights = stable.path.parent / model_repo.WEIGHTS_FILE
+    original = stable.path.read_bytes(), weights.read_bytes()
+    stable.path.write_bytes(original[0] + b"x")
     assert load_stable(repo, "pipe", 1) is None
+    # ... or its weights, which a warm start refuses to read too.
+    stable.path.write_bytes(original[0])
+    weights.write_bytes(original[1] + b"x")
+    assert load_stable(repo, "pipe", 1) is None
+    with pytest.raises(ValueError, match="sha256"):
+        warm_start_from(stable.path, stable.standardisation)

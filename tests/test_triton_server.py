@@ -1,12 +1,11 @@
-"""The real tritonserver (from the nvidia-pytriton wheel) serving TorchScript via model_repo.
+"""The real tritonserver (from the nvidia-pytriton wheel) serving ONNX via model_repo.
 
 Slow-ish: one server start (a few seconds) and one python-backend stub per loaded version
-(each imports torch). Every client call carries a timeout: a broken stub can hang a load.
+(each imports onnxruntime). Every client call carries a timeout: a broken stub can hang a load.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,27 +22,29 @@ from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import SetupError
 from loopmesh.mesh.events import ModelPublished
+from loopmesh.trainer.export import ExportedModel, export_module
 
 N_FEATURES = 4
 LOAD_TIMEOUT = 120.0
 INFER_TIMEOUT = 30.0
 
 
-def _scripted(weight: list[float], bias: float) -> torch.jit.ScriptModule:
+def _module(weight: list[float], bias: float) -> torch.nn.Module:
     linear = torch.nn.Linear(N_FEATURES, 1)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([weight]))
         linear.bias.fill_(bias)
-    return torch.jit.script(torch.nn.Sequential(linear, torch.nn.Sigmoid()).eval())
+    return torch.nn.Sequential(linear, torch.nn.Sigmoid()).eval()
 
 
-def _torchscript_bytes(module: torch.jit.ScriptModule) -> bytes:
-    buf = io.BytesIO()
-    torch.jit.save(module, buf)
-    return buf.getvalue()
+SAMPLE = np.random.default_rng(42).normal(size=(64, N_FEATURES)).astype(np.float32)
 
 
-def _expected(module: torch.jit.ScriptModule, x: np.ndarray) -> np.ndarray:
+def _exported(module: torch.nn.Module) -> ExportedModel:
+    return export_module(module, SAMPLE)
+
+
+def _expected(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return module(torch.from_numpy(x)).numpy()
 
@@ -64,9 +65,10 @@ def _infer(client: grpcclient.InferenceServerClient, model: str, version: str, x
 
 
 MODULES = {
-    1: _scripted([0.5, -1.0, 0.25, 2.0], 0.1),
-    2: _scripted([-0.75, 0.5, 1.5, -0.2], -0.3),
+    1: _module([0.5, -1.0, 0.25, 2.0], 0.1),
+    2: _module([-0.75, 0.5, 1.5, -0.2], -0.3),
 }
+EXPORTED = {version: _exported(module) for version, module in MODULES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +91,15 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tri
 @pytest.fixture(scope="module")
 def ctr(repo: Path) -> str:
     """Model "ctr" with versions 1 and 2 published (different weights)."""
-    for version, module in MODULES.items():
+    for version, exported in EXPORTED.items():
         model_repo.write_version(
             repo,
             "ctr",
             version,
-            _torchscript_bytes(module),
+            exported.onnx,
             {"metrics": {"auc": 0.5 + version / 10}, "parent_version": version - 1 or None},
             n_features=N_FEATURES,
+            weights=exported.weights,
         )
     return "ctr"
 
@@ -154,7 +157,7 @@ def test_invalid_versions(version: object) -> None:
 
 
 def test_write_version_layout_and_metadata(tmp_path: Path) -> None:
-    data = _torchscript_bytes(MODULES[1])
+    data, weights = EXPORTED[1].onnx, EXPORTED[1].weights
     vdir = model_repo.write_version(
         tmp_path,
         "m",
@@ -162,27 +165,66 @@ def test_write_version_layout_and_metadata(tmp_path: Path) -> None:
         data,
         {"metrics": {"auc": 0.7}, "feature_names": list("abcd")},
         n_features=N_FEATURES,
+        weights=weights,
     )
     assert vdir == tmp_path / "m" / "1"
-    assert sorted(p.name for p in vdir.iterdir()) == ["metadata.json", "model.pt", "model.py"]
+    assert sorted(p.name for p in vdir.iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "model.py",
+        "weights.safetensors",
+    ]
     assert (tmp_path / "m" / "config.pbtxt").is_file()
     # Nothing but the version and the config is left in the model dir (no temp leftovers).
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "config.pbtxt"]
     meta = model_repo.read_metadata(tmp_path, "m", 1)
     assert meta["metrics"] == {"auc": 0.7}
     assert meta["parent_version"] is None and meta["created_at"]
-    assert meta["n_features"] == N_FEATURES
+    assert meta["n_features"] == N_FEATURES and meta["n_outputs"] == 1
+    assert meta["format"] == "onnx" and len(meta["weights_sha256"]) == 64
     assert model_repo.verify_sha256(tmp_path, "m", 1)
     assert model_repo.list_versions(tmp_path, "m") == [1]
     with pytest.raises(FileExistsError):
         model_repo.write_version(tmp_path, "m", 1, data, {}, n_features=N_FEATURES)
     with pytest.raises(ValueError):
         model_repo.write_version(tmp_path, "m", 2, data, {}, n_features=N_FEATURES + 1)
+    with pytest.raises(ValueError, match="n_outputs"):
+        model_repo.write_version(tmp_path, "m", 2, data, {}, n_features=N_FEATURES, n_outputs=3)
     with pytest.raises(ValueError):
         model_repo.write_version(tmp_path, "../evil", 1, data, {}, n_features=N_FEATURES)
     assert model_repo.list_versions(tmp_path, "m") == [1]
-    (vdir / "model.pt").write_bytes(data + b"x")
+    (vdir / "weights.safetensors").write_bytes(weights + b"x")
     assert not model_repo.verify_sha256(tmp_path, "m", 1)
+    (vdir / "weights.safetensors").write_bytes(weights)
+    assert model_repo.verify_sha256(tmp_path, "m", 1)
+    (vdir / "model.onnx").write_bytes(data + b"x")
+    assert not model_repo.verify_sha256(tmp_path, "m", 1)
+    (vdir / "model.onnx").unlink()
+    assert not model_repo.verify_sha256(tmp_path, "m", 1)
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_render_config_for_either_backend(backend: str) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = model_repo.render_config(
+        "m", n_features=7, n_outputs=3, max_batch_size=64, backend=backend
+    )
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.backend == backend and config.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT__0", [7])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("OUTPUT__0", [3])]
+    [group] = config.instance_group
+    if backend == "python":
+        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    else:  # Triton places it: a GPU when there is one
+        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
+        assert config.default_model_filename == "model.onnx"
+    with pytest.raises(ValueError, match="backend"):
+        model_repo.render_config("m", n_features=7, backend="pytorch")
+    with pytest.raises(ValueError, match="n_outputs"):
+        model_repo.render_config("m", n_features=7, n_outputs=0)
 
 
 def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
@@ -250,14 +292,33 @@ def test_tampered_model_refuses_to_load(
     repo: Path, server: TritonServer, client: grpcclient.InferenceServerClient
 ) -> None:
     vdir = model_repo.write_version(
-        repo, "tampered", 1, _torchscript_bytes(MODULES[1]), {}, n_features=N_FEATURES
+        repo, "tampered", 1, EXPORTED[1].onnx, {}, n_features=N_FEATURES
     )
-    # Swap in other valid TorchScript: loadable, but not what metadata.json vouches for.
-    (vdir / "model.pt").write_bytes(_torchscript_bytes(MODULES[2]))
+    # Swap in another valid graph: loadable, but not what metadata.json vouches for.
+    (vdir / "model.onnx").write_bytes(EXPORTED[2].onnx)
     with pytest.raises(InferenceServerException, match="sha256 mismatch"):
         client.load_model("tampered", client_timeout=LOAD_TIMEOUT)
     assert not client.is_model_ready("tampered", "1", client_timeout=INFER_TIMEOUT)
     assert server.running
+
+
+def test_a_multiclass_model_answers_k_probabilities_per_row(
+    repo: Path, server: TritonServer, client: grpcclient.InferenceServerClient
+) -> None:
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 3), torch.nn.Softmax(dim=1)).eval()
+    exported = _exported(module)
+    assert exported.n_outputs == 3
+    model_repo.write_version(
+        repo, "multi", 1, exported.onnx, {}, n_features=N_FEATURES, n_outputs=3
+    )
+    client.load_model("multi", client_timeout=LOAD_TIMEOUT)
+    x = np.random.default_rng(5).normal(size=(6, N_FEATURES)).astype(np.float32)
+    out = _infer(client, "multi", "1", x)
+    assert out.shape == (6, 3)
+    np.testing.assert_allclose(out, _expected(module, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+    client.unload_model("multi", client_timeout=LOAD_TIMEOUT)
 
 
 def test_restart_on_same_ports(ctr: str, server: TritonServer) -> None:

@@ -2,11 +2,18 @@
 
 Layout::
 
-    <repo>/<model>/config.pbtxt              python backend, INPUT__0 [n] -> OUTPUT__0 [1]
-    <repo>/<model>/<version>/model.pt        TorchScript
-    <repo>/<model>/<version>/metadata.json   metrics, feature_names, created_at,
-                                             parent_version, n_features, sha256 of model.pt
-    <repo>/<model>/<version>/model.py        copy of services/loopmesh/mesh/triton_python_model.py
+    <repo>/<model>/config.pbtxt                  INPUT__0 [n] -> OUTPUT__0 [k]; backend "python"
+                                                 (default) or "onnxruntime" (NVIDIA container)
+    <repo>/<model>/<version>/model.onnx          the graph (trainer/export.py)
+    <repo>/<model>/<version>/weights.safetensors the trained state dict, for warm starts
+    <repo>/<model>/<version>/metadata.json       metrics, feature_names, created_at, parent_version,
+                                                 format "onnx", n_features, n_outputs, sha256 of
+                                                 model.onnx, weights_sha256
+    <repo>/<model>/<version>/model.py            copy of mesh/triton_python_model.py
+
+Both backends serve the same version directory: the python backend runs ``model.py`` (which
+checks the sha256 and runs ``model.onnx`` with onnxruntime), the onnxruntime backend loads
+``model.onnx`` directly and ignores the rest (the rollout checks the sha256 before every load).
 
 A version directory appears only complete: it is written under a dot-named temporary directory
 in the model directory (Triton ignores non-numeric names) and renamed into place. Versions are
@@ -29,12 +36,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "metadata.json"
+FORMAT = "onnx"
 BACKEND_FILE = "model.py"
 CONFIG_FILE = "config.pbtxt"
 INPUT_NAME = "INPUT__0"
 OUTPUT_NAME = "OUTPUT__0"
+BACKENDS = ("python", "onnxruntime")
+"""Triton backends a config.pbtxt can name: ``python`` (``model.py`` running onnxruntime; the
+only one in the nvidia-pytriton wheel) or ``onnxruntime`` (Triton's own, in the NVIDIA
+container: CPU, CUDA or TensorRT)."""
 
 # Letters first, then letters/digits/_/- : no dots, slashes or anything a shell or path treats
 # specially. 64 chars keeps names usable as Kafka keys and metric labels too.
@@ -98,16 +111,49 @@ def backend_model_source() -> bytes:
     )
 
 
-def render_config(model: str, *, n_features: int, max_batch_size: int = 256) -> str:
-    """config.pbtxt for the python backend serving every version present (explicit loads)."""
+def render_config(
+    model: str,
+    *,
+    n_features: int,
+    n_outputs: int = 1,
+    max_batch_size: int = 256,
+    backend: str = "python",
+) -> str:
+    """config.pbtxt serving every version present (explicit loads) with ``backend``.
+
+    ``python`` runs one CPU instance of ``model.py`` (it uses CUDA itself when its onnxruntime
+    has it); ``onnxruntime`` lets Triton place the instance (a GPU when there is one).
+    """
     validate_model_name(model)
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
+    if n_outputs < 1:
+        raise ValueError(f"n_outputs must be >= 1, got {n_outputs}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {shown(backend)}")
+    if backend == "python":
+        placement = """\
+instance_group [
+  {
+    count: 1
+    kind: KIND_CPU
+  }
+]
+"""
+    else:
+        placement = f"""\
+default_model_filename: "{MODEL_FILE}"
+instance_group [
+  {{
+    count: 1
+  }}
+]
+"""
     return f"""\
 name: "{model}"
-backend: "python"
+backend: "{backend}"
 max_batch_size: {max_batch_size}
 input [
   {{
@@ -120,19 +166,13 @@ output [
   {{
     name: "{OUTPUT_NAME}"
     data_type: TYPE_FP32
-    dims: [ 1 ]
+    dims: [ {n_outputs} ]
   }}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: 500
 }}
-instance_group [
-  {{
-    count: 1
-    kind: KIND_CPU
-  }}
-]
-version_policy: {{ all {{ }} }}
+{placement}version_policy: {{ all {{ }} }}
 """
 
 
@@ -140,41 +180,57 @@ def write_version(
     repo: Path,
     model: str,
     version: int,
-    torchscript_path_or_bytes: Path | str | bytes,
+    model_path_or_bytes: Path | str | bytes,
     metadata: dict[str, Any],
     *,
     n_features: int,
+    n_outputs: int = 1,
+    weights: bytes | None = None,
     max_batch_size: int = 256,
+    backend: str = "python",
 ) -> Path:
     """Publish ``version`` of ``model`` atomically and refresh config.pbtxt; return its dir.
 
-    ``metadata`` is stored with ``sha256``, ``n_features``, ``model`` and ``version`` set here
-    (and ``created_at`` if absent). Raises FileExistsError if the version already exists and
-    ValueError on invalid names, on a feature count that contradicts ``feature_names``, or on
-    one that differs from versions already published (they share one config.pbtxt).
+    ``model_path_or_bytes`` is the ONNX graph (``model.onnx``); ``weights``, when given, the
+    trained state dict as safetensors (``weights.safetensors``). ``metadata`` is stored with
+    ``format``, ``sha256`` (of model.onnx), ``weights_sha256``, ``n_features``, ``n_outputs``,
+    ``model`` and ``version`` set here (and ``created_at`` if absent). Raises FileExistsError if
+    the version already exists and ValueError on invalid names, on a feature count that
+    contradicts ``feature_names``, or on a feature or output count that differs from versions
+    already published (they share one config.pbtxt).
     """
     version = validate_version(version)
     mdir = model_dir(repo, model)
     final = mdir / str(version)
     if final.exists():
         raise FileExistsError(f"{model} version {version} already exists at {final}")
-    if isinstance(torchscript_path_or_bytes, bytes):
-        payload = torchscript_path_or_bytes
+    if isinstance(model_path_or_bytes, bytes):
+        payload = model_path_or_bytes
     else:
-        payload = Path(torchscript_path_or_bytes).read_bytes()
+        payload = Path(model_path_or_bytes).read_bytes()
     if not payload:
-        raise ValueError("TorchScript payload is empty")
+        raise ValueError("the model payload is empty")
+    if weights is not None and not weights:
+        raise ValueError("the weights payload is empty")
     feature_names = metadata.get("feature_names")
     if feature_names is not None and len(feature_names) != n_features:
         raise ValueError(f"{len(feature_names)} feature_names given but n_features={n_features}")
     for other in list_versions(repo, model):
-        other_n = read_metadata(repo, model, other).get("n_features")
-        if other_n is not None and other_n != n_features:
-            raise ValueError(
-                f"{model} version {other} has n_features={other_n}, not {n_features}; "
-                "versions of one model share config.pbtxt, so publish under a new model name"
-            )
-    config = render_config(model, n_features=n_features, max_batch_size=max_batch_size)
+        other_meta = read_metadata(repo, model, other)
+        for key, value in (("n_features", n_features), ("n_outputs", n_outputs)):
+            other_value = other_meta.get(key, 1 if key == "n_outputs" else None)
+            if other_value is not None and other_value != value:
+                raise ValueError(
+                    f"{model} version {other} has {key}={other_value}, not {value}; "
+                    "versions of one model share config.pbtxt, so publish under a new model name"
+                )
+    config = render_config(
+        model,
+        n_features=n_features,
+        n_outputs=n_outputs,
+        max_batch_size=max_batch_size,
+        backend=backend,
+    )
 
     meta = dict(metadata)
     meta.setdefault("created_at", datetime.now(UTC).isoformat())
@@ -182,8 +238,11 @@ def write_version(
     meta.update(
         model=model,
         version=version,
+        format=FORMAT,
         n_features=n_features,
+        n_outputs=n_outputs,
         sha256=hashlib.sha256(payload).hexdigest(),
+        weights_sha256=hashlib.sha256(weights).hexdigest() if weights is not None else None,
     )
 
     mdir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +254,8 @@ def write_version(
     tmp.mkdir()
     try:
         _write_synced(tmp / MODEL_FILE, payload)
+        if weights is not None:
+            _write_synced(tmp / WEIGHTS_FILE, weights)
         _write_synced(tmp / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
         _write_synced(tmp / BACKEND_FILE, backend_model_source())
         fsync_dir(tmp)
@@ -232,11 +293,26 @@ def read_metadata(repo: Path, model: str, version: int | str) -> dict[str, Any]:
 
 
 def verify_sha256(repo: Path, model: str, version: int | str) -> bool:
-    """True if model.pt matches the sha256 recorded in its metadata.json."""
-    expected = read_metadata(repo, model, version).get("sha256")
+    """True if model.onnx matches the sha256 recorded in its metadata.json (and so does
+    weights.safetensors, where one is recorded). A missing file is False."""
+    meta = read_metadata(repo, model, version)
+    vdir = version_dir(repo, model, version)
+    expected = meta.get("sha256")
     if not isinstance(expected, str) or not _SHA256_RE.fullmatch(expected):
         return False
-    return sha256_file(version_dir(repo, model, version) / MODEL_FILE) == expected
+    if meta.get("format", FORMAT) != FORMAT:
+        return False
+    try:
+        if sha256_file(vdir / MODEL_FILE) != expected:
+            return False
+        weights = meta.get("weights_sha256")
+        if weights is not None:
+            if not isinstance(weights, str) or not _SHA256_RE.fullmatch(weights):
+                return False
+            return sha256_file(vdir / WEIGHTS_FILE) == weights
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _write_synced(path: Path, data: bytes) -> None:

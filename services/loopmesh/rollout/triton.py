@@ -50,7 +50,7 @@ def version_config(repo: Path, model: str, versions: Collection[int]) -> str:
 def check_integrity(
     repo: Path, model: str, versions: Collection[int], expected: Mapping[int, str]
 ) -> None:
-    """Raise LoadError unless every version exists and its model.pt matches its sha256
+    """Raise LoadError unless every version exists and its model.onnx matches its sha256
     (and the sha256 the ModelPublished event announced, when known)."""
     for version in sorted(versions):
         try:
@@ -59,7 +59,10 @@ def check_integrity(
         except (OSError, ValueError) as exc:
             raise LoadError(f"v{version} is not readable in the model repository: {exc}") from exc
         if not intact:
-            raise LoadError(f"v{version}: model.pt does not match the sha256 in its metadata")
+            raise LoadError(
+                f"v{version}: model.onnx or weights.safetensors does not match the sha256 "
+                "in its metadata"
+            )
         announced = expected.get(version)
         if announced is not None and announced != recorded:
             raise LoadError(f"v{version}: sha256 {recorded} is not the published {announced}")

@@ -59,7 +59,7 @@ class VersionInfo:
     version: int
     metadata: dict[str, Any]
     intact: bool
-    """model.pt matches the sha256 in metadata.json."""
+    """model.onnx (and weights.safetensors) match the sha256 in metadata.json."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,7 @@ class TrainerCore:
                     self.model_name,
                     outcome.payload,
                     outcome.metadata,
+                    backend=self.scope.triton_backend,
                 )
                 record = record.model_copy(update={"version": version})
                 await self._announce_version(version, meta)

@@ -1,7 +1,8 @@
 """One training run, start to verdict, as blocking code (``core`` runs it in a worker thread).
 
 load -> features -> time split -> standardise -> warm start -> fit -> score candidate and
-reference on the same holdout -> gate -> TorchScript payload and metadata when accepted.
+reference on the same holdout -> gate -> when accepted, the ONNX export verified on the holdout
+rows (``export.ExportError`` fails the run) and the metadata.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import numpy as np
 
 from loopmesh.mesh import model_repo, quality
 from loopmesh.trainer.dataset import Dataset
+from loopmesh.trainer.export import OPSET, ExportedModel, export_module
 from loopmesh.trainer.gate import GateDecision, ReferenceKind, decide
 from loopmesh.trainer.prepare import Standardisation, choose_features, split_by_time
 from loopmesh.trainer.settings import TrainerScope
-from loopmesh.trainer.train import FitFn, WarmStart, load_scoring, predict, torchscript_bytes
+from loopmesh.trainer.train import FitFn, WarmStart, load_scoring, predict
 from loopmesh.trainer.train import warm_start_from as _warm_start_from
+
+EXPORT_CHECK_ROWS = 4096
+"""Holdout rows the ONNX graph must reproduce the trained module on."""
 
 
 class NotEnoughData(ValueError):
@@ -48,7 +53,7 @@ class RunOutcome:
     train_seconds: float
     data_from: datetime | None
     data_to: datetime | None
-    payload: bytes | None = None
+    payload: ExportedModel | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,7 +131,8 @@ def run_pipeline(
         data_to=datetime.fromtimestamp(float(stamps[-1]), UTC),
     )
     if decision.accepted:
-        outcome.payload = torchscript_bytes(result.module)
+        # Never published unless exported and reproduced on the holdout rows (NaNs included).
+        outcome.payload = export_module(result.module, x[holdout_idx][:EXPORT_CHECK_ROWS])
         outcome.metadata = {
             "feature_names": feature_names,
             # What the module imputes for a missing input; inference uses it as the default.
@@ -140,6 +146,11 @@ def run_pipeline(
                 "validation_log_loss": result.validation_log_loss,
             },
             "reference_kind": kind,
+            "export": {
+                "opset": OPSET,
+                "check_rows": int(min(holdout_idx.size, EXPORT_CHECK_ROWS)),
+                "max_abs_diff": outcome.payload.max_abs_diff,
+            },
             "parent_version": stable.version if stable else None,
             "run_id": run_id,
             "training": {
@@ -162,7 +173,12 @@ def run_pipeline(
 
 
 def publish_files(
-    repository: Path, model_name: str, payload: bytes, metadata: dict[str, Any]
+    repository: Path,
+    model_name: str,
+    payload: ExportedModel,
+    metadata: dict[str, Any],
+    *,
+    backend: str = "python",
 ) -> tuple[int, dict[str, Any]]:
     """Write the next version; returns it with its stored metadata (sha256 included)."""
     for _ in range(3):
@@ -173,9 +189,12 @@ def publish_files(
                 repository,
                 model_name,
                 version,
-                payload,
+                payload.onnx,
                 metadata,
                 n_features=len(metadata["feature_names"]),
+                n_outputs=payload.n_outputs,
+                weights=payload.weights,
+                backend=backend,
             )
         except FileExistsError:
             continue  # someone published that number meanwhile: take the next one

@@ -1,7 +1,8 @@
-"""The modules TorchScript compiles: the MLP and the raw-features-in ``ScoringModule``.
+"""The built-in modules: the MLP and the raw-features-in ``ScoringModule`` (what model.onnx
+computes, exported by ``loopmesh.trainer.export``).
 
-No ``from __future__ import annotations`` here: TorchScript reads the class annotations of
-the buffers at runtime and cannot resolve them as strings.
+Keep ``forward`` exportable by ``torch.export``: tensor ops only, no Python branch on a
+tensor's values, no numpy (export fails the training run otherwise).
 """
 
 import torch
@@ -28,7 +29,7 @@ class MLP(nn.Module):
 
 
 class ScoringModule(nn.Module):
-    """Raw features [batch, n] -> probability [batch, 1] (what model.pt contains)."""
+    """Raw features [batch, n] -> probability [batch, 1] (what model.onnx computes)."""
 
     low: torch.Tensor
     high: torch.Tensor

@@ -150,6 +150,11 @@ class TrainerScope(BaseModel):
     """The evaluation gate."""
     triggers: TriggerSettings = TriggerSettings()
     """Automatic retraining."""
+    triton_backend: Literal["python", "onnxruntime"] = "python"
+    """The backend the published config.pbtxt names (``LOOPMESH_TRAINER__TRITON_BACKEND``):
+    ``python`` for the nvidia-pytriton wheel's tritonserver (``model.py`` runs model.onnx
+    with onnxruntime), ``onnxruntime`` for Triton's own backend in the NVIDIA container.
+    Either serves the same version directories."""
 
     @field_validator("model_name")
     @classmethod

@@ -1,4 +1,4 @@
-"""PyTorch training of the tabular MLP: warm start, early stopping, determinism, TorchScript.
+"""PyTorch training of the tabular MLP: warm start, early stopping, determinism.
 
 The published artefact is a ``ScoringModule``: raw features in, probability out, with the
 imputation, clipping and standardisation of ``prepare.Standardisation`` baked in as buffers,
@@ -7,12 +7,13 @@ standardised matrix. The same seed and data give the same weights (fixed initial
 and shuffling generators, deterministic algorithms).
 
 With ``processes > 1`` the fit runs under torchrun with DistributedDataParallel
-(``loopmesh.trainer.ddp``): one process per GPU (NCCL), or gloo on CPU.
+(``loopmesh.trainer.ddp``): one process per GPU (NCCL), or gloo on CPU. The module is
+published as ONNX with its weights beside it (``loopmesh.trainer.export``).
 """
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import math
 import time
@@ -25,6 +26,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from loopmesh.mesh import model_repo
+from loopmesh.trainer.export import OnnxScoring, load_weights
 from loopmesh.trainer.prepare import Standardisation
 from loopmesh.trainer.scoring import MLP, ScoringModule
 from loopmesh.trainer.settings import TrainingSettings
@@ -225,31 +228,29 @@ def _train_epochs(
     return epoch, best_epoch, best
 
 
-def predict(module: nn.Module | torch.jit.ScriptModule, x: FloatArray) -> FloatArray:
-    """Probabilities of raw rows ``x`` (any ScoringModule, scripted or not)."""
+def predict(module: Callable[[torch.Tensor], torch.Tensor], x: FloatArray) -> FloatArray:
+    """Probabilities of raw rows ``x`` (a ScoringModule, or a published model.onnx loaded by
+    ``load_scoring``)."""
     with torch.inference_mode():
         out = module(torch.as_tensor(x, dtype=torch.float32))
     return np.asarray(out.reshape(-1).to(torch.float64).numpy())
 
 
-def torchscript_bytes(module: ScoringModule) -> bytes:
-    scripted = torch.jit.script(module.cpu().eval())
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
-    return buffer.getvalue()
+def load_scoring(path: Path) -> OnnxScoring:
+    """A published model.onnx, run by onnxruntime on the CPU as Triton runs it."""
+    return OnnxScoring(path)
 
 
-def load_scoring(path: Path) -> torch.jit.ScriptModule:
-    """A published model.pt: TorchScript only (no pickle), on the CPU."""
-    module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
-        str(path), map_location="cpu"
-    )
-    module.eval()
-    return module
-
-
-def warm_start_from(path: Path, standardisation: Standardisation) -> WarmStart:
-    """The MLP weights inside a published model.pt, with the standardisation they expect."""
-    module = load_scoring(path)
-    state = {k: v.detach().clone() for k, v in module.mlp.state_dict().items()}
-    return WarmStart(state=state, standardisation=standardisation)
+def warm_start_from(path: Path, standardisation: Standardisation) -> WarmStart | None:
+    """The MLP weights published beside ``path`` (a version's model.onnx) in
+    weights.safetensors, sha256-checked against its metadata.json, with the standardisation
+    they expect; None if the version has no weights (nothing to start from)."""
+    vdir = Path(path).parent
+    meta = json.loads((vdir / model_repo.METADATA_FILE).read_text())
+    expected = meta.get("weights_sha256")
+    if expected is None:
+        return None
+    state = load_weights(vdir / model_repo.WEIGHTS_FILE, expected)
+    prefix = "mlp."
+    mlp_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return WarmStart(state=mlp_state, standardisation=standardisation)

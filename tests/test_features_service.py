@@ -12,6 +12,7 @@ honest test of changelog recovery.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -117,17 +118,15 @@ async def _wait_serving(service: Service) -> None:
     await eventually(check, timeout=120, interval=0.5)
 
 
-@pytest.fixture(scope="module")
-async def service(
-    kafka_settings: KafkaSettings, feast_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Service]:
-    workdir = tmp_path_factory.mktemp("features")
-    events, erasures = unique_topic(EVENTS_RAW), unique_topic(ENTITIES_ERASED)
-    # Declared before anything is produced: an auto-created topic gets one partition only.
-    await declare_topics(kafka_settings, [events, erasures])
-    port = free_port()
-    app_id = f"features-test-{uuid.uuid4().hex[:8]}"
-    env = {
+def _worker_env(
+    kafka_settings: KafkaSettings,
+    feast_repo: Path,
+    port: int,
+    app_id: str,
+    events: Topic,
+    erasures: Topic,
+) -> dict[str, str]:
+    return {
         **os.environ,
         "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
         "LOOPMESH_KAFKA__DEFAULT_PARTITIONS": str(kafka_settings.default_partitions),
@@ -142,6 +141,19 @@ async def service(
         "LOOPMESH_FEATURES__STREAM__HEARTBEAT_INTERVAL_S": "1",
         "LOOPMESH_FEATURES__STREAM__REBALANCE_TIMEOUT_S": "10",
     }
+
+
+@pytest.fixture(scope="module")
+async def service(
+    kafka_settings: KafkaSettings, feast_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Service]:
+    workdir = tmp_path_factory.mktemp("features")
+    events, erasures = unique_topic(EVENTS_RAW), unique_topic(ENTITIES_ERASED)
+    # Declared before anything is produced: an auto-created topic gets one partition only.
+    await declare_topics(kafka_settings, [events, erasures])
+    port = free_port()
+    app_id = f"features-test-{uuid.uuid4().hex[:8]}"
+    env = _worker_env(kafka_settings, feast_repo, port, app_id, events, erasures)
     worker = Worker(env, workdir / "worker.log")
     worker.start()
     producer = EventProducer(kafka_settings, "features-test")
@@ -465,3 +477,122 @@ async def test_restart_recovers_state_from_the_changelog_without_double_counting
     row = (await read(service, entity))[entity]
     assert close(values(row), want)
     assert values(row)["events_total"] == 10.0  # not 4 + 3 (state lost), nor 13 (counted twice)
+
+
+async def test_invalid_messages_taken_before_a_shutdown_are_dead_lettered(
+    kafka_settings: KafkaSettings, feast_repo: Path, tmp_path: Path
+) -> None:
+    """Issue 20: invalid messages acknowledged while the agents shut down had no letter.
+
+    A stream of valid and invalid messages keeps arriving while the worker is asked to stop
+    (SIGTERM). Whatever the worker committed, every invalid message below its committed offset
+    has its letter in the DLQ: an offset moves only past a message already stored or
+    dead-lettered.
+    """
+    events, erasures = unique_topic(EVENTS_RAW), unique_topic(ENTITIES_ERASED)
+    await declare_topics(kafka_settings, [events, erasures])
+    port = free_port()
+    app_id = f"features-stop-{uuid.uuid4().hex[:8]}"
+    worker = Worker(
+        _worker_env(kafka_settings, feast_repo, port, app_id, events, erasures),
+        tmp_path / "worker.log",
+    )
+    worker.start()
+    producer = EventProducer(kafka_settings, "features-stop-test")
+    await producer.start()
+    address = f"127.0.0.1:{port}"
+    svc = Service(worker, None, producer, events, erasures, app_id, kafka_settings, address)
+    sending = True
+    invalid: set[bytes] = set()
+
+    async def send() -> None:
+        round_ = 0
+        while sending:
+            round_ += 1
+            valid = [
+                InteractionEvent(entity_id=f"fs-{i % 40}", event_type="click") for i in range(100)
+            ]
+            await producer.publish_many(events, valid)
+            for i in range(5):
+                value = f'{{"bad": {round_}, "n": {i}}}'.encode()
+                invalid.add(value)
+                await producer.publish_raw(events.name, value, f"fs-{i}".encode(), [])
+
+    sender: asyncio.Task[None] | None = None
+    try:
+        await _wait_serving(svc)
+        sender = asyncio.create_task(send())
+        # Mid-stream: letters are being written when the stop comes.
+        await eventually(lambda: _dead_lettered_at_least(kafka_settings, events, 10), timeout=60)
+        assert worker.stop() == 0, log_tail(worker.log)
+        sending = False
+        await sender
+    finally:
+        if sender is not None and not sender.done():
+            sender.cancel()
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.proc.kill()
+        await producer.stop()
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
+    await admin.start()
+    try:
+        committed = {
+            tp.partition: meta.offset
+            for tp, meta in (await admin.list_consumer_group_offsets(app_id)).items()
+            if tp.topic == events.name
+        }
+    finally:
+        await admin.close()
+    records = await _read_records(kafka_settings, events.name, kafka_settings.default_partitions)
+    lettered = {
+        (letter.partition, letter.offset)
+        for letter in (
+            DeadLetter.model_validate_json(value or b"")
+            for _, _, value in await _read_records(kafka_settings, events.dlq, 1)
+        )
+    }
+    taken = [
+        (partition, offset)
+        for partition, offset, value in records
+        if value in invalid and offset < committed.get(partition, 0)
+    ]
+    assert taken, "the worker committed no invalid message before it stopped"
+    assert set(taken) <= lettered, sorted(set(taken) - lettered)[:5]
+    # And the stop came mid-stream: messages were left for the next worker.
+    assert any(offset >= committed.get(partition, 0) for partition, offset, _ in records)
+
+
+async def _dead_lettered_at_least(kafka: KafkaSettings, events: Topic, n: int) -> bool:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
+    await consumer.start()
+    try:
+        end = await consumer.end_offsets([TopicPartition(events.dlq, 0)])  # one partition
+    finally:
+        await consumer.stop()
+    return sum(end.values()) >= n
+
+
+async def _read_records(
+    kafka: KafkaSettings, topic: str, partitions: int
+) -> list[tuple[int, int, bytes | None]]:
+    """Every record of ``topic`` now: (partition, offset, value)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: list[tuple[int, int, bytes | None]] = []
+        left = {tp for tp in tps if end[tp] > 0}
+        while left:
+            for tp, batch in (await consumer.getmany(timeout_ms=500)).items():
+                out.extend((tp.partition, r.offset, r.value) for r in batch if r.offset < end[tp])
+                if batch and batch[-1].offset + 1 >= end[tp]:
+                    left.discard(tp)
+    finally:
+        await consumer.stop()
+    return out

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loopmesh.gen.loopmesh.v1 import common_pb2 as loopmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloopmesh/v1/feedback.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopmesh/v1/common.proto\"\x8f\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rprediction_id\x18\x02 \x01(\t\x12\x12\n\x05label\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06reward\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\nattributes\x18\x06 \x03(\x0b\x32%.loopmesh.v1.Feedback.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_labelB\t\n\x07_reward\"8\n\rSubmitRequest\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x15.loopmesh.v1.Feedback\"5\n\x0eSubmitResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\">\n\x13SubmitStreamRequest\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x15.loopmesh.v1.Feedback\"?\n\x14SubmitStreamResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.loopmesh.v1.ItemResult2\xad\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x41\n\x06Submit\x12\x1a.loopmesh.v1.SubmitRequest\x1a\x1b.loopmesh.v1.SubmitResponse\x12W\n\x0cSubmitStream\x12 .loopmesh.v1.SubmitStreamRequest\x1a!.loopmesh.v1.SubmitStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloopmesh/v1/feedback.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopmesh/v1/common.proto\"\xad\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rprediction_id\x18\x02 \x01(\t\x12\x12\n\x05label\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06reward\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\nattributes\x18\x06 \x03(\x0b\x32%.loopmesh.v1.Feedback.AttributesEntry\x12\x12\n\x05value\x18\x07 \x01(\x01H\x02\x88\x01\x01\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_labelB\t\n\x07_rewardB\x08\n\x06_value\"8\n\rSubmitRequest\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x15.loopmesh.v1.Feedback\"5\n\x0eSubmitResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\">\n\x13SubmitStreamRequest\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x15.loopmesh.v1.Feedback\"?\n\x14SubmitStreamResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.loopmesh.v1.ItemResult2\xad\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x41\n\x06Submit\x12\x1a.loopmesh.v1.SubmitRequest\x1a\x1b.loopmesh.v1.SubmitResponse\x12W\n\x0cSubmitStream\x12 .loopmesh.v1.SubmitStreamRequest\x1a!.loopmesh.v1.SubmitStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEEDBACK_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_FEEDBACK_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_FEEDBACK']._serialized_start=103
-  _globals['_FEEDBACK']._serialized_end=374
-  _globals['_FEEDBACK_ATTRIBUTESENTRY']._serialized_start=304
-  _globals['_FEEDBACK_ATTRIBUTESENTRY']._serialized_end=353
-  _globals['_SUBMITREQUEST']._serialized_start=376
-  _globals['_SUBMITREQUEST']._serialized_end=432
-  _globals['_SUBMITRESPONSE']._serialized_start=434
-  _globals['_SUBMITRESPONSE']._serialized_end=487
-  _globals['_SUBMITSTREAMREQUEST']._serialized_start=489
-  _globals['_SUBMITSTREAMREQUEST']._serialized_end=551
-  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=553
-  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=616
-  _globals['_FEEDBACKSERVICE']._serialized_start=619
-  _globals['_FEEDBACKSERVICE']._serialized_end=792
+  _globals['_FEEDBACK']._serialized_end=404
+  _globals['_FEEDBACK_ATTRIBUTESENTRY']._serialized_start=324
+  _globals['_FEEDBACK_ATTRIBUTESENTRY']._serialized_end=373
+  _globals['_SUBMITREQUEST']._serialized_start=406
+  _globals['_SUBMITREQUEST']._serialized_end=462
+  _globals['_SUBMITRESPONSE']._serialized_start=464
+  _globals['_SUBMITRESPONSE']._serialized_end=517
+  _globals['_SUBMITSTREAMREQUEST']._serialized_start=519
+  _globals['_SUBMITSTREAMREQUEST']._serialized_end=581
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=583
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=646
+  _globals['_FEEDBACKSERVICE']._serialized_start=649
+  _globals['_FEEDBACKSERVICE']._serialized_end=822
 # @@protoc_insertion_point(module_scope)

@@ -52,14 +52,21 @@ class Feedback(_message.Message):
     REWARD_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Idempotency key chosen by the app; empty lets the server assign one."""
     prediction_id: _builtins.str
     """The prediction this is about, as returned by Predict."""
     label: _builtins.int
-    """Binary outcome: 0 or 1. At least one of label and reward must be set."""
+    """The class that was right: 0 or 1 for a binary model, a class index for a multiclass one.
+    At least one of label, value and reward must be set.
+    """
     reward: _builtins.float
     """Continuous outcome: a finite number of bounded magnitude."""
+    value: _builtins.float
+    """An observed quantity, the target of a regression model (e.g. minutes watched): a finite
+    number of bounded magnitude.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the outcome happened; unset means when the server received it."""
@@ -77,19 +84,24 @@ class Feedback(_message.Message):
         reward: _builtins.float | None = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        value: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_reward", b"_reward", "event_time", b"event_time", "label", b"label", "reward", b"reward"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_reward", b"_reward", "_value", b"_value", "event_time", b"event_time", "label", b"label", "reward", b"reward", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_reward", b"_reward", "attributes", b"attributes", "event_id", b"event_id", "event_time", b"event_time", "label", b"label", "prediction_id", b"prediction_id", "reward", b"reward"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_reward", b"_reward", "_value", b"_value", "attributes", b"attributes", "event_id", b"event_id", "event_time", b"event_time", "label", b"label", "prediction_id", b"prediction_id", "reward", b"reward", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015
     _WhichOneofReturnType__reward: _TypeAlias = _typing.Literal["reward"]  # noqa: Y015
     _WhichOneofArgType__reward: _TypeAlias = _typing.Literal["_reward", b"_reward"]  # noqa: Y015
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label) -> _WhichOneofReturnType__label | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reward) -> _WhichOneofReturnType__reward | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
 
 Global___Feedback: _TypeAlias = Feedback  # noqa: Y015
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloopmesh/v1/inference.proto\x12\x0bloopmesh.v1\"\xcd\x01\n\x0ePredictRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x39\n\x07\x63ontext\x18\x02 \x03(\x0b\x32(.loopmesh.v1.PredictRequest.ContextEntry\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cPredictError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xdb\x01\n\x0fPredictResponse\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x1a\n\x12\x64\x65\x66\x61ulted_features\x18\x06 \x03(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.loopmesh.v1.PredictError\"l\n\x0fSetRouteRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0estable_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x15\n\rcanary_weight\x18\x04 \x01(\x01\"%\n\x0fGetRouteRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"L\n\x0fVersionCounters\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x10\n\x08\x61nswered\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x03\"\xc5\x01\n\x0bRouteStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0estable_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x15\n\rcanary_weight\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12.\n\x08versions\x18\x08 \x03(\x0b\x32\x1c.loopmesh.v1.VersionCounters2\xb0\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.loopmesh.v1.PredictRequest\x1a\x1c.loopmesh.v1.PredictResponse\x12N\n\rPredictStream\x12\x1b.loopmesh.v1.PredictRequest\x1a\x1c.loopmesh.v1.PredictResponse(\x01\x30\x01\x12\x42\n\x08SetRoute\x12\x1c.loopmesh.v1.SetRouteRequest\x1a\x18.loopmesh.v1.RouteStatus\x12\x42\n\x08GetRoute\x12\x1c.loopmesh.v1.GetRouteRequest\x1a\x18.loopmesh.v1.RouteStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloopmesh/v1/inference.proto\x12\x0bloopmesh.v1\"\xc4\x02\n\x0ePredictRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x39\n\x07\x63ontext\x18\x02 \x03(\x0b\x32(.loopmesh.v1.PredictRequest.ContextEntry\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x41\n\x0b\x63\x61tegorical\x18\x06 \x03(\x0b\x32,.loopmesh.v1.PredictRequest.CategoricalEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0cPredictError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x99\x02\n\x0fPredictResponse\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x1a\n\x12\x64\x65\x66\x61ulted_features\x18\x06 \x03(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.loopmesh.v1.PredictError\x12\x0c\n\x04task\x18\n \x01(\t\x12\x15\n\rprobabilities\x18\x0b \x03(\x01\x12\x17\n\x0fpredicted_class\x18\x0c \x01(\x05\"l\n\x0fSetRouteRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0estable_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x15\n\rcanary_weight\x18\x04 \x01(\x01\"%\n\x0fGetRouteRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"L\n\x0fVersionCounters\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x10\n\x08\x61nswered\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x03\"\xc5\x01\n\x0bRouteStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0estable_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x15\n\rcanary_weight\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12.\n\x08versions\x18\x08 \x03(\x0b\x32\x1c.loopmesh.v1.VersionCounters2\xb0\x02\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.loopmesh.v1.PredictRequest\x1a\x1c.loopmesh.v1.PredictResponse\x12N\n\rPredictStream\x12\x1b.loopmesh.v1.PredictRequest\x1a\x1c.loopmesh.v1.PredictResponse(\x01\x30\x01\x12\x42\n\x08SetRoute\x12\x1c.loopmesh.v1.SetRouteRequest\x1a\x18.loopmesh.v1.RouteStatus\x12\x42\n\x08GetRoute\x12\x1c.loopmesh.v1.GetRouteRequest\x1a\x18.loopmesh.v1.RouteStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_PREDICTREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTREQUEST_CATEGORICALENTRY']._loaded_options = None
+  _globals['_PREDICTREQUEST_CATEGORICALENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=45
-  _globals['_PREDICTREQUEST']._serialized_end=250
-  _globals['_PREDICTREQUEST_CONTEXTENTRY']._serialized_start=204
-  _globals['_PREDICTREQUEST_CONTEXTENTRY']._serialized_end=250
-  _globals['_PREDICTERROR']._serialized_start=252
-  _globals['_PREDICTERROR']._serialized_end=312
-  _globals['_PREDICTRESPONSE']._serialized_start=315
-  _globals['_PREDICTRESPONSE']._serialized_end=534
-  _globals['_SETROUTEREQUEST']._serialized_start=536
-  _globals['_SETROUTEREQUEST']._serialized_end=644
-  _globals['_GETROUTEREQUEST']._serialized_start=646
-  _globals['_GETROUTEREQUEST']._serialized_end=683
-  _globals['_VERSIONCOUNTERS']._serialized_start=685
-  _globals['_VERSIONCOUNTERS']._serialized_end=761
-  _globals['_ROUTESTATUS']._serialized_start=764
-  _globals['_ROUTESTATUS']._serialized_end=961
-  _globals['_INFERENCESERVICE']._serialized_start=964
-  _globals['_INFERENCESERVICE']._serialized_end=1268
+  _globals['_PREDICTREQUEST']._serialized_end=369
+  _globals['_PREDICTREQUEST_CONTEXTENTRY']._serialized_start=271
+  _globals['_PREDICTREQUEST_CONTEXTENTRY']._serialized_end=317
+  _globals['_PREDICTREQUEST_CATEGORICALENTRY']._serialized_start=319
+  _globals['_PREDICTREQUEST_CATEGORICALENTRY']._serialized_end=369
+  _globals['_PREDICTERROR']._serialized_start=371
+  _globals['_PREDICTERROR']._serialized_end=431
+  _globals['_PREDICTRESPONSE']._serialized_start=434
+  _globals['_PREDICTRESPONSE']._serialized_end=715
+  _globals['_SETROUTEREQUEST']._serialized_start=717
+  _globals['_SETROUTEREQUEST']._serialized_end=825
+  _globals['_GETROUTEREQUEST']._serialized_start=827
+  _globals['_GETROUTEREQUEST']._serialized_end=864
+  _globals['_VERSIONCOUNTERS']._serialized_start=866
+  _globals['_VERSIONCOUNTERS']._serialized_end=942
+  _globals['_ROUTESTATUS']._serialized_start=945
+  _globals['_ROUTESTATUS']._serialized_end=1142
+  _globals['_INFERENCESERVICE']._serialized_start=1145
+  _globals['_INFERENCESERVICE']._serialized_end=1449
 # @@protoc_insertion_point(module_scope)

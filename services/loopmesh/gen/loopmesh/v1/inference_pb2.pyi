@@ -42,11 +42,32 @@ class PredictRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CategoricalEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENTITY_ID_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CATEGORICAL_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
     """The entity to score, as the app knows it (pseudonymised like ingestion when configured);
     its online features are read from the feature service.
@@ -63,6 +84,12 @@ class PredictRequest(_message.Message):
         supply names the store does not have. Must be finite numbers.
         """
 
+    @_builtins.property
+    def categorical(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Categorical inputs the model's spec declares as context (e.g. {"country": "FR"}); the
+        version's metadata says how each is encoded (hashed buckets or a vocabulary).
+        """
+
     def __init__(
         self,
         *,
@@ -71,10 +98,11 @@ class PredictRequest(_message.Message):
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        categorical: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "entity_id", b"entity_id", "model_name", b"model_name", "model_version", b"model_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "context", b"context", "entity_id", b"entity_id", "model_name", b"model_name", "model_version", b"model_version", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,6 +150,9 @@ class PredictResponse(_message.Message):
     ARM_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    PREDICTED_CLASS_FIELD_NUMBER: _builtins.int
     prediction_id: _builtins.str
     """Unique id of this prediction; feedback refers to it and `predictions` logs it."""
     score: _builtins.float
@@ -135,6 +166,13 @@ class PredictResponse(_message.Message):
     "fallback" (the canary failed and stable answered).
     """
     request_id: _builtins.str
+    task: _builtins.str
+    """The model's task: "binary", "multiclass" or "regression". `score` is the positive
+    class's probability (binary), the predicted value (regression) or the top class's
+    probability (multiclass).
+    """
+    predicted_class: _builtins.int
+    """multiclass: the most probable class."""
     @_builtins.property
     def defaulted_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Features that had no value (missing for the entity, or degraded) and got their default."""
@@ -142,6 +180,10 @@ class PredictResponse(_message.Message):
     @_builtins.property
     def error(self) -> Global___PredictError:
         """Set on PredictStream when this item failed; the other fields are then empty."""
+
+    @_builtins.property
+    def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """multiclass: every class's probability, by class index."""
 
     def __init__(
         self,
@@ -155,10 +197,13 @@ class PredictResponse(_message.Message):
         arm: _builtins.str = ...,
         request_id: _builtins.str = ...,
         error: Global___PredictError | None = ...,
+        task: _builtins.str = ...,
+        probabilities: _abc.Iterable[_builtins.float] | None = ...,
+        predicted_class: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "defaulted_features", b"defaulted_features", "degraded", b"degraded", "error", b"error", "model_name", b"model_name", "model_version", b"model_version", "prediction_id", b"prediction_id", "request_id", b"request_id", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "defaulted_features", b"defaulted_features", "degraded", b"degraded", "error", b"error", "model_name", b"model_name", "model_version", b"model_version", "predicted_class", b"predicted_class", "prediction_id", b"prediction_id", "probabilities", b"probabilities", "request_id", b"request_id", "score", b"score", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

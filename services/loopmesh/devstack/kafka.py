@@ -7,7 +7,9 @@ runtime classpath once into ``$LOOPMESH_CACHE_DIR`` (default ``~/.cache/loopmesh
 No Kafka tarball, no Docker. Readiness is a real protocol round trip (ApiVersions, then Metadata)
 that must list this broker and the cluster id it was formatted with.
 
-``KafkaBroker`` is the one node ``loopmesh run`` and the tests use. ``KafkaCluster`` runs three
+``KafkaBroker`` is the one node ``loopmesh run`` and the tests use; given a ``BrokerTls`` its
+only client listener is SSL (PEM key and certificates, mutual TLS when a client CA is given),
+the KRaft controller listener staying plaintext on loopback. ``KafkaCluster`` runs three
 nodes on loopback (each a broker, a controller and a static voter; its own ports, log dir and
 log file), any of which can be SIGKILLed and restarted; ``move_leadership`` makes one node lead
 every partition of some topics, so a test can kill the leader of all of them. The small wire
@@ -25,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -330,14 +333,30 @@ def _require_version(
         )
 
 
-def probe_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[str | None, list[int]]:
+@contextlib.contextmanager
+def _connect(
+    host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None
+) -> Iterator[socket.socket]:
+    """A socket to the broker, wrapped in TLS (server name ``host``) when ``tls`` is given."""
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw.settimeout(timeout)
+        if tls is None:
+            yield raw
+            return
+        with tls.wrap_socket(raw, server_hostname=host) as wrapped:
+            yield wrapped
+
+
+def probe_metadata(
+    host: str, port: int, timeout: float = 3.0, *, tls: ssl.SSLContext | None = None
+) -> tuple[str | None, list[int]]:
     """One real Metadata round trip: the cluster id and the broker ids the broker reports.
 
-    Raises ``SetupError`` if the broker no longer serves the Metadata version spoken here, and
-    ``OSError`` / ``struct.error`` while it is not up yet.
+    ``tls``: speak TLS with this client context (an SSL listener). Raises ``SetupError`` if
+    the broker no longer serves the Metadata version spoken here, and ``OSError`` /
+    ``struct.error`` while it is not up yet (``ssl.SSLError`` is an ``OSError``).
     """
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
+    with _connect(host, port, timeout, tls) as sock:
         # ApiVersions v0 is answered by every broker, even with UNSUPPORTED_VERSION, so this
         # tells us up front whether our Metadata version is still served.
         served = _api_versions(sock)
@@ -525,11 +544,40 @@ def _prop_value(value: str) -> str:
     return value.replace("\\", "\\\\")
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """TLS of a broker's client listener: PEM files, as ``KafkaSettings`` names its own.
+
+    Kafka 3.x+ reads PEM key stores (``ssl.keystore.type=PEM``); the key must be an
+    unencrypted PKCS#8 PEM. With ``tls`` the broker has no plaintext client listener at all.
+    """
+
+    certfile: Path
+    """The broker's certificate (PEM), for the names clients dial (``127.0.0.1`` here)."""
+    keyfile: Path
+    """Its private key (PKCS#8 PEM, unencrypted)."""
+    cafile: Path
+    """CA bundle that signed ``certfile``: the broker's own client (inter-broker, itself on
+    one node) and the readiness probe verify the listener with it."""
+    client_cafile: Path | None = None
+    """CA of client certificates; when set, every client must present one (mutual TLS,
+    ``ssl.client.auth=required``) and the probe presents ``certfile``."""
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker (and presents its certificate when the
+        listener requires one: it is signed by a CA the listener trusts, see ``start``)."""
+        context = ssl.create_default_context(cafile=str(self.cafile))
+        if self.client_cafile is not None:
+            context.load_cert_chain(str(self.certfile), str(self.keyfile))
+        return context
+
+
 class KafkaBroker:
     """One Kafka 4.x broker+controller (node 1) whose state lives under ``data_dir``.
 
     Ports are chosen once, when None is passed, and kept for the object's life so ``restart``
-    comes back on the same address with the same data.
+    comes back on the same address with the same data. With ``tls`` the client listener is
+    SSL only (``bootstrap_servers`` is then an SSL address); without it, PLAINTEXT.
     """
 
     def __init__(
@@ -540,9 +588,11 @@ class KafkaBroker:
         port: int | None = None,
         controller_port: int | None = None,
         pom_path: Path | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
+        self.tls = tls
         self.port = port if port is not None else free_port(host)
         self.controller_port = controller_port if controller_port is not None else free_port(host)
         while controller_port is None and self.controller_port == self.port:
@@ -661,12 +711,67 @@ class KafkaBroker:
         self.stop()
 
     def _write_configs(self) -> None:
+        if self.tls is not None:
+            self._write_tls_stores(self.tls)
         lines = [
             "# Generated by loopmesh.devstack.kafka on every start; edits are overwritten.",
             *self._server_properties(),
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2_PROPERTIES)
+
+    @property
+    def _keystore_path(self) -> Path:
+        return self.data_dir / "tls" / "keystore.pem"
+
+    @property
+    def _truststore_path(self) -> Path:
+        return self.data_dir / "tls" / "truststore.pem"
+
+    def _write_tls_stores(self, tls: BrokerTls) -> None:
+        """The PEM key store (key, then the certificate chain) and trust store Kafka reads.
+
+        The trust store holds the CA of the broker's own certificate (its inter-broker client
+        verifies the listener with it) and the client CA (mutual TLS), one file for both.
+        """
+        tls_dir = self._keystore_path.parent
+        tls_dir.mkdir(parents=True, exist_ok=True)
+        tls_dir.chmod(0o700)
+        key = tls.keyfile.read_text().strip()
+        if "ENCRYPTED" in key or "BEGIN PRIVATE KEY" not in key:
+            raise SetupError(
+                f"{tls.keyfile}: Kafka's PEM key store needs an unencrypted PKCS#8 key "
+                "('BEGIN PRIVATE KEY'); convert it with `openssl pkcs8 -topk8 -nocrypt`"
+            )
+        self._keystore_path.write_text(key + "\n" + tls.certfile.read_text().strip() + "\n")
+        self._keystore_path.chmod(0o600)
+        cas = dict.fromkeys(
+            path.read_text().strip() for path in (tls.cafile, tls.client_cafile) if path
+        )
+        self._truststore_path.write_text("\n".join(cas) + "\n")
+
+    def _listener_properties(self) -> list[str]:
+        """Listeners: the client one (PLAINTEXT, or SSL only with ``tls``) and the
+        controller's, plaintext on ``host`` (loopback) either way."""
+        h, name = self.host, "SSL" if self.tls is not None else "PLAINTEXT"
+        props = [
+            f"listeners={name}://{h}:{self.port},CONTROLLER://{h}:{self.controller_port}",
+            f"advertised.listeners={name}://{h}:{self.port}",
+            f"listener.security.protocol.map={name}:{name},CONTROLLER:PLAINTEXT",
+            "controller.listener.names=CONTROLLER",
+            f"inter.broker.listener.name={name}",
+        ]
+        if self.tls is not None:
+            props += [
+                "ssl.keystore.type=PEM",
+                f"ssl.keystore.location={_prop_value(str(self._keystore_path))}",
+                "ssl.truststore.type=PEM",
+                f"ssl.truststore.location={_prop_value(str(self._truststore_path))}",
+                # Clients dial 127.0.0.1: the inter-broker client checks that name too.
+                "ssl.endpoint.identification.algorithm=https",
+                "ssl.client.auth=" + ("required" if self.tls.client_cafile else "none"),
+            ]
+        return props
 
     def _server_properties(self) -> list[str]:
         h, log_dir = self.host, _prop_value(str(self.log_dir))
@@ -675,11 +780,7 @@ class KafkaBroker:
             f"node.id={NODE_ID}",
             # Static voter set: one node, no dynamic quorum (no --standalone format needed).
             f"controller.quorum.voters={NODE_ID}@{h}:{self.controller_port}",
-            f"listeners=PLAINTEXT://{h}:{self.port},CONTROLLER://{h}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{h}:{self.port}",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
+            *self._listener_properties(),
             f"log.dirs={log_dir}",
             "num.partitions=1",
             "auto.create.topics.enable=true",
@@ -747,7 +848,8 @@ class KafkaBroker:
 
     def _ready(self) -> bool:
         try:
-            cluster_id, broker_ids = probe_metadata(self.host, self.port)
+            tls = self.tls.client_context() if self.tls is not None else None
+            cluster_id, broker_ids = probe_metadata(self.host, self.port, tls=tls)
         except Exception as exc:
             self._probe_error = f"{type(exc).__name__}: {exc}"
             raise

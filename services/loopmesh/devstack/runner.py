@@ -2,7 +2,10 @@
 
 The runner only uses what a user has: it starts processes, talks to the services over gRPC,
 and watches Kafka. Service processes get their configuration through ``LOOPMESH_*``
-variables, exactly as in compose.yaml.
+variables, exactly as in compose.yaml (and every ``LOOPMESH_*`` of the runner's own
+environment: TLS, tokens, Kafka security). The runner's own gRPC calls (health probes, the
+first training, the simulator) are a client's: ``LOOPMESH_CLIENT__*`` gives their TLS and
+token (``ClientConfig``); its Kafka clients take ``LOOPMESH_KAFKA__*`` like the services.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from loopmesh.client import ClientConfig
 from loopmesh.devstack.dashboard import render
 from loopmesh.devstack.process import ManagedProcess, free_port
 from loopmesh.devstack.report import write_plot, write_summary
@@ -36,6 +40,7 @@ from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, example
 from loopmesh.devstack.watch import Watcher
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
 from loopmesh.mesh.bus import EventProducer
+from loopmesh.mesh.channels import aio_channel
 from loopmesh.mesh.settings import KafkaSettings, MeshSettings
 from loopmesh.mesh.topics import TRAINING_EXAMPLES
 
@@ -186,12 +191,19 @@ def service_argv(name: str) -> list[str]:
 
 
 async def wait_serving(
-    address: str, name: str, processes: ServiceProcesses, timeout: float
+    address: str,
+    name: str,
+    processes: ServiceProcesses,
+    timeout: float,
+    client: ClientConfig | None = None,
 ) -> None:
+    """Poll ``address``'s gRPC health until SERVING, over the channel ``client`` describes
+    (TLS, client certificate; health needs no token)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    settings = (client or ClientConfig()).channel_settings()
+    async with aio_channel(address, settings, tracing=False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if name in processes.exited():
@@ -251,6 +263,8 @@ class LoopRun:
         self.started = time.monotonic()
         self.notes: list[str] = []
         self.ports = {name: free_port() for name in SERVICE_ORDER}
+        self.client = ClientConfig()
+        """TLS and token of the runner's own calls (``LOOPMESH_CLIENT__*``)."""
         self.world = SyntheticWorld(SyntheticConfig(seed=options.seed, sharpness=2.0))
         self.loop_state = LoopState(model_name=options.model_name)
         self.seeded = 0
@@ -284,12 +298,12 @@ class LoopRun:
         processes = self._services()
         for name in SERVICE_ORDER:
             address = f"127.0.0.1:{self.ports[name]}"
-            await wait_serving(address, name, processes, timeout=180)
+            await wait_serving(address, name, processes, timeout=180, client=self.client)
             self.note(f"{name} serving on {address}")
         self.watcher = Watcher(self.stack.kafka_settings, self.loop_state, since=self.started_at)
         await self.watcher.start()
         trainer = f"127.0.0.1:{self.ports['trainer']}"
-        await _train_initial(trainer, self.options.model_name, self.seeded)
+        await _train_initial(trainer, self.options.model_name, self.seeded, self.client)
         self.note("initial version trained; waiting for it to serve")
         await _wait_for(lambda: self.loop_state.current_route() is not None, 180, processes)
         self.note("initial version is stable")
@@ -313,6 +327,9 @@ class LoopRun:
                 inference=f"127.0.0.1:{ports['inference']}",
                 feedback=f"127.0.0.1:{ports['feedback']}",
                 on_drift=on_drift,
+                # TLS comes from LOOPMESH_CLIENT__* by itself; a token given as None would
+                # override LOOPMESH_CLIENT__TOKEN, so pass it on.
+                token=None if self.client.token is None else self.client.token.get_secret_value(),
                 seed=options.seed,
             )
             self._sim_task = asyncio.create_task(self.simulator.run(self._sim_stop))
@@ -573,9 +590,15 @@ def _maybe_drift(
             simulator.inject_drift()
 
 
-async def _train_initial(address: str, model_name: str, seeded: int) -> None:
-    """Train the first version once the trainer has stored the bootstrap set."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _train_initial(
+    address: str, model_name: str, seeded: int, client: ClientConfig | None = None
+) -> None:
+    """Train the first version once the trainer has stored the bootstrap set (TLS and the
+    token, which needs role ``operator``, from ``client``)."""
+    config = client or ClientConfig()
+    async with aio_channel(
+        address, config.channel_settings(), auth=config.auth(), tracing=False
+    ) as channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         deadline = time.monotonic() + 120
         status = await stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)

@@ -19,7 +19,6 @@ that contention too.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import math
 import multiprocessing
@@ -96,6 +95,8 @@ def _serve_features(port: int) -> None:
 def _model_bytes() -> bytes:
     import torch  # only the setup needs torch
 
+    from loopmesh.trainer.export import export_module
+
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(len(FEATURES), 32),
@@ -103,9 +104,7 @@ def _model_bytes() -> bytes:
         torch.nn.Linear(32, 1),
         torch.nn.Sigmoid(),
     ).eval()
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(mlp), buf)
-    return buf.getvalue()
+    return export_module(mlp, np.random.default_rng(0).normal(size=(64, len(FEATURES)))).onnx
 
 
 # -- measurement ------------------------------------------------------------------------------

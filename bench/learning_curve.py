@@ -3,7 +3,7 @@
 One run starts a Kafka broker (or uses ``LOOPMESH_KAFKA__BOOTSTRAP_SERVERS``), and the joiner
 (faust) and the whole trainer in this process: dataset consumer, triggers, PyTorch, gate, model
 repository. A synthetic world (``loopmesh.devstack.synthetic``) sends traffic in rounds:
-every request is scored by the newest published version (its TorchScript ``model.pt``, the
+every request is scored by the newest published version (its ``model.onnx`` in onnxruntime, the
 file Triton serves), predictions and feedback go through Kafka, and the live window of the
 serving version comes back on ``metrics.live``. After ``rounds_before`` rounds the hidden
 rule flips (concept drift). The baseline is a model trained offline, with the same code and

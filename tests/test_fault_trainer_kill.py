@@ -5,11 +5,12 @@ session model repository (a model name of its own, so the session tritonserver c
 First it is killed in the middle of a long fit, then at the moment its publish starts writing
 files (the first sign of its temporary directory; if the publish wins the race the version is
 complete, which is allowed too). Throughout, a poller checks the repository: every numeric
-version directory visible is complete (model.pt, model.py, metadata.json whose sha256
-verifies). After each restart the killed run is reported as ended (failed, or published when
-its version made it), never "running", and a final trigger publishes a complete version that
-Triton loads and serves. A second, in-process test makes the lost race deterministic: a
-version written just before the process died is recorded as published and announced.
+version directory visible is complete (model.onnx, weights.safetensors, model.py,
+metadata.json whose sha256 verifies). After each restart the killed run is reported as
+ended (failed, or published when its version made it), never "running", and a final trigger
+publishes a complete version that Triton loads and serves. A second, in-process test makes
+the lost race deterministic: a version written just before the process died is recorded as
+published and announced.
 """
 
 from __future__ import annotations
@@ -49,8 +50,13 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
 
 ROWS = 600
-HIDDEN = "[1024, 1024]"  # ~4 MB model.pt: the publish takes long enough to be caught
-VERSION_FILES = {model_repo.MODEL_FILE, model_repo.METADATA_FILE, model_repo.BACKEND_FILE}
+HIDDEN = "[1024, 1024]"  # ~4 MB model.onnx: the publish takes long enough to be caught
+VERSION_FILES = {
+    model_repo.MODEL_FILE,
+    model_repo.WEIGHTS_FILE,
+    model_repo.METADATA_FILE,
+    model_repo.BACKEND_FILE,
+}
 FAILED = trainer_pb2.RUN_STATUS_FAILED
 PUBLISHED = trainer_pb2.RUN_STATUS_PUBLISHED
 LOAD_TIMEOUT = 120.0
@@ -68,7 +74,7 @@ def problems_in(repo: Path, model: str, checked: dict[int, str]) -> list[str]:
         if version in checked:
             continue
         if not model_repo.verify_sha256(repo, model, version):
-            out.append(f"version {version} visible with a model.pt that fails its sha256")
+            out.append(f"version {version} visible with a model.onnx that fails its sha256")
             continue
         checked[version] = model_repo.read_metadata(repo, model, version)["run_id"]
     return out
@@ -288,7 +294,7 @@ async def test_killed_trainer_never_exposes_a_partial_version_and_retrains_clean
     print(f"publish kill caught: {watch.caught}")
 
     # Triton loads the model (a killed publish's temp directory, if any, is ignored) and the
-    # new version answers like its TorchScript file says it should: a finite probability.
+    # new version answers like its model.onnx says it should: a finite probability.
     x = np.zeros((1, len(meta["feature_names"])), dtype=np.float32)
     inp = aioclient.InferInput(model_repo.INPUT_NAME, list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -327,7 +333,7 @@ async def test_a_run_whose_version_was_published_before_the_crash_is_recorded_an
             repo,
             "crashed",
             1,
-            b"torchscript bytes",
+            b"onnx bytes",
             {"feature_names": ["a"], "run_id": record.run_id},
             n_features=1,
         )

@@ -8,7 +8,6 @@ on a real port, so the gateway is exercised only through the proto.
 from __future__ import annotations
 
 import contextlib
-import io
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from loopmesh.inference.app import InferenceGateway
 from loopmesh.inference.settings import InferenceScope, InferenceSettings
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
+from loopmesh.trainer.export import export_module
 
 FEATURES = [
     "entity_activity:events_24h",
@@ -96,12 +96,12 @@ async def feature_server() -> AsyncIterator[tuple[FixedFeatureService, str]]:
         await server.stop(0)
 
 
-def scripted_model(seed: int, n_features: int = len(FEATURES)) -> bytes:
+def onnx_model(seed: int, n_features: int = len(FEATURES)) -> bytes:
+    """A small model.onnx, as the trainer exports it."""
     torch.manual_seed(seed)
     module = torch.nn.Sequential(torch.nn.Linear(n_features, 1), torch.nn.Sigmoid()).eval()
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buf)
-    return buf.getvalue()
+    sample = np.random.default_rng(seed).normal(size=(8, n_features))
+    return export_module(module, sample).onnx
 
 
 def publish(repo: Path, model: str, versions: Sequence[int], features: list[str]) -> None:
@@ -110,7 +110,7 @@ def publish(repo: Path, model: str, versions: Sequence[int], features: list[str]
             repo,
             model,
             version,
-            scripted_model(version),
+            onnx_model(version),
             {"feature_names": features, "feature_defaults": DEFAULTS},
             n_features=len(features),
         )

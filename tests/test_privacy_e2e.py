@@ -51,7 +51,7 @@ from loopmesh.trainer.settings import (
 from tests.helpers import eventually, read_topic
 from tests.support.mesh import MeshBuilder, started
 from tests.test_features_service import MISSING, PRESENT, Worker, _serving
-from tests.test_inference_support import load, scripted_model
+from tests.test_inference_support import load, onnx_model
 from tests.test_ingestion_support import ingestion, ingestion_stub, running
 
 pytestmark = pytest.mark.e2e  # assembles the mesh: several services on real parts
@@ -165,7 +165,7 @@ async def mesh(
         model_repository,
         model,
         1,
-        scripted_model(1, n_features=len(FEATURES)),
+        onnx_model(1, n_features=len(FEATURES)),
         {"feature_names": FEATURES},
         n_features=len(FEATURES),
     )

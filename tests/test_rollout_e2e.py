@@ -29,10 +29,10 @@ from tests.test_rollout_support import (
     Arm,
     ChangeLog,
     MetricsFeeder,
+    onnx_model,
     publish_version,
     quick_policy,
     rollout_settings,
-    torchscript,
     unique_model,
     unload_models,
 )
@@ -247,7 +247,7 @@ async def test_tampered_version_is_refused_and_bad_metrics_are_dead_lettered(
     rig.models.add(model)
     event = publish_version(rig.repo, model, 1)
     # Swapped after publication: the file no longer matches what metadata and event vouch for.
-    (rig.repo / model / "1" / "model.pt").write_bytes(torchscript(99))
+    (rig.repo / model / "1" / "model.onnx").write_bytes(onnx_model(99))
     async with rig.changes() as log:
         await rig.producer.publish(rig.topics[0], event)
         aborted = await log.wait_for(lambda e: e.state == "aborted")

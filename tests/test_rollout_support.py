@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import tritonclient.grpc.aio as triton_aio
 from aiokafka import AIOKafkaConsumer
@@ -28,6 +28,7 @@ from loopmesh.mesh.settings import GrpcServerSettings, KafkaSettings
 from loopmesh.mesh.topics import Topic
 from loopmesh.rollout.policy import RolloutPolicy
 from loopmesh.rollout.settings import RolloutScope, RolloutSettings, RolloutTopics
+from loopmesh.trainer.export import export_module
 from tests.helpers import eventually
 
 N_FEATURES = 4
@@ -91,21 +92,19 @@ def rollout_settings(
     )
 
 
-def torchscript(seed: int) -> bytes:
+def onnx_model(seed: int) -> bytes:
+    """A small model.onnx, as the trainer exports it."""
     torch.manual_seed(seed)
-    module = torch.jit.script(
-        torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 1), torch.nn.Sigmoid())
-    )
-    buf = io.BytesIO()
-    torch.jit.save(module, buf)
-    return buf.getvalue()
+    module = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 1), torch.nn.Sigmoid())
+    sample = np.random.default_rng(seed).normal(size=(8, N_FEATURES))
+    return export_module(module, sample).onnx
 
 
 def publish_version(repo: Path, model: str, version: int) -> ModelPublished:
     """What the trainer does after its gate: the version in the repository, then the event."""
     names = [f"f{i}" for i in range(N_FEATURES)]
     model_repo.write_version(
-        repo, model, version, torchscript(version), {"feature_names": names}, n_features=N_FEATURES
+        repo, model, version, onnx_model(version), {"feature_names": names}, n_features=N_FEATURES
     )
     meta = model_repo.read_metadata(repo, model, version)
     return ModelPublished(

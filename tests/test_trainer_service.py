@@ -183,7 +183,7 @@ async def test_examples_trigger_one_run_and_the_version_serves_in_triton(
         assert event.sha256 == meta["sha256"] and event.feature_names == meta["feature_names"]
     assert published[1].parent_version == 1
 
-    # Version 2 loads in Triton, answers like its TorchScript file, and beats version 1 there.
+    # Version 2 loads in Triton, answers like its model.onnx, and beats version 1 there.
     # Newest rows (as many as the run held out; more rows arrived since, so not the same ones).
     frame = core.dataset.load(stack.model)
     holdout = frame.take(np.arange(len(frame) - auto.holdout_rows, len(frame)))
@@ -196,7 +196,8 @@ async def test_examples_trigger_one_run_and_the_version_serves_in_triton(
     finally:
         await asyncio.to_thread(client.unload_model, stack.model, client_timeout=LOAD_TIMEOUT)
         client.close()
-    local = predict(load_scoring(model_repo.version_dir(repo, stack.model, 2) / "model.pt"), x)
+    published = model_repo.version_dir(repo, stack.model, 2) / model_repo.MODEL_FILE
+    local = predict(load_scoring(published), x)
     np.testing.assert_allclose(served[2], local, atol=1e-5)
     auc = {v: quality.roc_auc(holdout.labels, p) for v, p in served.items()}
     assert auc[2] is not None and auc[1] is not None and auc[2] > auc[1]

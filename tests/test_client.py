@@ -36,6 +36,7 @@ from loopmesh.client import (
     InvalidArgumentError,
     ItemOutcome,
     NotFoundError,
+    Prediction,
     RejectedItemsError,
     ResourceExhaustedError,
     RetryPolicy,
@@ -47,7 +48,7 @@ from loopmesh.client.batching import encoded_size, request_batches
 from loopmesh.client.errors import CallError, error_for, split_details
 from loopmesh.client.retry import Attempts, retryable
 from loopmesh.client.sender import AsyncSender
-from loopmesh.client.types import as_event, as_feedback, shifted_field
+from loopmesh.client.types import as_event, as_feedback, predict_request, shifted_field
 from loopmesh.devstack.process import free_port
 from loopmesh.feedback.server import feedback_server
 from loopmesh.feedback.settings import FeedbackScope, FeedbackSettings
@@ -272,6 +273,42 @@ def test_event_ids_are_assigned_once_and_callers_messages_kept() -> None:
     assert as_feedback(feedback_message).event_id and not feedback_message.event_id
     proto = Feedback("p", reward=0.5).to_proto()
     assert proto.HasField("reward") and not proto.HasField("label")
+    assert not proto.HasField("value")
+    regression = Feedback("p", value=-3.25).to_proto()
+    assert regression.HasField("value") and regression.value == -3.25
+    assert not regression.HasField("label") and not regression.HasField("reward")
+
+
+def test_predict_requests_carry_categorical_context_and_answers_their_task() -> None:
+    request = predict_request("u", context={"price": 2.0}, categorical={"country": "FR"})
+    assert dict(request.categorical) == {"country": "FR"} and dict(request.context) == {
+        "price": 2.0
+    }
+    multiclass = Prediction.from_proto(
+        inference_pb2.PredictResponse(
+            prediction_id="p",
+            score=0.5,
+            task="multiclass",
+            probabilities=[0.2, 0.5, 0.3],
+            predicted_class=1,
+        )
+    )
+    assert (multiclass.task, multiclass.probabilities, multiclass.predicted_class) == (
+        "multiclass",
+        (0.2, 0.5, 0.3),
+        1,
+    )
+    regression = Prediction.from_proto(
+        inference_pb2.PredictResponse(prediction_id="p", score=41.5, task="regression")
+    )
+    assert (regression.task, regression.score, regression.predicted_class) == (
+        "regression",
+        41.5,
+        None,
+    )
+    # A gateway from before tasks says nothing: its models were binary.
+    old = Prediction.from_proto(inference_pb2.PredictResponse(prediction_id="p", score=0.9))
+    assert (old.task, old.probabilities, old.predicted_class) == ("binary", (), None)
 
 
 def test_errors_carry_code_field_and_message() -> None:
@@ -649,10 +686,17 @@ async def test_invalid_argument_names_the_field_in_the_callers_list(
                 mixed.raise_for_rejected()
 
             with pytest.raises(InvalidArgumentError) as feedback_error:
-                await client.submit(Feedback("pred-1", label=2))
+                await client.submit(Feedback("pred-1", label=-1))
             assert feedback_error.value.field == "feedback.label"
-            batch = await client.submit_many([Feedback("p", label=1), Feedback("p")])
-            assert [r.field for r in batch.results] == ["", "feedback"]
+            batch = await client.submit_many(
+                [
+                    Feedback("p", label=1),
+                    Feedback("p"),
+                    Feedback("p", value=12.5),
+                    Feedback("p", value=math.inf),
+                ]
+            )
+            assert [r.field for r in batch.results] == ["", "feedback", "", "feedback.value"]
     assert await topic_size(kafka_settings, topic) == 3 + 4
 
 

@@ -80,6 +80,7 @@ async def test_ten_thousand_streamed_feedback_acknowledged_by_id_land_once(
         "prediction_id",
         "label",
         "reward",
+        "value",
         "attributes",
     }
 
@@ -93,7 +94,7 @@ async def test_stream_refuses_bad_items_with_reasons_and_goes_on(
     stream_items = [
         item(0),
         pb.Feedback(event_id="no-outcome", prediction_id="p"),
-        item(2, label=2),
+        item(2, label=10_000),  # class indices are 0..9999
         item(3, label=None, reward=math.nan),
         item(4, prediction_id=""),
         item(5, event_time=future),
@@ -117,7 +118,7 @@ async def test_stream_refuses_bad_items_with_reasons_and_goes_on(
         acks = [r.result async for r in feedback_stub(channel).SubmitStream(stream(), timeout=30)]
     assert [a.index for a in acks] == list(range(len(stream_items)))
     assert {a.index: a.field for a in acks if not a.accepted} == faults
-    assert "label or a reward" in acks[1].reason
+    assert "a label, a value or a reward" in acks[1].reason
     assert "finite" in acks[3].reason
 
     records = await read_all(kafka_settings, topic)
@@ -125,6 +126,54 @@ async def test_stream_refuses_bad_items_with_reasons_and_goes_on(
     assert set(landed) == {stream_items[0].event_id, stream_items[6].event_id}
     assert landed[stream_items[6].event_id]["reward"] == -2.5
     assert landed[stream_items[6].event_id]["attributes"] == {"surface": "email"}
+
+
+async def test_values_and_class_labels_are_taken_within_the_doors_limits(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """A regression target (``value``) and a multiclass label (a class index 0..9999) are
+    outcomes of their own; out-of-range ones are refused naming the field."""
+    topic = new_topic("feedback")
+    good = [
+        item(0, label=None, value=42.5),  # a value alone is an outcome
+        item(1, label=9_999),  # the largest class index
+        item(2, label=3, value=-7.0, reward=1.0),
+        item(3, label=None, value=1e3),  # at the door's max_abs_value
+    ]
+    bad = [
+        (item(4, label=-1), "feedback.label"),
+        (item(5, label=10_000), "feedback.label"),
+        (item(6, label=None, value=math.nan), "feedback.value"),
+        (item(7, label=None, value=-math.inf), "feedback.value"),
+        (item(8, label=None, value=1e3 + 1), "feedback.value"),
+        (item(9, label=1, value=-2e3), "feedback.value"),
+    ]
+    limits = {"limits": {"max_abs_value": 1e3}}
+    async with running(feedback(kafka_settings, topic, **limits)) as channel:
+        stub = feedback_stub(channel)
+        for sent in good:
+            reply = await stub.Submit(pb.SubmitRequest(feedback=sent), timeout=30)
+            assert reply.event_id == sent.event_id and not reply.duplicate
+        for sent, field in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Submit(pb.SubmitRequest(feedback=sent), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (caught.value.details() or "").startswith(f"{field}: "), caught.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Submit(
+                pb.SubmitRequest(feedback=pb.Feedback(event_id="none", prediction_id="p")),
+                timeout=30,
+            )
+        assert "a label, a value or a reward" in (caught.value.details() or "")
+
+    records = await read_all(kafka_settings, topic)
+    landed = {value["event_id"]: value for _, value in records}
+    assert set(landed) == {f.event_id for f in good}
+    outcomes = [
+        (landed[f.event_id]["label"], landed[f.event_id]["value"], landed[f.event_id]["reward"])
+        for f in good
+    ]
+    assert outcomes == [(None, 42.5, None), (9_999, None, None), (3, -7.0, 1.0), (None, 1e3, None)]
 
 
 async def test_submit_names_the_fault_and_drops_a_resend(kafka_settings: KafkaSettings) -> None:

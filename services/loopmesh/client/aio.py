@@ -409,12 +409,17 @@ class AsyncClient:
         model_version: int | str | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        categorical: Mapping[str, str] | None = None,
     ) -> Prediction:
         """One prediction for ``entity_id`` (``InferenceService.Predict``).
 
-        ``context`` supplies or overrides features by name (finite numbers); ``model_name``
-        empty means the gateway's default model; ``model_version`` pins a version, else the
-        rollout's weights choose (sticky by entity id). Retried on UNAVAILABLE only: a
+        ``context`` supplies or overrides features by name (finite numbers); ``categorical``
+        gives the categorical inputs the model declares (e.g. ``{"country": "FR"}``; a name
+        the version does not declare is INVALID_ARGUMENT naming ``categorical.<name>``);
+        ``model_name`` empty means the gateway's default model; ``model_version`` pins a
+        version, else the rollout's weights choose (sticky by entity id). The answer says the
+        version's task: ``score`` (binary: probability; regression: the value) and, for
+        multiclass, ``probabilities`` and ``predicted_class``. Retried on UNAVAILABLE only: a
         repeat after a lost answer would log a second prediction.
         """
         request = predict_request(
@@ -423,6 +428,7 @@ class AsyncClient:
             model_name=model_name,
             model_version=model_version,
             request_id=request_id,
+            categorical=categorical,
         )
         stub = self._inference()
         deadline = self._deadline(timeout)

@@ -180,6 +180,7 @@ class Client:
         model_version: int | str | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        categorical: Mapping[str, str] | None = None,
     ) -> Prediction:
         """See ``AsyncClient.predict``."""
         return self._runner.run(
@@ -190,6 +191,7 @@ class Client:
                 model_version=model_version,
                 request_id=request_id,
                 timeout=timeout,
+                categorical=categorical,
             )
         )
 

@@ -61,12 +61,13 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Feedback:
-    """The outcome of one prediction (``Feedback``): a label, a reward, or both."""
+    """The outcome of one prediction (``Feedback``): a label, a value, a reward (at least one)."""
 
     prediction_id: str
     """The prediction this is about, as ``predict`` returned it."""
     label: int | None = None
-    """Binary outcome, 0 or 1."""
+    """The class that was right: 0 or 1 for a binary model, a class index (0..9999) for a
+    multiclass one."""
     reward: float | None = None
     """Continuous outcome."""
     attributes: Mapping[str, str] = field(default_factory=dict)
@@ -75,6 +76,8 @@ class Feedback:
     """When the outcome happened (naive: UTC); None: when the door receives it."""
     event_id: str = ""
     """Idempotency key; empty: the client assigns one before the first attempt."""
+    value: float | None = None
+    """An observed quantity, the target of a regression model (e.g. minutes watched)."""
 
     def to_proto(self) -> feedback_pb2.Feedback:
         message = feedback_pb2.Feedback(
@@ -86,6 +89,8 @@ class Feedback:
             message.label = self.label
         if self.reward is not None:
             message.reward = self.reward
+        if self.value is not None:
+            message.value = self.value
         if self.event_time is not None:
             message.event_time.FromDatetime(self.event_time)
         return message
@@ -253,7 +258,8 @@ class Prediction:
     prediction_id: str
     """Unique id of this prediction; feedback refers to it."""
     score: float
-    """The model's output."""
+    """The model's output: the positive class's probability (binary), the predicted value
+    (regression) or the top class's probability (multiclass)."""
     model_name: str
     model_version: int
     """The version that answered (after any canary fallback)."""
@@ -265,9 +271,17 @@ class Prediction:
     """Features that had no value and got their default."""
     request_id: str
     attempts: int = 1
+    task: str = "binary"
+    """What the version predicts: ``binary``, ``multiclass`` or ``regression``."""
+    probabilities: tuple[float, ...] = ()
+    """multiclass: every class's probability, by class index (empty for the other tasks)."""
+    predicted_class: int | None = None
+    """multiclass: the most probable class (None for the other tasks)."""
 
     @classmethod
     def from_proto(cls, reply: inference_pb2.PredictResponse, attempts: int = 1) -> Prediction:
+        # A gateway from before tasks leaves ``task`` empty: its models were all binary.
+        task = reply.task or "binary"
         return cls(
             prediction_id=reply.prediction_id,
             score=reply.score,
@@ -278,6 +292,9 @@ class Prediction:
             defaulted_features=tuple(reply.defaulted_features),
             request_id=reply.request_id,
             attempts=attempts,
+            task=task,
+            probabilities=tuple(reply.probabilities),
+            predicted_class=reply.predicted_class if task == "multiclass" else None,
         )
 
 
@@ -288,11 +305,13 @@ def predict_request(
     model_name: str = "",
     model_version: int | str | None = None,
     request_id: str = "",
+    categorical: Mapping[str, str] | None = None,
 ) -> inference_pb2.PredictRequest:
     """A ``PredictRequest``; ``model_version`` pins a version (a positive integer)."""
     return inference_pb2.PredictRequest(
         entity_id=entity_id,
         context=dict(context or {}),
+        categorical=dict(categorical or {}),
         model_name=model_name,
         model_version="" if model_version is None else str(model_version),
         request_id=request_id,

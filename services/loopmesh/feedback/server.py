@@ -38,6 +38,8 @@ def feedback_item(message: feedback_pb2.Feedback, index: int) -> Item:
         data["label"] = message.label
     if message.HasField("reward"):
         data["reward"] = message.reward
+    if message.HasField("value"):
+        data["value"] = message.value
     return envelope_item(message, index, data)
 
 

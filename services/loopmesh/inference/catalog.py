@@ -1,8 +1,14 @@
-"""What the gateway knows about models from the registry on disk: versions and feature specs.
+"""What the gateway knows about models from the registry on disk: versions and their specs.
 
 Versions are immutable, so a version's spec is read once and cached; the list of published
 versions (used only for models that have no route yet) is re-read after ``refresh_s``. Names
 and versions are validated before they touch a path (``loopmesh.mesh.model_repo``).
+
+A version's metadata.json says what Predict sends and reads back: ``feature_names`` (numeric
+inputs, in input order), ``categorical`` (``ContextField`` dumps, one input column each after
+the numeric ones, holding ``ContextField.index(value)``), ``task`` (absent: binary) and
+``n_outputs`` (k, the width of OUTPUT__0; ``classes`` for multiclass). Metadata that
+contradicts itself is a ``BadModelSpec`` (FAILED_PRECONDITION), never a wrong answer.
 """
 
 from __future__ import annotations
@@ -13,9 +19,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
+
+from pydantic import ValidationError
 
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import FailedPrecondition, UnknownModel
+from loopmesh.mesh.events import MAX_CLASSES, Task
+from loopmesh.mesh.model_spec import ContextField
+
+TASKS: tuple[Task, ...] = get_args(Task)
 
 
 class BadModelSpec(FailedPrecondition):
@@ -34,6 +47,24 @@ class ModelSpec:
     """Declared defaults (metadata.json ``feature_defaults``) merged over the gateway's."""
     store_refs: tuple[str, ...] = ()
     """The names that are feature-service references ("view:feature"), in input order."""
+    categorical: tuple[ContextField, ...] = ()
+    """Categorical context inputs (metadata.json ``categorical``), one input column each after
+    the numeric ones, in this order."""
+    task: Task = "binary"
+    """metadata.json ``task`` (absent: binary, as every version before tasks)."""
+    n_outputs: int = 1
+    """Width of the model's output: 1, or the number of classes of a multiclass model."""
+
+    @property
+    def n_inputs(self) -> int:
+        """Width of the input row: the numeric features, then one column per categorical."""
+        return len(self.feature_names) + len(self.categorical)
+
+    def categorical_field(self, name: str) -> ContextField | None:
+        for declared in self.categorical:
+            if declared.name == name:
+                return declared
+        return None
 
 
 def is_store_ref(name: str) -> bool:
@@ -131,11 +162,19 @@ class ModelCatalog:
     def _parse(self, model_name: str, version: int, meta: dict[str, object]) -> ModelSpec:
         where = f"{model_name} version {version} metadata.json"
         names = meta.get("feature_names")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise BadModelSpec(f"{where} declares no feature_names; Predict cannot build inputs")
+        categorical = _categorical(where, meta.get("categorical"))
+        if not names and not categorical:
+            raise BadModelSpec(f"{where} declares no inputs; Predict cannot build inputs")
+        n_inputs = len(names) + len(categorical)
         n_features = meta.get("n_features")
-        if isinstance(n_features, int) and n_features != len(names):
-            raise BadModelSpec(f"{where}: {len(names)} feature_names but n_features={n_features}")
+        if isinstance(n_features, int) and n_features != n_inputs:
+            raise BadModelSpec(
+                f"{where}: {len(names)} feature_names and {len(categorical)} categorical "
+                f"inputs but n_features={n_features}"
+            )
+        task, n_outputs = _task_and_outputs(where, meta)
         declared = meta.get("feature_defaults") or {}
         if not isinstance(declared, dict):
             raise BadModelSpec(f"{where}: feature_defaults must be an object")
@@ -151,4 +190,57 @@ class ModelCatalog:
             feature_names=feature_names,
             defaults=defaults,
             store_refs=tuple(n for n in feature_names if is_store_ref(n)),
+            categorical=categorical,
+            task=task,
+            n_outputs=n_outputs,
         )
+
+
+def _categorical(where: str, raw: object) -> tuple[ContextField, ...]:
+    """metadata.json ``categorical``: absent or a list of categorical ``ContextField`` dumps."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BadModelSpec(f"{where}: categorical must be a list of fields")
+    fields: list[ContextField] = []
+    for i, dump in enumerate(raw):
+        try:
+            declared = ContextField.model_validate(dump)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise BadModelSpec(f"{where}: categorical[{i}].{loc}: {first['msg']}") from None
+        if declared.kind != "categorical":
+            raise BadModelSpec(f"{where}: categorical[{i}] ({declared.name}) is not categorical")
+        if any(f.name == declared.name for f in fields):
+            raise BadModelSpec(f"{where}: categorical[{i}] repeats the name {declared.name!r}")
+        fields.append(declared)
+    return tuple(fields)
+
+
+def _task_and_outputs(where: str, meta: dict[str, object]) -> tuple[Task, int]:
+    """(task, k) of a version: binary and regression answer one number, multiclass k >= 2."""
+    raw_task = meta.get("task", "binary")
+    task = next((t for t in TASKS if t == raw_task), None)
+    if task is None:
+        raise BadModelSpec(f"{where}: task {model_repo.shown(raw_task)} is not one of {TASKS}")
+    n_outputs = meta.get("n_outputs", 1)
+    if isinstance(n_outputs, bool) or not isinstance(n_outputs, int) or n_outputs < 1:
+        raise BadModelSpec(f"{where}: n_outputs {model_repo.shown(n_outputs)} is not k >= 1")
+    if task != "multiclass":
+        if n_outputs != 1:
+            raise BadModelSpec(
+                f"{where}: a {task} model answers one number, not n_outputs={n_outputs}"
+            )
+        return task, 1
+    classes = meta.get("classes", n_outputs)
+    if isinstance(classes, list):
+        classes = len(classes)
+    if isinstance(classes, bool) or not isinstance(classes, int):
+        raise BadModelSpec(f"{where}: classes {model_repo.shown(classes)} is not a class count")
+    if not 2 <= n_outputs <= MAX_CLASSES or classes != n_outputs:
+        raise BadModelSpec(
+            f"{where}: a multiclass model needs n_outputs = classes in 2..{MAX_CLASSES}, "
+            f"not n_outputs={n_outputs}, classes={classes}"
+        )
+    return "multiclass", n_outputs

@@ -5,9 +5,11 @@ ingestion door does (the pseudonym when ``LOOPMESH_PRIVACY__*`` enables it, so f
 found and predictions logged under the id the rest of the mesh knows), pick the version
 (pinned, or by the rollout route's sticky hash of ``entity_id``, or the latest published when
 no rollout is known), read the entity's store features the model declares (unless the
-caller's context gives them), build the input row in the model's declared order, score it
-through a coalescing batcher per version, and hand the record to the prediction log without
-waiting.
+caller's context gives them), build the input row in the model's declared order (numeric
+features, then each declared categorical input as its ``ContextField.index``), score it
+through a coalescing batcher per version, answer by the version's task (binary: the positive
+class's probability; multiclass: every class's probability and the top class; regression: the
+value), and hand the record to the prediction log without waiting.
 
 A failing canary falls back to stable for that request and counts against the canary.
 """
@@ -37,7 +39,7 @@ from loopmesh.mesh.errors import (
     NotFound,
     Unavailable,
 )
-from loopmesh.mesh.events import Finite, Identifier
+from loopmesh.mesh.events import Category, Finite, Identifier, Task
 
 # -- errors the adapters translate into their transport's status ------------------------------
 
@@ -78,8 +80,9 @@ class FeatureSource(Protocol):
 class ScoreBackend(Protocol):
     async def score_rows(
         self, model_name: str, version: int, rows: Sequence[Sequence[float]]
-    ) -> Sequence[float]:
-        """One score per row from that exact version; raises BackendError."""
+    ) -> Sequence[Sequence[float]]:
+        """The model's outputs per row (k numbers each) from that exact version; raises
+        BackendError."""
         ...
 
     async def ready_versions(self, model_name: str) -> list[int]:
@@ -99,6 +102,11 @@ class PredictionRecord:
     score: float
     latency_ms: float
     event_time: datetime
+    categorical: dict[str, str] = field(default_factory=dict)
+    """The categorical inputs the version declares, as sent."""
+    outputs: tuple[float, ...] = ()
+    """multiclass: every class's probability (empty for the other tasks)."""
+    task: Task = "binary"
 
 
 class PredictionSink(Protocol):
@@ -119,6 +127,10 @@ class PredictInput(BaseModel):
     context: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], Finite] = Field(
         default_factory=dict
     )
+    categorical: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], Category] = (
+        Field(default_factory=dict)
+    )
+    """Categorical context by name; which names a version takes is its metadata's."""
     model_name: str = ""
     model_version: str = ""
     request_id: Annotated[str, StringConstraints(max_length=256)] = ""
@@ -144,6 +156,11 @@ class PredictOutput:
     degraded: bool
     defaulted_features: tuple[str, ...]
     request_id: str
+    task: Task = "binary"
+    probabilities: tuple[float, ...] = ()
+    """multiclass: every class's probability, by class index."""
+    predicted_class: int | None = None
+    """multiclass: the most probable class (the first of equals)."""
 
 
 @dataclass(slots=True)
@@ -216,9 +233,27 @@ class Counters:
 class _Inputs:
     row: list[float]
     features: dict[str, float]
+    categorical: dict[str, str]
     defaulted: tuple[str, ...]
     degraded: bool
     readings: dict[str, FeatureReading]
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    score: float
+    outputs: tuple[float, ...]
+    """multiclass: the class probabilities (empty otherwise)."""
+    predicted_class: int | None
+
+
+def answer_of(spec: ModelSpec, outputs: Sequence[float]) -> _Answer:
+    """Read one row of the model's output by its task (width already checked)."""
+    if spec.task != "multiclass":
+        return _Answer(outputs[0], (), None)
+    probabilities = tuple(outputs)
+    top = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return _Answer(probabilities[top], probabilities, top)
 
 
 class Predictor:
@@ -250,7 +285,7 @@ class Predictor:
         self._default_model = default_model
         self._degrade = on_features_unavailable == "degrade"
         self._batch = (batch_max_size, batch_max_delay_s, batch_max_inflight)
-        self._batchers: dict[tuple[str, int], Coalescer[list[float], float]] = {}
+        self._batchers: dict[tuple[str, int], Coalescer[list[float], Sequence[float]]] = {}
         self._entity_ids = entity_ids
 
     async def predict(self, request: PredictInput) -> PredictOutput:
@@ -266,7 +301,7 @@ class Predictor:
         # asked, so the canary's failure time does not count against stable.
         attempt_started = started
         try:
-            score = await self._score(spec, inputs.row)
+            outputs = await self._score(spec, inputs.row)
         except BackendError as exc:
             self.counters.failed(model_name, version, _elapsed_ms(attempt_started))
             stable = route.stable_version if route is not None else None
@@ -276,9 +311,11 @@ class Predictor:
             version, arm = stable, "fallback"
             attempt_started = time.perf_counter()
             spec = self._spec(model_name, version)
-            inputs = await self._inputs(request, spec, inputs.readings)
+            # Stable answers what the canary was asked: categorical inputs only the canary
+            # declares are left out rather than refused (the request was valid when routed).
+            inputs = await self._inputs(request, spec, inputs.readings, fallback=True)
             try:
-                score = await self._score(spec, inputs.row)
+                outputs = await self._score(spec, inputs.row)
             except BackendError as again:
                 self.counters.failed(model_name, version, _elapsed_ms(attempt_started))
                 raise _backend_failure(again) from again
@@ -287,6 +324,7 @@ class Predictor:
         if inputs.degraded:
             self.counters.degraded += 1
         prediction_id = uuid.uuid4().hex
+        answer = answer_of(spec, outputs)
         self._sink.log(
             PredictionRecord(
                 prediction_id=prediction_id,
@@ -294,20 +332,26 @@ class Predictor:
                 model_version=version,
                 entity_id=request.entity_id,
                 features=inputs.features,
-                score=score,
+                score=answer.score,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 event_time=datetime.now(UTC),
+                categorical=inputs.categorical,
+                outputs=answer.outputs,
+                task=spec.task,
             )
         )
         return PredictOutput(
             prediction_id=prediction_id,
-            score=score,
+            score=answer.score,
             model_name=model_name,
             model_version=version,
             arm=arm,
             degraded=inputs.degraded,
             defaulted_features=inputs.defaulted,
             request_id=request.request_id,
+            task=spec.task,
+            probabilities=answer.outputs,
+            predicted_class=answer.predicted_class,
         )
 
     def batch_stats(self) -> tuple[int, int]:
@@ -362,8 +406,14 @@ class Predictor:
         return self.catalog.spec(model_name, version)
 
     async def _inputs(
-        self, request: PredictInput, spec: ModelSpec, known: dict[str, FeatureReading]
+        self,
+        request: PredictInput,
+        spec: ModelSpec,
+        known: dict[str, FeatureReading],
+        *,
+        fallback: bool = False,
     ) -> _Inputs:
+        categorical = _categorical_inputs(request, spec, strict=not fallback)
         context = request.context
         wanted = tuple(r for r in spec.store_refs if r not in context and r not in known)
         readings = known
@@ -395,20 +445,66 @@ class Predictor:
                     defaulted.append(name)
             row.append(value)
             features[name] = value
-        return _Inputs(row, features, tuple(defaulted), degraded, readings)
+        for declared in spec.categorical:
+            # A declared input the caller did not send is the empty value's row.
+            row.append(float(declared.index(categorical.get(declared.name, ""))))
+        return _Inputs(row, features, categorical, tuple(defaulted), degraded, readings)
 
-    async def _score(self, spec: ModelSpec, row: list[float]) -> float:
+    async def _score(self, spec: ModelSpec, row: list[float]) -> Sequence[float]:
         key = (spec.model_name, spec.version)
         batcher = self._batchers.get(key)
         if batcher is None:
             size, delay, inflight = self._batch
+            width = spec.n_outputs
 
-            async def flush(rows: Sequence[list[float]]) -> Sequence[float]:
-                return await self._backend.score_rows(key[0], key[1], rows)
+            async def flush(rows: Sequence[list[float]]) -> Sequence[Sequence[float]]:
+                answers = await self._backend.score_rows(key[0], key[1], rows)
+                _check_outputs(spec, len(rows), width, answers)
+                return answers
 
             batcher = Coalescer(flush, max_size=size, max_delay_s=delay, max_inflight=inflight)
             self._batchers[key] = batcher
         return await batcher.submit(row)
+
+
+def _categorical_inputs(request: PredictInput, spec: ModelSpec, *, strict: bool) -> dict[str, str]:
+    """The request's categorical values the version declares; an undeclared name is refused
+    (``strict``) or left out (a fallback's stable version answering a canary's request)."""
+    sent = request.categorical
+    if not sent:
+        return {}
+    taken: dict[str, str] = {}
+    for name, value in sent.items():
+        if spec.categorical_field(name) is not None:
+            taken[name] = value
+        elif strict:
+            declared = [f.name for f in spec.categorical]
+            raise InvalidArgument(
+                f"categorical.{name}",
+                f"{spec.model_name} version {spec.version} has no categorical input {name!r}"
+                f" (it declares {declared or 'none'})",
+            )
+    return taken
+
+
+def _check_outputs(
+    spec: ModelSpec, n_rows: int, width: int, answers: Sequence[Sequence[float]]
+) -> None:
+    """A version must answer k finite numbers per row, k its metadata's ``n_outputs``: a
+    different width means the metadata and the graph disagree, and reading it anyway would be
+    a wrong answer (a BackendError, so a canary falls back and takes the blame)."""
+    where = f"{spec.model_name} version {spec.version}"
+    if len(answers) != n_rows:
+        raise BackendError(f"{where} answered {len(answers)} rows for {n_rows}", unavailable=False)
+    for answer in answers:
+        if len(answer) != width:
+            raise BackendError(
+                f"{where} answered {len(answer)} outputs per row, but its metadata.json "
+                f"declares n_outputs={width} ({spec.task})",
+                unavailable=False,
+            )
+        if not all(math.isfinite(v) for v in answer):
+            raise BackendError(f"{where} answered a non-finite output", unavailable=False)
 
 
 def _elapsed_ms(started: float) -> float:

@@ -121,7 +121,10 @@ class PredictionLogger:
                 model_version=record.model_version,
                 entity_id=record.entity_id,
                 features=record.features,
+                categorical=record.categorical,
                 score=record.score,
+                outputs=list(record.outputs),
+                task=record.task,
                 latency_ms=record.latency_ms,
                 event_time=record.event_time,
             )

@@ -40,6 +40,7 @@ def _input(request: inference_pb2.PredictRequest) -> PredictInput:
     return PredictInput.parse(
         entity_id=request.entity_id,
         context=dict(request.context),
+        categorical=dict(request.categorical),
         model_name=request.model_name,
         model_version=request.model_version,
         request_id=request.request_id,
@@ -56,6 +57,9 @@ def _response(out: PredictOutput) -> inference_pb2.PredictResponse:
         defaulted_features=out.defaulted_features,
         arm=out.arm,
         request_id=out.request_id,
+        task=out.task,
+        probabilities=out.probabilities,
+        predicted_class=out.predicted_class or 0,
     )
 
 

@@ -102,8 +102,9 @@ class TritonPool:
 
     async def score_rows(
         self, model_name: str, version: int, rows: Sequence[Sequence[float]]
-    ) -> Sequence[float]:
-        """One score per row from that version (ScoreBackend); BackendError on failure."""
+    ) -> Sequence[Sequence[float]]:
+        """The outputs of each row from that version, ``[rows][k]`` (ScoreBackend);
+        BackendError on failure. Whether k is the version's is the caller's check."""
         x = np.asarray(rows, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] == 0:
             raise BackendError(f"rows must be a non-empty matrix, not {x.shape}", unavailable=False)
@@ -123,14 +124,14 @@ class TritonPool:
                 unavailable=err.code() in RETRYABLE,
             ) from err
         scores = InferResult(response).as_numpy(OUTPUT_NAME)
-        if scores is None or scores.size != x.shape[0]:
+        if scores is None or scores.ndim == 0 or scores.shape[0] != x.shape[0] or not scores.size:
             instruments.record_triton_error(model_name, version, "BAD_ANSWER")
             raise BackendError(
                 f"triton {model_name}/{version} answered {None if scores is None else scores.shape}"
                 f" for {x.shape[0]} rows",
                 unavailable=False,
             )
-        result: list[float] = scores.reshape(-1).astype(np.float64).tolist()
+        result: list[list[float]] = scores.reshape(x.shape[0], -1).astype(np.float64).tolist()
         return result
 
     async def ready_versions(self, model_name: str) -> list[int]:

@@ -152,7 +152,8 @@ class IntakeLimits(BaseModel):
     max_attributes: int = Field(default=256, ge=0)
     """Attributes per event; bounds an event's size well below Kafka's message limit."""
     max_abs_value: float = Field(default=1e12, gt=0)
-    """Largest magnitude of a number (attribute, reward); beyond it is a unit or overflow bug."""
+    """Largest magnitude of a number (attribute, reward, value); beyond it is a unit or overflow
+    bug."""
     max_future_seconds: float = Field(default=300.0, ge=0)
     """How far an event time may lie ahead of the server's clock (client clock skew)."""
     max_age_seconds: float = Field(default=30 * 24 * 3600.0, gt=0)

@@ -135,7 +135,7 @@ async def test_join_counts_late_and_duplicate_feedback_once(
         assert len(got) == 30 and {e.prediction_id for e in got} == joined_ids
         by_id = {e.prediction_id: e for e in got}
         for p in dup:  # the first feedback's label counts
-            assert by_id[p.prediction_id].label == int(p.features["x"]) % 2
+            assert by_id[p.prediction_id].target == int(p.features["x"]) % 2
         for p in late:
             assert by_id[p.prediction_id].feedback_at - p.event_time == timedelta(seconds=TTL / 2)
         assert all(k == e.entity_id.encode() for (k, _, _), e in zip(messages, got, strict=True))
@@ -155,7 +155,7 @@ async def test_join_counts_late_and_duplicate_feedback_once(
             return full[-1] if full else None
 
         metrics = await eventually(window)
-        labels = [e.label for e in got]
+        labels = [e.target for e in got]
         assert metrics.label_rate == pytest.approx(sum(labels) / 30)
         assert metrics.auc is not None and metrics.log_loss is not None
     finally:

@@ -203,7 +203,7 @@ async def test_worse_candidate_is_rolled_back_before_half_the_traffic(
     served = int(match.group(1))
     # Each snapshot's window covers the whole rollout: the estimate is one of the counts sent.
     assert served > 0 and served in served_counts
-    assert "log_loss is higher" in rolled.reason
+    assert "loss is higher" in rolled.reason
     status = await rig.get(model)
     assert status.state == "rolled_back" and status.canary_requests_estimate == served
     history = await rig.history(model)

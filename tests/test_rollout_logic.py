@@ -77,7 +77,7 @@ def test_better_canary_advances_worse_rolls_back_close_holds() -> None:
     assert better.action == "advance" and better.figures["upper"] <= POLICY.max_regression
     worse = compare(POLICY, arm(2, 0.60), arm(1, 0.50))
     assert worse.action == "rollback" and worse.figures["lower"] > POLICY.max_regression
-    assert "log_loss is higher" in worse.reason
+    assert "canary loss is higher" in worse.reason
     close = compare(POLICY, arm(2, 0.502), arm(1, 0.50))
     assert close.action == "hold" and not close.starved and "inconclusive" in close.reason
 
@@ -124,6 +124,32 @@ def test_auc_needs_label_rate_and_log_loss_falls_back_to_assumed_std() -> None:
     assert arm_from_metrics(POLICY, 2, loss).variance == POLICY.assumed_loss_std**2
     given = loss.model_copy(update={"log_loss_var": 0.2})
     assert arm_from_metrics(POLICY, 2, given).variance == 0.2
+
+
+def test_the_canary_compares_each_tasks_loss_with_its_variance() -> None:
+    # Issue 18: the bound read log loss only, which multiclass and regression models lack.
+    from loopmesh.rollout.analysis import arm_from_metrics
+
+    assert POLICY.metric == "loss" and not POLICY.higher_is_better
+    regression = VersionMetrics(
+        model_name="m",
+        model_version=2,
+        window_seconds=60,
+        count=500,
+        task="regression",
+        loss=2.5,
+        loss_var=4.0,
+        mae=1.2,
+    )
+    arm = arm_from_metrics(POLICY, 2, regression)
+    assert (arm.value, arm.variance) == (2.5, 4.0)
+    worse = arm_from_metrics(POLICY, 3, regression.model_copy(update={"loss": 3.5}))
+    assert compare(POLICY, worse, arm).action == "rollback"
+    multiclass = regression.model_copy(
+        update={"task": "multiclass", "loss": 0.9, "loss_var": None, "log_loss_var": 0.1}
+    )
+    # No variance of its own: the conservative assumption, not a binary figure.
+    assert arm_from_metrics(POLICY, 2, multiclass).variance == POLICY.assumed_loss_std**2
 
 
 def test_confidence_sequence_stays_valid_under_continuous_monitoring() -> None:

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
-from loopmesh.joiner.core import JoinEntry, Outcome, example_id, on_feedback, on_prediction
+from loopmesh.joiner.core import (
+    JoinEntry,
+    LabelRule,
+    LabelRules,
+    Outcome,
+    example_id,
+    on_feedback,
+    on_prediction,
+)
 from loopmesh.joiner.live import LiveMetrics
 from loopmesh.joiner.settings import JoinerSettings
 from loopmesh.mesh import quality
@@ -80,7 +88,7 @@ def test_prediction_then_feedback_joins_once() -> None:
     assert outcome is Outcome.STORED and ex is None
     entry, outcome, ex = on_feedback(entry, f, now=1.0, ttl=TTL)
     assert outcome is Outcome.JOINED and ex is not None
-    assert (ex.label, ex.score, ex.model_version, ex.features) == (1, 0.7, 3, {"a": 1.0})
+    assert (ex.target, ex.score, ex.model_version, ex.features) == (1, 0.7, 3, {"a": 1.0})
     assert ex.predicted_at == T0 and ex.feedback_at == f.event_time
     assert ex.event_id == example_id("p1")
     # Another feedback for the same prediction, and the same prediction again: duplicates.
@@ -95,7 +103,7 @@ def test_feedback_first_and_replay_of_the_joining_event() -> None:
     assert outcome is Outcome.STORED
     p = prediction()
     entry, outcome, ex = on_prediction(entry, p, now=1.0, ttl=TTL, offset=7)
-    assert outcome is Outcome.JOINED and ex is not None and ex.label == 0
+    assert outcome is Outcome.JOINED and ex is not None and ex.target == 0
     # Redelivery of the message that completed the pair (after a crash) re-emits the example.
     _, outcome, replay = on_prediction(entry, p, now=2.0, ttl=TTL, offset=7)
     assert outcome is Outcome.REPLAYED and replay == ex
@@ -122,13 +130,86 @@ def test_ttl_in_event_time_and_expiry_in_wall_time() -> None:
 def test_reward_becomes_a_label_by_threshold() -> None:
     entry, _, _ = on_prediction(None, prediction(), now=0.0, ttl=TTL)
     _, _, ex = on_feedback(
-        entry, feedback(label=None, reward=2.0), now=0, ttl=TTL, reward_threshold=1
+        entry,
+        feedback(label=None, reward=2.0),
+        now=0,
+        ttl=TTL,
+        rules=LabelRules(reward_threshold=1),
     )
-    assert ex is not None and ex.label == 1
+    assert ex is not None and ex.target == 1
     _, _, ex = on_feedback(
-        entry, feedback(label=None, reward=0.5), now=0, ttl=TTL, reward_threshold=1
+        entry,
+        feedback(label=None, reward=0.5),
+        now=0,
+        ttl=TTL,
+        rules=LabelRules(reward_threshold=1),
     )
-    assert ex is not None and ex.label == 0
+    assert ex is not None and ex.target == 0
+
+
+def test_each_models_label_rule_makes_its_target() -> None:
+    # Issue 18: the joiner made every target a binary label.
+    rules = LabelRules(
+        {
+            "kinds": LabelRule("multiclass", classes=3),
+            "minutes": LabelRule("regression", "value"),
+            "watched": LabelRule("binary", "value", threshold=5.0),
+        }
+    )
+
+    def joined(model: str, **outcome: float) -> tuple[Outcome, LabelledExample | None]:
+        p = prediction().model_copy(update={"model_name": model})
+        entry, _, _ = on_prediction(None, p, now=0.0, ttl=TTL)
+        label = outcome.pop("label", None)
+        f = feedback(label=None if label is None else int(label), **outcome)
+        _, outcome_, ex = on_feedback(entry, f, now=1.0, ttl=TTL, rules=rules)
+        return outcome_, ex
+
+    outcome, ex = joined("kinds", label=2)
+    assert outcome is Outcome.JOINED and ex is not None
+    assert (ex.task, ex.target) == ("multiclass", 2.0)
+    # A class the model does not have, or no label at all: joined, but no example.
+    assert joined("kinds", label=3) == (Outcome.NO_TARGET, None)
+    assert joined("kinds", value=1.0) == (Outcome.NO_TARGET, None)
+    outcome, ex = joined("minutes", value=12.5)
+    assert ex is not None and (ex.task, ex.target) == ("regression", 12.5)
+    assert joined("minutes", label=1) == (Outcome.NO_TARGET, None)
+    assert joined("watched", value=6.0)[1].target == 1.0  # type: ignore[union-attr]
+    assert joined("watched", value=4.0)[1].target == 0.0  # type: ignore[union-attr]
+    # A model without a spec: today's binary rule (0/1 labels only).
+    assert joined("other", label=1)[1].target == 1.0  # type: ignore[union-attr]
+    assert joined("other", label=2) == (Outcome.NO_TARGET, None)
+
+
+def test_live_windows_score_each_task_with_its_loss() -> None:
+    live = LiveMetrics(window_seconds=100, max_points=1000)
+    probs = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]]
+    targets = [0, 1, 1, 2]
+    values = [(1.0, 1.5), (2.0, 1.0), (3.0, 3.0)]
+    for i, (out, target) in enumerate(zip(probs, targets, strict=True)):
+        ex = example(1, i, max(out), target).model_copy(
+            update={"task": "multiclass", "outputs": out, "model_name": "kinds"}
+        )
+        live.add(ex)
+    for i, (predicted, target_) in enumerate(values):
+        live.add(
+            example(1, i, predicted, 0).model_copy(
+                update={"task": "regression", "target": target_, "model_name": "minutes"}
+            )
+        )
+    by_model = {m.model_name: m for m in live.drain()}
+    kinds, minutes = by_model["kinds"], by_model["minutes"]
+    chosen = np.array([0.7, 0.8, 0.2, 0.2])
+    assert (kinds.task, kinds.count) == ("multiclass", 4)
+    assert kinds.accuracy == pytest.approx(0.5)
+    assert kinds.loss == pytest.approx(float(np.mean(-np.log(chosen))))
+    assert kinds.loss_var == pytest.approx(float(np.var(-np.log(chosen), ddof=1)))
+    assert kinds.log_loss is None and kinds.auc is None
+    errors = np.array([0.5, -1.0, 0.0])
+    assert minutes.task == "regression"
+    assert minutes.loss == pytest.approx(float(np.mean(errors**2)))
+    assert minutes.loss_var == pytest.approx(float(np.var(errors**2, ddof=1)))
+    assert minutes.mae == pytest.approx(0.5)
 
 
 # -- live windows ----------------------------------------------------------------------------
@@ -142,7 +223,7 @@ def example(version: int, at: float, score: float, label: int) -> LabelledExampl
         model_name="m",
         model_version=version,
         features={},
-        label=label,  # type: ignore[arg-type]
+        target=label,
         score=score,
         predicted_at=t,
         feedback_at=t,

@@ -219,7 +219,7 @@ def examples(
             model_name=model_name,
             model_version=model_version,
             features=dict(zip(batch.feature_names, map(float, batch.features[i]), strict=True)),
-            label=1 if int(labels[i]) else 0,
+            target=1.0 if int(labels[i]) else 0.0,
             score=0.5,
             predicted_at=start + i * spacing,
             feedback_at=start + i * spacing,

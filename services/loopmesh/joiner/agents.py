@@ -33,7 +33,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from loopmesh.joiner import instruments
-from loopmesh.joiner.core import JoinEntry, Outcome, on_feedback, on_prediction
+from loopmesh.joiner.core import JoinEntry, LabelRules, Outcome, on_feedback, on_prediction
 from loopmesh.joiner.live import LiveMetrics
 from loopmesh.joiner.settings import JoinerScope
 from loopmesh.joiner.state import (
@@ -84,9 +84,11 @@ class Joiner:
         kafka: KafkaSettings,
         settings: JoinerScope,
         *,
+        rules: LabelRules | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.rules = rules or LabelRules(reward_threshold=settings.reward_threshold)
         topics = settings.topics
         self.topics = topics
         self.group = settings.app_id
@@ -203,6 +205,7 @@ class Joiner:
                     prediction=prediction,
                     ttl=self.settings.ttl_seconds,
                     feedback_wait=self.settings.unmatched_feedback_wait_seconds,
+                    rules=self.rules,
                 )
                 await self._apply_retrying(prediction.prediction_id, event, step, "prediction")
 
@@ -217,8 +220,8 @@ class Joiner:
                     on_feedback,
                     feedback=feedback,
                     ttl=self.settings.ttl_seconds,
-                    reward_threshold=self.settings.reward_threshold,
                     feedback_wait=self.settings.unmatched_feedback_wait_seconds,
+                    rules=self.rules,
                 )
                 await self._apply_retrying(feedback.prediction_id, event, step, "feedback")
 
@@ -268,6 +271,8 @@ class Joiner:
             else:
                 self.unmatched.discard(key)
         self.stats[outcome.value] += 1
+        if outcome is Outcome.NO_TARGET and new_entry.prediction is not None:
+            instruments.record_no_target(new_entry.prediction.model_name)
         if example is not None:
             value = encode(example)
             headers = event_headers(example)

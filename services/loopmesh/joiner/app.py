@@ -7,8 +7,11 @@ import contextlib
 import logging
 
 from loopmesh.joiner.agents import Joiner
+from loopmesh.joiner.core import LabelRules
 from loopmesh.joiner.settings import JoinerSettings
 from loopmesh.mesh.bus import declare_topics
+from loopmesh.mesh.feature_repo import project_dir
+from loopmesh.mesh.model_spec import load_specs
 from loopmesh.mesh.rpc import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -20,7 +23,12 @@ class JoinerApp:
     def __init__(self, settings: JoinerSettings) -> None:
         self.name = "joiner"
         self.settings = settings
-        self.joiner = Joiner(settings.kafka, settings.joiner)
+        # Each model's label rule from its spec (a bad spec stops the start, naming it).
+        rules = LabelRules.of(
+            load_specs(project_dir(settings.project)),
+            reward_threshold=settings.joiner.reward_threshold,
+        )
+        self.joiner = Joiner(settings.kafka, settings.joiner, rules=rules)
         self.crashed = asyncio.Event()
         # Health only (no API of its own): probes see SERVING once the table is recovered.
         self.server = GrpcServer("joiner", settings.joiner.server)

@@ -19,12 +19,16 @@ not depend on when the sweeper last ran.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
+from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged, Task
+from loopmesh.mesh.model_spec import ModelSpec
 
 _EXAMPLE_NAMESPACE = uuid.UUID("6f0b7f5e-2c1d-4d8e-9a51-8e3f2d6c1b70")
 
@@ -42,15 +46,78 @@ class Outcome(StrEnum):
     """This side was already there; nothing changes."""
     TOO_LATE = "too_late"
     """Prediction and feedback are further apart than the TTL in event time."""
+    NO_TARGET = "no_target"
+    """Joined, but the feedback says nothing the model's label rule can use (a class index
+    beyond its classes, a value for a model that learns from labels): no example."""
 
 
 class PendingFeedback(BaseModel):
-    """The first acceptable feedback of a prediction."""
+    """The first acceptable feedback of a prediction: its outcome as sent (the target is made
+    at the join, by the rule of the model the prediction names)."""
 
     model_config = ConfigDict(frozen=True)
     event_id: str
-    label: int
+    label: int | None = None
+    value: float | None = None
+    reward: float | None = None
     at: datetime
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a model's feedback becomes its target (its spec's ``task``, ``classes``, ``label``)."""
+
+    task: Task = "binary"
+    source: Literal["label", "value", "reward"] = "label"
+    threshold: float | None = None
+    """binary from a value or reward: positive when above it (label: the reward fallback's)."""
+    classes: int | None = None
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> LabelRule:
+        return cls(spec.task, spec.label.source, spec.label.threshold, spec.classes)
+
+    def target(self, feedback: PendingFeedback) -> float | None:
+        """The training target, or None when this feedback cannot make one for the model."""
+        if self.task == "multiclass":
+            label = feedback.label
+            return float(label) if label is not None and label < (self.classes or 0) else None
+        if self.task == "binary" and self.source == "label":
+            if feedback.label is not None:
+                return float(feedback.label) if feedback.label in (0, 1) else None
+            # The first schema's rule: a reward alone is positive above the threshold.
+            if feedback.reward is not None:
+                return 1.0 if feedback.reward > (self.threshold or 0.0) else 0.0
+            return None
+        observed = feedback.value if self.source == "value" else feedback.reward
+        if observed is None:
+            return None
+        if self.task == "binary":
+            return 1.0 if observed > (self.threshold or 0.0) else 0.0
+        return float(observed)
+
+
+class LabelRules:
+    """Each model's rule by name; models without a spec learn today's binary label."""
+
+    def __init__(
+        self, rules: Mapping[str, LabelRule] | None = None, *, reward_threshold: float = 0.0
+    ):
+        self._rules = dict(rules or {})
+        self._default = LabelRule(threshold=reward_threshold)
+
+    @classmethod
+    def of(cls, specs: Mapping[str, ModelSpec], *, reward_threshold: float = 0.0) -> LabelRules:
+        return cls(
+            {name: LabelRule.of(spec) for name, spec in specs.items()},
+            reward_threshold=reward_threshold,
+        )
+
+    def __getitem__(self, model_name: str) -> LabelRule:
+        return self._rules.get(model_name, self._default)
+
+
+BINARY_LABELS = LabelRules()
 
 
 class JoinEntry(BaseModel):
@@ -92,20 +159,19 @@ class JoinEntry(BaseModel):
         return cls.model_validate_json(raw)
 
 
-def label_of(feedback: FeedbackEvent, reward_threshold: float) -> int:
-    """The binary label of a feedback: its label, else whether its reward beats the threshold."""
-    if feedback.label is not None:
-        return feedback.label
-    assert feedback.reward is not None  # FeedbackEvent guarantees label or reward
-    return 1 if feedback.reward > reward_threshold else 0
-
-
 def example_id(prediction_id: str) -> str:
     """Deterministic event id of a prediction's example, so re-emissions deduplicate."""
     return uuid.uuid5(_EXAMPLE_NAMESPACE, prediction_id).hex
 
 
-def make_example(prediction: PredictionLogged, feedback: PendingFeedback) -> LabelledExample:
+def make_example(
+    prediction: PredictionLogged, feedback: PendingFeedback, rules: LabelRules
+) -> LabelledExample | None:
+    """The pair's example, or None when the model's rule finds no target in the feedback."""
+    rule = rules[prediction.model_name]
+    target = rule.target(feedback)
+    if target is None:
+        return None
     return LabelledExample(
         event_id=example_id(prediction.prediction_id),
         event_time=feedback.at,
@@ -114,11 +180,20 @@ def make_example(prediction: PredictionLogged, feedback: PendingFeedback) -> Lab
         model_name=prediction.model_name,
         model_version=prediction.model_version,
         features=prediction.features,
-        label=1 if feedback.label else 0,
+        categorical=prediction.categorical,
+        task=rule.task,
+        target=target,
         score=prediction.score,
+        outputs=prediction.outputs,
         predicted_at=prediction.event_time,
         feedback_at=feedback.at,
     )
+
+
+def _joined(
+    entry: JoinEntry, example: LabelledExample | None
+) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
+    return entry, Outcome.JOINED if example is not None else Outcome.NO_TARGET, example
 
 
 def live_entry(
@@ -144,6 +219,7 @@ def on_prediction(
     ttl: float,
     offset: int | None = None,
     feedback_wait: float | None = None,
+    rules: LabelRules = BINARY_LABELS,
 ) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
     """Handle a prediction: the new entry, what happened, and the example if one is due."""
     entry = live_entry(entry, now=now, ttl=ttl, feedback_wait=feedback_wait)
@@ -151,7 +227,7 @@ def on_prediction(
         return JoinEntry(created=now, prediction=prediction), Outcome.STORED, None
     if entry.prediction is not None:
         if entry.replays_emitter(prediction.event_id, offset) and entry.feedback is not None:
-            return entry, Outcome.REPLAYED, make_example(entry.prediction, entry.feedback)
+            return entry, Outcome.REPLAYED, make_example(entry.prediction, entry.feedback, rules)
         return entry, Outcome.DUPLICATE, None
     feedback = entry.feedback
     if feedback is None:  # an entry always has one side; treat a blank one as new
@@ -167,7 +243,7 @@ def on_prediction(
             "emitted_offset": offset,
         }
     )
-    return joined, Outcome.JOINED, make_example(prediction, feedback)
+    return _joined(joined, make_example(prediction, feedback, rules))
 
 
 def on_feedback(
@@ -176,14 +252,16 @@ def on_feedback(
     *,
     now: float,
     ttl: float,
-    reward_threshold: float = 0.0,
     offset: int | None = None,
     feedback_wait: float | None = None,
+    rules: LabelRules = BINARY_LABELS,
 ) -> tuple[JoinEntry, Outcome, LabelledExample | None]:
     """Handle a feedback: the new entry, what happened, and the example if one is due."""
     pending = PendingFeedback(
         event_id=feedback.event_id,
-        label=label_of(feedback, reward_threshold),
+        label=feedback.label,
+        value=feedback.value,
+        reward=feedback.reward,
         at=feedback.event_time,
     )
     entry = live_entry(entry, now=now, ttl=ttl, feedback_wait=feedback_wait)
@@ -191,7 +269,7 @@ def on_feedback(
         return JoinEntry(created=now, feedback=pending), Outcome.STORED, None
     if entry.feedback is not None:
         if entry.replays_emitter(feedback.event_id, offset) and entry.prediction is not None:
-            return entry, Outcome.REPLAYED, make_example(entry.prediction, entry.feedback)
+            return entry, Outcome.REPLAYED, make_example(entry.prediction, entry.feedback, rules)
         return entry, Outcome.DUPLICATE, None
     prediction = entry.prediction
     if prediction is None:
@@ -201,4 +279,4 @@ def on_feedback(
     joined = entry.model_copy(
         update={"feedback": pending, "emitted_by": feedback.event_id, "emitted_offset": offset}
     )
-    return joined, Outcome.JOINED, make_example(prediction, pending)
+    return _joined(joined, make_example(prediction, pending, rules))

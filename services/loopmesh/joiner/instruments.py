@@ -7,9 +7,12 @@ Prometheus names (OTel's conversion):
 - ``loopmesh_joiner_unmatched_feedback_dropped_total``: feedback entries whose prediction
   never came, dropped because one worker held more than ``max_unmatched_feedback``;
 - ``loopmesh_joiner_unmatched_feedback``: feedback entries now waiting for their prediction;
+- ``loopmesh_joiner_no_target_total{model}``: pairs joined whose feedback gives the model's
+  label rule no target (a class index beyond its classes, no value for a regression model):
+  no example;
 - ``loopmesh_joiner_erased_total``: predictions and joins skipped, and stored entries
   deleted, because their entity was erased;
-- ``loopmesh_model_live_{log_loss,auc,accuracy,label_rate,count}{model, version}``: the
+- ``loopmesh_model_live_{loss,log_loss,auc,accuracy,mae,label_rate,count}{model, version}``: the
   latest sliding-window figures per version (a version leaves when its window drains to
   count 0).
 """
@@ -37,6 +40,11 @@ _dropped = _meter.create_counter(
     "loopmesh.joiner.unmatched_feedback_dropped",
     unit="{entry}",
     description="Unmatched feedback entries dropped over the cap (oldest first)",
+)
+_no_target = _meter.create_counter(
+    "loopmesh.joiner.no_target",
+    unit="{pair}",
+    description="Joined pairs whose feedback the model's label rule cannot use",
 )
 _erased = _meter.create_counter(
     "loopmesh.joiner.erased",
@@ -71,6 +79,8 @@ def _gauge(figure: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
 
 
 for _figure, _description in (
+    ("loss", "Live mean loss of the model's task over the version's feedback window"),
+    ("mae", "Live mean absolute error (regression) of the version's feedback window"),
     ("log_loss", "Live log loss of the version's feedback window"),
     ("auc", "Live ROC AUC of the version's feedback window"),
     ("accuracy", "Live accuracy (threshold 0.5) of the version's feedback window"),
@@ -84,6 +94,10 @@ for _figure, _description in (
 
 def record_joined(model: str, version: int) -> None:
     _joined.add(1, {"model": model, "version": str(version)})
+
+
+def record_no_target(model: str) -> None:
+    _no_target.add(1, {"model": model})
 
 
 def record_dropped(count: int) -> None:

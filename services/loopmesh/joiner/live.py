@@ -15,25 +15,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loopmesh.mesh.events import LabelledExample, VersionMetrics
-from loopmesh.mesh.quality import log_loss_variance, score
+from loopmesh.mesh.events import LabelledExample, Task, VersionMetrics
+from loopmesh.mesh.quality import log_loss_variance, score, task_scores
 
 VersionKey = tuple[str, int]
+Output = float | tuple[float, ...]
+"""What a version answered: a probability or a value, or class probabilities (multiclass)."""
 
 
 @dataclass
 class VersionWindow:
-    """(time, score, label) of one version's recent examples, oldest first."""
+    """(time, output, target, prediction id) of one version's recent examples, oldest first."""
 
     seconds: float
     max_points: int
-    points: deque[tuple[float, float, int, str]] = field(default_factory=deque)
+    task: Task = "binary"
+    points: deque[tuple[float, Output, float, str]] = field(default_factory=deque)
     ids: set[str] = field(default_factory=set)
 
-    def add(self, at: float, prob: float, label: int, prediction_id: str) -> None:
+    def add(self, at: float, output: Output, target: float, prediction_id: str) -> None:
         if prediction_id in self.ids:  # a re-emitted example counts once
             return
-        self.points.append((at, prob, label, prediction_id))
+        self.points.append((at, output, target, prediction_id))
         self.ids.add(prediction_id)
         while len(self.points) > self.max_points:
             self.ids.discard(self.points.popleft()[3])
@@ -60,9 +63,12 @@ class LiveMetrics:
         key = (example.model_name, example.model_version)
         window = self._windows.get(key)
         if window is None:
-            window = self._windows[key] = VersionWindow(self.window_seconds, self.max_points)
+            window = self._windows[key] = VersionWindow(
+                self.window_seconds, self.max_points, example.task
+            )
         at = example.feedback_at.timestamp()
-        window.add(at, example.score, example.label, example.prediction_id)
+        output: Output = tuple(example.outputs) if example.task == "multiclass" else example.score
+        window.add(at, output, example.target, example.prediction_id)
         self._watermark[example.model_name] = max(self._watermark.get(example.model_name, at), at)
         self._dirty.add(example.model_name)
         self.added += 1
@@ -76,20 +82,42 @@ class LiveMetrics:
         if window is not None:
             window.trim(self._watermark.get(model_name, 0.0))
         points = list(window.points) if window is not None else []
-        probs = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
-        labels = np.fromiter((p[2] for p in points), dtype=np.float64, count=len(points))
-        probs = np.clip(probs, 0.0, 1.0)
-        figures = score(labels, probs)
+        task = window.task if window is not None else "binary"
+        targets = np.fromiter((p[2] for p in points), dtype=np.float64, count=len(points))
+        if task == "binary":
+            probs = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
+            probs = np.clip(probs, 0.0, 1.0)
+            figures = score(targets, probs)
+            variance = log_loss_variance(targets, probs) if figures.count else None
+            return VersionMetrics(
+                model_name=model_name,
+                model_version=version,
+                window_seconds=self.window_seconds,
+                count=figures.count,
+                task=task,
+                loss=figures.log_loss,
+                loss_var=variance,
+                log_loss=figures.log_loss,
+                accuracy=figures.accuracy,
+                auc=figures.auc,
+                label_rate=figures.label_rate,
+                log_loss_var=variance,
+            )
+        if task == "multiclass":
+            outputs = np.array([p[1] for p in points], dtype=np.float64).reshape(len(points), -1)
+        else:
+            outputs = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
+        figures_ = task_scores(task, targets, outputs)
         return VersionMetrics(
             model_name=model_name,
             model_version=version,
             window_seconds=self.window_seconds,
-            count=figures.count,
-            log_loss=figures.log_loss,
-            accuracy=figures.accuracy,
-            auc=figures.auc,
-            label_rate=figures.label_rate,
-            log_loss_var=log_loss_variance(labels, probs) if figures.count else None,
+            count=figures_.count,
+            task=task,
+            loss=figures_.loss,
+            loss_var=figures_.loss_var if figures_.count else None,
+            accuracy=figures_.metrics.get("accuracy"),
+            mae=figures_.metrics.get("mae"),
         )
 
     def drain(self) -> list[VersionMetrics]:

@@ -37,9 +37,17 @@ Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=
 PRIMARY_JOIN_KEY = "entity_id"
 JoinKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 """A Feast join key name (an identifier), e.g. ``item_id``."""
+Task = Literal["binary", "multiclass", "regression"]
+"""What a model predicts (its spec's ``task``): a probability, one of k classes, a value."""
+Category = Annotated[str, StringConstraints(max_length=256)]
+"""A categorical input's value as the caller sent it (encoded by the version's metadata)."""
 ModelName = Annotated[str, StringConstraints(pattern=rf"^{MODEL_NAME_PATTERN}$")]
 """The model repository's rule (``model_repo.MODEL_NAME_PATTERN``), so events and paths agree."""
 """A model name that is safe as a directory name."""
+
+
+MAX_CLASSES = 10_000
+"""The most classes a multiclass model may have (its spec's ``classes``)."""
 
 
 def new_event_id() -> str:
@@ -108,7 +116,14 @@ class PredictionLogged(Event):
     entity_id: Identifier
     features: dict[str, Finite]
     """The exact model inputs by feature name, so training never re-reads a moving store."""
+    categorical: dict[str, Category] = Field(default_factory=dict)
+    """The categorical inputs by name, as sent (their encoding is the version's)."""
     score: Finite
+    """binary: the positive class's probability; multiclass: the top class's; regression:
+    the predicted value."""
+    outputs: list[Finite] = Field(default_factory=list)
+    """multiclass: every class's probability (empty for the other tasks)."""
+    task: Task = "binary"
     latency_ms: Finite = 0.0
 
 
@@ -117,16 +132,19 @@ class FeedbackEvent(Event):
 
     SCHEMA: ClassVar[str] = "feedback.v1"
     prediction_id: Identifier
-    label: Literal[0, 1] | None = None
+    label: int | None = Field(default=None, ge=0, le=MAX_CLASSES - 1)
+    """0/1 for a binary model, a class index for a multiclass one."""
     reward: Finite | None = None
+    value: Finite | None = None
+    """An observed quantity (a regression model's target, e.g. minutes watched)."""
     attributes: dict[Identifier, Annotated[str, StringConstraints(max_length=1024)]] = Field(
         default_factory=dict
     )
 
     @model_validator(mode="after")
     def _has_outcome(self) -> FeedbackEvent:
-        if self.label is None and self.reward is None:
-            raise ValueError("feedback needs a label or a reward")
+        if self.label is None and self.reward is None and self.value is None:
+            raise ValueError("feedback needs a label, a value or a reward")
         return self
 
 
@@ -139,8 +157,14 @@ class LabelledExample(Event):
     model_name: ModelName
     model_version: int = Field(ge=1)
     features: dict[str, Finite]
-    label: Literal[0, 1]
+    categorical: dict[str, Category] = Field(default_factory=dict)
+    task: Task = "binary"
+    target: Finite
+    """What the model should have said, by its spec's label rule: 0/1 (binary), a class index
+    (multiclass) or a value (regression)."""
     score: Finite
+    outputs: list[Finite] = Field(default_factory=list)
+    """The prediction's class probabilities (multiclass)."""
     predicted_at: datetime
     feedback_at: datetime
 
@@ -153,12 +177,19 @@ class VersionMetrics(Event):
     model_version: int = Field(ge=1)
     window_seconds: Finite
     count: int = Field(ge=0)
+    task: Task = "binary"
+    loss: Finite | None = None
+    """Mean per-example loss of the task: log loss (binary), cross-entropy (multiclass),
+    squared error (regression); the rollout compares versions by it."""
+    loss_var: Finite | None = Field(default=None, ge=0.0)
+    """Variance of the per-example loss over the window (for the rollout's bound)."""
     log_loss: Finite | None = None
     accuracy: Finite | None = None
     auc: Finite | None = None
+    mae: Finite | None = None
     label_rate: Finite | None = None
     log_loss_var: Finite | None = Field(default=None, ge=0.0)
-    """Variance of the per-example log loss over the window (for the rollout's bound)."""
+    """binary: as ``loss_var`` (kept for readers of the first schema)."""
     error_rate: Finite | None = Field(default=None, ge=0.0, le=1.0)
     """Share of the version's requests that failed (gateway; absent: guard skipped)."""
     latency_p99_ms: Finite | None = Field(default=None, ge=0.0)

@@ -14,6 +14,7 @@ deployable with its own settings model, through ``section``, with the same kind 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -24,11 +25,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loopmesh.mesh.errors import SetupError
+from loopmesh.mesh.events import MAX_CLASSES, Task
 from loopmesh.mesh.model_repo import MODEL_NAME_PATTERN
 
 SPEC_DIR = "models"
 """Where a project keeps its model specs."""
-Task = Literal["binary", "multiclass", "regression"]
 DEFAULT_FACTORY = "loopmesh.trainer.models:mlp"
 """The built-in MLP (``module.factory`` when a spec names none)."""
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -60,6 +61,28 @@ class ContextField(_Strict):
         if self.kind == "numeric" and (self.buckets is not None or self.vocabulary is not None):
             raise ValueError("buckets and vocabulary are for categorical fields")
         return self
+
+    @property
+    def cardinality(self) -> int:
+        """Embedding rows a categorical field needs (a vocabulary's extra row: unknown values)."""
+        if self.buckets is not None:
+            return self.buckets
+        return len(self.vocabulary or ()) + 1
+
+    def index(self, value: str) -> int:
+        """The embedding row of ``value``: the same in the trainer and the gateway.
+
+        Hashed fields use blake2b (Python's ``hash`` is salted per process); a vocabulary
+        maps its values to 1..n and anything else to 0.
+        """
+        if self.buckets is not None:
+            digest = hashlib.blake2b(value.encode(), digest_size=8).digest()
+            return int.from_bytes(digest, "big") % self.buckets
+        vocabulary = self.vocabulary or ()
+        try:
+            return vocabulary.index(value) + 1
+        except ValueError:
+            return 0
 
 
 class Inputs(_Strict):
@@ -111,7 +134,7 @@ class ModelSpec(_Strict):
 
     name: str = Field(pattern=rf"^{MODEL_NAME_PATTERN}$")
     task: Task
-    classes: int | None = Field(default=None, ge=3, le=10_000)
+    classes: int | None = Field(default=None, ge=3, le=MAX_CLASSES)
     """multiclass only: how many classes (labels 0 .. classes-1)."""
     inputs: Inputs
     label: Label = Label()

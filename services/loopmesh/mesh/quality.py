@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from loopmesh.mesh.events import Task
 
 EPS = 1e-7
 """Probabilities are clipped to [EPS, 1-EPS] so one confident miss cannot be infinite."""
@@ -113,7 +114,6 @@ def finite_or_none(value: float | None) -> float | None:
 
 # ------------------------------------------------------------------ figures of every task
 
-Task = Literal["binary", "multiclass", "regression"]
 PRIMARY: dict[str, tuple[str, bool]] = {
     "binary": ("auc", True),
     "multiclass": ("accuracy", True),

@@ -12,7 +12,8 @@ worse. With per-example variances ``v`` and sample counts ``n`` per arm:
   size; the two radii add (union bound). It stays valid however often the controller looks,
   which it does on every metrics update.
 
-Per-example variances: log loss uses ``log_loss_var`` when the joiner reports it, else the
+Per-example variances: the task's loss (log loss, cross-entropy, squared error) uses
+``loss_var`` (``log_loss_var`` in the first schema) when the joiner reports it, else the
 policy's ``assumed_loss_std`` squared (conservative); accuracy is Bernoulli (with the
 Agresti-Coull +2/+4 correction so 0% or 100% never claim zero variance); AUC uses the
 Hanley-McNeil standard error, which needs ``label_rate``.
@@ -66,9 +67,12 @@ class Verdict:
 def per_example_variance(policy: RolloutPolicy, metrics: VersionMetrics) -> float | None:
     """Variance of one example's contribution to the primary metric (see module docstring)."""
     n = metrics.count
-    if policy.metric == "log_loss":
-        if metrics.log_loss_var is not None:
-            return metrics.log_loss_var
+    if policy.metric in ("loss", "log_loss"):
+        reported = metrics.loss_var if policy.metric == "loss" else None
+        if reported is None and (policy.metric == "log_loss" or metrics.task == "binary"):
+            reported = metrics.log_loss_var
+        if reported is not None:
+            return reported
         return policy.assumed_loss_std**2
     if policy.metric == "accuracy":
         if metrics.accuracy is None:
@@ -100,6 +104,8 @@ def arm_from_metrics(
     if quality is None:
         return Arm(version, error_rate=error_rate, latency_p99_ms=latency_p99_ms)
     value: float | None = getattr(quality, policy.metric)
+    if value is None and policy.metric == "loss" and quality.task == "binary":
+        value = quality.log_loss  # a snapshot of the first schema
     return Arm(
         version=version,
         count=quality.count,

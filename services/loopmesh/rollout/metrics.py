@@ -1,11 +1,11 @@
 """The latest live metrics per model version, as read from ``metrics.live``.
 
 Two producers write ``VersionMetrics``: the trainer's joiner (quality over joined feedback:
-count, log_loss, accuracy, auc, label_rate, optionally log_loss_var) and, later, the inference
-gateway (error_rate, latency_p99_ms). They are kept apart so one does not hide the other: the
-newest snapshot carrying a quality figure (or none of the gateway's) is the version's quality
-snapshot; the newest non-missing error_rate and latency_p99_ms are its operational figures.
-Older or repeated snapshots (replays after a restart) are ignored.
+count, the task's loss and its variance, log_loss, accuracy, auc, mae, label_rate) and the
+inference gateway (error_rate, latency_p99_ms). They are kept apart so one does not hide the
+other: the newest snapshot carrying a quality figure (or none of the gateway's) is the
+version's quality snapshot; the newest non-missing error_rate and latency_p99_ms are its
+operational figures. Older or repeated snapshots (replays after a restart) are ignored.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class VersionLive:
 
 
 def is_quality(event: VersionMetrics) -> bool:
-    if any(v is not None for v in (event.log_loss, event.accuracy, event.auc)):
+    if any(v is not None for v in (event.loss, event.log_loss, event.accuracy, event.auc)):
         return True
     return event.error_rate is None and event.latency_p99_ms is None
 

@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from loopmesh.mesh.events import Event, ModelName
 
-PrimaryMetric = Literal["log_loss", "accuracy", "auc"]
-"""Metric the canary is judged on; log_loss is lower-is-better, the others higher-is-better."""
+PrimaryMetric = Literal["loss", "log_loss", "accuracy", "auc"]
+"""Metric the canary is judged on. ``loss`` is the model's task loss as the joiner reports it
+(log loss, cross-entropy or squared error): lower is better, as for log_loss (binary only);
+accuracy (binary, multiclass) and auc (binary) are higher-is-better."""
+LOWER_IS_BETTER = frozenset({"loss", "log_loss"})
 Method = Literal["sequential", "fixed"]
 """``sequential``: anytime-valid confidence sequences (safe to look after every metrics update);
 ``fixed``: a plain normal confidence interval (valid for one look; cheaper in samples)."""
@@ -30,8 +33,8 @@ class RolloutPolicy(BaseModel):
 
     weights: tuple[Weight, ...] = (0.05, 0.25, 0.5)
     """Canary share of traffic at each step, strictly increasing; after the last, stable."""
-    metric: PrimaryMetric = "log_loss"
-    """Primary metric compared between canary and stable."""
+    metric: PrimaryMetric = "loss"
+    """Primary metric compared between canary and stable (``loss``: whatever the task's)."""
     method: Method = "sequential"
     """How the confidence bound on the metric difference is computed."""
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
@@ -46,7 +49,7 @@ class RolloutPolicy(BaseModel):
     step_timeout_seconds: float = Field(default=3600.0, gt=0.0)
     """A step that reaches no decision within this time is aborted with the reason."""
     assumed_loss_std: float = Field(default=1.0, gt=0.0)
-    """Per-example log-loss standard deviation assumed when metrics carry no log_loss_var."""
+    """Per-example loss standard deviation assumed when metrics carry no loss variance."""
     max_error_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
     """Canary error rate (from the gateway) above which it is rolled back; None disables."""
     max_error_rate_increase: float | None = Field(default=0.01, ge=0.0, le=1.0)
@@ -86,7 +89,7 @@ class RolloutPolicy(BaseModel):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "log_loss"
+        return self.metric not in LOWER_IS_BETTER
 
     def weight_at(self, step: int) -> float:
         """Canary weight at ``step`` (1-based); 0 for the candidate step."""

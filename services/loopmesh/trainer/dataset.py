@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, timedelta
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from loopmesh.mesh import model_repo
 from loopmesh.mesh.events import LabelledExample
 
 FEATURE_PREFIX = "feature:"
+CATEGORICAL_PREFIX = "categorical:"
 _TS = pa.timestamp("us", tz="UTC")
 _BASE_SCHEMA = pa.schema(
     [
@@ -45,7 +46,7 @@ _BASE_SCHEMA = pa.schema(
         ("entity_id", pa.string()),
         ("model_name", pa.string()),
         ("model_version", pa.int64()),
-        ("label", pa.int8()),
+        ("target", pa.float64()),
         ("score", pa.float64()),
         ("predicted_at", _TS),
         ("feedback_at", _TS),
@@ -63,10 +64,13 @@ class Frame:
     predicted_at: FloatArray
     """Epoch seconds."""
     labels: FloatArray
+    """The targets: 0/1 (binary), a class index (multiclass), a value (regression)."""
     scores: FloatArray
     model_versions: npt.NDArray[np.int64]
     features: dict[str, FloatArray]
     """Raw values by feature name; NaN where an example lacked the feature."""
+    categorical: dict[str, npt.NDArray[np.str_]] = field(default_factory=dict)
+    """Categorical inputs as sent, by name; "" where an example lacked it."""
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -80,6 +84,7 @@ class Frame:
             scores=self.scores[index],
             model_versions=self.model_versions[index],
             features={k: v[index] for k, v in self.features.items()},
+            categorical={k: v[index] for k, v in self.categorical.items()},
         )
 
     def matrix(self, feature_names: Sequence[str]) -> FloatArray:
@@ -232,7 +237,15 @@ class Dataset:
         table = pa.concat_tables(tables, promote_options="default")
         erased = pa.array(sorted(self.erased()), pa.string())
         mask = pc.invert(pc.is_in(table.column("entity_id"), value_set=erased))
-        mask = pc.and_(mask, pc.is_valid(table.column("label")))
+        if "label" in table.column_names:
+            # Files of the first schema held an int "label" where "target" is now.
+            old = pc.cast(table.column("label"), pa.float64())
+            table = table.set_column(
+                table.column_names.index("target"),
+                "target",
+                pc.coalesce(table.column("target"), old),
+            )
+        mask = pc.and_(mask, pc.is_valid(table.column("target")))
         table = table.filter(mask)
         # Files are read oldest first, so the first row of a prediction is its first arrival.
         ids = table.column("prediction_id").to_numpy(zero_copy_only=False).astype(str)
@@ -266,7 +279,7 @@ def _to_table(examples: Sequence[LabelledExample]) -> pa.Table:
         "entity_id": [e.entity_id for e in examples],
         "model_name": [e.model_name for e in examples],
         "model_version": [e.model_version for e in examples],
-        "label": [e.label for e in examples],
+        "target": [e.target for e in examples],
         "score": [e.score for e in examples],
         "predicted_at": [e.predicted_at for e in examples],
         "feedback_at": [e.feedback_at for e in examples],
@@ -276,6 +289,9 @@ def _to_table(examples: Sequence[LabelledExample]) -> pa.Table:
     for name in names:
         arrays.append(pa.array([e.features.get(name) for e in examples], pa.float64()))
         fields.append(pa.field(FEATURE_PREFIX + name, pa.float64()))
+    for name in sorted({name for e in examples for name in e.categorical}):
+        arrays.append(pa.array([e.categorical.get(name) for e in examples], pa.string()))
+        fields.append(pa.field(CATEGORICAL_PREFIX + name, pa.string()))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
@@ -317,10 +333,17 @@ def _frame(table: pa.Table) -> Frame:
         prediction_ids=table.column("prediction_id").to_numpy(zero_copy_only=False).astype(str),
         entity_ids=table.column("entity_id").to_numpy(zero_copy_only=False).astype(str),
         predicted_at=pc.cast(table.column("predicted_at"), pa.int64()).to_numpy() / 1e6,
-        labels=floats("label"),
+        labels=floats("target"),
         scores=floats("score"),
         model_versions=table.column("model_version").to_numpy().astype(np.int64),
         features=features,
+        categorical={
+            name.removeprefix(CATEGORICAL_PREFIX): np.asarray(
+                table.column(name).fill_null("").to_numpy(zero_copy_only=False), dtype=np.str_
+            )
+            for name in table.column_names
+            if name.startswith(CATEGORICAL_PREFIX)
+        },
     )
 
 

@@ -44,7 +44,7 @@ def ex(pid: str, entity: str, at: float, label: int, **features: float) -> Label
         model_name="m",
         model_version=1,
         features=features,
-        label=label,  # type: ignore[arg-type]
+        target=float(label),
         score=0.5,
         predicted_at=t,
         feedback_at=t,

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
 from loopmesh.gen.loopmesh.v1 import inference_pb2
 from loopmesh.inference.batching import Coalescer
 from loopmesh.inference.catalog import BadModelSpec, ModelCatalog, is_store_ref
-from loopmesh.inference.core import Counters, PredictInput, PredictionRecord, PredictOutput
+from loopmesh.inference.core import (
+    BackendError,
+    Counters,
+    FeatureReading,
+    ModelFailed,
+    PredictInput,
+    PredictionRecord,
+    Predictor,
+    PredictOutput,
+)
 from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import Route, RouteTable, bucket
 from loopmesh.inference.server import InferenceServicer
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.errors import InvalidArgument, UnknownModel
+from loopmesh.mesh.model_spec import ContextField
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import PREDICTIONS
 
@@ -218,3 +230,199 @@ async def test_a_stream_client_that_never_reads_stops_being_read() -> None:
     rest = [answer.request_id async for answer in stream]
     assert sorted([first.request_id, *rest], key=int) == [str(i) for i in range(sent)]
     assert predictor.calls == sent
+
+
+def _metadata(repo: Path, model: str, version: int, meta: dict[str, object]) -> None:
+    """A version's metadata.json alone (the catalog reads nothing else)."""
+    path = model_repo.version_dir(repo, model, version)
+    path.mkdir(parents=True)
+    (path / model_repo.METADATA_FILE).write_text(json.dumps(meta))
+
+
+COUNTRY = {"name": "country", "kind": "categorical", "buckets": 8}
+DEVICE = {"name": "device", "kind": "categorical", "vocabulary": ["ios", "web"]}
+
+
+def test_catalog_reads_task_categorical_inputs_and_output_width(tmp_path: Path) -> None:
+    _metadata(
+        tmp_path,
+        "mc",
+        1,
+        {
+            "feature_names": ["v:a", "b"],
+            "categorical": [COUNTRY, DEVICE],
+            "task": "multiclass",
+            "classes": 3,
+            "n_features": 4,
+            "n_outputs": 3,
+        },
+    )
+    _metadata(tmp_path, "old", 1, {"feature_names": ["a"], "n_features": 1})
+    _metadata(
+        tmp_path, "cats", 1, {"feature_names": [], "categorical": [DEVICE], "task": "regression"}
+    )
+    catalog = ModelCatalog(tmp_path)
+    spec = catalog.spec("mc", 1)
+    assert (spec.task, spec.n_outputs, spec.n_inputs) == ("multiclass", 3, 4)
+    assert [f.name for f in spec.categorical] == ["country", "device"]
+    assert spec.categorical_field("device") is not None and spec.categorical_field("b") is None
+    old = catalog.spec("old", 1)
+    assert (old.task, old.n_outputs, old.categorical) == ("binary", 1, ())
+    only_categorical = catalog.spec("cats", 1)
+    assert (only_categorical.n_inputs, only_categorical.task) == (1, "regression")
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({"task": "ranking"}, "task 'ranking'"),
+        ({"task": "regression", "n_outputs": 2}, "answers one number"),
+        ({"n_outputs": 3}, "answers one number"),
+        ({"task": "multiclass", "n_outputs": 3, "classes": 4}, "n_outputs = classes"),
+        ({"task": "multiclass", "n_outputs": 1}, "n_outputs = classes"),
+        ({"n_outputs": 0}, "n_outputs 0"),
+        ({"categorical": [{"name": "c", "kind": "numeric"}]}, "is not categorical"),
+        ({"categorical": [{"name": "c", "kind": "categorical"}]}, "categorical[0]"),
+        ({"categorical": [COUNTRY, COUNTRY]}, "repeats the name 'country'"),
+        ({"categorical": {"country": 8}}, "must be a list"),
+        ({"categorical": [COUNTRY], "n_features": 1}, "1 categorical inputs but n_features=1"),
+        ({"feature_names": []}, "declares no inputs"),
+    ],
+)
+def test_catalog_refuses_metadata_that_cannot_drive_predict(
+    tmp_path: Path, meta: dict[str, object], reason: str
+) -> None:
+    _metadata(tmp_path, "m", 1, {"feature_names": ["a"], **meta})
+    with pytest.raises(BadModelSpec) as caught:
+        ModelCatalog(tmp_path).spec("m", 1)
+    assert reason in str(caught.value)
+
+
+class _Backend:
+    """Answers ``outputs`` for every row of every version but ``broken``; records the rows."""
+
+    def __init__(self, outputs: list[float], broken: int | None = None) -> None:
+        self.outputs = outputs
+        self.broken = broken
+        self.rows: list[tuple[int, list[float]]] = []
+
+    async def score_rows(
+        self, model_name: str, version: int, rows: Sequence[Sequence[float]]
+    ) -> list[list[float]]:
+        if version == self.broken:
+            raise BackendError("canary down", unavailable=True)
+        self.rows.extend((version, list(row)) for row in rows)
+        return [list(self.outputs) for _ in rows]
+
+    async def ready_versions(self, model_name: str) -> list[int]:
+        return []
+
+
+class _NoFeatures:
+    async def fetch(self, entity_id: str, refs: tuple[str, ...]) -> dict[str, FeatureReading]:
+        return {}
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[PredictionRecord] = []
+
+    def log(self, record: PredictionRecord) -> bool:
+        self.records.append(record)
+        return True
+
+
+def _predictor(repo: Path, backend: _Backend, sink: _Sink, routes: RouteTable) -> Predictor:
+    return Predictor(
+        catalog=ModelCatalog(repo),
+        routes=routes,
+        features=_NoFeatures(),
+        backend=backend,
+        sink=sink,
+        default_model="m",
+        batch_max_delay_s=0.0,
+    )
+
+
+async def test_predict_encodes_categorical_inputs_and_answers_by_task(tmp_path: Path) -> None:
+    _metadata(
+        tmp_path,
+        "m",
+        1,
+        {
+            "feature_names": ["a"],
+            "categorical": [COUNTRY, DEVICE],
+            "task": "multiclass",
+            "classes": 3,
+            "n_outputs": 3,
+        },
+    )
+    backend, sink = _Backend([0.2, 0.5, 0.3]), _Sink()
+    predictor = _predictor(tmp_path, backend, sink, RouteTable())
+    request = PredictInput.parse(
+        entity_id="e", context={"a": 2.0}, categorical={"device": "web"}, model_version="1"
+    )
+    out = await predictor.predict(request)
+    assert (out.task, out.probabilities, out.predicted_class, out.score) == (
+        "multiclass",
+        (0.2, 0.5, 0.3),
+        1,
+        0.5,
+    )
+    country = ContextField.model_validate(COUNTRY)
+    # Numeric, then country (not sent: the empty value's bucket), then device (web: row 2).
+    assert backend.rows == [(1, [2.0, float(country.index("")), 2.0])]
+    [record] = sink.records
+    assert (record.task, record.outputs, record.categorical) == (
+        "multiclass",
+        (0.2, 0.5, 0.3),
+        {"device": "web"},
+    )
+    with pytest.raises(InvalidArgument) as unknown:
+        await predictor.predict(request.model_copy(update={"categorical": {"os": "ios"}}))
+    assert unknown.value.field == "categorical.os"
+    assert len(backend.rows) == 1  # refused before anything was scored
+
+
+async def test_an_output_width_other_than_the_metadatas_is_a_model_failure(
+    tmp_path: Path,
+) -> None:
+    _metadata(tmp_path, "m", 1, {"feature_names": ["a"], "task": "multiclass", "n_outputs": 3})
+    _metadata(tmp_path, "m", 2, {"feature_names": ["a"], "task": "regression"})
+    sink = _Sink()
+    request = PredictInput.parse(entity_id="e", model_version="1")
+    for version, outputs in ((1, [0.5, 0.5]), (2, [1.0, 2.0]), (2, [math.nan])):
+        predictor = _predictor(tmp_path, _Backend(outputs), sink, RouteTable())
+        pinned = request.model_copy(update={"model_version": str(version)})
+        with pytest.raises(ModelFailed) as caught:
+            await predictor.predict(pinned)
+        assert caught.value.status == grpc.StatusCode.INTERNAL
+        if outputs[0] == outputs[0]:  # not NaN
+            assert f"{len(outputs)} outputs per row" in str(caught.value)
+            assert "n_outputs=" in str(caught.value)
+        else:
+            assert "non-finite" in str(caught.value)
+        await predictor.close()
+    assert sink.records == []
+
+
+async def test_a_fallback_to_stable_leaves_out_the_canarys_own_categorical_inputs(
+    tmp_path: Path,
+) -> None:
+    _metadata(tmp_path, "m", 1, {"feature_names": ["a"]})
+    _metadata(tmp_path, "m", 2, {"feature_names": ["a"], "categorical": [DEVICE]})
+    routes = RouteTable()
+    routes.set(route(1.0))
+    backend, sink = _Backend([0.25], broken=2), _Sink()
+    predictor = _predictor(tmp_path, backend, sink, routes)
+    out = await predictor.predict(
+        PredictInput.parse(entity_id="e", context={"a": 1.0}, categorical={"device": "ios"})
+    )
+    assert (out.model_version, out.arm, out.score, out.task) == (1, "fallback", 0.25, "binary")
+    assert backend.rows == [(1, [1.0])]
+    assert sink.records[0].categorical == {}
+    # Asked of stable directly, the same input is refused: stable declares no "device".
+    routes.set(route(0.0))
+    with pytest.raises(InvalidArgument) as caught:
+        await predictor.predict(PredictInput.parse(entity_id="e", categorical={"device": "ios"}))
+    assert caught.value.field == "categorical.device"

@@ -342,6 +342,9 @@ MISSING = grpc.StatusCode.NOT_FOUND
         ({"entity_id": "a", "model_version": "01"}, "model_version", BAD),
         ({"entity_id": "a", "model_version": "x"}, "model_version", BAD),
         ({"entity_id": "a", "model_version": "99"}, "model_version", MISSING),
+        # The model declares no categorical inputs (metadata from before tasks).
+        ({"entity_id": "a", "categorical": {"country": "FR"}}, "categorical.country", BAD),
+        ({"entity_id": "a", "categorical": {"country": "x" * 257}}, "categorical.country", BAD),
     ],
 )
 async def test_invalid_requests_name_the_field(

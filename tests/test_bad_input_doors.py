@@ -199,7 +199,7 @@ def feedback_item() -> st.SearchStrategy[tuple[feedback_pb2.Feedback, str | None
     mutations = st.one_of(
         st.just(("", None, VALID)),
         _mutation("prediction_id", st.sampled_from(["", "  ", "p" * 257]), "prediction_id"),
-        _mutation("label", st.sampled_from([2, -1, 2**31 - 1]), "label"),
+        _mutation("label", st.sampled_from([10_000, -1, 2**31 - 1]), "label"),
         _mutation("reward", bad_float(), "reward"),
         _mutation("outcome", st.just(None), "."),
         _mutation("attributes", huge(1024), "attributes"),

@@ -12,7 +12,6 @@ anything else), and the logged ``PredictionLogged`` records are read back from K
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +111,7 @@ def publish_task_model(
     assert exported.n_outputs == k
     metadata: dict[str, Any] = {
         "task": task,
+        "feature_names": NUMERIC,
         "categorical": [f.model_dump(exclude_none=True) for f in CATEGORICAL],
         "feature_defaults": DEFAULTS,
     }
@@ -127,13 +127,6 @@ def publish_task_model(
         n_outputs=exported.n_outputs,
         weights=exported.weights,
     )
-    # model_repo.write_version still requires len(feature_names) == n_features, which does not
-    # count the categorical columns (issue 18), so the numeric names are added after it wrote
-    # the version, before Triton loads it.
-    path = model_repo.version_dir(repo, model, version) / model_repo.METADATA_FILE
-    meta = json.loads(path.read_text())
-    meta["feature_names"] = NUMERIC
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True))
     return module
 
 

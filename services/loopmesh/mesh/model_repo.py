@@ -213,8 +213,14 @@ def write_version(
     if weights is not None and not weights:
         raise ValueError("the weights payload is empty")
     feature_names = metadata.get("feature_names")
-    if feature_names is not None and len(feature_names) != n_features:
-        raise ValueError(f"{len(feature_names)} feature_names given but n_features={n_features}")
+    # The input row: the numeric features, then one column per categorical input.
+    width = len(feature_names or ()) + len(metadata.get("categorical") or ())
+    if feature_names is not None and width != n_features:
+        raise ValueError(
+            f"{len(feature_names)} feature_names and "
+            f"{len(metadata.get('categorical') or ())} categorical inputs given "
+            f"but n_features={n_features}"
+        )
     for other in list_versions(repo, model):
         other_meta = read_metadata(repo, model, other)
         for key, value in (("n_features", n_features), ("n_outputs", n_outputs)):

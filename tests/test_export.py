@@ -4,6 +4,7 @@ run; what it publishes loads in the real tritonserver and answers what torch ans
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,7 +147,10 @@ def test_weights_are_safetensors_checked_before_a_warm_start(tmp_path: Path) -> 
     x = _rows()
     module = _scoring(x)
     exported = export_module(module, x)
-    assert not exported.weights.startswith(b"\x80")  # not a pickle
+    # Not a pickle but safetensors: an 8-byte header length, then a JSON header. (A first byte
+    # of 0x80 proves nothing: a 896-byte header's length starts like a pickle's opcode.)
+    size = int.from_bytes(exported.weights[:8], "little")
+    assert "mlp.net.0.weight" in json.loads(exported.weights[8 : 8 + size])
     vdir = model_repo.write_version(
         tmp_path,
         "w",

@@ -48,12 +48,21 @@ class SwitchableFit:
         self.shuffle = False
 
     def __call__(
-        self, x: Any, y: Any, xv: Any, yv: Any, st: Any, cfg: Any, *, warm: Any = None
+        self,
+        x: Any,
+        y: Any,
+        xv: Any,
+        yv: Any,
+        st: Any,
+        cfg: Any,
+        *,
+        warm: Any = None,
+        plan: Any = None,
     ) -> FitResult:
         if self.shuffle:
             rng = np.random.default_rng(0)
             y, yv, warm = rng.permutation(y), rng.permutation(yv), None
-        return fit(x, y, xv, yv, st, cfg, warm=warm)
+        return fit(x, y, xv, yv, st, cfg, warm=warm, plan=plan)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -183,18 +184,23 @@ def parse(text: str, source: str) -> ModelSpec:
         raise SpecError(f"{source}: {_where(first)}", first["msg"]) from None
 
 
-def load_specs(project: Path) -> dict[str, ModelSpec]:
-    """Every ``models/*.yaml`` of ``project`` by model name (none: an empty mapping)."""
+def load_spec_files(project: Path) -> dict[str, tuple[str, ModelSpec]]:
+    """Every ``models/*.yaml`` of ``project`` by model name, with its file (``models/x.yaml``)."""
     directory = project / SPEC_DIR
-    specs: dict[str, ModelSpec] = {}
+    specs: dict[str, tuple[str, ModelSpec]] = {}
     files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
     for path in files:
         source = f"{SPEC_DIR}/{path.name}"
         spec = parse(path.read_text(), source)
         if spec.name in specs:
             raise SpecError(f"{source}: name", f"model {spec.name!r} is specified twice")
-        specs[spec.name] = spec
+        specs[spec.name] = (source, spec)
     return specs
+
+
+def load_specs(project: Path) -> dict[str, ModelSpec]:
+    """Every ``models/*.yaml`` of ``project`` by model name (none: an empty mapping)."""
+    return {name: spec for name, (_, spec) in load_spec_files(project).items()}
 
 
 def section(spec: ModelSpec, source: str, name: str, model: type[M], base: M | None = None) -> M:
@@ -231,8 +237,14 @@ def check_features(
     return list(spec.inputs.features)
 
 
-def import_factory(spec: ModelSpec, source: str) -> Callable[..., Any]:
-    """The module factory the spec names; SpecError when it cannot be imported."""
+def import_factory(spec: ModelSpec, source: str, project: Path | None = None) -> Callable[..., Any]:
+    """The module factory the spec names; SpecError when it cannot be imported.
+
+    The module is looked up in ``project`` first (a team keeps its torch code beside its
+    specs), then in what is installed.
+    """
+    if project is not None and str(project) not in sys.path:
+        sys.path.insert(0, str(project))
     module_name, _, attribute = spec.module.factory.partition(":")
     try:
         module = importlib.import_module(module_name)

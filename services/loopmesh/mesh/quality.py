@@ -140,6 +140,13 @@ class TaskScores:
     def primary(self) -> float | None:
         return self.metrics.get(PRIMARY[self.task][0])
 
+    def as_dict(self) -> dict[str, float]:
+        """The defined figures by name: ``loss``, ``loss_var``, the metrics, ``count``."""
+        figures = {"loss": self.loss, "loss_var": self.loss_var, **self.metrics}
+        out = {k: float(v) for k, v in figures.items() if v is not None}
+        out["count"] = float(self.count)
+        return out
+
 
 def per_example_loss(task: Task, targets: npt.ArrayLike, outputs: npt.ArrayLike) -> FloatArray:
     """The loss of each example: log loss (binary, outputs are probabilities), cross-entropy

@@ -14,10 +14,13 @@ from loopmesh.gen.loopmesh.v1 import trainer_pb2_grpc
 from loopmesh.mesh.batch import BatchSink
 from loopmesh.mesh.bus import EventConsumer, EventProducer, declare_topics
 from loopmesh.mesh.events import LabelledExample, ModelPublished
+from loopmesh.mesh.feature_repo import project_dir
+from loopmesh.mesh.model_spec import ModelSpec, load_spec_files
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.trainer import instruments
 from loopmesh.trainer.agents import TrainerHandlers, example_sink
 from loopmesh.trainer.core import TrainerCore
+from loopmesh.trainer.plan import plan_of
 from loopmesh.trainer.server import METHOD_ROLES, SERVICE_NAME, TrainerServicer
 from loopmesh.trainer.settings import TrainerSettings
 from loopmesh.trainer.train import FitFn
@@ -38,7 +41,17 @@ class TrainerApp:
     ) -> None:
         self.name = "trainer"
         self.settings = settings
-        scope = settings.trainer
+        # The model's spec, when the project has one, decides the task, the inputs and the
+        # module; its training and gate sections go over the settings. A spec whose factory
+        # cannot be imported, built or exported stops the start, naming its file and field.
+        project = project_dir(settings.project)
+        files = load_spec_files(project)
+        found: tuple[str, ModelSpec | None] = files.get(settings.trainer.model_name, ("", None))
+        source, spec = found
+        plan, scope = plan_of(spec, source, settings.trainer, project)
+        if spec is not None:
+            plan.check(scope.training)
+        self.plan = plan
         self.scope = scope
         self.producer = EventProducer(settings.kafka, "trainer")
         self._interceptors = interceptors
@@ -50,7 +63,9 @@ class TrainerApp:
         self.crashed = asyncio.Event()
         self._stopping = False
         """Set when a consuming task died: the process should exit for its supervisor."""
-        self.core = TrainerCore(scope, settings.model_repository, announce=self._announce, fit=fit)
+        self.core = TrainerCore(
+            scope, settings.model_repository, announce=self._announce, fit=fit, plan=plan
+        )
         self._build_consumers(self.core)
 
     def _build_consumers(self, core: TrainerCore) -> None:

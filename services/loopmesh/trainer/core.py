@@ -28,9 +28,11 @@ from opentelemetry.trace import Link, SpanContext
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
+from loopmesh.mesh.quality import PRIMARY
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.trainer import instruments, pipeline
 from loopmesh.trainer.dataset import Dataset
+from loopmesh.trainer.plan import ModelPlan
 from loopmesh.trainer.runs import RunHistory, RunRecord
 from loopmesh.trainer.settings import TrainerScope
 from loopmesh.trainer.train import FitFn
@@ -91,9 +93,11 @@ class TrainerCore:
         *,
         announce: Announce | None = None,
         fit: FitFn = default_fit,
+        plan: ModelPlan | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.scope = scope
+        self.plan = plan or ModelPlan()
         self.model_name = scope.model_name
         self.repository = Path(repository)
         self.dataset = Dataset(scope.data_dir)
@@ -102,9 +106,10 @@ class TrainerCore:
         self._announce = announce
         self._fit = fit
         self._clock = clock
-        self.policy = TriggerPolicy(scope.triggers, scope.dataset.min_rows)
         t = scope.triggers
-        self.drift = DriftDetector(t.drift_metric, t.drift_threshold or 0.0, t.drift_min_count)
+        drift_metric = t.drift_metric or PRIMARY[self.plan.task][0]
+        self.policy = TriggerPolicy(t, scope.dataset.min_rows, drift_metric)
+        self.drift = DriftDetector(drift_metric, t.drift_threshold or 0.0, t.drift_min_count)
         self._running: RunRecord | None = None
         self._task: asyncio.Task[RunRecord] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -300,7 +305,9 @@ class TrainerCore:
 
     def _train(self, run_id: str) -> tuple[pipeline.StableModel | None, pipeline.RunOutcome]:
         stable = pipeline.load_stable(self.repository, self.model_name, self.stable_version())
-        outcome = pipeline.run_pipeline(self.scope, self.dataset, stable, self._fit, run_id=run_id)
+        outcome = pipeline.run_pipeline(
+            self.scope, self.dataset, stable, self._fit, run_id=run_id, plan=self.plan
+        )
         return stable, outcome
 
     async def _announce_version(self, version: int, meta: dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
 """The evaluation gate: a candidate is published only if it beats the reference on the holdout.
 
 The reference is the stable version scored on the very same holdout rows, or, before any
-version exists, a constant predictor at the training label rate (AUC 0.5). Both log-loss and
-AUC must improve by the configured margins.
+version exists, a constant predictor (the training label rate, AUC 0.5; the training class
+frequencies; the training target mean). A binary candidate must improve both log-loss and AUC
+by the configured margins; a multiclass or regression one its task's loss (cross-entropy,
+squared error) by ``min_loss_improvement``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from loopmesh.mesh.quality import Scores
+from loopmesh.mesh.quality import LOSS, PRIMARY, Scores, TaskScores
 from loopmesh.trainer.settings import GateSettings
 
 ReferenceKind = Literal["stable", "baseline"]
@@ -20,9 +22,34 @@ ReferenceKind = Literal["stable", "baseline"]
 class GateDecision:
     accepted: bool
     reason: str
-    candidate: Scores
-    reference: Scores
+    candidate: Scores | TaskScores
+    reference: Scores | TaskScores
     reference_kind: ReferenceKind
+
+
+def decide_task(
+    candidate: TaskScores, reference: TaskScores, kind: ReferenceKind, settings: GateSettings
+) -> GateDecision:
+    """Accept when the task's loss beats the reference's by ``min_loss_improvement``."""
+    name = LOSS[candidate.task]
+    if candidate.loss is None:
+        return GateDecision(False, "candidate figures are undefined", candidate, reference, kind)
+    ref = reference.loss if reference.loss is not None else float("inf")
+    needed = ref - settings.min_loss_improvement
+    primary = PRIMARY[candidate.task][0]
+    shown = f"{primary} {_fmt(candidate.primary)} vs {kind} {_fmt(reference.primary)}"
+    if not candidate.loss < needed:
+        reason = (
+            f"{name} {candidate.loss:.4f} not below {kind} {ref:.4f} "
+            f"- {settings.min_loss_improvement:g} ({shown})"
+        )
+        return GateDecision(False, reason, candidate, reference, kind)
+    reason = f"beats {kind}: {name} {candidate.loss:.4f} < {ref:.4f} ({shown})"
+    return GateDecision(True, reason, candidate, reference, kind)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def decide(

@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from loopmesh.mesh import model_repo, quality
+from loopmesh.mesh.model_spec import ContextField
 from loopmesh.trainer.dataset import Dataset
 from loopmesh.trainer.export import OPSET, ExportedModel, export_module
-from loopmesh.trainer.gate import GateDecision, ReferenceKind, decide
+from loopmesh.trainer.gate import GateDecision, ReferenceKind, decide, decide_task
+from loopmesh.trainer.plan import ModelPlan
 from loopmesh.trainer.prepare import Standardisation, choose_features, split_by_time
 from loopmesh.trainer.settings import TrainerScope
 from loopmesh.trainer.train import FitFn, WarmStart, load_scoring, predict
 from loopmesh.trainer.train import warm_start_from as _warm_start_from
 
+FloatArray = npt.NDArray[np.float64]
 EXPORT_CHECK_ROWS = 4096
 """Holdout rows the ONNX graph must reproduce the trained module on."""
 
@@ -38,6 +42,8 @@ class StableModel:
     version: int
     path: Path
     standardisation: Standardisation
+    categorical: tuple[ContextField, ...] = ()
+    """Its categorical inputs (the tail of its input row)."""
 
 
 @dataclass
@@ -71,6 +77,7 @@ def load_stable(repository: Path, model_name: str, version: int | None) -> Stabl
         version=version,
         path=vdir / model_repo.MODEL_FILE,
         standardisation=Standardisation.from_metadata(meta["standardisation"]),
+        categorical=tuple(ContextField.model_validate(f) for f in meta.get("categorical") or ()),
     )
 
 
@@ -81,41 +88,72 @@ def run_pipeline(
     fit: FitFn,
     *,
     run_id: str,
+    plan: ModelPlan | None = None,
 ) -> RunOutcome:
     ds = scope.dataset
+    plan = plan or ModelPlan()
     frame = dataset.load(
         scope.model_name, window_rows=ds.window_rows, window_seconds=ds.window_seconds
     )
+    frame = frame.take(np.flatnonzero(_valid_targets(plan, frame.labels)))
     if len(frame) < ds.min_rows:
         raise NotEnoughData(f"{len(frame)} clean examples, need at least {ds.min_rows}")
-    configured = ds.features or (list(stable.standardisation.feature_names) if stable else None)
+    configured = (
+        ds.features
+        or plan.inputs_from(list(frame.features))
+        or (list(stable.standardisation.feature_names) if stable else None)
+    )
     feature_names = choose_features(frame, configured)
-    if not feature_names:
+    if not feature_names and not plan.categorical:
         raise NotEnoughData("the examples carry no features")
-    x = frame.matrix(feature_names)
+    # The input row Triton gets: the numeric inputs, then the categorical embedding rows.
+    x = np.hstack([frame.matrix(feature_names), plan.encode(frame.categorical, len(frame))])
     y = frame.labels
     train_idx, holdout_idx = split_by_time(len(frame), ds.holdout_fraction)
     fit_idx, val_idx = split_by_time(len(train_idx), scope.training.validation_fraction)
     fit_idx, val_idx = train_idx[fit_idx], train_idx[val_idx]
-    standardisation = Standardisation.fit(x[fit_idx], feature_names, clip_quantile=ds.clip_quantile)
+    n = len(feature_names)
+    standardisation = Standardisation.fit(
+        x[fit_idx][:, :n], feature_names, clip_quantile=ds.clip_quantile
+    )
     warm: WarmStart | None = None
     if stable is not None and scope.training.warm_start:
         warm = _warm_start_from(stable.path, stable.standardisation)
     result = fit(
-        x[fit_idx], y[fit_idx], x[val_idx], y[val_idx], standardisation, scope.training, warm=warm
+        x[fit_idx],
+        y[fit_idx],
+        x[val_idx],
+        y[val_idx],
+        standardisation,
+        scope.training,
+        warm=warm,
+        plan=plan,
     )
     y_holdout = y[holdout_idx]
-    candidate = quality.score(y_holdout, predict(result.module, x[holdout_idx]))
+    candidate_out = predict(result.module, x[holdout_idx])
     kind: ReferenceKind
     if stable is not None:
-        stable_x = frame.matrix(stable.standardisation.feature_names)[holdout_idx]
-        reference = quality.score(y_holdout, predict(load_scoring(stable.path), stable_x))
+        stable_x = np.hstack(
+            [
+                frame.matrix(stable.standardisation.feature_names),
+                ModelPlan(categorical=stable.categorical).encode(frame.categorical, len(frame)),
+            ]
+        )[holdout_idx]
+        reference_out = predict(load_scoring(stable.path), stable_x)
         kind = "stable"
     else:
-        constant = np.full(y_holdout.shape, float(np.clip(y[train_idx].mean(), 1e-3, 1 - 1e-3)))
-        reference = quality.score(y_holdout, constant)
+        reference_out = _baseline(plan, y[train_idx], len(holdout_idx))
         kind = "baseline"
-    decision = decide(candidate, reference, kind, scope.gate)
+    candidate: quality.Scores | quality.TaskScores
+    reference: quality.Scores | quality.TaskScores
+    if plan.task == "binary":
+        candidate = quality.score(y_holdout, candidate_out)
+        reference = quality.score(y_holdout, reference_out)
+        decision = decide(candidate, reference, kind, scope.gate)
+    else:
+        candidate = quality.task_scores(plan.task, y_holdout, candidate_out)
+        reference = quality.task_scores(plan.task, y_holdout, reference_out)
+        decision = decide_task(candidate, reference, kind, scope.gate)
     stamps = frame.predicted_at
     outcome = RunOutcome(
         decision=decision,
@@ -134,7 +172,20 @@ def run_pipeline(
         # Never published unless exported and reproduced on the holdout rows (NaNs included).
         outcome.payload = export_module(result.module, x[holdout_idx][:EXPORT_CHECK_ROWS])
         outcome.metadata = {
+            "task": plan.task,
+            **({"classes": plan.classes} if plan.task == "multiclass" else {}),
             "feature_names": feature_names,
+            "categorical": [f.model_dump(exclude_none=True) for f in plan.categorical],
+            **(
+                {
+                    "target": {
+                        "mean": result.module.target_mean.item(),
+                        "std": result.module.target_std.item(),
+                    }
+                }
+                if plan.task == "regression"
+                else {}
+            ),
             # What the module imputes for a missing input; inference uses it as the default.
             "feature_defaults": dict(
                 zip(feature_names, standardisation.mean.tolist(), strict=True)
@@ -172,6 +223,28 @@ def run_pipeline(
     return outcome
 
 
+def _valid_targets(plan: ModelPlan, y: FloatArray) -> npt.NDArray[np.bool_]:
+    """Rows whose target the task can learn (examples of another rule or schema are not)."""
+    valid: npt.NDArray[np.bool_] = np.isfinite(y)
+    if plan.task == "binary":
+        valid &= (y == 0.0) | (y == 1.0)
+    elif plan.task == "multiclass":
+        valid &= (y >= 0) & (y < (plan.classes or 0)) & (np.floor(y) == y)
+    return valid
+
+
+def _baseline(plan: ModelPlan, y_train: FloatArray, rows: int) -> FloatArray:
+    """The constant predictor a first version must beat: the training label rate, class
+    frequencies or target mean."""
+    if plan.task == "multiclass":
+        k = plan.classes or 1
+        counts = np.bincount(y_train.astype(np.int64), minlength=k)[:k] + 1.0
+        return np.tile(counts / counts.sum(), (rows, 1))
+    if plan.task == "regression":
+        return np.full(rows, float(y_train.mean()))
+    return np.full(rows, float(np.clip(y_train.mean(), 1e-3, 1 - 1e-3)))
+
+
 def publish_files(
     repository: Path,
     model_name: str,
@@ -191,7 +264,7 @@ def publish_files(
                 version,
                 payload.onnx,
                 metadata,
-                n_features=len(metadata["feature_names"]),
+                n_features=payload.n_features,
                 n_outputs=payload.n_outputs,
                 weights=payload.weights,
                 backend=backend,

@@ -108,6 +108,9 @@ class GateSettings(BaseModel):
     """Candidate holdout log-loss must be lower than the reference's by at least this."""
     min_auc_improvement: float = Field(default=0.0, ge=0)
     """Candidate holdout AUC must exceed the reference's by more than this."""
+    min_loss_improvement: float = Field(default=0.001, ge=0)
+    """multiclass and regression: the candidate's holdout loss (cross-entropy, squared error
+    in the target's units) must be lower than the reference's by at least this."""
 
 
 class TriggerSettings(BaseModel):
@@ -117,8 +120,9 @@ class TriggerSettings(BaseModel):
     """Fire when any enabled trigger is due, or only when all of them are."""
     min_new_examples: int | None = Field(default=1000, ge=1)
     """Examples stored since the last run started (None disables)."""
-    drift_metric: Literal["auc", "log_loss", "accuracy"] = "auc"
-    """Live metric of the stable version that the drift trigger watches."""
+    drift_metric: Literal["auc", "log_loss", "accuracy", "loss", "mae"] | None = None
+    """Live metric of the stable version that the drift trigger watches; None: the task's
+    primary metric (binary auc, multiclass accuracy, regression mae)."""
     drift_threshold: float | None = Field(default=0.05, gt=0)
     """Worsening of that metric from its best window that counts as drift (None disables)."""
     drift_min_count: int = Field(default=200, ge=1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from loopmesh.mesh.events import VersionMetrics
 from loopmesh.trainer.settings import TriggerSettings
 
-HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "log_loss": False}
+HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "log_loss": False, "loss": False, "mae": False}
 
 
 @dataclass
@@ -73,6 +73,8 @@ class TriggerInputs:
 class TriggerPolicy:
     settings: TriggerSettings
     min_rows: int
+    drift_metric: str = "auc"
+    """The metric the drift detector watches (the setting, or the task's primary)."""
 
     def due(self, inputs: TriggerInputs) -> list[str]:
         """Reasons to start a run now (empty: not due)."""
@@ -90,7 +92,7 @@ class TriggerPolicy:
                 )
             )
         if s.drift_threshold is not None:
-            checks.append((f"drift of live {s.drift_metric}", inputs.drifted))
+            checks.append((f"drift of live {self.drift_metric}", inputs.drifted))
         if s.max_age_seconds is not None:
             age = inputs.newest_version_age
             old = age is None or age >= s.max_age_seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,3 +334,32 @@ def test_retired_versions_stay_loaded_for_the_drain_only() -> None:
     candidate = Record("m", "candidate", at(0), stable_version=1, canary_version=2)
     assert machine.wanted_loaded(candidate, {1, 2}, at(99), 30.0) == {1, 2}
     assert machine.wanted_loaded(candidate, {1}, at(99), 30.0) == {1}
+
+
+def test_a_specs_rollout_section_is_its_policy_and_must_suit_its_task(tmp_path: Path) -> None:
+    from loopmesh.mesh.model_spec import SpecError
+    from loopmesh.rollout.policy import spec_policies
+
+    models = tmp_path / "models"
+    models.mkdir()
+    base = "inputs: {context: [{name: x}]}\nlabel: {source: value}\n"
+    (models / "a.yaml").write_text(
+        "name: a\ntask: regression\n" + base + "rollout: {weights: [0.1, 0.5], min_samples: 50}\n"
+    )
+    (models / "b.yaml").write_text("name: b\ntask: regression\n" + base)
+    policies = spec_policies(tmp_path, POLICY)
+    assert set(policies) == {"a"}  # b has no overrides: the default applies
+    assert policies["a"].weights == (0.1, 0.5) and policies["a"].min_samples == 50
+    assert policies["a"].confidence == POLICY.confidence  # the rest from the default
+    (models / "b.yaml").write_text(
+        "name: b\ntask: regression\n" + base + "rollout: {metric: auc}\n"
+    )
+    with pytest.raises(SpecError, match="not reported for a regression model") as caught:
+        spec_policies(tmp_path, POLICY)
+    assert caught.value.field == "models/b.yaml: rollout.metric"
+    (models / "b.yaml").write_text(
+        "name: b\ntask: regression\n" + base + "rollout: {weights: []}\n"
+    )
+    with pytest.raises(SpecError) as caught:
+        spec_policies(tmp_path, POLICY)
+    assert caught.value.field == "models/b.yaml: rollout.weights"

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2
 from loopmesh.gen.loopmesh.v1 import rollout_pb2_grpc
 from loopmesh.mesh.bus import EventConsumer, EventProducer, declare_topics
 from loopmesh.mesh.events import ModelPublished, VersionMetrics, utcnow
+from loopmesh.mesh.feature_repo import project_dir
 from loopmesh.mesh.follow import TopicFollower, read_to_end
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.rollout import instruments
@@ -34,6 +35,7 @@ from loopmesh.rollout.agents import SERVICE, KafkaPublisher
 from loopmesh.rollout.core import RolloutController
 from loopmesh.rollout.leader import Leadership
 from loopmesh.rollout.machine import Record
+from loopmesh.rollout.policy import spec_policies
 from loopmesh.rollout.server import METHOD_ROLES, SERVICE_NAME, RolloutServicer
 from loopmesh.rollout.settings import RolloutSettings
 from loopmesh.rollout.triton import TritonLoader
@@ -161,7 +163,12 @@ class RolloutApp:
 
     def __init__(self, settings: RolloutSettings) -> None:
         self.name = "rollout"
-        self.settings = settings
+        # The project's model specs may carry rollout overrides; a setting per model wins.
+        policies = spec_policies(project_dir(settings.project), settings.rollout.default_policy)
+        merged = {**policies, **settings.rollout.policies}
+        self.settings = settings.model_copy(
+            update={"rollout": settings.rollout.model_copy(update={"policies": merged})}
+        )
         self.controller: RolloutController | None = None
         """The leader's controller while its term runs; None on a standby."""
         self.leadership: Leadership | None = None

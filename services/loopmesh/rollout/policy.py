@@ -8,11 +8,13 @@ the per-model policy in settings, which wins over the default policy in settings
 from __future__ import annotations
 
 from itertools import pairwise
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loopmesh.mesh.events import Event, ModelName
+from loopmesh.mesh.model_spec import SpecError, load_spec_files, section
 
 PrimaryMetric = Literal["loss", "log_loss", "accuracy", "auc"]
 """Metric the canary is judged on. ``loss`` is the model's task loss as the joiner reports it
@@ -125,3 +127,28 @@ class PolicyBook:
             self.overrides.pop(event.model_name, None)
         else:
             self.overrides[event.model_name] = event.policy
+
+
+_TASK_METRICS: dict[str, frozenset[str]] = {
+    "binary": frozenset({"loss", "log_loss", "accuracy", "auc"}),
+    "multiclass": frozenset({"loss", "accuracy"}),
+    "regression": frozenset({"loss"}),
+}
+"""The metrics the joiner reports for each task, hence those a canary can be judged on."""
+
+
+def spec_policies(project: Path, default: RolloutPolicy) -> dict[str, RolloutPolicy]:
+    """Each model spec's policy: its ``rollout`` section over ``default``, checked against
+    its task (SpecError names the spec's file and field)."""
+    policies: dict[str, RolloutPolicy] = {}
+    for name, (source, spec) in load_spec_files(project).items():
+        policy = section(spec, source, "rollout", RolloutPolicy, base=default)
+        if policy.metric not in _TASK_METRICS[spec.task]:
+            allowed = ", ".join(sorted(_TASK_METRICS[spec.task]))
+            raise SpecError(
+                f"{source}: rollout.metric",
+                f"{policy.metric!r} is not reported for a {spec.task} model (use {allowed})",
+            )
+        if spec.rollout:
+            policies[name] = policy
+    return policies

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import statistics
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -414,3 +415,35 @@ async def test_two_workers_one_killed_mid_stream_still_count_each_event_once(
     finally:
         if second.proc is not None and second.proc.poll() is None:
             second.proc.kill()
+
+
+def test_a_model_spec_reading_an_undeclared_feature_stops_the_features_service(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: a spec's inputs are checked against the project's declarations at start."""
+    from loopmesh.features.settings import FeaturesScope
+    from loopmesh.features.store import FeastGateway
+    from loopmesh.mesh.model_spec import SpecError
+
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT, project)
+    (project / "models").mkdir()
+    spec = (
+        "name: {name}\ntask: regression\ninputs: {{features: [{refs}]}}\nlabel: {{source: value}}\n"
+    )
+    (project / "models" / "good.yaml").write_text(
+        spec.format(name="good", refs='"customer_spend:spend_2h"')
+    )
+
+    def opened(where: str) -> FeastGateway:
+        repo = prepare_repo(tmp_path / where, project=project)
+        apply_repo(repo)
+        return FeastGateway.open(FeaturesScope(repo_path=repo))
+
+    opened("ok").close()  # declared: the service starts
+    (project / "models" / "bad.yaml").write_text(
+        spec.format(name="bad", refs='"customer_spend:spend_2h", "customer_spend:nope"')
+    )
+    with pytest.raises(SpecError, match="declares no 'customer_spend:nope'") as caught:
+        opened("bad")
+    assert caught.value.field == "models/bad.yaml: inputs.features[1]"

@@ -40,6 +40,7 @@ from loopmesh.features.repo import feast_config
 from loopmesh.features.settings import FeaturesScope
 from loopmesh.mesh.errors import Unavailable
 from loopmesh.mesh.events import PRIMARY_JOIN_KEY
+from loopmesh.mesh.model_spec import check_features, load_spec_files
 
 # Feast warns on every StreamFeatureView it builds (it is "alpha" in Feast because Feast
 # itself computes them only with Spark); LoopMesh computes them, so the warning misleads.
@@ -81,7 +82,10 @@ class FeastGateway:
         redis_url: str | None = None,
         timeout_s: float = 10.0,
         default_lateness_s: float = 24 * 3600.0,
+        project: Path | None = None,
     ):
+        """``project``: the repository copy holding the model specs checked against the
+        declared features (None: no check)."""
         self.store = store
         self._redis_url = redis_url
         self._timeout_s = timeout_s
@@ -108,6 +112,23 @@ class FeastGateway:
         self._join_key_of = {v.name: v.join_key for v in self.definitions.views}
         self._timestamp_of = {v.name: v.timestamp_column for v in self.definitions.views}
         self.schema = FeatureSchema(self._load_specs())
+        self._check_model_inputs(project)
+
+    def _check_model_inputs(self, project: Path | None) -> None:
+        """Every model spec of the project reads only features the project declares (a
+        SpecError names the spec's file and field, and the service does not start)."""
+        if project is None:
+            return
+        services = {
+            str(service.name): [
+                f"{projection.name_alias or projection.name}:{feature.name}"
+                for projection in service.feature_view_projections
+                for feature in projection.features
+            ]
+            for service in self.store.list_feature_services()
+        }
+        for source, spec in load_spec_files(project).values():
+            check_features(spec, source, self.schema.by_ref, services)
 
     @classmethod
     def open(cls, scope: FeaturesScope) -> FeastGateway:
@@ -119,6 +140,7 @@ class FeastGateway:
             redis_url=url,
             timeout_s=scope.store_timeout_s,
             default_lateness_s=scope.allowed_lateness_s,
+            project=scope.repo_path,
         )
 
     def close(self) -> None:

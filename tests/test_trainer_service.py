@@ -4,6 +4,7 @@ trigger -> PyTorch -> gate -> model repository -> Triton, plus the gRPC API and 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -351,3 +352,71 @@ def _infer(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_add_examples_takes_labelled_history_once_and_names_bad_fields(
+    stack: Stack,
+) -> None:
+    """Issue 18: a model's bootstrap history comes in through a public door."""
+    core = stack.app.core
+    assert core is not None
+    prefix = uuid.uuid4().hex[:8]
+
+    def examples(ids: range) -> list[trainer_pb2.Example]:
+        return [
+            trainer_pb2.Example(
+                example_id=f"{prefix}-{i}",
+                entity_id=f"hist-{i % 7}",
+                features={"price": float(i), "discount": 0.1},
+                target=float(i % 2),
+            )
+            for i in ids
+        ]
+
+    def imported() -> list[str]:
+        frame = core.dataset.load(core.model_name)
+        return [p for p in frame.prediction_ids.tolist() if p.startswith(f"example:{prefix}-")]
+
+    reply = await stack.stub.AddExamples(
+        trainer_pb2.AddExamplesRequest(examples=examples(range(30))), timeout=30
+    )
+    assert reply.accepted == 30
+    await eventually(lambda: _ready(len(imported()) == 30), timeout=60)
+    # The same ids again, with five new ones: each example is in the training set once.
+    again = await stack.stub.AddExamples(
+        trainer_pb2.AddExamplesRequest(examples=examples(range(35))), timeout=30
+    )
+    assert again.accepted == 35
+    await eventually(lambda: _ready(len(imported()) == 35), timeout=60)
+    assert sorted(imported()) == sorted(f"example:{prefix}-{i}" for i in range(35))
+
+    bad = examples(range(3))
+    bad[1].target = 2.0  # not a binary target
+    cases: list[tuple[trainer_pb2.AddExamplesRequest, grpc.StatusCode, str]] = [
+        (
+            trainer_pb2.AddExamplesRequest(examples=bad),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "examples[1].target",
+        ),
+        (trainer_pb2.AddExamplesRequest(), grpc.StatusCode.INVALID_ARGUMENT, "examples"),
+        (
+            trainer_pb2.AddExamplesRequest(
+                examples=[
+                    trainer_pb2.Example(example_id="x", entity_id="e", categorical={"c": "v"})
+                ]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "examples[0].categorical.c",
+        ),
+        (
+            trainer_pb2.AddExamplesRequest(model_name="other", examples=examples(range(1))),
+            grpc.StatusCode.NOT_FOUND,
+            "model_name",
+        ),
+    ]
+    for request, code, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.AddExamples(request, timeout=10)
+        assert caught.value.code() == code, (field, caught.value.details())
+        assert (caught.value.details() or "").startswith(f"{field}: "), caught.value.details()
+    assert len(imported()) == 35  # nothing of a refused request was written

@@ -155,7 +155,8 @@ class LabelledExample(Event):
     prediction_id: Identifier
     entity_id: Identifier
     model_name: ModelName
-    model_version: int = Field(ge=1)
+    model_version: int = Field(ge=0)
+    """The version that predicted; 0 for an imported example (``TrainerService.AddExamples``)."""
     features: dict[str, Finite]
     categorical: dict[str, Category] = Field(default_factory=dict)
     task: Task = "binary"

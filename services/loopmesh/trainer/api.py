@@ -6,12 +6,17 @@ Errors name the field at fault: ``InvalidArgument("reason", ...)`` reads
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import InvalidArgument, UnknownModel
+from loopmesh.mesh.events import Category, Finite, Identifier, Task
+
+MAX_EXAMPLES = 10_000
+"""Examples in one AddExamples request."""
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -32,6 +37,28 @@ class ListRunsRequest(_Request):
 
 class ListVersionsRequest(_Request):
     model_name: str = ""
+
+
+class ExampleIn(_Request):
+    example_id: Identifier
+    entity_id: Identifier
+    features: dict[Identifier, Finite] = Field(default_factory=dict, max_length=1024)
+    categorical: dict[Identifier, Category] = Field(default_factory=dict, max_length=256)
+    target: Finite
+    event_time: datetime | None = None
+
+
+class AddExamplesRequest(_Request):
+    model_name: str = ""
+    examples: list[ExampleIn] = Field(min_length=1, max_length=MAX_EXAMPLES)
+
+
+def check_target(task: Task, classes: int | None, target: float, field: str) -> None:
+    """InvalidArgument unless ``target`` is one the task learns."""
+    if task == "binary" and target not in (0.0, 1.0):
+        raise InvalidArgument(field, f"a binary model's target is 0 or 1, not {target:g}")
+    if task == "multiclass" and not (target == int(target) and 0 <= target < (classes or 0)):
+        raise InvalidArgument(field, f"a class index in [0, {classes}), not {target:g}")
 
 
 def parse(model: type[R], **fields: object) -> R:

@@ -109,6 +109,9 @@ class TrainerApp:
     async def _announce(self, event: ModelPublished) -> None:
         await self.producer.publish(self.scope.topics.topic("published"), event)
 
+    async def _add_examples(self, examples: list[LabelledExample]) -> None:
+        await self.producer.publish_many(self.scope.topics.topic("examples"), examples)
+
     async def start(self) -> None:
         await declare_topics(self.settings.kafka, self.scope.topics.all())
         await self.producer.start()
@@ -128,7 +131,7 @@ class TrainerApp:
                 interceptors=self._interceptors,
             )
             trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
-                TrainerServicer(self.core), self.server.server
+                TrainerServicer(self.core, self._add_examples), self.server.server
             )
             await self.server.start([SERVICE_NAME])
 

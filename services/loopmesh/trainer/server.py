@@ -7,7 +7,9 @@ server's ``ErrorMapping``. Reads of the run history and the repository run in a 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -15,15 +17,20 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
 from loopmesh.mesh.auth import Role
+from loopmesh.mesh.errors import InvalidArgument, Unavailable
+from loopmesh.mesh.events import LabelledExample
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.trainer.api import (
+    AddExamplesRequest,
     ListRunsRequest,
     ListVersionsRequest,
     TriggerRequest,
     check_model,
+    check_target,
     parse,
 )
 from loopmesh.trainer.core import TrainerCore, VersionInfo
+from loopmesh.trainer.plan import ModelPlan
 from loopmesh.trainer.runs import RunRecord
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -98,9 +105,68 @@ def version_message(info: VersionInfo, stable: int | None) -> trainer_pb2.ModelV
     )
 
 
+Publish = Callable[[list[LabelledExample]], Awaitable[None]]
+"""Write examples to the trainer's examples topic (acknowledged before it returns)."""
+_IMPORTED = uuid.UUID("0d9c3a51-77f0-4d61-a3c4-6a2b2e0c8f15")
+
+
+def imported_examples(
+    request: trainer_pb2.AddExamplesRequest, model_name: str, plan: ModelPlan
+) -> list[LabelledExample]:
+    """The request's examples as LabelledExamples, each checked against the model's plan."""
+    parsed = parse(
+        AddExamplesRequest,
+        model_name=request.model_name,
+        examples=[
+            {
+                "example_id": e.example_id,
+                "entity_id": e.entity_id,
+                "features": dict(e.features),
+                "categorical": dict(e.categorical),
+                "target": e.target,
+                "event_time": e.event_time.ToDatetime(tzinfo=UTC)
+                if e.HasField("event_time")
+                else None,
+            }
+            for e in request.examples
+        ],
+    )
+    check_model(parsed.model_name, model_name)
+    declared = {f.name for f in plan.categorical}
+    now = datetime.now(UTC)
+    out = []
+    for i, example in enumerate(parsed.examples):
+        check_target(plan.task, plan.classes, example.target, f"examples[{i}].target")
+        for name in example.categorical:
+            if name not in declared:
+                raise InvalidArgument(
+                    f"examples[{i}].categorical.{name}", "the model has no such categorical input"
+                )
+        at = example.event_time or now
+        out.append(
+            LabelledExample(
+                event_id=uuid.uuid5(_IMPORTED, f"{model_name}/{example.example_id}").hex,
+                event_time=at,
+                prediction_id=f"example:{example.example_id}",
+                entity_id=example.entity_id,
+                model_name=model_name,
+                model_version=0,
+                features=example.features,
+                categorical=example.categorical,
+                task=plan.task,
+                target=example.target,
+                score=0.0,
+                predicted_at=at,
+                feedback_at=at,
+            )
+        )
+    return out
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, core: TrainerCore) -> None:
+    def __init__(self, core: TrainerCore, publish: Publish | None = None) -> None:
         self.core = core
+        self._publish = publish
 
     async def GetStatus(
         self, request: trainer_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -162,3 +228,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if started and parsed.wait:
                 record = await self.core.wait_idle() or record
         return trainer_pb2.TriggerTrainingResponse(started=started, run=run_message(record))
+
+    async def AddExamples(
+        self,
+        request: trainer_pb2.AddExamplesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> trainer_pb2.AddExamplesResponse:
+        examples = imported_examples(request, self.core.model_name, self.core.plan)
+        if self._publish is None:
+            raise Unavailable("this trainer takes no examples over gRPC (no producer)")
+        with _tracer.start_as_current_span("TrainerService/AddExamples") as span:
+            span.set_attribute("loopmesh.examples", len(examples))
+            await self._publish(examples)
+        return trainer_pb2.AddExamplesResponse(accepted=len(examples))

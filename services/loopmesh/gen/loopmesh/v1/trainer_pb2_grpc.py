@@ -55,6 +55,11 @@ class TrainerServiceStub:
                 request_serializer=loopmesh_dot_v1_dot_trainer__pb2.TriggerTrainingRequest.SerializeToString,
                 response_deserializer=loopmesh_dot_v1_dot_trainer__pb2.TriggerTrainingResponse.FromString,
                 _registered_method=True)
+        self.AddExamples = channel.unary_unary(
+                '/loopmesh.v1.TrainerService/AddExamples',
+                request_serializer=loopmesh_dot_v1_dot_trainer__pb2.AddExamplesRequest.SerializeToString,
+                response_deserializer=loopmesh_dot_v1_dot_trainer__pb2.AddExamplesResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -89,6 +94,16 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddExamples(self, request, context):
+        """Labelled history for the model (a bootstrap set before its first version, or examples
+        from another system): each is checked against the model's inputs and task, and all are
+        written to the trainer's examples topic before the answer (or none: the whole request is
+        refused, naming the field). Resending an example_id does not add it twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +126,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.TriggerTraining,
                     request_deserializer=loopmesh_dot_v1_dot_trainer__pb2.TriggerTrainingRequest.FromString,
                     response_serializer=loopmesh_dot_v1_dot_trainer__pb2.TriggerTrainingResponse.SerializeToString,
+            ),
+            'AddExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddExamples,
+                    request_deserializer=loopmesh_dot_v1_dot_trainer__pb2.AddExamplesRequest.FromString,
+                    response_serializer=loopmesh_dot_v1_dot_trainer__pb2.AddExamplesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +242,33 @@ class TrainerService:
             '/loopmesh.v1.TrainerService/TriggerTraining',
             loopmesh_dot_v1_dot_trainer__pb2.TriggerTrainingRequest.SerializeToString,
             loopmesh_dot_v1_dot_trainer__pb2.TriggerTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loopmesh.v1.TrainerService/AddExamples',
+            loopmesh_dot_v1_dot_trainer__pb2.AddExamplesRequest.SerializeToString,
+            loopmesh_dot_v1_dot_trainer__pb2.AddExamplesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
 
     _use_project(args)
     options = RunOptions(
+        model_name=args.model,
         simulator=not args.no_simulator,
         duration_seconds=args.duration,
         headless=args.headless,
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-simulator", action="store_true", help="run the mesh only, for real apps")
     run.add_argument(
         "--project", help="the project (a Feast repository) to run; default: feature_store/"
+    )
+    run.add_argument(
+        "--model",
+        default=None,
+        help="the model to watch; default: the simulator's, else the project's only one",
     )
     run.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     run.add_argument("--headless", action="store_true", help="progress lines, no live view")

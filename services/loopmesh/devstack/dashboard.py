@@ -35,7 +35,7 @@ def render(state: LoopState, *, started: float, notes: list[str]) -> Group:
     )
 
     versions = Table(title="live metrics per version (sliding window)", expand=True)
-    for column in ("version", "role", "weight", "samples", "accuracy", "log-loss", "AUC"):
+    for column in ("version", "role", "weight", "samples", "accuracy", "loss", "AUC", "MAE"):
         versions.add_column(column, justify="right")
     route = state.current_route()
     for version, point in sorted(state.latest_metrics().items()):
@@ -50,8 +50,9 @@ def render(state: LoopState, *, started: float, notes: list[str]) -> Group:
             weight,
             str(point.count),
             _fmt(point.accuracy),
-            _fmt(point.log_loss),
+            _fmt(point.loss if point.loss is not None else point.log_loss),
             _fmt(point.auc),
+            _fmt(point.mae),
         )
 
     history = Table(title="training and rollouts", expand=True)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 FIGSIZE = (13.0, 8.0)
 DPI = 120
 
-_METRIC_PREFERENCE = ("accuracy", "auc", "log_loss")
+_METRIC_PREFERENCE = ("accuracy", "auc", "log_loss", "mae", "loss")
 """Which of the data's metrics the chart shows when the caller names none: the first with
 values (a person reads accuracy at a glance; other tasks bring other fields)."""
 _NOT_METRICS = frozenset({"at", "version", "count"})

@@ -36,13 +36,14 @@ from loopmesh.devstack.report import write_plot, write_summary
 from loopmesh.devstack.simulator import SimulatorConfig, TrafficSimulator
 from loopmesh.devstack.stack import LocalStack, StackState
 from loopmesh.devstack.state import LoopState
-from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, examples
 from loopmesh.devstack.watch import Watcher
+from loopmesh.devstack.worlds import World, history, load_world
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
-from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.channels import aio_channel
-from loopmesh.mesh.settings import KafkaSettings, MeshSettings
-from loopmesh.mesh.topics import TRAINING_EXAMPLES
+from loopmesh.mesh.errors import SetupError
+from loopmesh.mesh.feature_repo import project_dir
+from loopmesh.mesh.model_spec import load_specs
+from loopmesh.mesh.settings import MeshSettings
 
 T = TypeVar("T")
 SERVICE_ORDER = ("features", "ingestion", "feedback", "inference", "joiner", "trainer", "rollout")
@@ -52,7 +53,9 @@ SERVICE_ORDER = ("features", "ingestion", "feedback", "inference", "joiner", "tr
 class RunOptions:
     """What `loopmesh run` does; the defaults show a full cycle within minutes."""
 
-    model_name: str = "ctr"
+    model_name: str | None = None
+    """The model the run watches (and the simulator asks); None: the simulated world's, else
+    the project's only model spec."""
     simulator: bool = True
     duration_seconds: float | None = None
     """Stop by itself after this long (headless tests); None runs until Ctrl-C."""
@@ -89,9 +92,9 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
         "LOOPMESH_FEATURES__DATA_DIR": str(data / "features"),
         "LOOPMESH_INFERENCE__SERVER__PORT": str(ports["inference"]),
         "LOOPMESH_INFERENCE__FEATURES_URL": f"127.0.0.1:{ports['features']}",
-        "LOOPMESH_INFERENCE__DEFAULT_MODEL": options.model_name,
+        "LOOPMESH_INFERENCE__DEFAULT_MODEL": options.model_name or "",
         "LOOPMESH_TRAINER__SERVER__PORT": str(ports["trainer"]),
-        "LOOPMESH_TRAINER__MODEL_NAME": options.model_name,
+        "LOOPMESH_TRAINER__MODEL_NAME": options.model_name or "",
         "LOOPMESH_TRAINER__DATA_DIR": str(data / "trainer"),
         "LOOPMESH_TRAINER__TRIGGERS__MIN_NEW_EXAMPLES": str(options.retrain_every_examples),
         "LOOPMESH_TRAINER__TRIGGERS__COOLDOWN_SECONDS": "5",
@@ -120,32 +123,29 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
     return env
 
 
-async def seed_bootstrap_examples(
-    options: RunOptions, world: SyntheticWorld, kafka: KafkaSettings, before: datetime
-) -> int:
-    """Publish a small labelled bootstrap set to ``training.examples``, the trainer's door.
+def bootstrap_request(
+    options: RunOptions, world: World, before: datetime
+) -> trainer_pb2.AddExamplesRequest:
+    """A labelled history of the world for the trainer's public door, ``AddExamples``.
 
     The set is history, dated before ``before`` (the run's start): the watcher counts only
     what the run itself produced, so freshness and counts stay the run's own.
     """
     rng = np.random.default_rng(options.seed)
-    batch = world.sample(options.bootstrap_examples, rng)
-    labels = world.draw_labels(batch, rng)
+    past = history(world, options.bootstrap_examples, rng)
     spacing = timedelta(milliseconds=100)
-    start = before - spacing * (len(batch.entity_ids) + 10)
-    rows = [
-        row.model_copy(update={"event_time": row.feedback_at})
-        for row in examples(
-            batch, labels.tolist(), model_name=options.model_name, start=start, spacing=spacing
+    start = before - spacing * (len(past) + 10)
+    request = trainer_pb2.AddExamplesRequest(model_name=world.model_name)
+    for i, (item, outcome) in enumerate(past):
+        example = request.examples.add(
+            example_id=f"bootstrap-{options.seed}-{i}",
+            entity_id=item.entity_id,
+            features=item.context,
+            categorical=item.categorical,
+            target=outcome.target,
         )
-    ]
-    producer = EventProducer(kafka, "devstack")
-    await producer.start()
-    try:
-        await producer.publish_many(TRAINING_EXAMPLES, rows)
-    finally:
-        await producer.stop()
-    return len(rows)
+        example.event_time.FromDatetime(start + i * spacing)
+    return request
 
 
 class ServiceProcesses:
@@ -265,8 +265,26 @@ class LoopRun:
         self.ports = {name: free_port() for name in SERVICE_ORDER}
         self.client = ClientConfig()
         """TLS and token of the runner's own calls (``LOOPMESH_CLIENT__*``)."""
-        self.world = SyntheticWorld(SyntheticConfig(seed=options.seed, sharpness=2.0))
-        self.loop_state = LoopState(model_name=options.model_name)
+        project = project_dir(base.project)
+        # The project's simulated world drives the run; without a simulator the mesh waits for
+        # real apps, and no model is seeded: a model serves nothing until its first training.
+        self.world: World | None = load_world(project, options.seed) if options.simulator else None
+        if options.simulator and self.world is None:
+            raise SetupError(
+                f"project {project} has no simulator.py (world(seed)); run with --no-simulator "
+                "to start the mesh for real apps"
+            )
+        model_name = options.model_name or (self.world.model_name if self.world else None)
+        if model_name is None:
+            specs = sorted(load_specs(project))
+            if len(specs) != 1:
+                raise SetupError(
+                    f"project {project} specifies {len(specs)} models ({', '.join(specs)}): "
+                    "name the one to run with --model"
+                )
+            model_name = specs[0]
+        self.options = replace(self.options, model_name=model_name)
+        self.loop_state = LoopState(model_name=model_name)
         self.seeded = 0
         self.processes: ServiceProcesses | None = None
         self.watcher: Watcher | None = None
@@ -284,11 +302,7 @@ class LoopRun:
     # -- phases (tests replace the ones that need real Kafka, Triton and services) ------------
 
     async def prepare(self) -> None:
-        """Seed the trainer's bootstrap set on ``training.examples``."""
-        self.seeded = await seed_bootstrap_examples(
-            self.options, self.world, self.stack.kafka_settings, before=self.started_at
-        )
-        self.note(f"seeded {self.seeded} bootstrap examples")
+        """Nothing before the services start (the bootstrap set goes through a door)."""
 
     def service_argv(self, name: str) -> list[str]:
         return service_argv(name)
@@ -302,16 +316,27 @@ class LoopRun:
             self.note(f"{name} serving on {address}")
         self.watcher = Watcher(self.stack.kafka_settings, self.loop_state, since=self.started_at)
         await self.watcher.start()
+        if self.world is None:
+            self.note("no simulator: a model serves once its first training published it")
+            return
         trainer = f"127.0.0.1:{self.ports['trainer']}"
-        await _train_initial(trainer, self.options.model_name, self.seeded, self.client)
+        request = bootstrap_request(self.options, self.world, before=self.started_at)
+        self.seeded = await _add_examples(trainer, request, self.client)
+        self.note(f"added {self.seeded} bootstrap examples through TrainerService.AddExamples")
+        await _train_initial(trainer, self.model_name, self.seeded, self.client)
         self.note("initial version trained; waiting for it to serve")
         await _wait_for(lambda: self.loop_state.current_route() is not None, 180, processes)
         self.note("initial version is stable")
 
+    @property
+    def model_name(self) -> str:
+        assert self.options.model_name is not None  # resolved in __init__
+        return self.options.model_name
+
     async def watch(self) -> str:
         """Drive traffic (unless disabled) and show the loop until it is time to stop."""
         options, ports = self.options, self.ports
-        if options.simulator:
+        if self.world is not None:
 
             def on_drift(at: datetime) -> None:
                 self.loop_state.drift_at = at
@@ -320,7 +345,7 @@ class LoopRun:
             self.simulator = TrafficSimulator(
                 self.world,
                 SimulatorConfig(
-                    model_name=options.model_name,
+                    model_name=self.model_name,
                     requests_per_second=options.requests_per_second,
                 ),
                 ingestion=f"127.0.0.1:{ports['ingestion']}",
@@ -588,6 +613,24 @@ def _maybe_drift(
         since = (datetime.now(UTC) - promotions[0].at).total_seconds()
         if since >= options.drift_after_seconds:
             simulator.inject_drift()
+
+
+async def _add_examples(
+    address: str, request: trainer_pb2.AddExamplesRequest, client: ClientConfig
+) -> int:
+    """Send ``request`` to the trainer in chunks of the door's limit; how many it took."""
+    async with aio_channel(
+        address, client.channel_settings(), auth=client.auth(), tracing=False
+    ) as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        taken = 0
+        for first in range(0, len(request.examples), 5000):
+            chunk = trainer_pb2.AddExamplesRequest(
+                model_name=request.model_name, examples=request.examples[first : first + 5000]
+            )
+            reply = await stub.AddExamples(chunk, timeout=60)
+            taken += reply.accepted
+    return taken
 
 
 async def _train_initial(

@@ -1,10 +1,11 @@
-"""The built-in traffic simulator: a product app and a calling backend in one.
+"""The traffic simulator: a product app and a calling backend in one, over a project's world.
 
-Entities produce events (Ingest), a backend asks for predictions (Predict), and feedback
-follows from a hidden labelling rule (Submit) that switches partway through (concept
-drift). Everything goes through the public gRPC APIs with the client SDK
-(``loopmesh.client``), exactly as real apps would: event ids set before the first attempt,
-retries on UNAVAILABLE, a deadline on every call.
+Entities produce events (Ingest), a backend asks for predictions (Predict, with context and
+categorical inputs), and feedback follows from the world's hidden rule (Submit: a label or a
+value) that changes partway through (concept drift). Everything goes through the public gRPC
+APIs with the client SDK (``loopmesh.client``), exactly as real apps would: event ids set
+before the first attempt, retries on UNAVAILABLE, a deadline on every call. The world is the
+project's (``devstack.worlds``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from datetime import UTC, datetime
 import numpy as np
 from pydantic import SecretStr
 
-from loopmesh.client import AsyncClient, CallError, ClientConfig, Event, Feedback, RetryPolicy
-from loopmesh.devstack.synthetic import SyntheticWorld
+from loopmesh.client import AsyncClient, CallError, ClientConfig, Feedback, RetryPolicy
+from loopmesh.devstack.worlds import Outcome, World
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class TrafficSimulator:
 
     def __init__(
         self,
-        world: SyntheticWorld,
+        world: World,
         config: SimulatorConfig,
         *,
         ingestion: str,
@@ -104,52 +105,53 @@ class TrafficSimulator:
             await self._client.close()
 
     def inject_drift(self) -> None:
-        """Switch the hidden labelling rule; features keep their distribution."""
-        self.world.set_rule(1)
+        """Change the world's hidden rule; the inputs keep their distribution."""
+        what = self.world.drift()
+        log.info("drift: %s", what)
         self._on_drift(datetime.now(UTC))
 
     async def _one_tick(self, n: int) -> None:
-        batch = self.world.sample(n, self._rng)
-        now = datetime.now(UTC)
-        rows = batch.feature_dicts()
-        events = [
-            Event(
-                entity_id=entity_id,
-                event_type="view",
-                numeric={"value": row["price"], "amount": row["discount"]},
-                categorical={"category": "hour-" + ("day" if row["hour_sin"] > 0 else "night")},
-                event_time=now,
-            )
-            for entity_id, row in zip(batch.entity_ids, rows, strict=True)
-        ]
-        await self._client.ingest(events)
-        self.stats.ingested += len(events)
+        requests = self.world.sample(n, self._rng)
+        events = [r.event for r in requests if r.event is not None]
+        if events:
+            await self._client.ingest(events)
+            self.stats.ingested += len(events)
 
         calls = [
-            self._client.predict(entity_id, context=row, model_name=self.config.model_name)
-            for entity_id, row in zip(batch.entity_ids, rows, strict=True)
+            self._client.predict(
+                r.entity_id,
+                context=r.context,
+                categorical=r.categorical,
+                model_name=self.config.model_name,
+            )
+            for r in requests
         ]
         replies = await asyncio.gather(*calls, return_exceptions=True)
-        labels = self.world.draw_labels(batch, self._rng)
-        answered: list[tuple[str, int]] = []
-        for reply, label in zip(replies, labels, strict=True):
+        outcomes = self.world.outcomes(requests, self._rng)
+        answered: list[tuple[str, Outcome]] = []
+        for reply, outcome in zip(replies, outcomes, strict=True):
             if isinstance(reply, BaseException):
                 self.stats.errors += 1
                 continue
-            answered.append((reply.prediction_id, int(label)))
+            answered.append((reply.prediction_id, outcome))
         self.stats.predicted += len(answered)
         task = asyncio.create_task(self._send_feedback_later(answered))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _send_feedback_later(self, answered: list[tuple[str, int]]) -> None:
+    async def _send_feedback_later(self, answered: list[tuple[str, Outcome]]) -> None:
         await asyncio.sleep(self.config.feedback_delay_seconds)  # users answer later
         if not answered:
             return
         now = datetime.now(UTC)
         items = [
-            Feedback(prediction_id=prediction_id, label=label, event_time=now)
-            for prediction_id, label in answered
+            Feedback(
+                prediction_id=prediction_id,
+                label=outcome.label,
+                value=outcome.value,
+                event_time=now,
+            )
+            for prediction_id, outcome in answered
         ]
         try:
             result = await self._client.submit_many(items)
@@ -158,4 +160,3 @@ class TrafficSimulator:
             log.warning("simulator feedback failed: %s", err)
             return
         self.stats.feedback_sent += result.accepted + result.duplicates
-        self.stats.errors += result.rejected

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,6 +31,10 @@ class MetricPoint:
     log_loss: float | None
     accuracy: float | None
     auc: float | None
+    loss: float | None = None
+    """The task's loss (log loss, cross-entropy, squared error)."""
+    mae: float | None = None
+    """Regression: mean absolute error."""
 
 
 @dataclass
@@ -96,6 +101,8 @@ class LoopState:
                     event.log_loss,
                     event.accuracy,
                     event.auc,
+                    event.loss,
+                    event.mae,
                 )
             )
         elif isinstance(event, ModelPublished) and event.model_name == self.model_name:
@@ -173,11 +180,21 @@ class LoopState:
 
     def serving_accuracy(self) -> list[tuple[datetime, float]]:
         """Accuracy of whichever version was stable when each metrics point was taken."""
+        return self._serving(lambda point: point.accuracy)
+
+    def serving_mae(self) -> list[tuple[datetime, float]]:
+        """Regression: MAE of whichever version was stable at each metrics point."""
+        return self._serving(lambda point: point.mae)
+
+    def _serving(
+        self, figure: Callable[[MetricPoint], float | None]
+    ) -> list[tuple[datetime, float]]:
         out: list[tuple[datetime, float]] = []
         for point in self.metric_points:
             stable = self._stable_at(point.at)
-            if point.version == stable and point.accuracy is not None and point.count > 0:
-                out.append((point.at, point.accuracy))
+            value = figure(point)
+            if point.version == stable and value is not None and point.count > 0:
+                out.append((point.at, value))
         return out
 
     def _stable_at(self, at: datetime) -> int | None:
@@ -191,14 +208,22 @@ class LoopState:
         return stable
 
     def drift_recovery_seconds(self, margin: float = 0.05) -> float | None:
-        """Drift onset → the serving version's accuracy is back within ``margin`` of before."""
+        """Drift onset → the serving version's accuracy is back within ``margin`` of before
+        (a regression model's MAE: back within ``2 * margin`` of it, relatively)."""
         if self.drift_at is None:
             return None
         series = self.serving_accuracy()
+        relative = False
+        if not series:
+            # Lower is better: negated, so "worse" is "smaller" as for accuracy.
+            series = [(at, -mae) for at, mae in self.serving_mae()]
+            relative = True
         before = [acc for at, acc in series if at < self.drift_at]
         if not before:
             return None
         baseline = sum(before[-5:]) / len(before[-5:])
+        if relative:
+            margin = 2 * margin * abs(baseline)
         after = [(at, acc) for at, acc in series if at >= self.drift_at]
         dipped = False
         for at, acc in after:
@@ -234,6 +259,8 @@ class LoopState:
                     "accuracy": _round(p.accuracy),
                     "log_loss": _round(p.log_loss),
                     "auc": _round(p.auc),
+                    "loss": _round(p.loss),
+                    "mae": _round(p.mae),
                 }
                 for v, p in sorted(latest.items())
             },
@@ -246,6 +273,6 @@ def _round(value: float | None) -> float | None:
 
 def _operational_only(event: VersionMetrics) -> bool:
     """A gateway snapshot: error rate or latency, and none of the trainer's quality figures."""
-    quality = (event.log_loss, event.accuracy, event.auc)
+    quality = (event.loss, event.log_loss, event.accuracy, event.auc, event.mae)
     operational = (event.error_rate, event.latency_p99_ms)
     return all(v is None for v in quality) and any(v is not None for v in operational)

@@ -155,7 +155,21 @@ def prepare_repo(
             entry.unlink()
     shutil.copytree(source, repo_dir, ignore=_NOT_CODE, dirs_exist_ok=True)
     (repo_dir / "feature_store.yaml").write_text(text)
+    _ignore_project_code(repo_dir)
     return repo_dir
+
+
+NOT_FEAST = ("models", "simulator.py")
+"""Project code Feast must not import: the model specs with a team's torch modules, and the
+simulator (``feast apply`` imports every other ``*.py``, in an image without torch)."""
+
+
+def _ignore_project_code(repo_dir: Path) -> None:
+    ignore = repo_dir / ".feastignore"
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    missing = [entry for entry in NOT_FEAST if entry not in lines]
+    if missing:
+        ignore.write_text("\n".join([*lines, *missing]) + "\n")
 
 
 def feast_command() -> list[str]:

@@ -41,6 +41,12 @@ class TrainerServiceStub:
     """Published versions of the model with their metadata."""
     TriggerTraining: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TriggerTrainingRequest, _trainer_pb2.TriggerTrainingResponse]
     """Start a run now, unless one is in progress: then that one is returned with started=false."""
+    AddExamples: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.AddExamplesRequest, _trainer_pb2.AddExamplesResponse]
+    """Labelled history for the model (a bootstrap set before its first version, or examples
+    from another system): each is checked against the model's inputs and task, and all are
+    written to the trainer's examples topic before the answer (or none: the whole request is
+    refused, naming the field). Resending an example_id does not add it twice.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -55,6 +61,12 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Published versions of the model with their metadata."""
     TriggerTraining: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TriggerTrainingRequest, _trainer_pb2.TriggerTrainingResponse]  # type: ignore[assignment]
     """Start a run now, unless one is in progress: then that one is returned with started=false."""
+    AddExamples: _aio.UnaryUnaryMultiCallable[_trainer_pb2.AddExamplesRequest, _trainer_pb2.AddExamplesResponse]  # type: ignore[assignment]
+    """Labelled history for the model (a bootstrap set before its first version, or examples
+    from another system): each is checked against the model's inputs and task, and all are
+    written to the trainer's examples topic before the answer (or none: the whole request is
+    refused, naming the field). Resending an example_id does not add it twice.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Continuous training of one model: status, run history, published versions, manual runs."""
@@ -90,5 +102,17 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.TriggerTrainingResponse, _abc.Awaitable[_trainer_pb2.TriggerTrainingResponse]]:
         """Start a run now, unless one is in progress: then that one is returned with started=false."""
+
+    @_abc_1.abstractmethod
+    def AddExamples(
+        self,
+        request: _trainer_pb2.AddExamplesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.AddExamplesResponse, _abc.Awaitable[_trainer_pb2.AddExamplesResponse]]:
+        """Labelled history for the model (a bootstrap set before its first version, or examples
+        from another system): each is checked against the model's inputs and task, and all are
+        written to the trainer's examples topic before the answer (or none: the whole request is
+        refused, naming the field). Resending an example_id does not add it twice.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

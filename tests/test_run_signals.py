@@ -27,6 +27,7 @@ from rich.console import Console
 from loopmesh.devstack import stack as stack_module
 from loopmesh.devstack.process import ManagedProcess
 from loopmesh.devstack.runner import LoopRun, RunOptions
+from loopmesh.mesh.errors import SetupError
 
 MARK = "LOOPMESH_TEST_MARK"
 
@@ -243,3 +244,29 @@ def test_cli_run_stops_everything_on_two_sigints(tmp_path: Path) -> None:
     assert json.loads(summaries[0].read_text())["stopped_by"] == "signal"
     wait_until(lambda: not [p for p in tree if alive(p)], 10, f"tree gone: {tree}")
     assert not cmdline_mentions(str(tmp_path)), log
+
+
+def test_every_model_of_the_project_gets_its_own_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: one trainer per model spec; the run watches the one it is told to."""
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "features.py").write_text("# the project's Feast definitions\n")
+    spec = (
+        "name: {}\ntask: regression\ninputs: {{context: [{{name: x}}]}}\nlabel: {{source: value}}\n"
+    )
+    for model in ("eta", "price"):
+        (project / "models" / f"{model}.yaml").write_text(spec.format(model))
+    monkeypatch.setenv("LOOPMESH_PROJECT", str(project))
+
+    with pytest.raises(SetupError, match=r"specifies 2 models .*--model"):
+        LoopRun(RunOptions(simulator=False, out_dir=tmp_path), Console())
+    run = LoopRun(RunOptions(model_name="eta", simulator=False, out_dir=tmp_path), Console())
+    assert run.model_name == "eta"
+    assert run.other_trainers == {"price": "trainer-price"}
+    env = run._trainer_env("price", "trainer-price")
+    assert env["LOOPMESH_TRAINER__MODEL_NAME"] == "price"
+    assert env["LOOPMESH_TRAINER__SERVER__PORT"] == str(run.ports["trainer-price"])
+    assert run.ports["trainer-price"] != run.ports["trainer"]
+    assert env["LOOPMESH_TRAINER__DATA_DIR"].endswith("trainer-price")

@@ -166,9 +166,15 @@ class ServiceProcesses:
         self.argv = argv or service_argv
         self.children: dict[str, ManagedProcess] = {}
 
-    def start(self, name: str) -> None:
+    def start(
+        self, name: str, *, service: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """Start ``service`` (default: ``name``) as ``name``, with ``env`` over the common one."""
         child = ManagedProcess(
-            name, self.argv(name), log_path=self.log_dir / f"{name}.log", env=self.env
+            name,
+            self.argv(service or name),
+            log_path=self.log_dir / f"{name}.log",
+            env={**self.env, **(env or {})},
         )
         self.children[name] = child
         child.start()
@@ -285,6 +291,13 @@ class LoopRun:
             model_name = specs[0]
         self.options = replace(self.options, model_name=model_name)
         self.loop_state = LoopState(model_name=model_name)
+        self.other_trainers = {
+            model: f"trainer-{model}"
+            for model in sorted(load_specs(project))
+            if model != model_name
+        }
+        """Trainer process names of the project's other models, by model."""
+        self.ports.update({name: free_port() for name in self.other_trainers.values()})
         self.seeded = 0
         self.processes: ServiceProcesses | None = None
         self.watcher: Watcher | None = None
@@ -310,7 +323,7 @@ class LoopRun:
     async def bring_up(self) -> None:
         """Wait for every service, train the first version and wait until it is stable."""
         processes = self._services()
-        for name in SERVICE_ORDER:
+        for name in (*SERVICE_ORDER, *self.other_trainers.values()):
             address = f"127.0.0.1:{self.ports[name]}"
             await wait_serving(address, name, processes, timeout=180, client=self.client)
             self.note(f"{name} serving on {address}")
@@ -327,6 +340,13 @@ class LoopRun:
         self.note("initial version trained; waiting for it to serve")
         await _wait_for(lambda: self.loop_state.current_route() is not None, 180, processes)
         self.note("initial version is stable")
+
+    def _trainer_env(self, model: str, name: str) -> dict[str, str]:
+        return {
+            "LOOPMESH_TRAINER__MODEL_NAME": model,
+            "LOOPMESH_TRAINER__SERVER__PORT": str(self.ports[name]),
+            "LOOPMESH_TRAINER__DATA_DIR": str(self.options.out_dir.resolve() / name),
+        }
 
     @property
     def model_name(self) -> str:
@@ -451,6 +471,9 @@ class LoopRun:
             if self._stop.is_set():
                 raise _Stopped
             self.processes.start(name)
+        # Every other model of the project gets its own trainer (the run watches one).
+        for model, name in self.other_trainers.items():
+            self.processes.start(name, service="trainer", env=self._trainer_env(model, name))
         await self._phase(self.bring_up)
         return await self._phase(self.watch)
 

@@ -2,8 +2,9 @@
 
 ``MeshBuilder`` names every topic of the mesh under one suffix (``<name>.<suffix>``), so a
 test never shares data with another, and builds each deployable's settings on those topics
-with the short group timeouts tests need; a test overrides only what it checks. ``start``
-starts parts together and stops them in reverse order.
+with the short group timeouts tests need (and on the user's project, when one is given: every
+deployable reads its model specs); a test overrides only what it checks. ``start`` starts
+parts together and stops them in reverse order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loopmesh.features.settings import FeaturesScope, FeaturesSettings, StreamTuning
+from loopmesh.feedback.settings import FeedbackScope, FeedbackSettings
 from loopmesh.inference.settings import InferenceScope, InferenceSettings
 from loopmesh.joiner.settings import JoinerScope, JoinerSettings, JoinerTopics
 from loopmesh.mesh.bus import declare_topics
@@ -46,8 +48,11 @@ class MeshBuilder:
         triton_url: str = "127.0.0.1:1",
         feast_repo: Path | None = None,
         suffix: str | None = None,
+        project: Path | None = None,
     ) -> None:
         self.kafka = kafka
+        self.project = project
+        """``MeshSettings.project`` of every deployable (None: the default project)."""
         self.work = work
         self.model_repository = model_repository or work / "models"
         self.triton_url = triton_url
@@ -59,6 +64,11 @@ class MeshBuilder:
         self.events = replace(EVENTS_RAW, name=self.name(EVENTS_RAW.name))
         # The trainer's erasures are the features' (co-partitioned with events.raw).
         self.erased = self.trainer_topics.topic("erased")
+
+    @property
+    def _project(self) -> dict[str, Any]:
+        # Left out when None, so LOOPMESH_PROJECT still applies as it does for a deployable.
+        return {} if self.project is None else {"project": self.project}
 
     def name(self, base: str) -> str:
         return f"{base}.{self.suffix}"
@@ -92,7 +102,7 @@ class MeshBuilder:
                 rebalance_timeout_s=10,
             ),
         } | scope
-        return FeaturesSettings(kafka=self.kafka, features=FeaturesScope(**fields))
+        return FeaturesSettings(kafka=self.kafka, **self._project, features=FeaturesScope(**fields))
 
     def joiner(self, **scope: Any) -> JoinerSettings:
         fields: dict[str, Any] = {
@@ -102,7 +112,7 @@ class MeshBuilder:
             "server": GrpcServerSettings(port=0),
             **FAST_GROUP,
         } | scope
-        return JoinerSettings(kafka=self.kafka, joiner=JoinerScope(**fields))
+        return JoinerSettings(kafka=self.kafka, **self._project, joiner=JoinerScope(**fields))
 
     def trainer(self, model: str, **scope: Any) -> TrainerSettings:
         fields: dict[str, Any] = {
@@ -113,6 +123,7 @@ class MeshBuilder:
         } | scope
         return TrainerSettings(
             kafka=self.kafka,
+            **self._project,
             model_repository=self.model_repository,
             trainer=TrainerScope(**fields),
         )
@@ -126,6 +137,7 @@ class MeshBuilder:
         } | scope
         return RolloutSettings(
             kafka=self.kafka,
+            **self._project,
             triton_url=self.triton_url,
             model_repository=self.model_repository,
             rollout=RolloutScope(**fields),
@@ -141,10 +153,19 @@ class MeshBuilder:
         } | scope
         return InferenceSettings(
             kafka=self.kafka,
+            **self._project,
             triton_url=self.triton_url,
             model_repository=self.model_repository,
             inference=InferenceScope(**fields),
         )
+
+    def feedback(self, **scope: Any) -> FeedbackSettings:
+        """The feedback door on the joiner's feedback topic."""
+        fields: dict[str, Any] = {
+            "server": GrpcServerSettings(port=0, grace_seconds=1),
+            "topic": self.joiner_topics.feedback,
+        } | scope
+        return FeedbackSettings(kafka=self.kafka, **self._project, feedback=FeedbackScope(**fields))
 
 
 @contextlib.asynccontextmanager

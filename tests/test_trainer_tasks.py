@@ -222,3 +222,26 @@ async def test_a_spec_names_the_users_module_and_a_bad_one_stops_the_trainer(
         with pytest.raises(SpecError, match=reason) as caught:
             _trainer(project, where)
         assert caught.value.field == "models/m.yaml: module.factory"
+
+
+def test_a_specs_training_gate_and_trigger_sections_apply_to_its_model() -> None:
+    from loopmesh.mesh.model_spec import parse
+    from loopmesh.trainer.plan import plan_of
+
+    text = """\
+name: m
+task: regression
+inputs: {context: [{name: x}]}
+label: {source: value}
+training: {max_epochs: 7}
+gate: {min_loss_improvement: 0.5}
+triggers: {drift_metric: mae, drift_threshold: 1.5}
+"""
+    _, scope = plan_of(parse(text, "models/m.yaml"), "models/m.yaml", TrainerScope(model_name="m"))
+    assert scope.training.max_epochs == 7 and scope.training.patience == 8  # the rest: defaults
+    assert scope.gate.min_loss_improvement == 0.5
+    assert (scope.triggers.drift_metric, scope.triggers.drift_threshold) == ("mae", 1.5)
+    bad = parse(text.replace("drift_metric: mae", "drift_metric: recall"), "models/m.yaml")
+    with pytest.raises(SpecError) as caught:
+        plan_of(bad, "models/m.yaml", TrainerScope(model_name="m"))
+    assert caught.value.field == "models/m.yaml: triggers.drift_metric"

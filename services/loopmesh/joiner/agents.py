@@ -51,7 +51,13 @@ from loopmesh.mesh.bus import (
     encode,
     event_headers,
 )
-from loopmesh.mesh.events import EntityErased, FeedbackEvent, LabelledExample, PredictionLogged
+from loopmesh.mesh.events import (
+    EntityErased,
+    Event,
+    FeedbackEvent,
+    LabelledExample,
+    PredictionLogged,
+)
 from loopmesh.mesh.follow import TopicFollower
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.streams import decode_or_dead_letter, faust_app, record_lag
@@ -123,6 +129,10 @@ class Joiner:
         self._by_model_topic = Topic(
             f"{settings.app_id}-examples-by-model", LabelledExample, "model_name"
         )
+        # faust's own name for the table's changelog (``<app id>-<table>-changelog``).
+        self._changelog_topic = Topic(
+            f"{settings.app_id}-joins-changelog", Event, "prediction_id", compacted=True
+        )
         self._by_model = self.app.topic(
             self._by_model_topic.name, internal=True, partitions=partitions
         )
@@ -157,7 +167,12 @@ class Joiner:
         """Start consuming; returns once the table is recovered from its changelog."""
         # Declared before the first send: a produce to a missing topic would auto-create it
         # with the broker's default partition count (or time out) instead.
-        await declare_topics(self._kafka, [self._by_model_topic], with_dlq=False)
+        # The changelog too: created by faust right before it joins the group, a topic the
+        # metadata did not list yet was left out of the assignment ("Ignoring missing topic"),
+        # and every table write then failed with PartitionsMismatch, stalling the join.
+        await declare_topics(
+            self._kafka, [self._by_model_topic, self._changelog_topic], with_dlq=False
+        )
         await declare_topics(self._kafka, [self.topics.topic("erased")])
         self.erasures = ErasureLog(self.settings.data_dir / "erased" if self.on_disk else None)
         try:

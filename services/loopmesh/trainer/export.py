@@ -250,7 +250,15 @@ def _quiet_exporter() -> Iterator[None]:
     """The exporter logs warnings about optional packages (torchvision) and deprecations that
     say nothing about this model; failures still raise."""
     loggers = [
-        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx")
+        logging.getLogger(n)
+        for n in (
+            "torch.onnx",
+            "torch.export",
+            "torch._export",
+            "torch.fx",
+            "onnx_ir",
+            "onnxscript",
+        )
     ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

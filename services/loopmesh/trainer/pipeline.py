@@ -194,7 +194,8 @@ def run_pipeline(
             "metrics": {
                 **{f"holdout_{k}": v for k, v in candidate.as_dict().items()},
                 **{f"reference_{k}": v for k, v in reference.as_dict().items()},
-                "validation_log_loss": result.validation_log_loss,
+                # The task's loss: log loss, cross-entropy, squared error (standardised target).
+                "validation_loss": result.validation_log_loss,
             },
             "reference_kind": kind,
             "export": {

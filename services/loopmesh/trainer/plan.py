@@ -35,7 +35,12 @@ from loopmesh.trainer.export import ExportError, export_module
 from loopmesh.trainer.models import mlp
 from loopmesh.trainer.prepare import Standardisation
 from loopmesh.trainer.scoring import ScoringModule
-from loopmesh.trainer.settings import GateSettings, TrainerScope, TrainingSettings
+from loopmesh.trainer.settings import (
+    GateSettings,
+    TrainerScope,
+    TrainingSettings,
+    TriggerSettings,
+)
 
 Factory = Callable[..., nn.Module]
 FloatArray = npt.NDArray[np.float64]
@@ -148,4 +153,5 @@ def plan_of(
     )
     training = section(spec, source, "training", TrainingSettings, base=scope.training)
     gate = section(spec, source, "gate", GateSettings, base=scope.gate)
-    return plan, scope.model_copy(update={"training": training, "gate": gate})
+    triggers = section(spec, source, "triggers", TriggerSettings, base=scope.triggers)
+    return plan, scope.model_copy(update={"training": training, "gate": gate, "triggers": triggers})

@@ -424,7 +424,7 @@ async def test_leader_sigkill_under_100k_ingest_loses_nothing_and_counts_once(
             ids_by_prediction: dict[str, set[str]] = defaultdict(set)
             for example in examples:
                 ids_by_prediction[example.prediction_id].add(example.event_id)
-                assert example.label == labels[example.prediction_id]
+                assert example.target == labels[example.prediction_id]
             assert set(ids_by_prediction) == set(labels)
             assert all(ids == {example_id(p)} for p, ids in ids_by_prediction.items()), (
                 "an example with a second event id would be counted twice"

@@ -57,8 +57,7 @@ class FriedmanWorld:
 
     def outcomes(self, requests: Sequence[Request], rng: np.random.Generator) -> list[Outcome]:
         return [
-            Outcome(value=self._targets.pop(id(r)) + float(rng.normal(scale=0.5)))
-            for r in requests
+            Outcome(value=self._targets.pop(id(r)) + float(rng.normal(scale=0.5))) for r in requests
         ]
 
     def drift(self) -> str:

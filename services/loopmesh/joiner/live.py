@@ -84,40 +84,43 @@ class LiveMetrics:
         points = list(window.points) if window is not None else []
         task = window.task if window is not None else "binary"
         targets = np.fromiter((p[2] for p in points), dtype=np.float64, count=len(points))
+        figures: dict[str, float | None]
         if task == "binary":
             probs = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
             probs = np.clip(probs, 0.0, 1.0)
-            figures = score(targets, probs)
-            variance = log_loss_variance(targets, probs) if figures.count else None
-            return VersionMetrics(
-                model_name=model_name,
-                model_version=version,
-                window_seconds=self.window_seconds,
-                count=figures.count,
-                task=task,
-                loss=figures.log_loss,
-                loss_var=variance,
-                log_loss=figures.log_loss,
-                accuracy=figures.accuracy,
-                auc=figures.auc,
-                label_rate=figures.label_rate,
-                log_loss_var=variance,
-            )
-        if task == "multiclass":
-            outputs = np.array([p[1] for p in points], dtype=np.float64).reshape(len(points), -1)
+            binary = score(targets, probs)
+            variance = log_loss_variance(targets, probs) if binary.count else None
+            count = binary.count
+            figures = {
+                "loss": binary.log_loss,
+                "loss_var": variance,
+                "log_loss": binary.log_loss,
+                "accuracy": binary.accuracy,
+                "auc": binary.auc,
+                "label_rate": binary.label_rate,
+                "log_loss_var": variance,
+            }
         else:
-            outputs = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
-        figures_ = task_scores(task, targets, outputs)
+            outputs = (
+                np.array([p[1] for p in points], dtype=np.float64).reshape(len(points), -1)
+                if task == "multiclass"
+                else np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
+            )
+            scores = task_scores(task, targets, outputs)
+            count = scores.count
+            figures = {
+                "loss": scores.loss,
+                "loss_var": scores.loss_var if count else None,
+                "accuracy": scores.metrics.get("accuracy"),
+                "mae": scores.metrics.get("mae"),
+            }
         return VersionMetrics(
             model_name=model_name,
             model_version=version,
             window_seconds=self.window_seconds,
-            count=figures_.count,
+            count=count,
             task=task,
-            loss=figures_.loss,
-            loss_var=figures_.loss_var if figures_.count else None,
-            accuracy=figures_.metrics.get("accuracy"),
-            mae=figures_.metrics.get("mae"),
+            **figures,
         )
 
     def drain(self) -> list[VersionMetrics]:

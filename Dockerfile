@@ -3,34 +3,43 @@
 # One Dockerfile, one target per deployable, each with only its own dependencies
 # (pyproject.toml extras): ingestion and feedback carry neither torch nor feast.
 #   --target ingestion | feedback | features | inference | joiner | trainer | rollout
-#   --target triton: the NVIDIA Triton container plus torch, because the python-backend
-#       model (services/loopmesh/mesh/triton_python_model.py) loads TorchScript with torch and
-#       NVIDIA's image ships no torch for the python backend.
+#   --target triton: the NVIDIA Triton container plus onnxruntime, because the python-backend
+#       model (services/loopmesh/mesh/triton_python_model.py) runs the trainer's model.onnx
+#       with onnxruntime and NVIDIA's image ships none for the python backend (no torch).
 #   (default, last stage) "service": every deployable and the dev stack in one image; pick
 #       one with `loopmesh serve <name>`.
 #
 #   docker build --target ingestion -t loopmesh-ingestion:dev .
 #   docker build --target triton -t loopmesh-triton:dev .
-#   CPU-only torch, ~3 GB smaller: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   CPU-only torch for the trainer, ~3 GB smaller:
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#
+# The base images are build arguments. PYTHON_IMAGE needs Python 3.11 as `python` with venv
+# and pip, apt, and groupadd/useradd: python:3.11-slim by default, or a Debian bookworm root
+# filesystem with python3-venv and python-is-python3 where no registry can be reached
+# (scripts/compose-test.sh builds one with debootstrap). GO_IMAGE needs `go` on PATH.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 # The data plane (dataplane/, Go): built here, copied into the inference and features images.
 ARG GO_IMAGE=golang:1.26-bookworm
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.07-py3
-# Keep in step with pyproject.toml: model.pt written by the trainer is loaded by this torch.
-ARG TORCH_VERSION=2.13.0
+# Keep in step with pyproject.toml (devstack, trainer): the model.onnx the trainer writes and
+# checks with this onnxruntime is run by it inside Triton.
+ARG ONNXRUNTIME_VERSION=1.23.2
 ARG TORCH_INDEX=
 ARG LOOPMESH_UID=10001
 
 # ---------------------------------------------------------------------------------------
 FROM ${TRITON_IMAGE} AS triton
-ARG TORCH_VERSION
-ARG TORCH_INDEX
+ARG ONNXRUNTIME_VERSION
 ARG LOOPMESH_UID
 # The python backend stub runs the image's python3. PIP_BREAK_SYSTEM_PACKAGES lets pip
 # install into it on Ubuntu 24.04 (PEP 668); it is this container's only Python user.
+# CPU onnxruntime; on GPUs, LOOPMESH_TRAINER__TRITON_BACKEND=onnxruntime serves the same
+# versions with Triton's own onnxruntime backend (CUDA, TensorRT) instead.
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
-        ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}" \
+        "onnxruntime==${ONNXRUNTIME_VERSION}" \
+    && python3 -c "import onnxruntime, numpy" \
     && mkdir -p /models \
     && chown "${LOOPMESH_UID}:${LOOPMESH_UID}" /models
 # /models is owned by the service user so whichever container first mounts the shared

@@ -83,13 +83,39 @@ def compose_spec_validator() -> jsonschema.protocols.Validator:
 def test_compose_files_match_the_compose_spec(compose: Obj) -> None:
     validator = compose_spec_validator()
     gpu = yaml.safe_load((ROOT / "compose.gpu.yaml").read_text())
-    for name, doc in (("compose.yaml", compose), ("+ compose.gpu.yaml", merge(compose, gpu))):
+    local = yaml.safe_load((ROOT / "compose.local.yaml").read_text())
+    for name, doc in (
+        ("compose.yaml", compose),
+        ("+ compose.gpu.yaml", merge(compose, gpu)),
+        ("+ compose.local.yaml", merge(compose, local)),
+    ):
         errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
         assert not errors, f"{name}: {errors}"
     broken = copy.deepcopy(compose)
     broken["services"]["kafka"]["healthcheck"]["intervall"] = "5s"
     assert not validator.is_valid(broken), "the schema must reject unknown keys"
     assert set(gpu["services"]) <= set(compose["services"])
+    assert set(local["services"]) <= set(compose["services"])
+
+
+def test_compose_local_builds_what_cannot_be_pulled(compose: Obj) -> None:
+    # The public images that compose.yaml pulls, outside the observability profile, are
+    # each swapped for a target of infra/local/Containerfile (make compose-test).
+    local = yaml.safe_load((ROOT / "compose.local.yaml").read_text())
+    containerfile = (ROOT / "infra/local/Containerfile").read_text()
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", containerfile, re.M))
+    pulled = {
+        name
+        for name, svc in compose["services"].items()
+        if "build" not in svc and "observability" not in svc.get("profiles", [])
+    }
+    assert pulled == set(local["services"]) - {"triton"} and "triton" in local["services"]
+    for name, svc in local["services"].items():
+        assert svc["build"]["target"] in targets, name
+        assert svc["build"]["context"] == "infra/local"
+    core = {n for n, s in compose["services"].items() if not s.get("profiles")}
+    for name in core:  # the core stack must not wait on a service of a profile
+        assert set(compose["services"][name].get("depends_on", {})) <= core, name
 
 
 def test_compose_images_are_pinned_and_kafka_matches_the_local_stack(compose: Obj) -> None:
@@ -417,11 +443,15 @@ def test_dockerfile(compose: Obj) -> None:
     for door in ("ingestion", "feedback"):
         assert "find_spec('torch')" in _stage(text, door), f"{door}: proven free of torch"
     assert "ARG LOOPMESH_UID=10001" in text
-    trainer = extras["trainer"]
-    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M)
-    assert torch is not None and f"torch=={torch[1]}" in trainer, (
-        "Triton's torch must load model.pt"
-    )
+    ort = re.search(r"^ARG ONNXRUNTIME_VERSION=(\S+)$", text, re.M)
+    for extra in ("trainer", "devstack"):  # the exporter's check and the local Triton's model
+        assert ort is not None and f"onnxruntime=={ort[1]}" in extras[extra], (
+            f"Triton's onnxruntime must run the model.onnx the trainer checked ({extra})"
+        )
+    assert "torch" not in _stage(text, "triton"), "Triton runs model.onnx: no torch"
+    assert re.search(r"^ARG GO_IMAGE=golang:\S+$", text, re.M)
+    for arg in ("PYTHON_IMAGE", "GO_IMAGE"):  # base images: build arguments compose passes
+        assert arg in compose["x-loopmesh-build"]["args"], arg
     for name, svc in compose["services"].items():
         if "build" in svc and svc["build"].get("target") != "triton":
             target = svc["build"]["target"]

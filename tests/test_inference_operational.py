@@ -123,7 +123,14 @@ def test_gateway_snapshots_do_not_replace_quality_snapshots() -> None:
     kept = book.quality("m", 2, since=t0)
     assert kept is not None and kept.event_id == quality.event_id
     assert book.served("m", 2) == 80  # the gateway's request count is not a joined count
-    assert book.operational("m", 2, since=t0) == (0.5, 40.0)
+    ops = book.operational("m", 2, since=t0)
+    assert (ops.error_rate, ops.requests, ops.latency_p99_ms, ops.latency_samples) == (
+        0.5,
+        2,
+        40.0,
+        2,
+    )
+    assert ops.latency_p99_low_ms == 20.0 and ops.latency_p99_high_ms is None  # 2 latencies
 
     drift = DriftDetector(metric="log_loss", threshold=0.1, min_count=1)
     assert not drift.observe(quality, stable_version=2) and drift.best == 0.4

@@ -13,6 +13,7 @@ from loopmesh.mesh.events import VersionMetrics
 from loopmesh.rollout import machine
 from loopmesh.rollout.analysis import (
     Arm,
+    Operational,
     Snapshot,
     Verdict,
     compare,
@@ -99,16 +100,67 @@ def test_too_few_samples_or_no_metrics_hold_as_starved() -> None:
 def test_guards_roll_back_when_reported_and_are_skipped_when_not() -> None:
     skipped = compare(POLICY, arm(2, 0.4), arm(1, 0.5))
     assert "error rate and latency guard skipped" in skipped.reason
-    errors = compare(POLICY, arm(2, 0.4, count=5, error_rate=0.2), arm(1, 0.5))
+    n = {"requests": 1000, "latency_samples": 1000}
+    errors = compare(POLICY, arm(2, 0.4, count=5, error_rate=0.2, **n), arm(1, 0.5))
     assert errors.action == "rollback" and "error rate 20.00%" in errors.reason
-    increase = compare(POLICY, arm(2, 0.4, error_rate=0.03), arm(1, 0.5, error_rate=0.001))
+    increase = compare(
+        POLICY, arm(2, 0.4, error_rate=0.03, **n), arm(1, 0.5, error_rate=0.001, **n)
+    )
     assert increase.action == "rollback" and "vs stable" in increase.reason
-    slow = compare(POLICY, arm(2, 0.4, latency_p99_ms=40.0), arm(1, 0.5, latency_p99_ms=10.0))
+    slow = compare(
+        POLICY,
+        arm(2, 0.4, latency_p99_ms=40.0, latency_p99_low_ms=38.0, **n),
+        arm(1, 0.5, latency_p99_ms=10.0, latency_p99_high_ms=11.0, **n),
+    )
     assert slow.action == "rollback" and "x stable" in slow.reason
     limit = POLICY.merged({"max_latency_p99_ms": 25.0, "max_latency_ratio": None})
-    assert compare(limit, arm(2, 0.4, latency_p99_ms=30.0), arm(1, 0.5)).action == "rollback"
-    fine = compare(POLICY, arm(2, 0.4, error_rate=0.0, latency_p99_ms=9.0), arm(1, 0.5))
+    assert compare(limit, arm(2, 0.4, latency_p99_ms=30.0, **n), arm(1, 0.5)).action == "rollback"
+    fine = compare(POLICY, arm(2, 0.4, error_rate=0.0, latency_p99_ms=9.0, **n), arm(1, 0.5))
     assert fine.action == "advance" and "skipped" not in fine.reason
+
+
+def test_guards_wait_for_evidence_and_fail_only_on_a_bound() -> None:
+    """Issue 22: a p99 guard rolled a canary back after about 2 requests ("191 ms > 1.5 x
+    stable 109 ms"); the error-rate guard decided on 5."""
+    few = compare(
+        POLICY,
+        arm(2, 0.4, latency_p99_ms=286.0, latency_samples=44, error_rate=0.2, requests=5),
+        arm(1, 0.5, latency_p99_ms=162.7, latency_samples=900, error_rate=0.0, requests=900),
+    )
+    assert few.action == "hold" and few.starved
+    assert "error rate guard: canary 5/100 requests" in few.reason
+    assert "latency guard: canary 44/100" in few.reason
+    # Enough latencies, but the intervals overlap the ratio: noise, not a verdict.
+    n = {"requests": 400, "latency_samples": 400, "error_rate": 0.0}
+    noisy = compare(
+        POLICY,
+        arm(2, 0.4, latency_p99_ms=191.0, latency_p99_low_ms=120.0, **n),
+        arm(1, 0.5, latency_p99_ms=109.0, latency_p99_high_ms=150.0, **n),
+    )
+    assert noisy.action == "advance", noisy.reason
+    # An error rate above the limit on few failures is not yet above it at 95%.
+    unsure = compare(POLICY, arm(2, 0.4, **{**n, "error_rate": 0.07, "requests": 100}), arm(1, 0.5))
+    assert unsure.action == "advance", unsure.reason
+    sure = compare(POLICY, arm(2, 0.4, **{**n, "error_rate": 0.2, "requests": 400}), arm(1, 0.5))
+    assert sure.action == "rollback" and "bound >=" in sure.reason
+    # A worse metric still rolls back while the guards wait: quality evidence is evidence.
+    worse = compare(POLICY, arm(2, 0.9, error_rate=0.0, requests=3), arm(1, 0.5))
+    assert worse.action == "rollback"
+
+
+def test_the_gateways_p99_interval_brackets_the_quantile() -> None:
+    from loopmesh.inference.operational import quantile_bounds
+
+    rng = np.random.default_rng(3)
+    hits, trials = 0, 400
+    for _ in range(trials):
+        values = rng.exponential(10.0, size=1000).tolist()
+        low, high = quantile_bounds(values, 0.99)
+        true_p99 = -10.0 * np.log(0.01)
+        assert high is not None and low <= high
+        hits += low <= true_p99 <= high
+    assert hits / trials >= 0.93  # a 95% interval, checked by simulation
+    assert quantile_bounds([5.0, 6.0, 7.0], 0.99)[1] is None  # too few to bound from above
 
 
 def test_auc_needs_label_rate_and_log_loss_falls_back_to_assumed_std() -> None:
@@ -194,9 +246,11 @@ def test_book_keeps_quality_and_gateway_figures_apart() -> None:
     assert not book.record(metrics(5, count=10, log_loss=0.9))  # older than what is known
     quality = book.quality("m", 2, since=at(0))
     assert quality is not None and quality.count == 80  # the gateway's count is not joined
-    assert book.operational("m", 2, since=at(0)) == (0.01, 12.0)
+    ops = book.operational("m", 2, since=at(0))
+    assert (ops.error_rate, ops.requests, ops.latency_p99_ms) == (0.01, 900, 12.0)
+    assert ops.latency_samples == 900  # not said: as many as the requests
     assert book.quality("m", 2, since=at(10.5)) is None
-    assert book.operational("m", 2, since=at(12)) == (None, None)
+    assert book.operational("m", 2, since=at(12)) == Operational()
     assert book.served("m", 2) == 80 and book.served("m", 9) == 0
 
 

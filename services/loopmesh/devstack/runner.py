@@ -107,6 +107,7 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
         "LOOPMESH_TRAINER__DATASET__WINDOW_ROWS": str(2 * options.retrain_every_examples),
         "LOOPMESH_ROLLOUT__SERVER__PORT": str(ports["rollout"]),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_SAMPLES": str(options.canary_min_samples),
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__GUARD_MIN_REQUESTS": str(options.canary_min_samples),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MIN_STEP_SECONDS": str(options.canary_step_seconds),
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__STEP_TIMEOUT_SECONDS": str(
             options.canary_timeout_seconds

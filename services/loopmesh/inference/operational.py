@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from loopmesh.mesh.events import VersionMetrics
 
@@ -35,6 +36,11 @@ class OperationalFigures:
     error_rate: float
     latency_p99_ms: float | None
     """None when the window's latencies have all left it (its count lags by one bucket)."""
+    latency_samples: int = 0
+    latency_p99_low_ms: float | None = None
+    latency_p99_high_ms: float | None = None
+    """A 95% confidence interval of the p99 (``quantile_bounds``); high is None when the
+    window holds too few latencies to bound it from above."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,6 +48,24 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q * len(ordered)))
     return ordered[rank - 1]
+
+
+P99_CONFIDENCE = 0.95
+
+
+def quantile_bounds(
+    values: list[float], q: float, confidence: float = P99_CONFIDENCE
+) -> tuple[float, float | None]:
+    """A distribution-free confidence interval of the ``q``-quantile: order statistics whose
+    ranks bracket the binomial count of values below it (normal approximation). The upper
+    end is None when its rank lies beyond the sample (too few values to bound it)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    spread = z * math.sqrt(n * q * (1 - q))
+    low_rank = max(1, math.floor(n * q - spread))
+    high_rank = math.ceil(n * q + spread) + 1
+    return ordered[low_rank - 1], ordered[high_rank - 1] if high_rank <= n else None
 
 
 @dataclass(slots=True)
@@ -140,6 +164,7 @@ class OperationalWindows:
                 continue
             failures = sum(b.failures for b in window.buckets)
             latencies = [latency for _, latency in window.latencies]
+            low, high = quantile_bounds(latencies, 0.99) if latencies else (None, None)
             out.append(
                 OperationalFigures(
                     model_name=key[0],
@@ -147,6 +172,9 @@ class OperationalWindows:
                     count=count,
                     error_rate=failures / count,
                     latency_p99_ms=percentile(latencies, 0.99) if latencies else None,
+                    latency_samples=len(latencies),
+                    latency_p99_low_ms=low,
+                    latency_p99_high_ms=high,
                 )
             )
         return out
@@ -162,6 +190,9 @@ def to_events(figures: list[OperationalFigures], window_s: float) -> list[Versio
             count=f.count,
             error_rate=f.error_rate,
             latency_p99_ms=f.latency_p99_ms,
+            latency_samples=f.latency_samples,
+            latency_p99_low_ms=f.latency_p99_low_ms,
+            latency_p99_high_ms=f.latency_p99_high_ms,
         )
         for f in figures
     ]

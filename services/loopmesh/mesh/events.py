@@ -195,6 +195,12 @@ class VersionMetrics(Event):
     """Share of the version's requests that failed (gateway; absent: guard skipped)."""
     latency_p99_ms: Finite | None = Field(default=None, ge=0.0)
     """99th percentile request latency of the version (gateway; absent: guard skipped)."""
+    latency_samples: int | None = Field(default=None, ge=0)
+    """Latencies the p99 was taken over (the gateway's ``count`` is every request)."""
+    latency_p99_low_ms: Finite | None = Field(default=None, ge=0.0)
+    latency_p99_high_ms: Finite | None = Field(default=None, ge=0.0)
+    """A 95% distribution-free confidence interval of the p99 (order statistics); the high
+    end is absent when too few latencies bound it from above."""
 
 
 class ModelPublished(Event):

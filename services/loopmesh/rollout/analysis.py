@@ -18,8 +18,14 @@ policy's ``assumed_loss_std`` squared (conservative); accuracy is Bernoulli (wit
 Agresti-Coull +2/+4 correction so 0% or 100% never claim zero variance); AUC uses the
 Hanley-McNeil standard error, which needs ``label_rate``.
 
-Guards use ``error_rate`` and ``latency_p99_ms`` when the gateway reports them and are skipped
-(and said to be skipped) when it does not.
+Guards use the gateway's figures: ``error_rate`` over its ``count`` requests and
+``latency_p99_ms`` with its confidence interval over ``latency_samples`` latencies. A guard whose
+figures are not reported is skipped (and said to be). One with fewer than
+``guard_min_requests`` requests or latencies on an arm waits: the step holds (it does not
+advance) and says so. With enough, a guard fails only on a bound: the canary's error rate is
+above the limit at the policy's confidence (Wilson interval), its increase over stable is (an
+Agresti-Caffo interval of the difference), or the low end of the canary's p99 interval is above
+the limit or above the ratio times the high end of stable's.
 """
 
 from __future__ import annotations
@@ -38,6 +44,18 @@ Action = Literal["advance", "hold", "rollback"]
 
 
 @dataclass(frozen=True)
+class Operational:
+    """The gateway's figures of one version over its window (``None``: not reported)."""
+
+    error_rate: float | None = None
+    requests: int = 0
+    latency_p99_ms: float | None = None
+    latency_samples: int = 0
+    latency_p99_low_ms: float | None = None
+    latency_p99_high_ms: float | None = None
+
+
+@dataclass(frozen=True)
 class Arm:
     """What the controller knows about one version's live behaviour."""
 
@@ -51,6 +69,11 @@ class Arm:
     latency_p99_ms: float | None = None
     measured: bool = False
     """True when a quality snapshot (joined feedback) exists for the period looked at."""
+    requests: int = 0
+    """Requests the gateway's error rate is over."""
+    latency_samples: int = 0
+    latency_p99_low_ms: float | None = None
+    latency_p99_high_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,11 +121,19 @@ def arm_from_metrics(
     policy: RolloutPolicy,
     version: int,
     quality: VersionMetrics | None,
-    error_rate: float | None = None,
-    latency_p99_ms: float | None = None,
+    ops: Operational | None = None,
 ) -> Arm:
+    ops = ops or Operational()
+    gateway = {
+        "error_rate": ops.error_rate,
+        "requests": ops.requests,
+        "latency_p99_ms": ops.latency_p99_ms,
+        "latency_samples": ops.latency_samples,
+        "latency_p99_low_ms": ops.latency_p99_low_ms,
+        "latency_p99_high_ms": ops.latency_p99_high_ms,
+    }
     if quality is None:
-        return Arm(version, error_rate=error_rate, latency_p99_ms=latency_p99_ms)
+        return Arm(version, **gateway)  # type: ignore[arg-type]
     value: float | None = getattr(quality, policy.metric)
     if value is None and policy.metric == "loss" and quality.task == "binary":
         value = quality.log_loss  # a snapshot of the first schema
@@ -111,9 +142,8 @@ def arm_from_metrics(
         count=quality.count,
         value=value,
         variance=per_example_variance(policy, quality) if value is not None else None,
-        error_rate=error_rate,
-        latency_p99_ms=latency_p99_ms,
         measured=True,
+        **gateway,  # type: ignore[arg-type]
     )
 
 
@@ -149,43 +179,100 @@ def bound(policy: RolloutPolicy, canary: Arm, stable: Arm) -> tuple[float, float
     return d, radius
 
 
-def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> tuple[list[str], list[str]]:
-    """(failures, skipped guards). A guard whose inputs are missing is skipped, never failed."""
+@dataclass(frozen=True)
+class Guards:
+    """What the error-rate and latency guards found."""
+
+    failures: list[str]
+    waiting: list[str]
+    """Guards that lack evidence: the step holds until they have it."""
+    skipped: list[str]
+    """Guards whose figures the gateway does not report."""
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+
+
+def wilson(rate: float, n: int, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion observed as ``rate`` over ``n`` trials."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def difference_low(canary: Arm, stable: Arm, z: float) -> float:
+    """Low end of an Agresti-Caffo interval of (canary - stable) error rate."""
+    assert canary.error_rate is not None and stable.error_rate is not None
+    n_c, n_s = canary.requests + 2, stable.requests + 2
+    p_c = (canary.error_rate * canary.requests + 1) / n_c
+    p_s = (stable.error_rate * stable.requests + 1) / n_s
+    return p_c - p_s - z * math.sqrt(p_c * (1 - p_c) / n_c + p_s * (1 - p_s) / n_s)
+
+
+def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Guards:
+    """Each guard's verdict on the evidence (see the module docstring)."""
     failures: list[str] = []
+    waiting: list[str] = []
     skipped: list[str] = []
+    need, z = policy.guard_min_requests, _z(policy.confidence)
     if canary.error_rate is None:
         skipped.append("error rate")
+    elif canary.requests < need:
+        waiting.append(f"error rate guard: canary {canary.requests}/{need} requests")
     else:
-        if policy.max_error_rate is not None and canary.error_rate > policy.max_error_rate:
+        low, _ = wilson(canary.error_rate, canary.requests, z)
+        if policy.max_error_rate is not None and low > policy.max_error_rate:
             failures.append(
-                f"error rate {canary.error_rate:.2%} > limit {policy.max_error_rate:.2%}"
+                f"error rate {canary.error_rate:.2%} > limit {policy.max_error_rate:.2%} "
+                f"({policy.confidence:.0%} bound >= {low:.2%}, n={canary.requests})"
             )
         if (
             policy.max_error_rate_increase is not None
             and stable.error_rate is not None
-            and canary.error_rate - stable.error_rate > policy.max_error_rate_increase
+            and stable.requests >= need
+            and (increase := difference_low(canary, stable, z)) > policy.max_error_rate_increase
         ):
             failures.append(
                 f"error rate {canary.error_rate:.2%} vs stable {stable.error_rate:.2%} "
-                f"(+{policy.max_error_rate_increase:.2%} allowed)"
+                f"(+{policy.max_error_rate_increase:.2%} allowed; "
+                f"{policy.confidence:.0%} bound on the increase >= {increase:+.2%})"
             )
     if canary.latency_p99_ms is None:
         skipped.append("latency")
+    elif canary.latency_samples < need or (
+        policy.max_latency_ratio is not None
+        and stable.latency_p99_ms is not None
+        and stable.latency_samples < need
+    ):
+        waiting.append(
+            f"latency guard: canary {canary.latency_samples}/{need}, "
+            f"stable {stable.latency_samples}/{need} latencies"
+        )
     else:
         p99 = canary.latency_p99_ms
-        if policy.max_latency_p99_ms is not None and p99 > policy.max_latency_p99_ms:
-            failures.append(f"p99 latency {p99:.1f} ms > limit {policy.max_latency_p99_ms:.1f} ms")
+        low = canary.latency_p99_low_ms if canary.latency_p99_low_ms is not None else p99
+        if policy.max_latency_p99_ms is not None and low > policy.max_latency_p99_ms:
+            failures.append(
+                f"p99 latency {p99:.1f} ms > limit {policy.max_latency_p99_ms:.1f} ms "
+                f"(95% bound >= {low:.1f} ms)"
+            )
         if (
             policy.max_latency_ratio is not None
             and stable.latency_p99_ms is not None
             and stable.latency_p99_ms > 0
-            and p99 > policy.max_latency_ratio * stable.latency_p99_ms
         ):
-            failures.append(
-                f"p99 latency {p99:.1f} ms > {policy.max_latency_ratio:g} x stable "
-                f"{stable.latency_p99_ms:.1f} ms"
+            # Stable's p99 as high as its interval allows (unbounded: the guard cannot fail).
+            high = (
+                stable.latency_p99_high_ms if stable.latency_p99_high_ms is not None else math.inf
             )
-    return failures, skipped
+            if low > policy.max_latency_ratio * high:
+                failures.append(
+                    f"p99 latency {p99:.1f} ms > {policy.max_latency_ratio:g} x stable "
+                    f"{stable.latency_p99_ms:.1f} ms (95% bounds: canary >= {low:.1f} ms, "
+                    f"stable <= {high:.1f} ms)"
+                )
+    return Guards(failures, waiting, skipped)
 
 
 def compare(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Verdict:
@@ -200,10 +287,25 @@ def compare(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Verdict:
             figures[f"{name}_error_rate"] = arm.error_rate
         if arm.latency_p99_ms is not None:
             figures[f"{name}_latency_p99_ms"] = arm.latency_p99_ms
-    failures, skipped = guard_failures(policy, canary, stable)
+    guards = guard_failures(policy, canary, stable)
+    skipped = guards.skipped
     note = f" ({' and '.join(skipped)} guard skipped: not reported)" if skipped else ""
-    if failures:
-        return Verdict("rollback", "guard failed: " + "; ".join(failures), figures)
+    if guards.failures:
+        return Verdict("rollback", "guard failed: " + "; ".join(guards.failures), figures)
+    verdict = _quality(policy, canary, stable, figures, note)
+    if verdict.action == "advance" and guards.waiting:
+        waiting = "; ".join(guards.waiting)
+        return Verdict(
+            "hold", f"guards waiting for evidence ({waiting}): {verdict.reason}", figures, True
+        )
+    return verdict
+
+
+def _quality(
+    policy: RolloutPolicy, canary: Arm, stable: Arm, figures: dict[str, float], note: str
+) -> Verdict:
+    """The verdict of the primary metric's bound alone."""
+    m = policy.metric
     unmeasured = [
         name for name, arm in (("canary", canary), ("stable", stable)) if not arm.measured
     ]

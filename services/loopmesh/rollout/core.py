@@ -244,8 +244,8 @@ class RolloutController:
         arms = []
         for version in (record.canary_version or 0, record.stable_version or 0):
             quality = self.book.quality(model, version, since=since)
-            err, p99 = self.book.operational(model, version, since=since)
-            arms.append(arm_from_metrics(policy, version, quality, err, p99))
+            ops = self.book.operational(model, version, since=since)
+            arms.append(arm_from_metrics(policy, version, quality, ops))
         return compare(policy, arms[0], arms[1])
 
     def _note(

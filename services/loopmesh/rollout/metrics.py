@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from loopmesh.mesh.events import VersionMetrics
-from loopmesh.rollout.analysis import Snapshot, estimate_served
+from loopmesh.rollout.analysis import Operational, Snapshot, estimate_served
 
 _SEEN_IDS = 50_000
 _SNAPSHOTS_PER_VERSION = 2_000
@@ -26,8 +26,10 @@ class VersionLive:
     """What is known of one version."""
 
     quality: VersionMetrics | None = None
-    error_rate: tuple[datetime, float] | None = None
-    latency_p99_ms: tuple[datetime, float] | None = None
+    error_rate: tuple[datetime, VersionMetrics] | None = None
+    """The newest gateway snapshot with an error rate (and its request count)."""
+    latency_p99_ms: tuple[datetime, VersionMetrics] | None = None
+    """The newest gateway snapshot with a p99 (and its interval and sample count)."""
     windows: deque[Snapshot] = field(default_factory=lambda: deque(maxlen=_SNAPSHOTS_PER_VERSION))
 
 
@@ -59,12 +61,12 @@ class MetricsBook:
             live.windows.append(Snapshot(at, event.window_seconds, event.count))
             changed = True
         if event.error_rate is not None and (live.error_rate is None or at > live.error_rate[0]):
-            live.error_rate = (at, event.error_rate)
+            live.error_rate = (at, event)
             changed = True
         if event.latency_p99_ms is not None and (
             live.latency_p99_ms is None or at > live.latency_p99_ms[0]
         ):
-            live.latency_p99_ms = (at, event.latency_p99_ms)
+            live.latency_p99_ms = (at, event)
             changed = True
         return changed
 
@@ -75,20 +77,30 @@ class MetricsBook:
             return None
         return live.quality
 
-    def operational(
-        self, model: str, version: int, *, since: datetime
-    ) -> tuple[float | None, float | None]:
-        """(error_rate, latency_p99_ms) measured at or after ``since``; None where unknown."""
+    def operational(self, model: str, version: int, *, since: datetime) -> Operational:
+        """The gateway's figures measured at or after ``since`` (None where unknown)."""
         live = self._live.get((model, version))
         if live is None:
-            return None, None
+            return Operational()
         err = live.error_rate[1] if live.error_rate and live.error_rate[0] >= since else None
         lat = (
             live.latency_p99_ms[1]
             if live.latency_p99_ms and live.latency_p99_ms[0] >= since
             else None
         )
-        return err, lat
+        return Operational(
+            error_rate=err.error_rate if err else None,
+            requests=err.count if err else 0,
+            latency_p99_ms=lat.latency_p99_ms if lat else None,
+            # A gateway that does not say how many latencies: as many as its requests.
+            latency_samples=(
+                (lat.latency_samples if lat.latency_samples is not None else lat.count)
+                if lat
+                else 0
+            ),
+            latency_p99_low_ms=lat.latency_p99_low_ms if lat else None,
+            latency_p99_high_ms=lat.latency_p99_high_ms if lat else None,
+        )
 
     def served(self, model: str, version: int) -> int:
         """Estimated joined requests the version served (see ``analysis.estimate_served``)."""

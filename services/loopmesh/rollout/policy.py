@@ -52,6 +52,9 @@ class RolloutPolicy(BaseModel):
     """A step that reaches no decision within this time is aborted with the reason."""
     assumed_loss_std: float = Field(default=1.0, gt=0.0)
     """Per-example loss standard deviation assumed when metrics carry no loss variance."""
+    guard_min_requests: int = Field(default=100, ge=1)
+    """Requests (error rate) and latencies (p99) each arm needs in the gateway's window before
+    a guard decides; until then the step holds and says so (never a rollback on 2 samples)."""
     max_error_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
     """Canary error rate (from the gateway) above which it is rolled back; None disables."""
     max_error_rate_increase: float | None = Field(default=0.01, ge=0.0, le=1.0)

@@ -47,6 +47,7 @@ _SCALAR_POLICY_FIELDS = (
     "max_latency_p99_ms",
     "max_latency_ratio",
     "drain_seconds",
+    "guard_min_requests",
 )
 
 

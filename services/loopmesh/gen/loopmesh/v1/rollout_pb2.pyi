@@ -400,8 +400,9 @@ class RolloutPolicy(_message.Message):
     MAX_LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
     MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
     DRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    GUARD_MIN_REQUESTS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
-    """log_loss, accuracy or auc."""
+    """loss (the task's: log loss, cross-entropy, squared error), log_loss, accuracy or auc."""
     method: _builtins.str
     """sequential (anytime-valid) or fixed."""
     confidence: _builtins.float
@@ -416,6 +417,8 @@ class RolloutPolicy(_message.Message):
     max_latency_p99_ms: _builtins.float
     max_latency_ratio: _builtins.float
     drain_seconds: _builtins.float
+    guard_min_requests: _builtins.int
+    """Requests and latencies each arm needs before the error-rate and latency guards decide."""
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Canary share of traffic per step, strictly increasing in (0, 1)."""
@@ -437,10 +440,11 @@ class RolloutPolicy(_message.Message):
         max_latency_p99_ms: _builtins.float | None = ...,
         max_latency_ratio: _builtins.float | None = ...,
         drain_seconds: _builtins.float | None = ...,
+        guard_min_requests: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "step_timeout_seconds", b"step_timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_guard_min_requests", b"_guard_min_requests", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "guard_min_requests", b"guard_min_requests", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "step_timeout_seconds", b"step_timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "step_timeout_seconds", b"step_timeout_seconds", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_guard_min_requests", b"_guard_min_requests", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "guard_min_requests", b"guard_min_requests", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "step_timeout_seconds", b"step_timeout_seconds", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__assumed_loss_std: _TypeAlias = _typing.Literal["assumed_loss_std"]  # noqa: Y015
     _WhichOneofArgType__assumed_loss_std: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std"]  # noqa: Y015
@@ -448,6 +452,8 @@ class RolloutPolicy(_message.Message):
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015
     _WhichOneofReturnType__drain_seconds: _TypeAlias = _typing.Literal["drain_seconds"]  # noqa: Y015
     _WhichOneofArgType__drain_seconds: _TypeAlias = _typing.Literal["_drain_seconds", b"_drain_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__guard_min_requests: _TypeAlias = _typing.Literal["guard_min_requests"]  # noqa: Y015
+    _WhichOneofArgType__guard_min_requests: _TypeAlias = _typing.Literal["_guard_min_requests", b"_guard_min_requests"]  # noqa: Y015
     _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
     _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
     _WhichOneofReturnType__max_error_rate_increase: _TypeAlias = _typing.Literal["max_error_rate_increase"]  # noqa: Y015
@@ -474,6 +480,8 @@ class RolloutPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__confidence) -> _WhichOneofReturnType__confidence | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__drain_seconds) -> _WhichOneofReturnType__drain_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guard_min_requests) -> _WhichOneofReturnType__guard_min_requests | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
     @_typing.overload

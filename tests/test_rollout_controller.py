@@ -196,3 +196,34 @@ async def test_the_announced_sha256_survives_a_restart_and_is_checked_on_every_l
     await feed(again, clock, {1: 0.5, 2: 0.9})
     await again.tick()
     assert any(e.get(3) == third.sha256 for e in restarted.expected), restarted.expected
+
+
+async def test_a_newer_version_that_beat_the_canary_preempts_it(repo: Path) -> None:
+    """Issue 22, latest wins: candidates queued behind a stale canary (v8 went through its
+    steps while better v9..v11 waited)."""
+    effects, clock = Effects(), Clock()
+    ctl = controller(repo, effects, clock)
+    await ctl.on_published(published(repo, 1))
+    await ctl.on_published(published(repo, 2))
+    await ctl.tick()
+    assert ctl.status("m").record.canary_version == 2
+    # v3 did not beat v2 on the trainer's holdout: it waits, as before.
+    await ctl.on_published(published(repo, 3))
+    assert ctl.status("m").record.canary_version == 2 and ctl.pending == {"m": 3}
+    # v4 did: v2's rollout ends at once, and v4 (the newest) is next.
+    better = published(repo, 4).model_copy(
+        update={"preempts": 2, "metrics": {"holdout_loss": 0.41, "preempted_loss": 0.52}}
+    )
+    effects.log.clear()
+    await ctl.on_published(better)
+    ended = ctl.history["m"][-1].event
+    assert (ended.state, ended.canary_version, ended.canary_weight) == ("aborted", 2, 0.0)
+    assert "preempted" in ended.reason and "0.4100 < 0.5200 of v2" in ended.reason
+    await ctl.tick()
+    record = ctl.status("m").record
+    assert (record.state, record.canary_version, record.stable_version) == ("canary", 4, 1)
+    assert not ctl.pending  # v3 is skipped: v4 is newer
+    # A claim about a version no longer in rollout changes nothing.
+    stale = published(repo, 5).model_copy(update={"preempts": 2})
+    await ctl.on_published(stale)
+    assert ctl.status("m").record.canary_version == 4 and ctl.pending == {"m": 5}

@@ -245,3 +245,45 @@ triggers: {drift_metric: mae, drift_threshold: 1.5}
     with pytest.raises(SpecError) as caught:
         plan_of(bad, "models/m.yaml", TrainerScope(model_name="m"))
     assert caught.value.field == "models/m.yaml: triggers.drift_metric"
+
+
+def test_an_accepted_candidate_preempts_a_canary_it_beats_on_the_same_rows(
+    tmp_path: Path,
+) -> None:
+    """Issue 22, latest wins: the trainer judges the candidate against the version in canary
+    too, on the same holdout rows, and says so in the metadata ModelPublished carries."""
+    model = "t-preempt"
+    gate = {"min_loss_improvement": 1.0}  # in the target's units (squared minutes)
+    scope = TrainerScope(model_name=model, data_dir=tmp_path / "data", training=FAST, gate=gate)
+    ds = Dataset(scope.data_dir)
+    examples, *_ = _examples(model, "regression", 3000, seed=1)
+    ds.append(examples)
+    plan = _plan("regression")
+    repo = tmp_path / "repo"
+
+    good = run_pipeline(scope, ds, None, fit, run_id="good", plan=plan)
+    assert good.payload is not None
+    v1, _ = publish_files(repo, model, good.payload, good.metadata)
+
+    def off_by_ten(*args, **kw):  # type: ignore[no-untyped-def]
+        result = fit(*args, **kw)
+        result.module.target_mean += 4.0  # every answer four minutes late
+        return result
+
+    gateless = scope.model_copy(
+        update={"gate": scope.gate.model_copy(update={"min_loss_improvement": 0.0})}
+    )
+    bad = run_pipeline(gateless, ds, None, off_by_ten, run_id="bad", plan=plan)
+    assert bad.payload is not None, bad.decision.reason  # worse than v1, still beats the mean
+    v2, _ = publish_files(repo, model, bad.payload, bad.metadata)
+
+    against_bad = run_pipeline(
+        scope, ds, None, fit, run_id="r3", plan=plan, challenged=load_stable(repo, model, v2)
+    )
+    assert against_bad.metadata["preempts"] == v2
+    metrics = against_bad.metadata["metrics"]
+    assert metrics["holdout_loss"] < metrics["preempted_loss"] - 1.0
+    against_good = run_pipeline(
+        scope, ds, None, fit, run_id="r4", plan=plan, challenged=load_stable(repo, model, v1)
+    )
+    assert "preempts" not in against_good.metadata  # the same model again: not better

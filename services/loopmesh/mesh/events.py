@@ -213,6 +213,9 @@ class ModelPublished(Event):
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     metrics: dict[str, Finite] = Field(default_factory=dict)
     feature_names: list[str]
+    preempts: int | None = Field(default=None, ge=1)
+    """The version in canary (or about to be) that this one beat on the same holdout rows:
+    the controller replaces that canary with this version (latest wins)."""
 
 
 RolloutState = Literal["candidate", "canary", "stable", "rolled_back", "paused", "aborted"]

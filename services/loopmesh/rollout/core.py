@@ -183,7 +183,14 @@ class RolloutController:
                 await self._apply(model, change)
             elif record is not None and version > record.high_water:
                 self.pending[model] = max(self.pending.get(model, 0), version)
-                log.info("%s v%d queued behind the rollout in progress", model, version)
+                if event.preempts is not None and event.preempts == record.canary_version:
+                    why = _preemption_evidence(event)
+                    ended = machine.preempt(record, version, self._clock(), why=why)
+                    if ended is not None:
+                        await self._apply(model, ended)
+                        log.info("%s v%d preempted v%d", model, version, event.preempts)
+                else:
+                    log.info("%s v%d queued behind the rollout in progress", model, version)
         self._wake.set()
 
     async def on_metrics(self, event: VersionMetrics, *_: Any) -> None:
@@ -422,3 +429,11 @@ class RolloutController:
             history.extend(list(self.history.get(m, ()))[-limit:])
         history.sort(key=lambda h: h.event.event_time, reverse=True)
         return statuses, history
+
+
+def _preemption_evidence(event: ModelPublished) -> str:
+    """What the trainer measured: both versions' loss on the same holdout rows."""
+    ours, theirs = event.metrics.get("holdout_loss"), event.metrics.get("preempted_loss")
+    if ours is None or theirs is None:
+        return "it beat the canary on the same holdout rows"
+    return f"holdout loss {ours:.4f} < {theirs:.4f} of v{event.preempts} on the same rows"

@@ -131,6 +131,18 @@ def on_published(record: Record | None, model: str, version: int, now: datetime)
     )
 
 
+def preempt(record: Record, version: int, now: datetime, *, why: str) -> Change | None:
+    """Latest wins: ``version`` beat the candidate in rollout on the same holdout, so that
+    rollout ends (aborted, its canary loses its traffic) and ``version`` goes next."""
+    if not record.in_rollout or record.state == "paused" or version <= record.high_water:
+        return None
+    reason = (
+        f"v{record.canary_version} preempted at step {record.step} "
+        f"({_pct(record.canary_weight)}) by v{version}: {why}"
+    )
+    return Change(_end(record, now, "aborted", reason))
+
+
 def load_failed(record: Record, change: Change, error: str, now: datetime) -> Change:
     """The versions ``change`` needed could not be loaded: abort that version, keep stable.
 

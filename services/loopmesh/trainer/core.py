@@ -119,6 +119,7 @@ class TrainerCore:
         history = self.history.all()
         self._last_run: RunRecord | None = history[-1] if history else None
         self._rollout_stable: int | None = self._read_state().get("stable_version")
+        self._rollout_canary: int | None = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -161,7 +162,12 @@ class TrainerCore:
         return None
 
     def observe_rollout(self, event: RolloutChanged) -> None:
-        if event.model_name != self.model_name or event.stable_version == self._rollout_stable:
+        if event.model_name != self.model_name:
+            return
+        # The candidate a newer version may preempt (latest wins): judged on the same rows.
+        in_rollout = event.state in ("candidate", "canary") and event.canary_version
+        self._rollout_canary = event.canary_version if in_rollout else None
+        if event.stable_version == self._rollout_stable:
             return
         self._rollout_stable = event.stable_version
         self._write_state({"stable_version": event.stable_version})
@@ -305,8 +311,20 @@ class TrainerCore:
 
     def _train(self, run_id: str) -> tuple[pipeline.StableModel | None, pipeline.RunOutcome]:
         stable = pipeline.load_stable(self.repository, self.model_name, self.stable_version())
+        canary = self._rollout_canary
+        challenged = (
+            pipeline.load_stable(self.repository, self.model_name, canary)
+            if canary is not None and (stable is None or canary != stable.version)
+            else None
+        )
         outcome = pipeline.run_pipeline(
-            self.scope, self.dataset, stable, self._fit, run_id=run_id, plan=self.plan
+            self.scope,
+            self.dataset,
+            stable,
+            self._fit,
+            run_id=run_id,
+            plan=self.plan,
+            challenged=challenged,
         )
         return stable, outcome
 
@@ -326,6 +344,7 @@ class TrainerCore:
             sha256=meta["sha256"],
             metrics=metrics,
             feature_names=list(meta.get("feature_names") or []),
+            preempts=meta.get("preempts"),
         )
         try:
             await self._announce(event)

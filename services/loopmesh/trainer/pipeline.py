@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.model_spec import ContextField
-from loopmesh.trainer.dataset import Dataset
+from loopmesh.trainer.dataset import Dataset, Frame
 from loopmesh.trainer.export import OPSET, ExportedModel, export_module
 from loopmesh.trainer.gate import GateDecision, ReferenceKind, decide, decide_task
 from loopmesh.trainer.plan import ModelPlan
@@ -89,7 +89,10 @@ def run_pipeline(
     *,
     run_id: str,
     plan: ModelPlan | None = None,
+    challenged: StableModel | None = None,
 ) -> RunOutcome:
+    """One run; ``challenged``: the version in canary, which an accepted candidate preempts
+    when it beats it on the same holdout rows (``metadata["preempts"]``)."""
     ds = scope.dataset
     plan = plan or ModelPlan()
     frame = dataset.load(
@@ -133,27 +136,31 @@ def run_pipeline(
     candidate_out = predict(result.module, x[holdout_idx])
     kind: ReferenceKind
     if stable is not None:
-        stable_x = np.hstack(
-            [
-                frame.matrix(stable.standardisation.feature_names),
-                ModelPlan(categorical=stable.categorical).encode(frame.categorical, len(frame)),
-            ]
-        )[holdout_idx]
-        reference_out = predict(load_scoring(stable.path), stable_x)
+        reference_out = _answers(stable, frame, holdout_idx)
         kind = "stable"
     else:
         reference_out = _baseline(plan, y[train_idx], len(holdout_idx))
         kind = "baseline"
-    candidate: quality.Scores | quality.TaskScores
-    reference: quality.Scores | quality.TaskScores
-    if plan.task == "binary":
-        candidate = quality.score(y_holdout, candidate_out)
-        reference = quality.score(y_holdout, reference_out)
+    candidate = _scores(plan, y_holdout, candidate_out)
+    reference = _scores(plan, y_holdout, reference_out)
+    if isinstance(candidate, quality.Scores) and isinstance(reference, quality.Scores):
         decision = decide(candidate, reference, kind, scope.gate)
     else:
-        candidate = quality.task_scores(plan.task, y_holdout, candidate_out)
-        reference = quality.task_scores(plan.task, y_holdout, reference_out)
+        assert isinstance(candidate, quality.TaskScores)
+        assert isinstance(reference, quality.TaskScores)
         decision = decide_task(candidate, reference, kind, scope.gate)
+    candidate_loss = _loss_of(candidate)
+    preempted_loss: float | None = None
+    if decision.accepted and challenged is not None:
+        rival = _scores(plan, y_holdout, _answers(challenged, frame, holdout_idx))
+        margin = (
+            scope.gate.min_log_loss_improvement
+            if plan.task == "binary"
+            else scope.gate.min_loss_improvement
+        )
+        theirs = _loss_of(rival)
+        if candidate_loss is not None and theirs is not None and candidate_loss < theirs - margin:
+            preempted_loss = theirs
     stamps = frame.predicted_at
     outcome = RunOutcome(
         decision=decision,
@@ -191,9 +198,18 @@ def run_pipeline(
                 zip(feature_names, standardisation.mean.tolist(), strict=True)
             ),
             "standardisation": standardisation.to_metadata(),
+            **(
+                {"preempts": challenged.version}
+                if preempted_loss is not None and challenged is not None
+                else {}
+            ),
             "metrics": {
                 **{f"holdout_{k}": v for k, v in candidate.as_dict().items()},
                 **{f"reference_{k}": v for k, v in reference.as_dict().items()},
+                **(
+                    {"holdout_loss": _loss_of(candidate)} if _loss_of(candidate) is not None else {}
+                ),
+                **({"preempted_loss": preempted_loss} if preempted_loss is not None else {}),
                 # The task's loss: log loss, cross-entropy, squared error (standardised target).
                 "validation_loss": result.validation_log_loss,
             },
@@ -222,6 +238,30 @@ def run_pipeline(
             },
         }
     return outcome
+
+
+def _answers(model: StableModel, frame: Frame, rows: npt.NDArray[np.int64]) -> FloatArray:
+    """A published version's answers for ``rows`` of ``frame``, from its own inputs."""
+    x = np.hstack(
+        [
+            frame.matrix(model.standardisation.feature_names),
+            ModelPlan(categorical=model.categorical).encode(frame.categorical, len(frame)),
+        ]
+    )[rows]
+    return predict(load_scoring(model.path), x)
+
+
+def _scores(
+    plan: ModelPlan, y: FloatArray, answers: FloatArray
+) -> quality.Scores | quality.TaskScores:
+    if plan.task == "binary":
+        return quality.score(y, answers)
+    return quality.task_scores(plan.task, y, answers)
+
+
+def _loss_of(scores: quality.Scores | quality.TaskScores) -> float | None:
+    """The task's loss (log loss for a binary model)."""
+    return scores.log_loss if isinstance(scores, quality.Scores) else scores.loss
 
 
 def _valid_targets(plan: ModelPlan, y: FloatArray) -> npt.NDArray[np.bool_]:

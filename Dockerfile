@@ -114,6 +114,10 @@ RUN groupadd --system --gid "${LOOPMESH_UID}" loopmesh \
 # Mount points of compose's named volumes exist here, owned by the service user, so Docker
 # initialises each new volume with that owner (a missing path would come up root-owned).
 COPY . /app
+# The checkout's modes come along: a directory the service user cannot read (scripts/protogen.py
+# renames a mkdtemp directory into services/loopmesh/gen, mode 0700) made every service fail
+# with "No module named 'loopmesh.gen.loopmesh'" while the import checks, run as root, passed.
+RUN chmod -R a+rX /app
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \

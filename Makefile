@@ -66,3 +66,9 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .loopmesh .mypy_cache .ruff_cache .pytest_cache
+
+# compose.yaml brought up for real with podman (no Docker daemon or image registry needed):
+# installs podman, builds a Debian base and every image, runs the smoke, tears down.
+.PHONY: compose-test
+compose-test: deps
+	VENV=$(VENV) bash scripts/compose-test.sh

@@ -11,11 +11,14 @@
 #      PYTHON_IMAGE/GO_IMAGE pointed at it; Kafka, Triton and Redis from infra/local/).
 #   4. The core stack up (no observability profile), waiting on every healthcheck.
 #   5. scripts/compose_smoke.py through the public ports: ingest -> predict -> feedback ->
-#      retrain -> canary -> promotion, then a restart of the feedback and trainer containers
-#      loses nothing they acknowledged.
+#      retrain -> canary -> promotion, then restarts of the ingestion, feedback and trainer
+#      containers that must lose nothing they acknowledged.
 #   6. Teardown (containers, network, volumes); images stay unless COMPOSE_TEST_CLEAN=1.
 #
 # Steps run in order; COMPOSE_TEST_STEPS="setup base images up smoke down" picks some.
+# COMPOSE_TEST_SERVICES="ingestion feedback" builds and starts only those and what they
+# depend on (the smoke then checks the two doors and their restarts only): for a machine
+# without the disk for every image (the trainer's torch with CUDA is about 4.5 GB).
 # COMPOSE_TEST_KEEP=1 leaves the stack up after the smoke (for a look at it).
 set -euo pipefail
 

@@ -443,6 +443,10 @@ def test_dockerfile(compose: Obj) -> None:
     for door in ("ingestion", "feedback"):
         assert "find_spec('torch')" in _stage(text, door), f"{door}: proven free of torch"
     assert "ARG LOOPMESH_UID=10001" in text
+    # The source tree readable by the service user whatever the checkout's modes (a 0700
+    # services/loopmesh/gen once broke every service; the root-run import checks passed).
+    runtime = _stage(text, "runtime")
+    assert runtime.index("COPY . /app\n") < runtime.index("RUN chmod -R a+rX /app\n")
     ort = re.search(r"^ARG ONNXRUNTIME_VERSION=(\S+)$", text, re.M)
     for extra in ("trainer", "devstack"):  # the exporter's check and the local Triton's model
         assert ort is not None and f"onnxruntime=={ort[1]}" in extras[extra], (

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(fresh, staged)
             shutil.rmtree(OUT, ignore_errors=True)
             staged.rename(OUT)
+            # copytree kept the temporary directory's 0700: readable by its owner only, the
+            # package could not be imported by a container's non-root user.
+            OUT.chmod(0o755)
             return 0
         if want != have:
             changed = sorted(set(want) ^ set(have) | {k for k in want if want[k] != have.get(k)})

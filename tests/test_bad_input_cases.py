@@ -276,6 +276,44 @@ def _trainer_model(mesh: Mesh, message: type[Message], **extra: Any) -> Any:
     return st.builds(as_case, names, hostile_text()), (OK, INVALID, NOT_FOUND), None
 
 
+def _add_examples(mesh: Mesh) -> tuple[st.SearchStrategy[Case], Any, Checker]:
+    """One example with one hostile field (or none); the trainer's model is binary."""
+
+    def as_case(which: str, text: str, number: float) -> Case:
+        example = trainer_pb2.Example(
+            example_id=uuid.uuid4().hex, entity_id="probe", features={"x": 1.0}, target=1.0
+        )
+        bad: list[str] = []
+        if which == "example_id":
+            example.example_id = text
+            bad = [] if 0 < len(text.strip()) <= 256 else ["examples[0].example_id"]
+        elif which == "entity_id":
+            example.entity_id = text
+            bad = [] if 0 < len(text.strip()) <= 256 else ["examples[0].entity_id"]
+        elif which == "feature":
+            example.features["x"] = number
+            bad = [] if math.isfinite(number) else ["examples[0].features.x"]
+        elif which == "target":
+            example.target = number
+            bad = [] if number in (0.0, 1.0) else ["examples[0].target"]
+        elif which == "categorical":
+            example.categorical[text or "c"] = "v"  # the model declares none
+            bad = ["examples[0].categorical"]
+        request = trainer_pb2.AddExamplesRequest(examples=[example])
+        if which == "empty":
+            request = trainer_pb2.AddExamplesRequest(model_name=mesh.trainer_model)
+            bad = ["examples"]
+        if bad:
+            return case([request], INVALID, fields=bad)
+        return case([request], OK, UNAVAILABLE)
+
+    fields = st.sampled_from(
+        ["example_id", "entity_id", "feature", "target", "categorical", "empty", "none"]
+    )
+    targets = st.one_of(any_float(), st.sampled_from([0.0, 1.0, 2.0, -1.0]))
+    return st.builds(as_case, fields, hostile_text(), targets), (OK, INVALID, UNAVAILABLE), None
+
+
 def _list_runs(mesh: Mesh) -> tuple[st.SearchStrategy[Case], Any, Checker]:
     def as_case(limit: int) -> Case:
         request = trainer_pb2.ListRunsRequest(limit=limit)
@@ -372,6 +410,7 @@ def typed_cases(mesh: Mesh) -> dict[str, tuple[st.SearchStrategy[Case], Any, Che
         f"/{tr}/TriggerTraining": _trainer_model(
             mesh, trainer_pb2.TriggerTrainingRequest, reason=True
         ),
+        f"/{tr}/AddExamples": _add_examples(mesh),
         f"/{ro}/GetRollout": _rollout_named(rollout_pb2.GetRolloutRequest),
         f"/{ro}/ListRollouts": _list_rollouts(mesh),
         f"/{ro}/Promote": _rollout_named(rollout_pb2.PromoteRequest, reason=True),

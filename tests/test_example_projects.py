@@ -37,7 +37,7 @@ async def test_the_friedman_example_learns_promotes_and_recovers_from_drift(
     monkeypatch.setenv("LOOPMESH_PROJECT", str(EXAMPLES / "friedman"))
     out = io.StringIO()
     options = RunOptions(
-        duration_seconds=480,
+        duration_seconds=600,
         headless=True,
         out_dir=tmp_path,
         requests_per_second=60,

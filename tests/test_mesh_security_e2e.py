@@ -201,13 +201,14 @@ class SecuredRun(LoopRun):
         (the Go data plane calls Triton), both over mutual TLS with the runner's token."""
         mark = next(m for m in reversed(self.loop_state.rollout_marks) if m.canary)
         version = int(mark.canary or 0)
-        batch = self.world.sample(1)
+        assert self.world is not None
+        [request] = self.world.sample(1, np.random.default_rng(0))
         # TLS and the token from LOOPMESH_CLIENT__*, as the simulator's.
         config = ClientConfig(inference_url=self._address("inference"), tracing=False)
         async with AsyncClient(config) as client:
             reply = await client.predict(
-                batch.entity_ids[0],
-                context=batch.feature_dicts()[0],
+                request.entity_id,
+                context=request.context,
                 model_name=self.options.model_name,
                 model_version=version,
                 timeout=10,

@@ -67,8 +67,10 @@ def parse(model: type[R], **fields: object) -> R:
         return model.model_validate(fields)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise InvalidArgument(where, first["msg"]) from None
+        where = ""
+        for part in first["loc"]:  # examples[0].features.price, as the other doors name them
+            where += f"[{part}]" if isinstance(part, int) else f".{part}" if where else str(part)
+        raise InvalidArgument(where or "request", first["msg"]) from None
 
 
 def check_model(requested: str, trained: str) -> str:

@@ -368,7 +368,7 @@ class ModelVersion(_message.Message):
     """The stable version it was warm-started from and compared with (0: none)."""
     sha256: _builtins.str
     intact: _builtins.bool
-    """model.pt matches sha256."""
+    """model.onnx and weights.safetensors match their sha256s."""
     run_id: _builtins.str
     stable: _builtins.bool
     """The version the trainer currently treats as stable."""

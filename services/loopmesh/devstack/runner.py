@@ -676,6 +676,12 @@ async def _train_initial(
                 )
             await asyncio.sleep(0.5)
             status = await stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)
+        taken = status.HasField("running") or (
+            status.HasField("last_run")
+            and status.last_run.status == trainer_pb2.RUN_STATUS_PUBLISHED
+        )
+        if taken:
+            return  # the trainer's own trigger took the bootstrap set: no second run on it
         await stub.TriggerTraining(
             trainer_pb2.TriggerTrainingRequest(
                 model_name=model_name, reason="bootstrap set", wait=True

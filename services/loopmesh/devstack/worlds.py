@@ -14,7 +14,6 @@ name, so two projects' simulators never shadow each other.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from loopmesh.client import Event
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
 from loopmesh.mesh.errors import SetupError
 from loopmesh.mesh.events import Task
+from loopmesh.mesh.model_spec import importable
 
 SIMULATOR_FILE = "simulator.py"
 
@@ -87,7 +87,7 @@ def load_world(project: Path, seed: int) -> World | None:
         raise SetupError(f"{path}: cannot be loaded")
     module = importlib.util.module_from_spec(spec)
     # Its own modules beside it (a project's torch code, say) import by name.
-    sys.path.insert(0, str(project))
+    importable(project)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # the user's code may fail in any way

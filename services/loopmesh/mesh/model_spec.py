@@ -241,14 +241,20 @@ def check_features(
     return list(spec.inputs.features)
 
 
+def importable(project: Path) -> None:
+    """Put ``project`` first on the import path (once): a team's modules beside its specs."""
+    if str(project) not in sys.path:
+        sys.path.insert(0, str(project))
+
+
 def import_factory(spec: ModelSpec, source: str, project: Path | None = None) -> Callable[..., Any]:
     """The module factory the spec names; SpecError when it cannot be imported.
 
     The module is looked up in ``project`` first (a team keeps its torch code beside its
     specs), then in what is installed.
     """
-    if project is not None and str(project) not in sys.path:
-        sys.path.insert(0, str(project))
+    if project is not None:
+        importable(project)
     module_name, _, attribute = spec.module.factory.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -113,6 +113,8 @@ class InferenceGateway:
             batch_max_size=scope.batch_max_size,
             batch_max_delay_s=scope.batch_max_delay_ms / 1000.0,
             batch_max_inflight=scope.batch_max_inflight,
+            shadow_max_inflight=scope.shadow_max_inflight,
+            shadow_timeout_s=scope.shadow_timeout_ms / 1000.0,
             entity_ids=EntityIdMapper(settings.privacy),
         )
         # Reached only through the data plane, on loopback: no TLS on this hop, but the

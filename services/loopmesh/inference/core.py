@@ -12,15 +12,24 @@ class's probability; multiclass: every class's probability and the top class; re
 value), and hand the record to the prediction log without waiting.
 
 A failing canary falls back to stable for that request and counts against the canary.
+
+Shadow: when the route names shadow candidates and this request is in their share, stable's
+answer goes out first; then each shadow scores the same inputs (its own declared features,
+from the readings already fetched) in a background task, and the prediction is logged with
+their answers attached (``shadow``), so the joiner can pair them with stable's on the same
+feedback. At most ``shadow_max_inflight`` requests are shadow-scored at once; beyond that the
+shadow work is shed, never the answer, and a shadow that fails or times out is left out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Annotated, Literal, Protocol
 
@@ -91,6 +100,15 @@ class ScoreBackend(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowAnswer:
+    """A shadow candidate's answer to a request it did not serve."""
+
+    model_version: int
+    score: float
+    outputs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PredictionRecord:
     """What the prediction log keeps of one answer."""
 
@@ -107,6 +125,7 @@ class PredictionRecord:
     outputs: tuple[float, ...] = ()
     """multiclass: every class's probability (empty for the other tasks)."""
     task: Task = "binary"
+    shadow: tuple[ShadowAnswer, ...] = ()
 
 
 class PredictionSink(Protocol):
@@ -215,6 +234,12 @@ class Counters:
                 latencies_ms=latencies_ms,
             )
 
+    def shadowed(self, model_name: str, version: int, *, failed: bool, latency_ms: float) -> None:
+        """A shadow call finished: it feeds the version's operational window (the guards judge
+        a shadow's errors and latency too) but is no answer."""
+        if self.windows is not None:
+            self.windows.record(model_name, version, failed=failed, latency_ms=latency_ms)
+
     def of(self, model_name: str, version: int) -> VersionStats:
         key = (model_name, version)
         stats = self.versions.get(key)
@@ -274,6 +299,8 @@ class Predictor:
         batch_max_delay_s: float = 0.001,
         batch_max_inflight: int = 2,
         entity_ids: Callable[[str], str] | None = None,
+        shadow_max_inflight: int = 64,
+        shadow_timeout_s: float = 2.0,
     ) -> None:
         """``entity_ids`` maps a request's raw id to the stored one (default: unchanged)."""
         self.catalog = catalog
@@ -287,6 +314,9 @@ class Predictor:
         self._batch = (batch_max_size, batch_max_delay_s, batch_max_inflight)
         self._batchers: dict[tuple[str, int], Coalescer[list[float], Sequence[float]]] = {}
         self._entity_ids = entity_ids
+        self._shadow_slots = shadow_max_inflight
+        self._shadow_timeout = shadow_timeout_s
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def predict(self, request: PredictInput) -> PredictOutput:
         started = time.perf_counter()
@@ -325,21 +355,28 @@ class Predictor:
             self.counters.degraded += 1
         prediction_id = uuid.uuid4().hex
         answer = answer_of(spec, outputs)
-        self._sink.log(
-            PredictionRecord(
-                prediction_id=prediction_id,
-                model_name=model_name,
-                model_version=version,
-                entity_id=request.entity_id,
-                features=inputs.features,
-                score=answer.score,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                event_time=datetime.now(UTC),
-                categorical=inputs.categorical,
-                outputs=answer.outputs,
-                task=spec.task,
-            )
+        record = PredictionRecord(
+            prediction_id=prediction_id,
+            model_name=model_name,
+            model_version=version,
+            entity_id=request.entity_id,
+            features=inputs.features,
+            score=answer.score,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            event_time=datetime.now(UTC),
+            categorical=inputs.categorical,
+            outputs=answer.outputs,
+            task=spec.task,
         )
+        shadows = route.shadows_for() if route is not None and arm == "stable" else ()
+        if shadows and len(self._shadow_tasks) < self._shadow_slots:
+            task = asyncio.create_task(self._shadow(record, request, inputs, shadows))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+        else:
+            if shadows:
+                instruments.record_shadow(model_name, None, "shed")
+            self._sink.log(record)
         return PredictOutput(
             prediction_id=prediction_id,
             score=answer.score,
@@ -360,8 +397,66 @@ class Predictor:
         return sum(b.batches for b in batchers), sum(b.items for b in batchers)
 
     async def close(self) -> None:
+        # Shadow work still running is given up; its predictions are logged without it.
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
         for batcher in list(self._batchers.values()):
             await batcher.close()
+
+    @property
+    def shadow_inflight(self) -> int:
+        return len(self._shadow_tasks)
+
+    async def _shadow(
+        self,
+        record: PredictionRecord,
+        request: PredictInput,
+        inputs: _Inputs,
+        versions: tuple[int, ...],
+    ) -> None:
+        """Score ``versions`` on the request stable answered, then log it with their answers
+        (always logged, whatever happens to the shadows)."""
+        answers: list[ShadowAnswer] = []
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(self._shadow_one(record.model_name, v, request, inputs) for v in versions),
+                    return_exceptions=True,
+                ),
+                self._shadow_timeout,
+            )
+            for version, result in zip(versions, results, strict=True):
+                if isinstance(result, ShadowAnswer):
+                    answers.append(result)
+                    instruments.record_shadow(record.model_name, version, "scored")
+                else:
+                    instruments.record_shadow(record.model_name, version, "failed")
+        except TimeoutError:
+            for version in versions:
+                instruments.record_shadow(record.model_name, version, "timeout")
+        finally:
+            self._sink.log(replace(record, shadow=tuple(answers)))
+
+    async def _shadow_one(
+        self, model_name: str, version: int, request: PredictInput, inputs: _Inputs
+    ) -> ShadowAnswer:
+        spec = self._spec(model_name, version)
+        # Its own declared inputs, from what was fetched (a feature only it declares is
+        # fetched now); categorical inputs it does not declare are left out, as for a fallback.
+        mine = await self._inputs(request, spec, inputs.readings, fallback=True)
+        started = time.perf_counter()
+        try:
+            outputs = await self._score(spec, mine.row)
+        except BackendError:
+            elapsed = _elapsed_ms(started)
+            self.counters.shadowed(model_name, version, failed=True, latency_ms=elapsed)
+            raise
+        elapsed = _elapsed_ms(started)
+        self.counters.shadowed(model_name, version, failed=False, latency_ms=elapsed)
+        answer = answer_of(spec, outputs)
+        return ShadowAnswer(version, answer.score, answer.outputs)
 
     # -- steps --------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Prometheus names (OTel's conversion): ``loopmesh_inference_predictions_total{model, version,
 arm, degraded}`` and ``loopmesh_inference_triton_errors_total{model, version, code}``. Both
-Predict and the Open Inference ModelInfer door record them.
+Predict and the Open Inference ModelInfer door record them. Shadow scoring (never an answer)
+counts in ``loopmesh_inference_shadow_scores_total{model, version, outcome}``: ``scored``,
+``failed``, ``timeout`` or ``shed`` (no shadow slot free: shadow work goes first under load).
 """
 
 from __future__ import annotations
@@ -21,6 +23,24 @@ _triton_errors = _meter.create_counter(
     unit="{error}",
     description="Triton calls that failed, per model version and gRPC status code",
 )
+
+_shadow = _meter.create_counter(
+    "loopmesh.inference.shadow_scores",
+    unit="{score}",
+    description="Shadow candidates' scores of mirrored requests, by outcome",
+)
+
+
+def record_shadow(model: str, version: int | None, outcome: str) -> None:
+    """One shadow scoring of a request (``version`` None: shed before one was picked)."""
+    _shadow.add(
+        1,
+        {
+            "model": model,
+            "version": str(version) if version is not None else "",
+            "outcome": outcome,
+        },
+    )
 
 
 def record_prediction(model: str, version: int | None, *, arm: str, degraded: bool) -> None:

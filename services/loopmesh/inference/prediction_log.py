@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from loopmesh.inference.core import PredictionRecord
 from loopmesh.mesh.bus import EventProducer
-from loopmesh.mesh.events import PredictionLogged
+from loopmesh.mesh.events import PredictionLogged, ShadowScore
 from loopmesh.mesh.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class PredictionLogger:
                 task=record.task,
                 latency_ms=record.latency_ms,
                 event_time=record.event_time,
+                shadow=[
+                    ShadowScore(model_version=a.model_version, score=a.score, outputs=[*a.outputs])
+                    for a in record.shadow
+                ],
             )
         except ValidationError as err:
             # Cannot happen for records the Predictor builds; never let one stop the log.

@@ -1,4 +1,4 @@
-"""Canary routing: per-model (stable, canary, weight), followed from the ``rollouts`` topic.
+"""Canary routing: per-model (stable, canary, weight, shadows), followed from ``rollouts``.
 
 ``RouteTable`` is pure logic: a request's arm comes from a stable hash of its key, salted with
 the model and the canary version, so one entity sees one arm for a whole canary (and, as the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ class Route:
     source: Literal["rollouts", "admin"]
     state: str = ""
     step: int = 0
+    shadows: tuple[int, ...] = ()
+    """Candidates in shadow: scored on ``shadow_share`` of stable's requests, never answering."""
+    shadow_share: float = 0.0
+
+    def shadows_for(self) -> tuple[int, ...]:
+        """The shadow versions that also score this request (a random ``shadow_share``)."""
+        # Sampling, not security: which requests a shadow also scores.
+        if not self.shadows or random.random() >= self.shadow_share:  # noqa: S311
+            return ()
+        return self.shadows
 
     def choose(self, key: str | None) -> tuple[int, Arm] | None:
         """The version and arm for a request key; None when the route names no version.
@@ -103,6 +114,8 @@ class RouteTable:
             source="rollouts",
             state=event.state,
             step=event.step,
+            shadows=tuple(event.shadow_versions),
+            shadow_share=event.shadow_share if event.shadow_versions else 0.0,
         )
         self.set(route)
         self.applied_events += 1
@@ -117,11 +130,12 @@ def follow_routes(
     async def apply(event: RolloutChanged, _: Delivery) -> None:
         route = table.apply(event)
         log.info(
-            "route %s: stable=%s canary=%s weight=%.3f (%s step %d)",
+            "route %s: stable=%s canary=%s weight=%.3f shadows=%s (%s step %d)",
             route.model_name,
             route.stable_version,
             route.canary_version,
             route.canary_weight,
+            list(route.shadows),
             route.state,
             route.step,
         )

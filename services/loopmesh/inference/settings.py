@@ -74,6 +74,11 @@ class InferenceScope(BaseModel):
     """Triton requests in flight per model version before rows start to queue and coalesce."""
     stream_max_inflight: int = Field(default=256, ge=1)
     """Items of one PredictStream processed at once; the stream is not read beyond that."""
+    shadow_max_inflight: int = Field(default=64, ge=0)
+    """Requests being scored by shadow candidates at once; beyond it shadow work is shed (the
+    request is answered and logged without it), so mirrored load is bounded and goes first."""
+    shadow_timeout_ms: float = Field(default=2000.0, gt=0)
+    """A shadow score not back within this is given up (the prediction is logged without it)."""
     predictions_topic: str = "predictions"
     """Topic the prediction log goes to (tests use a unique one)."""
     rollouts_topic: str = "rollouts"

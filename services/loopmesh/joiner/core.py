@@ -187,6 +187,7 @@ def make_example(
         outputs=prediction.outputs,
         predicted_at=prediction.event_time,
         feedback_at=feedback.at,
+        shadow=prediction.shadow,
     )
 
 

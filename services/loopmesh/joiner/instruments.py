@@ -14,7 +14,9 @@ Prometheus names (OTel's conversion):
   deleted, because their entity was erased;
 - ``loopmesh_model_live_{loss,log_loss,auc,accuracy,mae,label_rate,count}{model, version}``: the
   latest sliding-window figures per version (a version leaves when its window drains to
-  count 0).
+  count 0);
+- ``loopmesh_model_shadow_{paired_loss_diff,paired_accuracy_diff,count}{model, version,
+  paired_with}``: a shadow candidate's paired differences with the version that answered.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ _erased = _meter.create_counter(
     description="Predictions and joins of erased entities skipped or deleted",
 )
 _live: dict[tuple[str, int], VersionMetrics] = {}
+_shadow: dict[tuple[str, int, int], VersionMetrics] = {}
 _unmatched: list[Callable[[], int]] = []
 
 
@@ -92,6 +95,29 @@ for _figure, _description in (
     )
 
 
+def _shadow_gauge(figure: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        for (model, version, paired), metrics in list(_shadow.items()):
+            value = getattr(metrics, figure)
+            if value is not None:
+                labels = {"model": model, "version": str(version), "paired_with": str(paired)}
+                yield Observation(value, labels)
+
+    return observe
+
+
+for _figure, _description in (
+    ("paired_loss_diff", "Shadow's mean loss minus the answering version's, same requests"),
+    ("paired_accuracy_diff", "Shadow's accuracy minus the answering version's, same requests"),
+    ("count", "Requests in the shadow's paired window"),
+):
+    _meter.create_observable_gauge(
+        f"loopmesh.model.shadow.{_figure}",
+        callbacks=[_shadow_gauge(_figure)],
+        description=_description,
+    )
+
+
 def record_joined(model: str, version: int) -> None:
     _joined.add(1, {"model": model, "version": str(version)})
 
@@ -116,6 +142,13 @@ def watch_unmatched(count: Callable[[], int]) -> Callable[[], None]:
 
 def record_live(metrics: VersionMetrics) -> None:
     """The newest window figures of one version; a drained window (count 0) is dropped."""
+    if metrics.shadow_of is not None:
+        pair = (metrics.model_name, metrics.model_version, metrics.shadow_of)
+        if metrics.count:
+            _shadow[pair] = metrics
+        else:
+            _shadow.pop(pair, None)
+        return
     key = (metrics.model_name, metrics.model_version)
     if metrics.count:
         _live[key] = metrics
@@ -128,3 +161,5 @@ def forget_live(models: Iterable[str]) -> None:
     gone = set(models)
     for key in [k for k in _live if k[0] in gone]:
         del _live[key]
+    for pair in [k for k in _shadow if k[0] in gone]:
+        del _shadow[pair]

@@ -106,6 +106,15 @@ class InteractionEvent(Event):
         return value
 
 
+class ShadowScore(BaseModel):
+    """What a shadow candidate answered for a request it did not serve (see PredictionLogged)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_version: int = Field(ge=1)
+    score: Finite
+    outputs: list[Finite] = Field(default_factory=list)
+
+
 class PredictionLogged(Event):
     """One answered prediction, logged off the hot path (``predictions``)."""
 
@@ -125,6 +134,9 @@ class PredictionLogged(Event):
     """multiclass: every class's probability (empty for the other tasks)."""
     task: Task = "binary"
     latency_ms: Finite = 0.0
+    shadow: list[ShadowScore] = Field(default_factory=list, max_length=8)
+    """Shadow candidates' answers to the same inputs (never returned to the caller): the
+    joiner scores them against the same feedback, a paired comparison with this version."""
 
 
 class FeedbackEvent(Event):
@@ -168,6 +180,8 @@ class LabelledExample(Event):
     """The prediction's class probabilities (multiclass)."""
     predicted_at: datetime
     feedback_at: datetime
+    shadow: list[ShadowScore] = Field(default_factory=list, max_length=8)
+    """The prediction's shadow answers (see PredictionLogged), for the paired metrics."""
 
 
 class VersionMetrics(Event):
@@ -201,6 +215,16 @@ class VersionMetrics(Event):
     latency_p99_high_ms: Finite | None = Field(default=None, ge=0.0)
     """A 95% distribution-free confidence interval of the p99 (order statistics); the high
     end is absent when too few latencies bound it from above."""
+    shadow_of: int | None = Field(default=None, ge=1)
+    """Set on a shadow candidate's figures: they are over requests that version answered (the
+    candidate served none of them), ``count`` of them, paired with its answers."""
+    paired_loss_diff: Finite | None = None
+    """Shadow only: mean over the same requests of (this version's loss - ``shadow_of``'s)."""
+    paired_loss_diff_var: Finite | None = Field(default=None, ge=0.0)
+    paired_accuracy_diff: Finite | None = None
+    """Shadow only (binary, multiclass): mean of (this version correct - ``shadow_of``
+    correct), each 0 or 1."""
+    paired_accuracy_diff_var: Finite | None = Field(default=None, ge=0.0)
 
 
 class ModelPublished(Event):
@@ -218,7 +242,11 @@ class ModelPublished(Event):
     the controller replaces that canary with this version (latest wins)."""
 
 
-RolloutState = Literal["candidate", "canary", "stable", "rolled_back", "paused", "aborted"]
+RolloutState = Literal[
+    "candidate", "shadow", "canary", "stable", "rolled_back", "dropped", "paused", "aborted"
+]
+"""``shadow``: candidates scored on mirrored requests, answering no user; ``dropped``: the
+last shadow candidate failed there (it never served a user)."""
 
 
 class RolloutChanged(Event):
@@ -233,6 +261,13 @@ class RolloutChanged(Event):
     state: RolloutState
     step: int = Field(default=0, ge=0)
     reason: str = ""
+    shadow_versions: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=8)
+    """Candidates in shadow: loaded, scored on ``shadow_share`` of the requests, never
+    answering one."""
+    shadow_share: Finite = Field(default=0.0, ge=0.0, le=1.0)
+    newest_version: int | None = Field(default=None, ge=1)
+    """The newest version this model's rollouts have dealt with (one dropped from shadow
+    next to others still there is named nowhere else), so it is not rolled out again."""
     sha256: dict[int, Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
         default_factory=dict
     )

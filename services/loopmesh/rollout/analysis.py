@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Literal
@@ -334,6 +334,71 @@ def _quality(
     if hi <= policy.max_regression:
         return Verdict("advance", f"canary is no worse: {summary}{note}", figures)
     return Verdict("hold", f"inconclusive: {summary}{note}", figures)
+
+
+def compare_shadow(
+    policy: RolloutPolicy,
+    shadow: VersionMetrics | None,
+    ops: Operational,
+    stable: Arm,
+) -> Verdict:
+    """Judge a shadow candidate on the requests stable answered and it scored too.
+
+    Paired: per request the difference of the two versions' loss (or correctness), so the
+    bound is on the mean of one sample of differences, whose variance is far below the sum of
+    two arms' (the requests' own difficulty cancels). Sequential: one normal-mixture
+    confidence sequence at the policy's confidence. ``auc`` has no per-request form: the
+    shadow's AUC is compared unpaired with stable's live window. The guards see the shadow
+    calls' error rate and latency against stable's requests, as for a canary.
+    """
+    figures: dict[str, float] = {}
+    arm = arm_from_metrics(policy, 0, shadow, ops)
+    guards = guard_failures(policy, arm, stable)
+    if guards.failures:
+        return Verdict("rollback", "guard failed: " + "; ".join(guards.failures), figures)
+    if shadow is None:
+        return Verdict("hold", "waiting for paired metrics of the shadow", figures, starved=True)
+    m = policy.metric
+    n = shadow.count
+    figures.update(shadow_count=n)
+    if m == "auc":
+        return _guarded(compare(policy, replace(arm, version=shadow.model_version), stable), guards)
+    if m == "accuracy":
+        mean, var = shadow.paired_accuracy_diff, shadow.paired_accuracy_diff_var
+        d = -mean if mean is not None else None  # d > 0: the shadow is worse
+    else:
+        d, var = shadow.paired_loss_diff, shadow.paired_loss_diff_var
+    need = policy.min_samples
+    if n < need:
+        reason = f"too little traffic: {n}/{need} paired samples"
+        return Verdict("hold", reason, figures, starved=True)
+    if d is None or var is None:
+        return Verdict("hold", f"no paired {m} reported yet", figures, starved=True)
+    if policy.method == "fixed":
+        radius = _z(policy.confidence) * math.sqrt(max(var, 1e-12) / n)
+    else:
+        radius = sequence_radius(var, n, 1 - policy.confidence, need)
+    lo, hi = d - radius, d + radius
+    figures.update(difference=d, lower=lo, upper=hi, tolerance=policy.max_regression)
+    summary = (
+        f"paired {m}: shadow worse by {d:+.4f} on the same {n} requests "
+        f"({policy.confidence:.0%} {policy.method} bound [{lo:+.4f}, {hi:+.4f}], "
+        f"tolerance {policy.max_regression:g})"
+    )
+    if lo > policy.max_regression:
+        return Verdict("rollback", f"shadow is worse: {summary}", figures)
+    if hi <= policy.max_regression:
+        return _guarded(Verdict("advance", f"shadow is no worse: {summary}", figures), guards)
+    return Verdict("hold", f"inconclusive: {summary}", figures)
+
+
+def _guarded(verdict: Verdict, guards: Guards) -> Verdict:
+    """An advance holds while a guard still waits for evidence."""
+    if verdict.action != "advance" or not guards.waiting:
+        return verdict
+    waiting = "; ".join(guards.waiting)
+    reason = f"guards waiting for evidence ({waiting}): {verdict.reason}"
+    return Verdict("hold", reason, verdict.figures, True)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from loopmesh.mesh.errors import Unavailable, UnknownModel
 from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.rollout import instruments, machine
-from loopmesh.rollout.analysis import Verdict, arm_from_metrics, compare
+from loopmesh.rollout.analysis import Verdict, arm_from_metrics, compare, compare_shadow
 from loopmesh.rollout.machine import Change, Record, Refused
 from loopmesh.rollout.metrics import MetricsBook
 from loopmesh.rollout.policy import PolicyBook, PolicySet, RolloutPolicy
@@ -178,7 +178,18 @@ class RolloutController:
             self._published_trace[(model, version)] = handled
         async with self._locks[model]:
             record = self.records.get(model)
-            change = machine.on_published(record, model, version, self._clock())
+            policy = self.policies.get(model)
+            if record is not None and event.preempts in record.shadows:
+                why = _preemption_evidence(event)
+                swap = machine.preempt_shadow(
+                    record, event.preempts or 0, version, policy, self._clock(), why=why
+                )
+                if swap is not None:
+                    await self._apply(model, swap)
+                    log.info("%s v%d preempted v%d in shadow", model, version, event.preempts)
+                    self._wake.set()
+                    return
+            change = machine.on_published(record, model, version, self._clock(), policy)
             if change is not None:
                 await self._apply(model, change)
             elif record is not None and version > record.high_water:
@@ -240,11 +251,51 @@ class RolloutController:
             change = machine.evaluate(record, policy, verdict, now, served=served)
             self._note(model, record, policy, verdict, now, changed=change is not None)
             return change
+        if record.state == "shadow":
+            verdicts = {v: self._shadow_verdict(record, policy, v) for v in record.shadows}
+            change = machine.evaluate_shadow(record, policy, verdicts, now)
+            self._note_shadow(model, record, verdicts, now, changed=change is not None)
+            if change is not None:
+                return change
         pending = self.pending.get(model, 0)
-        if not record.in_rollout and record.state != "paused" and pending > record.high_water:
+        room = record.state == "shadow" and len(record.shadows) < policy.max_shadows
+        free = not record.in_rollout and record.state != "paused"
+        if (free or room) and pending > record.high_water:
             del self.pending[model]
-            return machine.on_published(record, model, pending, now)
+            return machine.on_published(record, model, pending, now, policy)
         return None
+
+    def _shadow_verdict(self, record: Record, policy: RolloutPolicy, version: int) -> Verdict:
+        model, since, stable = record.model_name, record.changed_at, record.stable_version or 0
+        paired = self.book.shadow(model, version, stable, since=since)
+        stable_arm = arm_from_metrics(
+            policy,
+            stable,
+            self.book.quality(model, stable, since=since),
+            self.book.operational(model, stable, since=since),
+        )
+        return compare_shadow(
+            policy, paired, self.book.operational(model, version, since=since), stable_arm
+        )
+
+    def _note_shadow(
+        self,
+        model: str,
+        record: Record,
+        verdicts: dict[int, Verdict],
+        now: datetime,
+        *,
+        changed: bool,
+    ) -> None:
+        """The latest shadow analysis, one line per candidate."""
+        reason = "; ".join(f"v{v}: {verdicts[v].reason}" for v in record.shadows)
+        figures = {f"v{v}_{k}": x for v in record.shadows for k, x in verdicts[v].figures.items()}
+        actions = {verdicts[v].action for v in record.shadows}
+        action = next((a for a in ("rollback", "advance") if a in actions), "hold")
+        before = self._evaluations.get(model)
+        self._evaluations[model] = Evaluation(action, "shadow: " + reason, figures, now)
+        if not changed and (before is None or before.reason != self._evaluations[model].reason):
+            log.debug("%s shadow: %s", model, reason)
 
     def _verdict(self, record: Record, policy: RolloutPolicy) -> Verdict:
         model, since = record.model_name, record.changed_at
@@ -285,7 +336,11 @@ class RolloutController:
                 change = await self._load_for(model, record, change)
             # The step timer starts when traffic moves, i.e. after a load that may take a while.
             change = replace(change, record=replace(change.record, changed_at=self._clock()))
-            named = (change.record.stable_version, change.record.canary_version)
+            named = (
+                change.record.stable_version,
+                change.record.canary_version,
+                *change.record.shadows,
+            )
             event = change.record.to_event().model_copy(
                 update={"sha256": self._announced(model, named)}
             )

@@ -12,6 +12,15 @@ policy. A rolled-back or aborted record keeps the step it failed at and the fail
 version the model has dealt with is known and is not rolled out again.
 Functions return a ``Change`` (the next record, its reason and figures) or None; manual
 commands that do not apply raise ``Refused``.
+
+Shadow first (a policy with ``shadow_share`` > 0): a published version joins ``shadows``
+(state ``shadow``, up to ``max_shadows`` at once) instead of becoming a candidate. The gateway
+scores that share of requests with it too, answering with stable only, and the analysis
+compares it with stable on the same requests. A shadow that is worse, fails a guard or stays
+undecided past ``shadow_timeout_seconds`` is dropped (``dropped`` once none is left): it never
+answered a user. When some are confidently no worse, the best of them goes to canary, or
+straight to stable when confidently better by ``shadow_promote_margin``; the others are
+dropped. ``newest`` remembers the newest version dealt with, dropped ones included.
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ class Record:
     canary_weight: float = 0.0
     step: int = 0
     reason: str = ""
+    shadows: tuple[int, ...] = ()
+    shadow_share: float = 0.0
+    newest: int = 0
 
     @classmethod
     def from_event(cls, event: RolloutChanged) -> Record:
@@ -53,6 +65,9 @@ class Record:
             canary_weight=event.canary_weight,
             step=event.step,
             reason=event.reason,
+            shadows=tuple(event.shadow_versions),
+            shadow_share=event.shadow_share,
+            newest=event.newest_version or 0,
         )
 
     def to_event(self) -> RolloutChanged:
@@ -64,12 +79,17 @@ class Record:
             state=self.state,
             step=self.step,
             reason=self.reason,
+            shadow_versions=list(self.shadows),
+            shadow_share=self.shadow_share if self.shadows else 0.0,
+            newest_version=self.newest or None,
             event_time=self.changed_at,
         )
 
     @property
     def in_rollout(self) -> bool:
-        """A canary is being evaluated (maybe paused): its version must stay loaded."""
+        """A canary or shadows are being evaluated (maybe paused): they must stay loaded."""
+        if self.shadows and self.state in ("shadow", "paused"):
+            return True
         if self.canary_version is None:
             return False
         return self.state in ("candidate", "canary", "paused")
@@ -77,7 +97,7 @@ class Record:
     @property
     def high_water(self) -> int:
         """The newest version this model's rollouts have dealt with."""
-        return max(self.stable_version or 0, self.canary_version or 0)
+        return max(self.stable_version or 0, self.canary_version or 0, *self.shadows, self.newest)
 
     def serving(self) -> set[int]:
         """Versions that may receive traffic now (must be loaded)."""
@@ -105,11 +125,19 @@ def _pct(weight: float) -> str:
     return f"{weight:.0%}" if weight >= 0.01 else f"{weight:.1%}"
 
 
-def on_published(record: Record | None, model: str, version: int, now: datetime) -> Change | None:
-    """A new version sits in the registry: first version -> stable, else start a candidate.
+def on_published(
+    record: Record | None,
+    model: str,
+    version: int,
+    now: datetime,
+    policy: RolloutPolicy | None = None,
+) -> Change | None:
+    """A new version sits in the registry: first version -> stable, else into shadow (the
+    policy shadows) or a candidate.
 
     None when the version is not newer than what the model has seen (a duplicate or a replay)
-    or when a rollout is in progress or paused (the caller keeps it pending).
+    or when a canary is in progress, shadow is full or the rollout paused (the caller keeps it
+    pending).
     """
     if record is None:
         start = Record(model, "stable", now, stable_version=version)
@@ -117,7 +145,13 @@ def on_published(record: Record | None, model: str, version: int, now: datetime)
             replace(start, reason=f"v{version} is the first version: stable without a canary"),
             needs_loaded=frozenset({version}),
         )
-    if version <= record.high_water or record.in_rollout or record.state == "paused":
+    if version <= record.high_water:
+        return None
+    if record.state == "shadow" and policy is not None:
+        if len(record.shadows) >= policy.max_shadows:
+            return None
+        return _shadow(record, version, policy, now, f"v{version} published")
+    if record.in_rollout or record.state == "paused":
         return None
     if record.stable_version is None:
         reason = f"v{version} published; no stable version to compare with: stable directly"
@@ -125,10 +159,126 @@ def on_published(record: Record | None, model: str, version: int, now: datetime)
             _to(record, now, reason, state="stable", stable_version=version, canary_version=None),
             needs_loaded=frozenset({version}),
         )
+    if policy is not None and policy.shadow_share > 0:
+        return _shadow(record, version, policy, now, f"v{version} published")
     reason = f"v{version} published; loading it next to stable v{record.stable_version}"
     return Change(
         _to(record, now, reason, state="candidate", canary_version=version, canary_weight=0, step=0)
     )
+
+
+def _shadow(record: Record, version: int, policy: RolloutPolicy, now: datetime, why: str) -> Change:
+    """``version`` joins the shadows (loaded before the gateway is told to score it)."""
+    shadows = (*record.shadows, version)
+    others = f" beside v{', v'.join(map(str, record.shadows))}" if record.shadows else ""
+    reason = (
+        f"{why}; in shadow{others}: scored on {_pct(policy.shadow_share)} of requests next to "
+        f"stable v{record.stable_version}, answering none"
+    )
+    fields: dict[str, object] = {
+        "state": "shadow",
+        "shadows": shadows,
+        "shadow_share": policy.shadow_share,
+        "canary_version": None,
+        "canary_weight": 0.0,
+        "step": 0,
+        "newest": record.high_water,
+    }
+    loaded = {v for v in (record.stable_version, version) if v is not None}
+    return Change(_to(record, now, reason, **fields), needs_loaded=frozenset(loaded))
+
+
+def preempt_shadow(
+    record: Record, old: int, version: int, policy: RolloutPolicy, now: datetime, *, why: str
+) -> Change | None:
+    """Latest wins in shadow: ``version`` beat the shadow ``old`` on the same holdout, so it
+    takes its place (``old`` is dropped, having answered no user)."""
+    if record.state != "shadow" or old not in record.shadows or version <= record.high_water:
+        return None
+    kept = replace(record, shadows=tuple(v for v in record.shadows if v != old), newest=old)
+    return _shadow(kept, version, policy, now, f"v{old} preempted in shadow by v{version}: {why}")
+
+
+def drop(record: Record, versions: set[int], now: datetime, reason: str) -> Change:
+    """End the shadows ``versions`` (they answered no user); ``dropped`` when none is left."""
+    left = tuple(v for v in record.shadows if v not in versions)
+    newest = max(record.high_water, *versions)
+    if left:
+        return Change(_to(record, now, reason, shadows=left, newest=newest))
+    return Change(
+        _to(
+            record,
+            now,
+            reason,
+            state="dropped",
+            shadows=(),
+            canary_version=max(versions),
+            canary_weight=0.0,
+            step=0,
+            newest=newest,
+        )
+    )
+
+
+def evaluate_shadow(
+    record: Record, policy: RolloutPolicy, verdicts: dict[int, Verdict], now: datetime
+) -> Change | None:
+    """Act on each shadow's paired analysis: drop one that is worse (or failed a guard);
+    when some are confidently no worse, the best goes to canary (straight to stable when
+    confidently better by ``shadow_promote_margin``) and the others are dropped; past the
+    timeout the undecided ones are dropped."""
+    if record.state != "shadow" or not record.shadows:
+        return None
+    for version in record.shadows:
+        verdict = verdicts[version]
+        if verdict.action == "rollback":
+            reason = f"v{version} dropped in shadow, having answered no user: {verdict.reason}"
+            return replace(drop(record, {version}, now, reason), figures=verdict.figures)
+    ready = [v for v in record.shadows if verdicts[v].action == "advance"]
+    if ready:
+        best = min(ready, key=lambda v: (verdicts[v].figures.get("difference", 0.0), -v))
+        verdict = verdicts[best]
+        others = [v for v in record.shadows if v != best]
+        named = ", v".join(map(str, others))
+        dropped = f"; v{named} dropped (v{best} did better)" if others else ""
+        upper = verdict.figures.get("upper")
+        margin = policy.shadow_promote_margin
+        base = replace(record, shadows=(), newest=record.high_water, changed_at=now)
+        if margin is not None and upper is not None and upper < -margin:
+            reason = (
+                f"v{best} promoted to stable from shadow (was v{record.stable_version}), "
+                f"better by more than {margin:g} on the same requests: {verdict.reason}{dropped}"
+            )
+            promoted = _to(
+                base,
+                now,
+                reason,
+                state="stable",
+                stable_version=best,
+                canary_version=None,
+                canary_weight=0.0,
+                step=0,
+            )
+            return Change(promoted, verdict.figures, needs_loaded=frozenset({best}))
+        weight = policy.weight_at(1)
+        reason = (
+            f"v{best} passed shadow: canary at {_pct(weight)} (step 1/{policy.steps}): "
+            f"{verdict.reason}{dropped}"
+        )
+        canary = _to(
+            base, now, reason, state="canary", canary_version=best, canary_weight=weight, step=1
+        )
+        versions = {v for v in (record.stable_version, best) if v is not None}
+        return Change(canary, verdict.figures, needs_loaded=frozenset(versions))
+    age = (now - record.changed_at).total_seconds()
+    if age >= policy.shadow_timeout_seconds:
+        undecided = "; ".join(f"v{v}: {verdicts[v].reason}" for v in record.shadows)
+        reason = (
+            f"shadow dropped after {policy.shadow_timeout_seconds:g}s without a decision, "
+            f"having answered no user: {undecided}"
+        )
+        return drop(record, set(record.shadows), now, reason)
+    return None
 
 
 def preempt(record: Record, version: int, now: datetime, *, why: str) -> Change | None:
@@ -151,6 +301,11 @@ def load_failed(record: Record, change: Change, error: str, now: datetime) -> Ch
     """
     target = change.record
     version = target.canary_version if target.state != "stable" else target.stable_version
+    if target.state == "shadow":
+        version = max(set(target.shadows) - set(record.shadows), default=None)
+        if record.shadows and version is not None:  # the shadows already there go on
+            reason = f"v{version} not shadowed: loading it failed: {error}"
+            return Change(_to(record, now, reason, newest=max(record.high_water, version)))
     stable = record.stable_version
     reason = f"aborted: loading v{version} failed: {error}"
     return Change(
@@ -162,6 +317,8 @@ def load_failed(record: Record, change: Change, error: str, now: datetime) -> Ch
             stable_version=stable,
             canary_version=version if stable is not None else None,
             canary_weight=0.0,
+            shadows=(),
+            newest=max(record.high_water, version or 0),
         )
     )
 
@@ -264,7 +421,10 @@ def promote(
 def rollback(
     record: Record, policy: RolloutPolicy, now: datetime, *, why: str, served: int
 ) -> Change:
-    """Operator rollback: the canary loses its traffic now."""
+    """Operator rollback: the canary loses its traffic now (or every shadow is dropped)."""
+    if record.shadows and record.in_rollout:
+        reason = "manual rollback: shadow dropped" + (f": {why}" if why else "")
+        return drop(record, set(record.shadows), now, reason)
     if record.canary_version is None or not record.in_rollout:
         raise Refused(f"{record.model_name} has no rollout in progress ({record.state})")
     reason = (
@@ -289,7 +449,9 @@ def resume(record: Record, now: datetime, *, why: str) -> Change:
     """Back to the step the pause froze; the step timer restarts now."""
     if record.state != "paused":
         raise Refused(f"{record.model_name} is not paused ({record.state})")
-    state: RolloutState = "canary" if record.step >= 1 else "candidate"
+    state: RolloutState = (
+        "canary" if record.step >= 1 else "shadow" if record.shadows else "candidate"
+    )
     return Change(_to(record, now, "resumed" + (f": {why}" if why else ""), state=state))
 
 
@@ -300,6 +462,8 @@ def wanted_loaded(
     whatever is loaded now, so a version that just lost its traffic finishes in-flight requests.
     """
     keep = record.serving()
+    if record.in_rollout:
+        keep |= set(record.shadows)
     if record.state == "candidate" and record.canary_version in loaded:
         keep.add(record.canary_version)  # loaded for the next step; do not undo that
     if now < record.changed_at + timedelta(seconds=drain_seconds):

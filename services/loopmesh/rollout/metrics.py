@@ -6,6 +6,8 @@ inference gateway (error_rate, latency_p99_ms). They are kept apart so one does 
 other: the newest snapshot carrying a quality figure (or none of the gateway's) is the
 version's quality snapshot; the newest non-missing error_rate and latency_p99_ms are its
 operational figures. Older or repeated snapshots (replays after a restart) are ignored.
+The joiner's figures of a shadow candidate (``shadow_of`` set: paired with the version that
+answered) are kept apart again, by the version they were paired with.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class VersionLive:
     latency_p99_ms: tuple[datetime, VersionMetrics] | None = None
     """The newest gateway snapshot with a p99 (and its interval and sample count)."""
     windows: deque[Snapshot] = field(default_factory=lambda: deque(maxlen=_SNAPSHOTS_PER_VERSION))
+    shadow: dict[int, VersionMetrics] = field(default_factory=dict)
+    """The newest paired snapshot by the version it was paired with (``shadow_of``)."""
 
 
 def is_quality(event: VersionMetrics) -> bool:
@@ -56,6 +60,12 @@ class MetricsBook:
         live = self._live.setdefault((event.model_name, event.model_version), VersionLive())
         changed = False
         at = event.event_time
+        if event.shadow_of is not None:
+            before = live.shadow.get(event.shadow_of)
+            if before is None or at > before.event_time:
+                live.shadow[event.shadow_of] = event
+                return True
+            return False
         if is_quality(event) and (live.quality is None or at > live.quality.event_time):
             live.quality = event
             live.windows.append(Snapshot(at, event.window_seconds, event.count))
@@ -76,6 +86,17 @@ class MetricsBook:
         if live is None or live.quality is None or live.quality.event_time < since:
             return None
         return live.quality
+
+    def shadow(
+        self, model: str, version: int, paired_with: int, *, since: datetime
+    ) -> VersionMetrics | None:
+        """The newest paired snapshot of shadow ``version`` against ``paired_with`` measured at
+        or after ``since``."""
+        live = self._live.get((model, version))
+        snapshot = live.shadow.get(paired_with) if live is not None else None
+        if snapshot is None or snapshot.event_time < since:
+            return None
+        return snapshot
 
     def operational(self, model: str, version: int, *, since: datetime) -> Operational:
         """The gateway's figures measured at or after ``since`` (None where unknown)."""

@@ -65,6 +65,18 @@ class RolloutPolicy(BaseModel):
     """Canary p99 over stable p99 above which it is rolled back; None disables."""
     drain_seconds: float = Field(default=30.0, ge=0.0)
     """How long a version stays loaded after it lost its traffic (in-flight requests finish)."""
+    shadow_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Shadow first: share of requests the gateway also scores with each candidate in shadow
+    (logged, never returned), judged on the same requests as stable before any user sees it.
+    0 sends candidates straight to canary."""
+    max_shadows: int = Field(default=2, ge=1, le=8)
+    """Candidates shadowed at once; newer ones wait (or preempt one they beat)."""
+    shadow_timeout_seconds: float = Field(default=900.0, gt=0.0)
+    """A shadow that reaches no decision within this time (from the last shadow change) is
+    dropped with the reason."""
+    shadow_promote_margin: float | None = Field(default=0.0, ge=0.0)
+    """A shadow whose paired bound shows it better than stable by more than this (metric
+    units) goes straight to stable; one only no worse goes to canary. None: always canary."""
 
     GUARD_FIELDS: ClassVar[tuple[str, ...]] = (
         "max_error_rate",

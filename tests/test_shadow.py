@@ -368,3 +368,24 @@ async def test_shadow_work_is_shed_first_and_every_prediction_is_still_logged(
     assert all(r.shadow == () for r in sink.records)
     assert len({r.prediction_id for r in sink.records}) == 6
     await predictor.close()
+
+
+def test_the_rollout_api_shows_shadows_and_sets_the_shadow_policy() -> None:
+    from loopmesh.gen.loopmesh.v1 import rollout_pb2
+    from loopmesh.rollout.core import Status
+    from loopmesh.rollout.server import policy_changes, policy_message, rollout_message
+
+    change = machine.on_published(_stable(), "m", 2, T0, SHADOW)
+    assert change is not None
+    shown = rollout_message(Status(change.record, SHADOW, None, 0))
+    assert (shown.state, list(shown.shadow_versions), shown.shadow_share) == ("shadow", [2], 1.0)
+    message = policy_message(SHADOW.merged({"max_shadows": 3, "shadow_timeout_seconds": 60.0}))
+    assert (message.shadow_share, message.max_shadows, message.shadow_timeout_seconds) == (
+        1.0,
+        3,
+        60.0,
+    )
+    request = rollout_pb2.SetPolicyRequest(
+        model_name="m", policy=rollout_pb2.RolloutPolicy(shadow_share=0.25, max_shadows=4)
+    )
+    assert RolloutPolicy().merged(policy_changes(request)).shadow_share == 0.25

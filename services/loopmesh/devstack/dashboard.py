@@ -44,6 +44,8 @@ def render(state: LoopState, *, started: float, notes: list[str]) -> Group:
             role, weight = "stable", f"{1 - route.weight:.0%}"
         if route is not None and version == route.canary and route.state == "canary":
             role, weight = f"canary step {route.step}", f"{route.weight:.0%}"
+        if route is not None and version in route.shadows:
+            role, weight = "shadow", "0%"
         versions.add_row(
             f"v{version}",
             role,
@@ -63,8 +65,9 @@ def render(state: LoopState, *, started: float, notes: list[str]) -> Group:
         figures = ", ".join(f"{k}={v:.3f}" for k, v in sorted(pub.metrics.items())[:4])
         items.append((pub.at.timestamp(), f"published v{pub.version} ({figures})"))
     for mark in state.rollout_marks[-8:]:
+        shadows = f" shadow v{', v'.join(map(str, mark.shadows))}" if mark.shadows else ""
         what = (
-            f"{mark.state}: stable v{mark.stable} canary v{mark.canary} "
+            f"{mark.state}: stable v{mark.stable} canary v{mark.canary}{shadows} "
             f"weight {mark.weight:.0%} {mark.reason}"
         )
         items.append((mark.at.timestamp(), what))

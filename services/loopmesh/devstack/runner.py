@@ -74,6 +74,8 @@ class RunOptions:
     # A demo-sized gate: a fixed 80% bound that tolerates 0.15 nats of log-loss, so a
     # candidate as good as stable advances on ~100 samples while a broken one still fails.
     canary_max_regression: float = 0.15
+    shadow_share: float = 1.0
+    """Shadow first: every request is also scored by the candidates in shadow (0: none)."""
     metrics_window_seconds: float = 60.0
     seed: int = 7
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -117,6 +119,10 @@ def service_env(state: StackState, ports: dict[str, int], options: RunOptions) -
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__METHOD": "fixed",
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__CONFIDENCE": "0.8",
         "LOOPMESH_ROLLOUT__DEFAULT_POLICY__MAX_REGRESSION": str(options.canary_max_regression),
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__SHADOW_SHARE": str(options.shadow_share),
+        "LOOPMESH_ROLLOUT__DEFAULT_POLICY__SHADOW_TIMEOUT_SECONDS": str(
+            options.canary_timeout_seconds
+        ),
         "LOOPMESH_ROLLOUT__METRICS_LOOKBACK_SECONDS": str(options.metrics_window_seconds),
         "LOOPMESH_ROLLOUT__TICK_SECONDS": "1",
     }
@@ -730,9 +736,11 @@ async def _watch(
         while not finished():
             marks = loop_state.rollout_marks
             for mark in marks[seen:]:
+                shadows = f" shadow {list(mark.shadows)}" if mark.shadows else ""
                 console.print(
                     f"[{time.monotonic() - started:6.1f}s] rollout {mark.state} stable "
-                    f"v{mark.stable} canary v{mark.canary} weight {mark.weight:.0%} {mark.reason}"
+                    f"v{mark.stable} canary v{mark.canary}{shadows} weight {mark.weight:.0%} "
+                    f"{mark.reason}"
                 )
             seen = len(marks)
             await asyncio.sleep(1.0)

@@ -46,6 +46,7 @@ class RolloutMark:
     weight: float
     step: int
     reason: str
+    shadows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -92,6 +93,8 @@ class LoopState:
             and event.model_name == self.model_name
             # The gateway's operational snapshots carry no quality figure: not a chart point.
             and not _operational_only(event)
+            # A shadow's paired figures are not the version's own traffic.
+            and event.shadow_of is None
         ):
             self.metric_points.append(
                 MetricPoint(
@@ -123,6 +126,7 @@ class LoopState:
                     event.canary_weight,
                     event.step,
                     event.reason,
+                    tuple(event.shadow_versions),
                 )
             )
 
@@ -152,15 +156,26 @@ class LoopState:
         return latest
 
     def promotions(self) -> list[RolloutMark]:
-        """Changes that made a canary the stable version (not a first version's start)."""
+        """Changes that made another version stable (from canary or straight from shadow;
+        not a first version's start)."""
         out = []
         for before, mark in zip(self.rollout_marks, self.rollout_marks[1:], strict=False):
-            if mark.state == "stable" and mark.stable is not None and mark.stable == before.canary:
+            if mark.state == "stable" and mark.stable is not None and mark.stable != before.stable:
                 out.append(mark)
         return out
 
     def rollbacks(self) -> list[RolloutMark]:
-        return [m for m in self.rollout_marks if m.state in ("rolled_back", "aborted")]
+        """Candidates that ended without promotion (``dropped``: in shadow, unseen by users)."""
+        return [m for m in self.rollout_marks if m.state in ("rolled_back", "aborted", "dropped")]
+
+    def dropped_in_shadow(self) -> list[int]:
+        """Versions dropped from shadow: each answered no user."""
+        out: list[int] = []
+        for before, mark in zip(self.rollout_marks, self.rollout_marks[1:], strict=False):
+            out.extend(v for v in before.shadows if v not in mark.shadows and v != mark.stable)
+            if mark.canary is not None and mark.canary in before.shadows and mark.weight > 0:
+                out.remove(mark.canary)  # advanced to canary, not dropped
+        return out
 
     def freshness_seconds(self) -> dict[int, float]:
         """Per version: newest feedback before it was published → first canary traffic."""
@@ -170,7 +185,8 @@ class LoopState:
                 (
                     m.at
                     for m in self.rollout_marks
-                    if m.canary == version and m.weight > 0 and m.state == "canary"
+                    if (m.canary == version and m.weight > 0 and m.state == "canary")
+                    or (m.stable == version and m.state == "stable")
                 ),
                 None,
             )
@@ -249,6 +265,7 @@ class LoopState:
                 {"version": m.canary, "state": m.state, "reason": m.reason}
                 for m in self.rollbacks()
             ],
+            "dropped_in_shadow": self.dropped_in_shadow(),
             "rollout_changes": len(self.rollout_marks),
             "freshness_seconds": {str(k): round(v, 3) for k, v in fresh.items()},
             "drift_at": self.drift_at.isoformat() if self.drift_at else None,

@@ -137,9 +137,14 @@ def _version(message: Any, field: str) -> str:
     return f"v{getattr(message, field)}" if message.HasField(field) else "-"
 
 
+def _shadows(message: Any) -> str:
+    return ", ".join(f"v{v}" for v in message.shadow_versions) or "-"
+
+
 def _print_rollouts(rollouts: list[Any]) -> None:
     table = Table(title="rollouts")
-    for column in ("model", "state", "stable", "canary", "weight", "step", "requests", "reason"):
+    columns = ("model", "state", "stable", "canary", "shadow", "weight", "step", "requests")
+    for column in (*columns, "reason"):
         table.add_column(column)
     for r in rollouts:
         table.add_row(
@@ -147,6 +152,7 @@ def _print_rollouts(rollouts: list[Any]) -> None:
             r.state,
             _version(r, "stable_version"),
             _version(r, "canary_version"),
+            _shadows(r),
             f"{r.canary_weight:.0%}",
             f"{r.step}/{r.steps}",
             str(r.canary_requests_estimate) if r.HasField("canary_version") else "-",
@@ -154,7 +160,7 @@ def _print_rollouts(rollouts: list[Any]) -> None:
         )
     console.print(table)
     for r in rollouts:
-        if r.HasField("analysis") and r.state in ("canary", "paused"):
+        if r.HasField("analysis") and r.state in ("shadow", "canary", "paused"):
             analysis = f"{r.analysis.action}: {r.analysis.reason}"
             console.print(f"[bold]{r.model_name}[/] analysis: {analysis}")
 
@@ -162,7 +168,7 @@ def _print_rollouts(rollouts: list[Any]) -> None:
 def _print_status(reply: Any) -> None:
     _print_rollouts(list(reply.rollouts))
     table = Table(title="history (newest first)")
-    for column in ("time", "model", "state", "stable", "canary", "weight", "reason"):
+    for column in ("time", "model", "state", "stable", "canary", "shadow", "weight", "reason"):
         table.add_column(column)
     for change in reply.history:
         at = change.event_time.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -172,6 +178,7 @@ def _print_status(reply: Any) -> None:
             change.state,
             _version(change, "stable_version"),
             _version(change, "canary_version"),
+            _shadows(change),
             f"{change.canary_weight:.0%}",
             change.reason,
         )

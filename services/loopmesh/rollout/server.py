@@ -48,6 +48,10 @@ _SCALAR_POLICY_FIELDS = (
     "max_latency_ratio",
     "drain_seconds",
     "guard_min_requests",
+    "shadow_share",
+    "max_shadows",
+    "shadow_timeout_seconds",
+    "shadow_promote_margin",
 )
 
 
@@ -68,6 +72,8 @@ def rollout_message(status: Status) -> rollout_pb2.Rollout:
         reason=record.reason,
         changed_at=_stamp(record.changed_at),
         canary_requests_estimate=status.canary_requests_estimate,
+        shadow_versions=list(record.shadows),
+        shadow_share=record.shadow_share if record.shadows else 0.0,
     )
     if record.stable_version is not None:
         out.stable_version = record.stable_version
@@ -97,6 +103,7 @@ def change_message(entry: HistoryEntry) -> rollout_pb2.RolloutChange:
         reason=event.reason,
         event_time=_stamp(event.event_time),
         figures=entry.figures,
+        shadow_versions=event.shadow_versions,
     )
     if event.stable_version is not None:
         out.stable_version = event.stable_version

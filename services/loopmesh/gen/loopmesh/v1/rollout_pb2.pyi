@@ -89,9 +89,11 @@ class Rollout(_message.Message):
     CHANGED_AT_FIELD_NUMBER: _builtins.int
     ANALYSIS_FIELD_NUMBER: _builtins.int
     CANARY_REQUESTS_ESTIMATE_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSIONS_FIELD_NUMBER: _builtins.int
+    SHADOW_SHARE_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     state: _builtins.str
-    """candidate, canary, stable, rolled_back, paused or aborted."""
+    """candidate, shadow, canary, stable, rolled_back, dropped, paused or aborted."""
     stable_version: _builtins.int
     canary_version: _builtins.int
     """The canary; for rolled_back and aborted, the version that failed."""
@@ -104,12 +106,17 @@ class Rollout(_message.Message):
     """Why the last change happened, with the figures behind it."""
     canary_requests_estimate: _builtins.int
     """Joined-feedback requests the canary served (estimated from metrics.live counts)."""
+    shadow_share: _builtins.float
     @_builtins.property
     def changed_at(self) -> _timestamp_pb2.Timestamp:
         """Event time of the last change; the step timer counts from here."""
 
     @_builtins.property
     def analysis(self) -> Global___Analysis: ...
+    @_builtins.property
+    def shadow_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Candidates in shadow: scored on shadow_share of the requests, answering none."""
+
     def __init__(
         self,
         *,
@@ -124,10 +131,12 @@ class Rollout(_message.Message):
         changed_at: _timestamp_pb2.Timestamp | None = ...,
         analysis: Global___Analysis | None = ...,
         canary_requests_estimate: _builtins.int = ...,
+        shadow_versions: _abc.Iterable[_builtins.int] | None = ...,
+        shadow_share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version", "_stable_version", b"_stable_version", "analysis", b"analysis", "canary_version", b"canary_version", "changed_at", b"changed_at", "stable_version", b"stable_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version", "_stable_version", b"_stable_version", "analysis", b"analysis", "canary_requests_estimate", b"canary_requests_estimate", "canary_version", b"canary_version", "canary_weight", b"canary_weight", "changed_at", b"changed_at", "model_name", b"model_name", "reason", b"reason", "stable_version", b"stable_version", "state", b"state", "step", b"step", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version", "_stable_version", b"_stable_version", "analysis", b"analysis", "canary_requests_estimate", b"canary_requests_estimate", "canary_version", b"canary_version", "canary_weight", b"canary_weight", "changed_at", b"changed_at", "model_name", b"model_name", "reason", b"reason", "shadow_share", b"shadow_share", "shadow_versions", b"shadow_versions", "stable_version", b"stable_version", "state", b"state", "step", b"step", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__canary_version: _TypeAlias = _typing.Literal["canary_version"]  # noqa: Y015
     _WhichOneofArgType__canary_version: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version"]  # noqa: Y015
@@ -176,6 +185,7 @@ class RolloutChange(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     FIGURES_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSIONS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     model_name: _builtins.str
     state: _builtins.str
@@ -190,6 +200,8 @@ class RolloutChange(_message.Message):
     def figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Structured figures of the decision (empty for changes read back after a restart)."""
 
+    @_builtins.property
+    def shadow_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -203,10 +215,11 @@ class RolloutChange(_message.Message):
         reason: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        shadow_versions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version", "_stable_version", b"_stable_version", "canary_version", b"canary_version", "event_time", b"event_time", "stable_version", b"stable_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version", "_stable_version", b"_stable_version", "canary_version", b"canary_version", "canary_weight", b"canary_weight", "event_id", b"event_id", "event_time", b"event_time", "figures", b"figures", "model_name", b"model_name", "reason", b"reason", "stable_version", b"stable_version", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version", "_stable_version", b"_stable_version", "canary_version", b"canary_version", "canary_weight", b"canary_weight", "event_id", b"event_id", "event_time", b"event_time", "figures", b"figures", "model_name", b"model_name", "reason", b"reason", "shadow_versions", b"shadow_versions", "stable_version", b"stable_version", "state", b"state", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__canary_version: _TypeAlias = _typing.Literal["canary_version"]  # noqa: Y015
     _WhichOneofArgType__canary_version: _TypeAlias = _typing.Literal["_canary_version", b"_canary_version"]  # noqa: Y015
@@ -401,6 +414,10 @@ class RolloutPolicy(_message.Message):
     MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
     DRAIN_SECONDS_FIELD_NUMBER: _builtins.int
     GUARD_MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    SHADOW_SHARE_FIELD_NUMBER: _builtins.int
+    MAX_SHADOWS_FIELD_NUMBER: _builtins.int
+    SHADOW_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    SHADOW_PROMOTE_MARGIN_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """loss (the task's: log loss, cross-entropy, squared error), log_loss, accuracy or auc."""
     method: _builtins.str
@@ -419,6 +436,12 @@ class RolloutPolicy(_message.Message):
     drain_seconds: _builtins.float
     guard_min_requests: _builtins.int
     """Requests and latencies each arm needs before the error-rate and latency guards decide."""
+    shadow_share: _builtins.float
+    """Shadow first: share of requests each shadow candidate also scores (0: straight to canary)."""
+    max_shadows: _builtins.int
+    shadow_timeout_seconds: _builtins.float
+    shadow_promote_margin: _builtins.float
+    """Paired improvement beyond which a shadow goes straight to stable; unset in GetPolicy: never."""
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Canary share of traffic per step, strictly increasing in (0, 1)."""
@@ -441,10 +464,14 @@ class RolloutPolicy(_message.Message):
         max_latency_ratio: _builtins.float | None = ...,
         drain_seconds: _builtins.float | None = ...,
         guard_min_requests: _builtins.int | None = ...,
+        shadow_share: _builtins.float | None = ...,
+        max_shadows: _builtins.int | None = ...,
+        shadow_timeout_seconds: _builtins.float | None = ...,
+        shadow_promote_margin: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_guard_min_requests", b"_guard_min_requests", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "guard_min_requests", b"guard_min_requests", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "step_timeout_seconds", b"step_timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_guard_min_requests", b"_guard_min_requests", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_max_shadows", b"_max_shadows", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_shadow_promote_margin", b"_shadow_promote_margin", "_shadow_share", b"_shadow_share", "_shadow_timeout_seconds", b"_shadow_timeout_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "guard_min_requests", b"guard_min_requests", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "max_shadows", b"max_shadows", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "shadow_promote_margin", b"shadow_promote_margin", "shadow_share", b"shadow_share", "shadow_timeout_seconds", b"shadow_timeout_seconds", "step_timeout_seconds", b"step_timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_guard_min_requests", b"_guard_min_requests", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "guard_min_requests", b"guard_min_requests", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "step_timeout_seconds", b"step_timeout_seconds", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std", "_confidence", b"_confidence", "_drain_seconds", b"_drain_seconds", "_guard_min_requests", b"_guard_min_requests", "_max_error_rate", b"_max_error_rate", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_ratio", b"_max_latency_ratio", "_max_regression", b"_max_regression", "_max_shadows", b"_max_shadows", "_method", b"_method", "_metric", b"_metric", "_min_samples", b"_min_samples", "_min_step_seconds", b"_min_step_seconds", "_shadow_promote_margin", b"_shadow_promote_margin", "_shadow_share", b"_shadow_share", "_shadow_timeout_seconds", b"_shadow_timeout_seconds", "_step_timeout_seconds", b"_step_timeout_seconds", "assumed_loss_std", b"assumed_loss_std", "confidence", b"confidence", "drain_seconds", b"drain_seconds", "guard_min_requests", b"guard_min_requests", "max_error_rate", b"max_error_rate", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_ratio", b"max_latency_ratio", "max_regression", b"max_regression", "max_shadows", b"max_shadows", "method", b"method", "metric", b"metric", "min_samples", b"min_samples", "min_step_seconds", b"min_step_seconds", "shadow_promote_margin", b"shadow_promote_margin", "shadow_share", b"shadow_share", "shadow_timeout_seconds", b"shadow_timeout_seconds", "step_timeout_seconds", b"step_timeout_seconds", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__assumed_loss_std: _TypeAlias = _typing.Literal["assumed_loss_std"]  # noqa: Y015
     _WhichOneofArgType__assumed_loss_std: _TypeAlias = _typing.Literal["_assumed_loss_std", b"_assumed_loss_std"]  # noqa: Y015
@@ -464,6 +491,8 @@ class RolloutPolicy(_message.Message):
     _WhichOneofArgType__max_latency_ratio: _TypeAlias = _typing.Literal["_max_latency_ratio", b"_max_latency_ratio"]  # noqa: Y015
     _WhichOneofReturnType__max_regression: _TypeAlias = _typing.Literal["max_regression"]  # noqa: Y015
     _WhichOneofArgType__max_regression: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression"]  # noqa: Y015
+    _WhichOneofReturnType__max_shadows: _TypeAlias = _typing.Literal["max_shadows"]  # noqa: Y015
+    _WhichOneofArgType__max_shadows: _TypeAlias = _typing.Literal["_max_shadows", b"_max_shadows"]  # noqa: Y015
     _WhichOneofReturnType__method: _TypeAlias = _typing.Literal["method"]  # noqa: Y015
     _WhichOneofArgType__method: _TypeAlias = _typing.Literal["_method", b"_method"]  # noqa: Y015
     _WhichOneofReturnType__metric: _TypeAlias = _typing.Literal["metric"]  # noqa: Y015
@@ -472,6 +501,12 @@ class RolloutPolicy(_message.Message):
     _WhichOneofArgType__min_samples: _TypeAlias = _typing.Literal["_min_samples", b"_min_samples"]  # noqa: Y015
     _WhichOneofReturnType__min_step_seconds: _TypeAlias = _typing.Literal["min_step_seconds"]  # noqa: Y015
     _WhichOneofArgType__min_step_seconds: _TypeAlias = _typing.Literal["_min_step_seconds", b"_min_step_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__shadow_promote_margin: _TypeAlias = _typing.Literal["shadow_promote_margin"]  # noqa: Y015
+    _WhichOneofArgType__shadow_promote_margin: _TypeAlias = _typing.Literal["_shadow_promote_margin", b"_shadow_promote_margin"]  # noqa: Y015
+    _WhichOneofReturnType__shadow_share: _TypeAlias = _typing.Literal["shadow_share"]  # noqa: Y015
+    _WhichOneofArgType__shadow_share: _TypeAlias = _typing.Literal["_shadow_share", b"_shadow_share"]  # noqa: Y015
+    _WhichOneofReturnType__shadow_timeout_seconds: _TypeAlias = _typing.Literal["shadow_timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__shadow_timeout_seconds: _TypeAlias = _typing.Literal["_shadow_timeout_seconds", b"_shadow_timeout_seconds"]  # noqa: Y015
     _WhichOneofReturnType__step_timeout_seconds: _TypeAlias = _typing.Literal["step_timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__step_timeout_seconds: _TypeAlias = _typing.Literal["_step_timeout_seconds", b"_step_timeout_seconds"]  # noqa: Y015
     @_typing.overload
@@ -493,6 +528,8 @@ class RolloutPolicy(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_regression) -> _WhichOneofReturnType__max_regression | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_shadows) -> _WhichOneofReturnType__max_shadows | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__method) -> _WhichOneofReturnType__method | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__metric) -> _WhichOneofReturnType__metric | None: ...
@@ -500,6 +537,12 @@ class RolloutPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_samples) -> _WhichOneofReturnType__min_samples | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_step_seconds) -> _WhichOneofReturnType__min_step_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_promote_margin) -> _WhichOneofReturnType__shadow_promote_margin | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_share) -> _WhichOneofReturnType__shadow_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_timeout_seconds) -> _WhichOneofReturnType__shadow_timeout_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__step_timeout_seconds) -> _WhichOneofReturnType__step_timeout_seconds | None: ...
 

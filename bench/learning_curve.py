@@ -157,8 +157,8 @@ def _settings(
             training=TrainingSettings(max_epochs=40, patience=5, seed=config.seed),
             triggers=TriggerSettings(
                 min_new_examples=config.per_round,
-                drift_threshold=0.05,
-                drift_min_count=100,
+                drift_detector="adwin",
+                drift_min_examples=100,
                 cooldown_seconds=0,
                 check_interval_seconds=0.5,
             ),
@@ -232,7 +232,7 @@ async def run_curve(kafka: KafkaSettings, workdir: Path, config: CurveConfig) ->
     try:
         async with (
             _running(settings, joining) as (app, joiner_app),
-            MetricsTap(kafka, topics.metrics) as tap,
+            MetricsTap(kafka, joins.metrics) as tap,
         ):
             core, sink, joiner = app.core, app.sink, joiner_app.joiner
             assert core is not None and sink is not None

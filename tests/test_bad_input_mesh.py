@@ -114,7 +114,7 @@ def _trainer_settings(kafka: KafkaSettings, repo: Path, data: Path) -> TrainerSe
             server=server_settings(),
             topics=topics,
             triggers=TriggerSettings(
-                min_new_examples=1_000_000, drift_threshold=None, check_interval_seconds=5
+                min_new_examples=1_000_000, drift_detector=None, check_interval_seconds=5
             ),
         ),
     )

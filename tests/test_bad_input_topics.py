@@ -2,7 +2,7 @@
 
 One module-wide mesh runs in this process on the session's Kafka broker, with topics of its
 own: the features agents (with the session's Feast repo), the joiner, the trainer (dataset sink,
-metrics/rollouts/erasure consumers), the rollout controller (with the session's Triton) and
+rollouts/erasure consumers), the rollout controller (with the session's Triton) and
 the inference gateway's route follower. For each consumed topic, hypothesis draws a batch of
 hostile messages (``tests.support.hostile``); they are produced raw, interleaved with valid
 events, and the test waits once per batch until every hostile message sits in ``<topic>.dlq``
@@ -93,7 +93,6 @@ def consumed_topics() -> set[str]:
         joiner.predictions,
         joiner.feedback,
         trainer.examples,
-        trainer.metrics,
         trainer.erased,
         trainer.rollouts,
         rollout.models_published,
@@ -323,7 +322,6 @@ async def test_metrics_live(mesh: Mesh, bad: list[Bad]) -> None:
         return seen is not None and seen.event_id == metrics.event_id
 
     await mesh.round("metrics.live", bad, [(metrics, model)], effect)
-    await _trainer_committed(mesh, "metrics", "metrics.live")
 
 
 @HYPOTHESIS
@@ -360,10 +358,7 @@ async def test_rollouts(mesh: Mesh, bad: list[Bad]) -> None:
 
 async def _trainer_committed(mesh: Mesh, which: str, base: str) -> None:
     """The trainer's consumer of ``base`` handled a valid event produced after the batch."""
-    marker = {
-        "metrics": VersionMetrics(model_name="z", model_version=1, window_seconds=1, count=0),
-        "rollouts": RolloutChanged(model_name="z", state="stable"),
-    }[which]
+    marker = {"rollouts": RolloutChanged(model_name="z", state="stable")}[which]
     [sent] = await send_all(
         mesh.producer,
         mesh.topic(base),

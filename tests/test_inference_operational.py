@@ -1,7 +1,7 @@
 """The gateway's operational figures: the sliding window (pure) and their trip to ``metrics.live``.
 
 Pure tests cover the window (p99, error rate, expiry, bounded samples) and that the readers of
-``metrics.live`` (rollout book, drift trigger, loop charts) keep gateway snapshots apart from
+``metrics.live`` (rollout book, loop charts) keep gateway snapshots apart from
 the trainer's quality snapshots. The integration test runs a gateway in-process against the
 session's Kafka and Triton: successful calls to a loaded version and server-side failures of
 a version published but never loaded show up as ``VersionMetrics`` on a unique topic.
@@ -31,7 +31,6 @@ from loopmesh.mesh.events import VersionMetrics
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import METRICS_LIVE, PREDICTIONS, ROLLOUTS
 from loopmesh.rollout.metrics import MetricsBook
-from loopmesh.trainer.triggers import DriftDetector
 from tests.helpers import eventually, unique_topic
 from tests.test_inference_support import (
     CALL_TIMEOUT,
@@ -131,11 +130,6 @@ def test_gateway_snapshots_do_not_replace_quality_snapshots() -> None:
         2,
     )
     assert ops.latency_p99_low_ms == 20.0 and ops.latency_p99_high_ms is None  # 2 latencies
-
-    drift = DriftDetector(metric="log_loss", threshold=0.1, min_count=1)
-    assert not drift.observe(quality, stable_version=2) and drift.best == 0.4
-    assert not drift.observe(gateway, stable_version=2)
-    assert (drift.best, drift.current) == (0.4, 0.4)  # the gateway's None was ignored
 
     state = LoopState(model_name="m")
     state.apply(quality, 0.0)

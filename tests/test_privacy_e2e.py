@@ -170,7 +170,7 @@ async def mesh(
         n_features=len(FEATURES),
     )
     trainer = TrainerApp(
-        build.trainer(model, triggers=TriggerSettings(min_new_examples=10**9, drift_threshold=None))
+        build.trainer(model, triggers=TriggerSettings(min_new_examples=10**9, drift_detector=None))
     )
     inference = build.inference(
         features_url, features_timeout_s=10.0, on_features_unavailable="fail"

@@ -228,7 +228,7 @@ async def mesh(
             # canaries after it take fewer than RETRAIN, so no third run competes).
             triggers=TriggerSettings(
                 min_new_examples=RETRAIN,
-                drift_threshold=None,
+                drift_detector=None,
                 cooldown_seconds=0,
                 check_interval_seconds=0.3,
             ),

@@ -349,7 +349,7 @@ async def mesh(
             "LOOPMESH_TRAINER__TRAINING__MAX_EPOCHS": "3",
             # Only the manual run of the test: no automatic trigger can fire.
             "LOOPMESH_TRAINER__TRIGGERS__MIN_NEW_EXAMPLES": "1000000",
-            "LOOPMESH_TRAINER__TRIGGERS__DRIFT_MIN_COUNT": "1000000",
+            "LOOPMESH_TRAINER__TRIGGERS__DRIFT_MIN_EXAMPLES": "1000000",
         },
     )
     joiner = _launch(

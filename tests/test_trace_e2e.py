@@ -210,7 +210,7 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
                 training=TrainingSettings(max_epochs=30, patience=5),
                 # Only the TriggerTraining call below starts the run.
                 triggers=TriggerSettings(
-                    min_new_examples=None, drift_threshold=None, check_interval_seconds=0.3
+                    min_new_examples=None, drift_detector=None, check_interval_seconds=0.3
                 ),
             )
         )

@@ -11,7 +11,7 @@ import pytest
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld, examples
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import Unavailable
-from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics
+from loopmesh.mesh.events import ModelPublished, RolloutChanged
 from loopmesh.trainer.core import TrainerCore, published_event_id
 from loopmesh.trainer.settings import (
     DatasetSettings,
@@ -19,6 +19,7 @@ from loopmesh.trainer.settings import (
     TrainingSettings,
     TriggerSettings,
 )
+from tests.test_trainer_drift import served
 
 T0 = datetime(2025, 5, 1, tzinfo=UTC)
 
@@ -40,12 +41,6 @@ def seed(core: TrainerCore, n: int, seed: int = 0, offset_h: int = 0) -> None:
     core.dataset.append(examples(batch, world.draw_labels(batch), model_name="core", start=start))
 
 
-def window(version: int, auc: float) -> VersionMetrics:
-    return VersionMetrics(
-        model_name="core", model_version=version, window_seconds=60, count=500, auc=auc
-    )
-
-
 async def test_drift_starts_one_run_and_counts_start_another(tmp_path: Path) -> None:
     announced: list[ModelPublished] = []
 
@@ -53,7 +48,7 @@ async def test_drift_starts_one_run_and_counts_start_another(tmp_path: Path) -> 
         announced.append(event)
 
     core = TrainerCore(
-        scope(tmp_path, min_new_examples=300, drift_threshold=0.05, drift_min_count=100),
+        scope(tmp_path, min_new_examples=300, drift_detector="adwin"),
         tmp_path / "repo",
         announce=announce,
     )
@@ -71,21 +66,27 @@ async def test_drift_starts_one_run_and_counts_start_another(tmp_path: Path) -> 
         assert announced[0].event_id == published_event_id("core", 1)
         assert core.examples_stored() is None  # nothing new since that run started
 
-        # The stable version's live AUC: best 0.85, then 0.79 is a drop beyond 0.05.
-        assert core.observe_metrics(window(1, 0.80)) is None
-        assert core.observe_metrics(window(1, 0.85)) is None
-        assert core.observe_metrics(window(9, 0.10)) is None  # not the stable version
-        drift = core.observe_metrics(window(1, 0.79))
-        assert drift is not None and drift.reasons == ["drift of live auc"]
-        assert core.observe_metrics(window(1, 0.70)) is None  # running: no second run
+        # The stable version's per-example loss: its own rule, then another (drift).
+        world = SyntheticWorld(SyntheticConfig(seed=4))
+        at = T0 + timedelta(hours=2)
+        same = served(world, 250, rule=0, start=at, model="core", version=1)
+        flipped = served(world, 300, rule=1, start=at + timedelta(seconds=250), model="core")
+        canary = served(world, 300, rule=1, start=at, model="core", version=9)
+        assert core.observe_examples(canary) is None  # not the stable version
+        assert core.observe_examples(same) is None
+        drift = None
+        for i in range(0, len(flipped), 50):
+            core.dataset.append(flipped[i : i + 50])  # stored, then observed (the sink)
+            drift = drift or core.observe_examples(flipped[i : i + 50])
+        assert drift is not None and drift.drift is not None
+        assert drift.drift.reason() in drift.reasons
+        assert core.observe_examples(flipped) is None  # running: no second run
         await core.wait_idle()
-        # The reference was reset with that run: the same drop alone does not refire.
-        stable = core.stable_version()
-        assert stable is not None and core.observe_metrics(window(stable, 0.70)) is None
-        assert [r.reasons[0] for r in core.runs()] == [
-            "drift of live auc",
-            "350 new examples >= 300",
-        ]
+        # The detector restarted at the detection: the same loss alone does not refire.
+        core.observe_rollout(RolloutChanged(model_name="core", stable_version=1, state="stable"))
+        more = served(world, 300, rule=1, start=at + timedelta(seconds=550), model="core")
+        assert core.observe_examples(more) is None
+        assert [r.drift is not None for r in core.runs()] == [True, False]
 
         # A rollout that names another stable version moves the reference (and is persisted).
         core.observe_rollout(RolloutChanged(model_name="core", stable_version=1, state="stable"))
@@ -99,7 +100,7 @@ async def test_a_failed_announcement_is_repeated_at_the_next_start(tmp_path: Pat
         raise ConnectionError("broker down")
 
     core = TrainerCore(
-        scope(tmp_path, min_new_examples=None, drift_threshold=None),
+        scope(tmp_path, min_new_examples=None, drift_detector=None),
         tmp_path / "repo",
         announce=broken,
     )

@@ -21,12 +21,12 @@ from loopmesh.joiner.live import LiveMetrics
 from loopmesh.joiner.settings import JoinerSettings
 from loopmesh.mesh import quality
 from loopmesh.mesh.errors import InvalidArgument, UnknownModel
-from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged, VersionMetrics
+from loopmesh.mesh.events import FeedbackEvent, LabelledExample, PredictionLogged
 from loopmesh.trainer.api import TriggerRequest, check_model, parse
 from loopmesh.trainer.gate import decide
 from loopmesh.trainer.prepare import Standardisation, split_by_time
 from loopmesh.trainer.settings import GateSettings, TrainerSettings, TriggerSettings
-from loopmesh.trainer.triggers import DriftDetector, TriggerInputs, TriggerPolicy
+from loopmesh.trainer.triggers import DriftReport, TriggerInputs, TriggerPolicy
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 TTL = 600.0
@@ -261,7 +261,7 @@ def inputs(**kw: object) -> TriggerInputs:
     base: dict[str, object] = dict(
         new_examples=0,
         total_examples=1000,
-        drifted=False,
+        drift=None,
         newest_version_age=10.0,
         since_last_run=None,
     )
@@ -271,46 +271,34 @@ def inputs(**kw: object) -> TriggerInputs:
 
 def test_trigger_policy_any_all_cooldown_and_minimum() -> None:
     s = TriggerSettings(
-        min_new_examples=100, drift_threshold=0.05, max_age_seconds=60, cooldown_seconds=5
+        min_new_examples=100, drift_detector="adwin", max_age_seconds=60, cooldown_seconds=5
+    )
+    drifted = DriftReport(
+        detector="adwin",
+        model_version=1,
+        change_at=T0,
+        detected_at=T0 + timedelta(seconds=30),
+        delay_examples=64,
+        delay_seconds=30.0,
+        examples_seen=500,
+        loss_before=0.3,
+        loss_after=0.6,
     )
     policy = TriggerPolicy(s, min_rows=50)
     assert policy.due(inputs()) == []
     assert policy.due(inputs(new_examples=100)) == ["100 new examples >= 100"]
-    assert policy.due(inputs(drifted=True)) == ["drift of live auc"]
+    assert policy.due(inputs(drift=drifted)) == [drifted.reason()]
+    assert "adwin" in drifted.reason() and "64 examples / 30.0s" in drifted.reason()
     assert policy.due(inputs(new_examples=100, since_last_run=1.0)) == []  # cooldown
     assert policy.due(inputs(new_examples=100, total_examples=10)) == []  # too little data
     # Age fires only with something new to learn from.
     assert policy.due(inputs(newest_version_age=61.0)) == []
     assert len(policy.due(inputs(newest_version_age=61.0, new_examples=1))) == 1
     every = TriggerPolicy(s.model_copy(update={"mode": "all"}), min_rows=50)
-    assert every.due(inputs(new_examples=100, drifted=True)) == []
-    assert len(every.due(inputs(new_examples=100, drifted=True, newest_version_age=61.0))) == 3
-    none = TriggerPolicy(TriggerSettings(min_new_examples=None, drift_threshold=None), 50)
-    assert none.due(inputs(new_examples=10**6, drifted=True)) == []
-
-
-def live_metrics(version: int, auc: float, count: int = 500) -> VersionMetrics:
-    return VersionMetrics(
-        model_name="m", model_version=version, window_seconds=60, count=count, auc=auc
-    )
-
-
-def test_drift_detector_watches_the_stable_version_only() -> None:
-    d = DriftDetector("auc", threshold=0.05, min_count=100)
-    assert not d.observe(live_metrics(1, 0.80), stable_version=1)
-    assert not d.observe(live_metrics(1, 0.84), stable_version=1)
-    assert not d.observe(live_metrics(2, 0.50), stable_version=1)  # a canary, not stable
-    assert not d.observe(live_metrics(1, 0.50, count=10), stable_version=1)  # too few
-    assert d.observe(live_metrics(1, 0.78), stable_version=1)  # 0.84 -> 0.78
-    d.reset()
-    assert not d.drifted and not d.observe(live_metrics(1, 0.78), stable_version=1)
-    ll = DriftDetector("log_loss", threshold=0.1, min_count=1)
-    ll.observe(
-        VersionMetrics(model_name="m", model_version=1, window_seconds=1, count=5, log_loss=0.4), 1
-    )
-    assert ll.observe(
-        VersionMetrics(model_name="m", model_version=1, window_seconds=1, count=5, log_loss=0.6), 1
-    )
+    assert every.due(inputs(new_examples=100, drift=drifted)) == []
+    assert len(every.due(inputs(new_examples=100, drift=drifted, newest_version_age=61.0))) == 3
+    none = TriggerPolicy(TriggerSettings(min_new_examples=None, drift_detector=None), 50)
+    assert none.due(inputs(new_examples=10**6, drift=drifted)) == []
 
 
 def test_gate_needs_both_margins() -> None:

@@ -120,7 +120,7 @@ async def stack(
         training=TrainingSettings(max_epochs=40, patience=5),
         triggers=TriggerSettings(
             min_new_examples=N_TRIGGER,
-            drift_threshold=None,
+            drift_detector=None,
             cooldown_seconds=0,
             check_interval_seconds=0.3,
         ),

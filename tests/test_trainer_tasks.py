@@ -235,16 +235,19 @@ inputs: {context: [{name: x}]}
 label: {source: value}
 training: {max_epochs: 7}
 gate: {min_loss_improvement: 0.5}
-triggers: {drift_metric: mae, drift_threshold: 1.5}
+triggers: {drift_detector: page_hinkley, drift_ph_threshold: 1.5}
 """
     _, scope = plan_of(parse(text, "models/m.yaml"), "models/m.yaml", TrainerScope(model_name="m"))
     assert scope.training.max_epochs == 7 and scope.training.patience == 8  # the rest: defaults
     assert scope.gate.min_loss_improvement == 0.5
-    assert (scope.triggers.drift_metric, scope.triggers.drift_threshold) == ("mae", 1.5)
-    bad = parse(text.replace("drift_metric: mae", "drift_metric: recall"), "models/m.yaml")
+    assert (scope.triggers.drift_detector, scope.triggers.drift_ph_threshold) == (
+        "page_hinkley",
+        1.5,
+    )
+    bad = parse(text.replace("page_hinkley", "cusum"), "models/m.yaml")
     with pytest.raises(SpecError) as caught:
         plan_of(bad, "models/m.yaml", TrainerScope(model_name="m"))
-    assert caught.value.field == "models/m.yaml: triggers.drift_metric"
+    assert caught.value.field == "models/m.yaml: triggers.drift_detector"
 
 
 def test_an_accepted_candidate_preempts_a_canary_it_beats_on_the_same_rows(

@@ -46,7 +46,7 @@ CONSUMERS: dict[str, int] = {
     "predictions": 1,  # joiner
     "feedback": 1,  # joiner
     "training.examples": 1,  # trainer dataset sink
-    "metrics.live": 2,  # trainer (drift), rollout controller
+    "metrics.live": 1,  # rollout controller
     "models.published": 1,  # rollout controller
     "rollouts": 2,  # trainer, inference routes (+ rollout controller at start-up)
     "rollout.policies": 0,  # rollout controller, at start-up only
@@ -172,7 +172,7 @@ async def running_mesh(
             build.trainer(
                 f"bad_{suffix}",
                 dataset=DatasetSettings(flush_rows=100, flush_seconds=0.2),
-                triggers=TriggerSettings(min_new_examples=None, drift_threshold=None),
+                triggers=TriggerSettings(min_new_examples=None, drift_detector=None),
             )
         )
         rollout = RolloutApp(build.rollout())

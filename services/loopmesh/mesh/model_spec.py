@@ -147,9 +147,9 @@ class ModelSpec(_Strict):
     rollout: dict[str, Any] = Field(default_factory=dict)
     """Rollout policy overrides (validated by the rollout controller)."""
     triggers: dict[str, Any] = Field(default_factory=dict)
-    """When the trainer retrains this model: new examples, drift metric and threshold (in
-    the metric's units: a regression MAE's are the target's), age (validated by the
-    trainer)."""
+    """When the trainer retrains this model: new examples, drift (``drift_detector``: ADWIN
+    or Page-Hinkley over the stable version's per-example loss, and their parameters), age
+    (validated by the trainer)."""
 
     @model_validator(mode="after")
     def _task_rules(self) -> ModelSpec:

@@ -1,8 +1,9 @@
-"""Kafka adapters of the trainer: examples into the dataset, erasures, live metrics, rollouts.
+"""Kafka adapters of the trainer: examples into the dataset, erasures, rollouts.
 
 ``example_sink`` stores ``training.examples`` into parquet files with the kernel's
-``BatchSink`` (offsets committed only after a file is durable). The other topics use the bus
-consumer: each handler's effect is durable or in memory by design.
+``BatchSink`` (offsets committed only after a file is durable), then shows the stored
+examples to the drift detector. The other topics use the bus consumer: each handler's effect
+is durable or in memory by design.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from loopmesh.mesh.events import (
     EntityErased,
     LabelledExample,
     RolloutChanged,
-    VersionMetrics,
 )
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import Topic
@@ -43,11 +43,19 @@ def example_sink(
     flush_rows: int,
     flush_seconds: float,
     on_stored: Callable[[int], Any] = lambda n: None,
+    observe: Callable[[Sequence[LabelledExample]], Any] = lambda examples: None,
 ) -> BatchSink[LabelledExample]:
-    """``training.examples`` of ``model_name`` into the dataset, a parquet file per batch."""
+    """``training.examples`` of ``model_name`` into the dataset, a parquet file per batch;
+    ``observe`` sees each batch once it is durable (the drift detector)."""
 
     async def store(taken: Sequence[Taken[LabelledExample]]) -> None:
-        await asyncio.to_thread(dataset.append, [t.event for t in taken])
+        batch = [t.event for t in taken]
+        await asyncio.to_thread(dataset.append, batch)
+        try:
+            observe(batch)
+        except Exception:
+            # Stored is stored: a detector failure must not redeliver (and re-store) them.
+            log.exception("observing %d stored examples failed", len(batch))
 
     def stored(count: int, traces: Sequence[SpanContext]) -> None:
         # A run this triggers links to the store span and to the examples' traces.
@@ -87,9 +95,6 @@ class TrainerHandlers:
         self.core.dataset.record_erasures([entity_id])
         removed = self.core.dataset.purge_erased()
         log.info("erased entity %s: %d stored examples removed", entity_id, removed)
-
-    async def on_metrics(self, event: VersionMetrics, delivery: Delivery) -> None:
-        self.core.observe_metrics(event)
 
     async def on_rollout(self, event: RolloutChanged, delivery: Delivery) -> None:
         self.core.observe_rollout(event)

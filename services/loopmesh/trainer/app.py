@@ -80,11 +80,11 @@ class TrainerApp:
             flush_rows=self.scope.dataset.flush_rows,
             flush_seconds=self.scope.dataset.flush_seconds,
             on_stored=lambda n: self._stored(core, n),
+            observe=core.observe_examples,
         )
         handlers = TrainerHandlers(core)
         for which, handler in (
             ("erased", handlers.on_erased),
-            ("metrics", handlers.on_metrics),
             ("rollouts", handlers.on_rollout),
         ):
             self._consumers.append(

@@ -1,9 +1,10 @@
 """The trainer's logic, knowing no gRPC and no Kafka: triggers, one run at a time, publishing.
 
-Adapters call in: ``agents`` after examples are stored, on live metrics and on rollout
-changes; ``server`` for the RPCs. Publishing calls ``announce`` (the ModelPublished event,
-given by the adapter) after the version is on disk; a version whose announcement failed or
-was cut short by a crash is announced again at the next start (same event id).
+Adapters call in: ``agents`` after examples are stored (``observe_examples`` with them, for
+the drift detector, then ``examples_stored``) and on rollout changes; ``server`` for the
+RPCs. Publishing calls ``announce`` (the ModelPublished event, given by the adapter) after
+the version is on disk; a version whose announcement failed or was cut short by a crash is
+announced again at the next start (same event id).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,7 @@ from opentelemetry.trace import Link, SpanContext
 
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.errors import Unavailable
-from loopmesh.mesh.events import ModelPublished, RolloutChanged, VersionMetrics, utcnow
-from loopmesh.mesh.quality import PRIMARY
+from loopmesh.mesh.events import LabelledExample, ModelPublished, RolloutChanged, utcnow
 from loopmesh.mesh.telemetry import tracer
 from loopmesh.trainer import instruments, pipeline
 from loopmesh.trainer.dataset import Dataset
@@ -37,7 +37,13 @@ from loopmesh.trainer.runs import RunHistory, RunRecord
 from loopmesh.trainer.settings import TrainerScope
 from loopmesh.trainer.train import FitFn
 from loopmesh.trainer.train import fit as default_fit
-from loopmesh.trainer.triggers import DriftDetector, TriggerInputs, TriggerPolicy
+from loopmesh.trainer.triggers import (
+    DriftReport,
+    LossDriftDetector,
+    TriggerInputs,
+    TriggerPolicy,
+    example_losses,
+)
 
 log = logging.getLogger(__name__)
 _tracer = tracer("loopmesh.trainer")
@@ -73,9 +79,16 @@ class TrainerStatus:
     new_examples: int
     stable_version: int | None
     newest_version: int | None
-    drift_metric: str
-    drift_best: float | None
-    drift_current: float | None
+    drift_detector: str
+    """``adwin`` or ``page_hinkley`` over the stable version's per-example loss; "" when off."""
+    drift_examples: int
+    """Examples of the stable version the detector has seen since it (re)started."""
+    drift_loss: float | None
+    """Their mean per-example loss."""
+    last_drift: DriftReport | None
+    """The latest detection: change point, detection, delay (examples and seconds)."""
+    window_since: datetime | None
+    """Runs train on examples predicted at or after this (the latest change point)."""
     runs_total: int
 
 
@@ -107,9 +120,10 @@ class TrainerCore:
         self._fit = fit
         self._clock = clock
         t = scope.triggers
-        drift_metric = t.drift_metric or PRIMARY[self.plan.task][0]
-        self.policy = TriggerPolicy(t, scope.dataset.min_rows, drift_metric)
-        self.drift = DriftDetector(drift_metric, t.drift_threshold or 0.0, t.drift_min_count)
+        self.policy = TriggerPolicy(t, scope.dataset.min_rows)
+        self.drift = LossDriftDetector(t) if t.drift_detector is not None else None
+        self._pending_drift: DriftReport | None = None
+        """A detection no run has started on yet (one drift episode starts one run)."""
         self._running: RunRecord | None = None
         self._task: asyncio.Task[RunRecord] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -154,12 +168,40 @@ class TrainerCore:
             self._example_traces.extend(t for t in traces if isinstance(t, SpanContext))
         return self.maybe_trigger()
 
-    def observe_metrics(self, metrics: VersionMetrics) -> RunRecord | None:
-        if metrics.model_name != self.model_name or self.scope.triggers.drift_threshold is None:
+    def observe_examples(self, examples: Sequence[LabelledExample]) -> RunRecord | None:
+        """Feed the drift detector the losses of the stored examples the stable version
+        served, oldest prediction first; a run started by a detection, else None."""
+        detector = self.drift
+        if detector is None or not examples:
             return None
-        if self.drift.observe(metrics, self.stable_version()):
-            return self.maybe_trigger()
-        return None
+        stable = self.stable_version()
+        if stable is None:
+            return None
+        if detector.version != stable:
+            detector.reset(stable)  # a new stable version: a new loss stream
+        served = sorted(
+            (e for e in examples if e.model_name == self.model_name and e.model_version == stable),
+            key=lambda e: e.predicted_at,
+        )
+        detected = None
+        for example, loss in zip(served, example_losses(served), strict=True):
+            if loss is not None:
+                detected = detector.observe(loss, example.predicted_at.timestamp()) or detected
+        if detected is None:
+            return None
+        self._pending_drift = detected
+        # The floor of every run's window from now on (see drift_floor_seconds).
+        self._write_state(
+            {
+                "drift_floor": {
+                    "change_at": detected.change_at.isoformat(),
+                    "noted_at": self._clock(),
+                }
+            }
+        )
+        instruments.record_drift(self.model_name, detected)
+        log.warning("%s: %s", self.model_name, detected.reason())
+        return self.maybe_trigger()
 
     def observe_rollout(self, event: RolloutChanged) -> None:
         if event.model_name != self.model_name:
@@ -193,13 +235,14 @@ class TrainerCore:
             model_name=self.model_name,
             reasons=reasons,
             dataset_rows=self.dataset.row_count(self.model_name),
+            drift=self._pending_drift,
+            data_since=self.window_since(),
         )
         self._running = record
         # Remembered on disk until the run is recorded: a process killed mid-run leaves it
         # here, and the next start records that run as failed instead of forgetting it.
         self._write_state({"running": record.model_dump(mode="json")})
-        if self.drift.drifted:
-            self.drift.reset()  # one drift episode starts one run
+        self._pending_drift = None  # one drift episode starts one run (the detector restarted)
         links = self._run_links()
         self._task = asyncio.create_task(self._run(record, links), name=record.run_id)
         log.info("training run %s started: %s", record.run_id, "; ".join(reasons))
@@ -219,7 +262,7 @@ class TrainerCore:
         return TriggerInputs(
             new_examples=total - (last.dataset_rows if last else 0),
             total_examples=total,
-            drifted=self.drift.drifted,
+            drift=self._pending_drift,
             newest_version_age=age,
             since_last_run=None if self._last_end is None else self._clock() - self._last_end,
         )
@@ -261,7 +304,7 @@ class TrainerCore:
 
     async def _run_traced(self, record: RunRecord) -> RunRecord:
         try:
-            stable, outcome = await asyncio.to_thread(self._train, record.run_id)
+            stable, outcome = await asyncio.to_thread(self._train, record.run_id, record.data_since)
             decision = outcome.decision
             record = record.model_copy(
                 update={
@@ -309,7 +352,9 @@ class TrainerCore:
         log.info("training run %s %s: %s", record.run_id, record.status, record.decision)
         return record
 
-    def _train(self, run_id: str) -> tuple[pipeline.StableModel | None, pipeline.RunOutcome]:
+    def _train(
+        self, run_id: str, since: datetime | None = None
+    ) -> tuple[pipeline.StableModel | None, pipeline.RunOutcome]:
         stable = pipeline.load_stable(self.repository, self.model_name, self.stable_version())
         canary = self._rollout_canary
         challenged = (
@@ -325,6 +370,7 @@ class TrainerCore:
             run_id=run_id,
             plan=self.plan,
             challenged=challenged,
+            since=since,
         )
         return stable, outcome
 
@@ -409,6 +455,22 @@ class TrainerCore:
             return self._rollout_stable
         return versions[-1] if versions else None
 
+    def window_since(self) -> datetime | None:
+        """The floor of a run's window: the latest drift's change point, until
+        ``triggers.drift_floor_seconds`` after its detection; None: no floor."""
+        floor = self._read_state().get("drift_floor")
+        if not isinstance(floor, dict):
+            return None
+        try:
+            since = datetime.fromisoformat(str(floor["change_at"])).astimezone(UTC)
+            noted = float(floor["noted_at"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        limit = self.scope.triggers.drift_floor_seconds
+        if limit is not None and self._clock() - noted > limit:
+            return None
+        return since
+
     def newest_version(self) -> int | None:
         versions = model_repo.list_versions(self.repository, self.model_name)
         return versions[-1] if versions else None
@@ -446,9 +508,11 @@ class TrainerCore:
             new_examples=inputs.new_examples,
             stable_version=self.stable_version(),
             newest_version=self.newest_version(),
-            drift_metric=self.drift.metric,
-            drift_best=self.drift.best,
-            drift_current=self.drift.current,
+            drift_detector=self.drift.kind if self.drift is not None else "",
+            drift_examples=self.drift.seen if self.drift is not None else 0,
+            drift_loss=self.drift.mean_loss if self.drift is not None else None,
+            last_drift=self.drift.last if self.drift is not None else None,
+            window_since=self.window_since(),
             runs_total=len(history),
         )
 

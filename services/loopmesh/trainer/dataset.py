@@ -24,7 +24,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -187,12 +187,20 @@ class Dataset:
         *,
         window_rows: int | None = None,
         window_seconds: float | None = None,
+        since: float | None = None,
+        since_min_rows: int = 0,
     ) -> Frame:
         """Clean examples: erased entities out, unlabelled rows out, one row per prediction.
 
+        ``since`` (epoch seconds) keeps only rows predicted at or after it, unless fewer than
+        ``since_min_rows`` are: then the newest ``since_min_rows`` (a drift's change point as
+        the window's floor, never below a trainable set). The row and time windows bound the
+        result as well.
+
         Only the days a window can reach are read (files live in ``date=YYYY-MM-DD`` folders
         of their rows' prediction day): newest days first, until ``window_seconds`` back from
-        the newest day or until ``window_rows`` clean rows; everything without a window.
+        the newest day, until ``window_rows`` clean rows, or until ``since``'s day once that
+        holds ``since_min_rows``; everything without a window.
         """
         # Under the lock: a purge after an erasure rewrites files.
         with self._lock:
@@ -203,12 +211,18 @@ class Dataset:
                 reach = math.ceil(window_seconds / 86400.0)
                 oldest = (newest - timedelta(days=reach)).isoformat()
                 days = [d for d in days if d.removeprefix("date=") >= oldest]
+            since_day = (
+                None
+                if since is None
+                else "date=" + datetime.fromtimestamp(since, UTC).date().isoformat()
+            )
             read: dict[Path, pa.Table] = {}
             taken: set[str] = set()
             table: pa.Table | None = None
             for day in days:
                 taken.add(day)
-                if window_rows is None and day != days[-1]:
+                reached = since_day is not None and day <= since_day
+                if window_rows is None and not reached and day != days[-1]:
                     continue  # no row bound: every day in reach, read at once below
                 # Oldest file first (the global order), so a prediction's first row is kept.
                 chosen = [p for p in paths if p.parent.name in taken]
@@ -216,8 +230,10 @@ class Dataset:
                     if path not in read:
                         read[path] = pq.read_table(path)
                 table = self._clean([read[p] for p in chosen])
-                if window_rows is None or table.num_rows >= window_rows:
+                if window_rows is not None and table.num_rows >= window_rows:
                     break
+                if reached and table.num_rows >= since_min_rows:
+                    break  # rows before ``since`` matter only to reach since_min_rows
         if table is None or table.num_rows == 0:
             return _empty_frame()
         predicted = pc.cast(table.column("predicted_at"), pa.int64()).to_numpy() / 1e6
@@ -226,6 +242,9 @@ class Dataset:
         if window_seconds is not None and order.size:
             newest_at = predicted[order[-1]]
             order = order[predicted[order] >= newest_at - window_seconds]
+        if since is not None:
+            after = order[predicted[order] >= since]
+            order = after if after.size >= since_min_rows else order[-since_min_rows:]
         if window_rows is not None:
             order = order[-window_rows:]
         return _frame(table.take(pa.array(order)))

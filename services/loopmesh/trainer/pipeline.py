@@ -90,13 +90,19 @@ def run_pipeline(
     run_id: str,
     plan: ModelPlan | None = None,
     challenged: StableModel | None = None,
+    since: datetime | None = None,
 ) -> RunOutcome:
     """One run; ``challenged``: the version in canary, which an accepted candidate preempts
-    when it beats it on the same holdout rows (``metadata["preempts"]``)."""
+    when it beats it on the same holdout rows (``metadata["preempts"]``); ``since``: the
+    floor of the window (a drift's change point), at least ``dataset.min_rows`` kept."""
     ds = scope.dataset
     plan = plan or ModelPlan()
     frame = dataset.load(
-        scope.model_name, window_rows=ds.window_rows, window_seconds=ds.window_seconds
+        scope.model_name,
+        window_rows=ds.window_rows,
+        window_seconds=ds.window_seconds,
+        since=None if since is None else since.timestamp(),
+        since_min_rows=ds.min_rows,
     )
     frame = frame.take(np.flatnonzero(_valid_targets(plan, frame.labels)))
     if len(frame) < ds.min_rows:
@@ -232,6 +238,7 @@ def run_pipeline(
             "data_window": {
                 "from": outcome.data_from.isoformat() if outcome.data_from else None,
                 "to": outcome.data_to.isoformat() if outcome.data_to else None,
+                "since": since.isoformat() if since else None,
                 "train_rows": outcome.train_rows,
                 "validation_rows": outcome.validation_rows,
                 "holdout_rows": outcome.holdout_rows,

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from loopmesh.mesh.events import utcnow
+from loopmesh.trainer.triggers import DriftReport
 
 RunStatus = Literal["running", "published", "rejected", "failed"]
 
@@ -59,6 +60,11 @@ class RunRecord(BaseModel):
     error: str = ""
     data_from: datetime | None = None
     data_to: datetime | None = None
+    data_since: datetime | None = None
+    """The floor of the run's window: examples predicted before it were left out (the change
+    point of a drift; ``triggers.drift_floor_seconds``). None: no floor."""
+    drift: DriftReport | None = None
+    """The drift detection that this run was the first to start after (None: none)."""
 
 
 class RunHistory:

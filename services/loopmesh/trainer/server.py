@@ -179,17 +179,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             new_examples=max(status.new_examples, 0),
             stable_version=status.stable_version or 0,
             newest_version=status.newest_version or 0,
-            drift_metric=status.drift_metric,
+            # The proto's drift fields predate the loss detector: the detector and its loss,
+            # and the mean loss of its current stream (no "best" window any more).
+            drift_metric=f"{status.drift_detector}: loss" if status.drift_detector else "",
             runs_total=status.runs_total,
         )
         if status.running is not None:
             response.running.CopyFrom(run_message(status.running))
         if status.last_run is not None:
             response.last_run.CopyFrom(run_message(status.last_run))
-        if status.drift_best is not None:
-            response.drift_best = status.drift_best
-        if status.drift_current is not None:
-            response.drift_current = status.drift_current
+        if status.drift_loss is not None:
+            response.drift_current = status.drift_loss
         return response
 
     async def ListRuns(

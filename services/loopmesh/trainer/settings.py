@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from loopmesh.mesh import model_repo
 from loopmesh.mesh.settings import GrpcServerSettings, MeshSettings
 from loopmesh.mesh.topics import (
     ENTITIES_ERASED,
-    METRICS_LIVE,
     MODELS_PUBLISHED,
     ROLLOUTS,
     TRAINING_EXAMPLES,
@@ -19,14 +19,14 @@ from loopmesh.mesh.topics import (
     TopicSet,
 )
 
+log = logging.getLogger(__name__)
+
 
 class TopicNames(TopicSet):
     """Names of the topics the trainer reads and writes (tests and tenants use others)."""
 
     examples: str = TRAINING_EXAMPLES.name
     """LabelledExample events the joiner writes and the dataset reads."""
-    metrics: str = METRICS_LIVE.name
-    """VersionMetrics (the drift trigger watches the stable version's)."""
     published: str = MODELS_PUBLISHED.name
     """ModelPublished events announcing versions that passed the gate."""
     erased: str = ENTITIES_ERASED.name
@@ -36,7 +36,6 @@ class TopicNames(TopicSet):
 
     BASES: ClassVar[dict[str, Topic]] = {
         "examples": TRAINING_EXAMPLES,
-        "metrics": METRICS_LIVE,
         "published": MODELS_PUBLISHED,
         "erased": ENTITIES_ERASED,
         "rollouts": ROLLOUTS,
@@ -113,6 +112,10 @@ class GateSettings(BaseModel):
     in the target's units) must be lower than the reference's by at least this."""
 
 
+OLD_DRIFT_SETTINGS = frozenset({"drift_metric", "drift_threshold", "drift_min_count"})
+"""Settings of the windowed live-metric drift trigger (replaced by ``drift_detector``)."""
+
+
 class TriggerSettings(BaseModel):
     """When a run starts by itself (TriggerTraining starts one any time)."""
 
@@ -120,19 +123,57 @@ class TriggerSettings(BaseModel):
     """Fire when any enabled trigger is due, or only when all of them are."""
     min_new_examples: int | None = Field(default=1000, ge=1)
     """Examples stored since the last run started (None disables)."""
-    drift_metric: Literal["auc", "log_loss", "accuracy", "loss", "mae"] | None = None
-    """Live metric of the stable version that the drift trigger watches; None: the task's
-    primary metric (binary auc, multiclass accuracy, regression mae)."""
-    drift_threshold: float | None = Field(default=0.05, gt=0)
-    """Worsening of that metric from its best window that counts as drift (None disables)."""
-    drift_min_count: int = Field(default=200, ge=1)
-    """Windows with fewer joined examples are ignored by the drift trigger."""
+    drift_detector: Literal["adwin", "page_hinkley"] | None = "adwin"
+    """Drift trigger over the stable version's per-example loss (the joiner's: log loss,
+    cross-entropy, squared error), fed with every labelled example that version served, in
+    prediction order: ``adwin`` (River's ADWIN, a change of the mean in either direction; only
+    a worsening fires), ``page_hinkley`` (an increase of the mean), None disables. A
+    detection starts one run on the examples after the estimated change point."""
+    drift_delta: float = Field(default=0.002, gt=0, lt=1)
+    """ADWIN's confidence: a smaller delta needs stronger evidence (fewer false alarms, a
+    longer delay)."""
+    drift_clock: int = Field(default=32, ge=1)
+    """ADWIN tests for a change every this many examples (1: every example; the delay is
+    rounded up to it)."""
+    drift_ph_threshold: float = Field(default=50.0, gt=0)
+    """Page-Hinkley: the cumulative excess loss (in the loss's units) that counts as drift."""
+    drift_ph_delta: float = Field(default=0.005, ge=0)
+    """Page-Hinkley: the loss increase per example tolerated as noise."""
+    drift_ph_alpha: float = Field(default=1 - 1e-4, gt=0, le=1)
+    """Page-Hinkley: the forgetting factor of the cumulative sum."""
+    drift_min_examples: int = Field(default=100, ge=1)
+    """No detection before the detector has seen this many examples of the stable version
+    (since it became stable, or since the last detection)."""
+    drift_floor_seconds: float | None = Field(default=86400.0, gt=0)
+    """After a drift, every run (the one it starts and the later ones) trains only on
+    examples predicted at or after the estimated change point (at least the newest
+    ``dataset.min_rows``, the gate's holdout still the newest share of that), until a newer
+    drift moves the floor or this long has passed since the detection (None: until a newer
+    drift). Promoting a retrained version does not lift it: the examples before the change
+    follow the old concept whichever version serves them. Once ``dataset.window_rows`` or
+    ``window_seconds`` no longer reach back to the change point the floor changes nothing."""
     max_age_seconds: float | None = Field(default=None, gt=0)
     """Retrain when the newest version is older than this (None disables)."""
     cooldown_seconds: float = Field(default=30.0, ge=0)
     """Least time between the end of a run and the next automatic start."""
     check_interval_seconds: float = Field(default=5.0, gt=0)
     """How often the time-based trigger is evaluated."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_drift_settings(cls, data: Any) -> Any:
+        """The settings of the windowed-metric drift trigger it replaced are ignored, loudly."""
+        if isinstance(data, dict):
+            old = sorted(OLD_DRIFT_SETTINGS & set(data))
+            if old:
+                log.warning(
+                    "trigger settings %s are no longer used (ignored): the drift trigger is "
+                    "drift_detector (ADWIN or Page-Hinkley over the per-example loss), "
+                    "drift_delta, drift_min_examples",
+                    ", ".join(old),
+                )
+                data = {k: v for k, v in data.items() if k not in OLD_DRIFT_SETTINGS}
+        return data
 
 
 class TrainerScope(BaseModel):

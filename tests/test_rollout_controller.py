@@ -227,3 +227,60 @@ async def test_a_newer_version_that_beat_the_canary_preempts_it(repo: Path) -> N
     stale = published(repo, 5).model_copy(update={"preempts": 2})
     await ctl.on_published(stale)
     assert ctl.status("m").record.canary_version == 4 and ctl.pending == {"m": 5}
+
+
+def paired(version: int, clock: Clock, diff: float, *, with_stable: int = 1) -> VersionMetrics:
+    """The joiner's paired figures of a shadow against the version that answered."""
+    return VersionMetrics(
+        model_name="m",
+        model_version=version,
+        window_seconds=600,
+        count=500,
+        loss=0.5 + diff,
+        shadow_of=with_stable,
+        paired_loss_diff=diff,
+        paired_loss_diff_var=0.01,
+        event_time=clock(),
+    )
+
+
+async def test_shadows_are_loaded_before_announced_and_latest_wins_there(repo: Path) -> None:
+    """Issue 22, shadow first: a candidate is loaded and announced as a shadow (no weight);
+    a newer one that beat it on the holdout takes its place; the best that is no worse on the
+    same requests advances; one worse is dropped, never having had a weight."""
+    effects, clock = Effects(), Clock()
+    ctl = controller(repo, effects, clock, shadow_share=0.5, max_shadows=2)
+    await ctl.on_published(published(repo, 1))
+    effects.log.clear()
+    await ctl.on_published(published(repo, 2))
+    assert effects.log == [("load", (1, 2)), ("publish", ("shadow", None, 0.0))]
+    assert (effects.events[-1].shadow_versions, effects.events[-1].shadow_share) == ([2], 0.5)
+    # v3 beat v2 on the trainer's holdout: it replaces v2 in shadow.
+    better = published(repo, 3).model_copy(
+        update={"preempts": 2, "metrics": {"holdout_loss": 0.4, "preempted_loss": 0.5}}
+    )
+    await ctl.on_published(better)
+    record = ctl.status("m").record
+    assert (record.state, record.shadows) == ("shadow", (3,))
+    assert "v2 preempted in shadow by v3" in record.reason
+    # v4 without a claim joins beside it (room for two); v5 waits.
+    await ctl.on_published(published(repo, 4))
+    await ctl.on_published(published(repo, 5))
+    assert ctl.status("m").record.shadows == (3, 4) and ctl.pending == {"m": 5}
+    # v4 is worse on the same requests: dropped; v5 takes the free place.
+    clock.tick(1)
+    await ctl.on_metrics(paired(4, clock, +0.3))
+    await ctl.tick()
+    record = ctl.status("m").record
+    assert (record.state, record.shadows, record.stable_version) == ("shadow", (3, 5), 1)
+    assert any("v4 dropped in shadow" in h.event.reason for h in ctl.history["m"])
+    assert all(e.canary_weight == 0.0 for e in effects.events)
+    # v3 and v5 both no worse; v5 better still: v5 goes to canary, v3 is dropped.
+    clock.tick(1)
+    await ctl.on_metrics(paired(3, clock, -0.005))
+    await ctl.on_metrics(paired(5, clock, -0.01))
+    ctl.policies.default = ctl.policies.default.merged({"shadow_promote_margin": None})
+    await ctl.tick()
+    record = ctl.status("m").record
+    assert (record.state, record.canary_version, record.shadows) == ("canary", 5, ())
+    assert "v3 dropped (v5 did better)" in record.reason

@@ -389,3 +389,16 @@ def test_the_rollout_api_shows_shadows_and_sets_the_shadow_policy() -> None:
         model_name="m", policy=rollout_pb2.RolloutPolicy(shadow_share=0.25, max_shadows=4)
     )
     assert RolloutPolicy().merged(policy_changes(request)).shadow_share == 0.25
+
+
+def test_the_trainer_challenges_the_newest_shadow_or_the_canary() -> None:
+    from loopmesh.mesh.events import RolloutChanged
+    from loopmesh.trainer.core import challenged_version
+
+    def event(state: str, **fields: object) -> RolloutChanged:
+        return RolloutChanged(model_name="m", stable_version=1, state=state, **fields)  # type: ignore[arg-type]
+
+    assert challenged_version(event("shadow", shadow_versions=[3, 5], shadow_share=1.0)) == 5
+    assert challenged_version(event("canary", canary_version=4, canary_weight=0.1)) == 4
+    assert challenged_version(event("dropped", canary_version=4)) is None
+    assert challenged_version(event("stable")) is None

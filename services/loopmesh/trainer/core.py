@@ -206,9 +206,7 @@ class TrainerCore:
     def observe_rollout(self, event: RolloutChanged) -> None:
         if event.model_name != self.model_name:
             return
-        # The candidate a newer version may preempt (latest wins): judged on the same rows.
-        in_rollout = event.state in ("candidate", "canary") and event.canary_version
-        self._rollout_canary = event.canary_version if in_rollout else None
+        self._rollout_canary = challenged_version(event)
         if event.stable_version == self._rollout_stable:
             return
         self._rollout_stable = event.stable_version
@@ -534,3 +532,13 @@ class TrainerCore:
 
     def _unannounced(self) -> list[int]:
         return [int(v) for v in self._read_state().get("unannounced", [])]
+
+
+def challenged_version(event: RolloutChanged) -> int | None:
+    """The candidate a newer version may preempt (latest wins), judged on the same holdout
+    rows: the canary, or in shadow the newest shadow (the one it replaces when shadow is full)."""
+    if event.state == "shadow" and event.shadow_versions:
+        return max(event.shadow_versions)
+    if event.state in ("candidate", "canary") and event.canary_version:
+        return event.canary_version
+    return None

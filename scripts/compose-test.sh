@@ -59,6 +59,19 @@ LOCAL_NPROC="$(ulimit -Hu)"
 # No collector without the observability profile: no OTLP export (compose.yaml's default).
 export LOOPMESH_TELEMETRY__OTLP_ENDPOINT="${LOOPMESH_TELEMETRY__OTLP_ENDPOINT-}"
 export LOOPMESH_BASE_IMAGE="$BASE_IMAGE" LOOPMESH_GO_IMAGE="$GO_IMAGE"
+# The trainer's torch: CPU-only from PyTorch's own index (compose.local.yaml's default,
+# about 3.5 GB smaller than PyPI's CUDA build) where that index answers. Where it does not
+# (a machine that reaches PyPI only), an empty TORCH_INDEX builds with PyPI's torch, as the
+# public image does: an unreachable extra index would cost pip retries on every package.
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+if [ -z "${TORCH_INDEX+set}" ]; then
+  if "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' \
+    "$TORCH_CPU_INDEX/torch/" >/dev/null 2>&1; then
+    export TORCH_INDEX="$TORCH_CPU_INDEX"
+  else
+    export TORCH_INDEX=""
+  fi
+fi
 compose() { "$VENV/bin/podman-compose" -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"; }
 
 # The services to run: COMPOSE_TEST_SERVICES (and what they depend on), else every service
@@ -179,18 +192,29 @@ images() {
   rm -rf infra/local/.kafka-libs
   mkdir -p infra/local/.kafka-libs
   cp "$libs"/*.jar infra/local/.kafka-libs/
+  if [ -n "$TORCH_INDEX" ]; then
+    log "trainer: torch from $TORCH_INDEX"
+  else
+    log "trainer: torch from PyPI, the CUDA build ($TORCH_CPU_INDEX does not answer here)"
+  fi
   # One at a time: 2 cores, and a failing build names itself.
-  local services
-  services="$(layers | tr '\n' ' ')"
-  for svc in $services; do
-    if compose config | "$VENV/bin/python" -c '
-import sys, yaml
-svc = yaml.safe_load(sys.stdin)["services"][sys.argv[1]]
-sys.exit(0 if "build" in svc else 1)' "$svc"; then
-      log "build $svc"
-      compose build "$svc"
-    fi
-  done
+  # A service whose image another one already built (topic-init's is ingestion's, feast-init's
+  # the features service's) is not built twice.
+  local svc image
+  compose config | COMPOSE_TEST_ORDER="$(layers | tr '\n' ' ')" "$VENV/bin/python" -c '
+import os, sys, yaml
+services = yaml.safe_load(sys.stdin)["services"]
+seen = set()
+for name in os.environ["COMPOSE_TEST_ORDER"].split():
+    svc = services[name]
+    if "build" in svc and svc["image"] not in seen:
+        seen.add(svc["image"])
+        print(name, svc["image"])
+' >"$LOGS/builds.txt"
+  while read -r svc image; do
+    log "build $svc ($image)"
+    compose build "$svc" </dev/null
+  done <"$LOGS/builds.txt"
   rm -rf infra/local/.kafka-libs
   podman images --filter reference='*loopmesh*' --format '{{.Repository}}:{{.Tag}} {{.Size}}'
 }

@@ -169,21 +169,26 @@ class Smoke:
         say("bootstrap: 1500 labelled examples into TrainerService.AddExamples")
         taken = self.add_history(1500)
         assert taken == 1500, f"AddExamples accepted {taken} of 1500"
-        wait_for(
+        status = wait_for(
             "the trainer to store the bootstrap set",
-            lambda: True if self.status().dataset_rows >= taken else None,
+            lambda: s if (s := self.status()).dataset_rows >= taken or s.runs_total else None,
             120,
         )
-        run = self.train("compose smoke: bootstrap set")
-        assert run.version > 0, f"the bootstrap run published nothing: {run}"
-
-        def is_stable() -> rollout_pb2.Rollout | None:
-            r = self.get_rollout()
-            return r if r.stable_version == run.version else None
-
-        stable = wait_for(f"version {run.version} to become stable", is_stable, 300)
-        say(f"v{run.version} stable: {stable.state} ({stable.reason})")
-        return run.version
+        # As `loopmesh run` does: the trainer's own trigger (1000 new examples) may have
+        # taken the bootstrap set already; no second run on it then.
+        if status.HasField("running") or self.published():
+            say("the trainer's own trigger took the bootstrap set")
+            wait_for("that run to publish", lambda: self.published() or None, 600)
+        else:
+            run = self.train("compose smoke: bootstrap set")
+            assert run.version > 0, f"the bootstrap run published nothing: {run}"
+        stable = wait_for(
+            "a first version to become stable",
+            lambda: r if (r := self.get_rollout()).HasField("stable_version") else None,
+            300,
+        )
+        say(f"v{stable.stable_version} stable: {stable.state} ({stable.reason})")
+        return stable.stable_version
 
     def quick_policy(self) -> None:
         policy = rollout_pb2.RolloutPolicy(
@@ -195,6 +200,7 @@ class Smoke:
             min_step_seconds=5,
             step_timeout_seconds=600,
             drain_seconds=5,
+            guard_min_requests=50,
         )
         # Two busy cores: a canary's p99 against stable's says nothing here.
         reply = self.rollout.SetPolicy(
@@ -204,6 +210,20 @@ class Smoke:
             timeout=10,
         )
         say(f"policy: weights={list(reply.weights)} min_samples={reply.min_samples}")
+
+    def published(self) -> list[int]:
+        """Versions the trainer has published (ListVersions), oldest first."""
+        reply = self.trainer.ListVersions(
+            trainer_pb2.ListVersionsRequest(model_name=MODEL), timeout=10
+        )
+        return sorted(v.version for v in reply.versions)
+
+    def history(self) -> list[rollout_pb2.RolloutChange]:
+        """The model's rollout changes, oldest first."""
+        reply = self.rollout.ListRollouts(
+            rollout_pb2.ListRolloutsRequest(model_name=MODEL, limit=200), timeout=10
+        )
+        return sorted(reply.history, key=lambda c: c.event_time.ToDatetime())
 
     def retrain_and_promote(self, stable: int) -> int:
         say("traffic: ingest -> predict -> feedback, 1200 requests")
@@ -217,32 +237,61 @@ class Smoke:
             ),
             300,
         )
-        version = 0
+        # The trainer's own trigger (1000 new examples) on the joined feedback, or the smoke's
+        # TriggerTraining: whichever publishes a version newer than the stable one.
+        newest = max(self.published())
         for attempt in range(3):
+            if self.status().HasField("running"):
+                say("the trainer's own trigger is retraining; waiting for that run")
+                wait_for(
+                    "the run to finish",
+                    lambda: None if self.status().HasField("running") else True,
+                    900,
+                )
+            newest = max(self.published())
+            if newest > stable:
+                break
             run = self.train(f"compose smoke: retrain {attempt + 1}")
-            if run.version > stable:
-                version = run.version
+            newest = max([run.version, *self.published()])
+            if newest > stable:
                 break
             say("not published (the gate); more history, then again")
             self.add_history(3000)
-        assert version, "no retrain published a new version"
-        say(f"v{version} published; traffic until the canary is promoted")
-        seen: set[str] = set()
+        assert newest > stable, f"no retrain published a version newer than v{stable}"
+        say(f"v{newest} published; traffic until a canary is promoted")
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             r = self.get_rollout()
-            if r.canary_version == version:
-                seen.add(r.state)
-            if r.stable_version == version and r.state == "stable":
-                say(f"v{version} promoted after states {sorted(seen)}: {r.reason}")
-                canary_served = sum(n for (v, arm), n in self.arms.items() if v == version)
-                assert canary_served > 0, f"v{version} served no traffic before promotion"
-                assert "canary" in seen, f"no canary step seen: {sorted(seen)}"
-                return version
-            if r.state in ("rolled_back", "aborted") and r.canary_version == version:
-                raise SystemExit(f"FAIL: v{version} {r.state}: {r.reason}")
+            if r.state == "stable" and r.stable_version > stable:
+                return self.check_promotion(stable, r)
+            latest = max(self.published())
+            if r.state in ("rolled_back", "aborted") and r.canary_version == latest:
+                raise SystemExit(f"FAIL: v{latest} {r.state}: {r.reason}")
             self.traffic(100)
-        raise SystemExit(f"FAIL: v{version} not promoted in 900 s: {self.get_rollout()}")
+        raise SystemExit(
+            f"FAIL: no version newer than v{stable} promoted in 900 s: {self.get_rollout()}"
+        )
+
+    def check_promotion(self, stable: int, r: rollout_pb2.Rollout) -> int:
+        """The new stable version went through a canary step that served live traffic."""
+        version = r.stable_version
+        changes = self.history()
+        canary = [c for c in changes if c.state == "canary" and c.canary_version == version]
+        assert canary, f"v{version} became stable without a canary step: " + "; ".join(
+            f"{c.state} s={c.stable_version} c={c.canary_version}" for c in changes
+        )
+        promoted = [c for c in changes if c.state == "stable" and c.stable_version == version]
+        assert (
+            promoted and promoted[-1].event_time.ToDatetime() >= canary[0].event_time.ToDatetime()
+        )
+        served = sum(n for (v, _arm), n in self.arms.items() if v == version)
+        assert served > 0, f"v{version} served no prediction of the smoke before its promotion"
+        weights = sorted({round(c.canary_weight, 3) for c in canary})
+        say(
+            f"v{version} promoted: v{stable} stable -> v{version} canary at {weights} "
+            f"({served} smoke predictions) -> v{version} stable: {promoted[-1].reason}"
+        )
+        return version
 
     # -- restarts ------------------------------------------------------------------------
 
@@ -377,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         say("PASS (doors only): ingestion and feedback restarts lost nothing acknowledged")
         return 0
     try:
-        stable = smoke.bootstrap()
         smoke.quick_policy()
+        stable = smoke.bootstrap()
         promoted = smoke.retrain_and_promote(stable)
         if not args.skip_restarts:
             smoke.ingest_through_restart()

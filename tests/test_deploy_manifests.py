@@ -109,10 +109,22 @@ def test_compose_local_builds_what_cannot_be_pulled(compose: Obj) -> None:
         for name, svc in compose["services"].items()
         if "build" not in svc and "observability" not in svc.get("profiles", [])
     }
-    assert pulled == set(local["services"]) - {"triton"} and "triton" in local["services"]
-    for name, svc in local["services"].items():
+    stand_ins = {n for n, s in local["services"].items() if "context" in s.get("build", {})}
+    assert pulled == stand_ins - {"triton"} and "triton" in stand_ins
+    for name in stand_ins:
+        svc = local["services"][name]
         assert svc["build"]["target"] in targets, name
         assert svc["build"]["context"] == "infra/local"
+    for name in set(local["services"]) - stand_ins:
+        # LoopMesh's own images keep compose.yaml's build; only an argument changes (the
+        # trainer's CPU-only torch index).
+        assert "build" in compose["services"][name], name
+        assert local["services"][name] == {
+            "build": {"args": local["services"][name]["build"]["args"]}
+        }
+        assert set(local["services"][name]["build"]["args"]) <= set(
+            compose["services"][name]["build"]["args"]
+        ), name
     core = {n for n, s in compose["services"].items() if not s.get("profiles")}
     for name in core:  # the core stack must not wait on a service of a profile
         assert set(compose["services"][name].get("depends_on", {})) <= core, name

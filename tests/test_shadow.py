@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 
 from loopmesh.inference.catalog import ModelCatalog
-from loopmesh.inference.core import (
-    BackendError,
-    FeatureReading,
-    PredictInput,
-    PredictionRecord,
-    Predictor,
-)
+from loopmesh.inference.core import BackendError, PredictInput, Predictor
 from loopmesh.inference.routing import Route, RouteTable
 from loopmesh.joiner.live import LiveMetrics
 from loopmesh.mesh.events import LabelledExample, ShadowScore, VersionMetrics
@@ -29,6 +23,7 @@ from loopmesh.rollout.machine import Record
 from loopmesh.rollout.metrics import MetricsBook
 from loopmesh.rollout.policy import RolloutPolicy
 from tests.helpers import eventually
+from tests.test_inference_core import _NoFeatures, _Sink
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SHADOW = RolloutPolicy(shadow_share=1.0, min_samples=100, max_regression=0.0)
@@ -296,20 +291,6 @@ class _Backend:
 
     async def ready_versions(self, model_name: str) -> list[int]:
         return []
-
-
-class _NoFeatures:
-    async def fetch(self, entity_id: str, refs: tuple[str, ...]) -> dict[str, FeatureReading]:
-        return {}
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.records: list[PredictionRecord] = []
-
-    def log(self, record: PredictionRecord) -> bool:
-        self.records.append(record)
-        return True
 
 
 def _gateway(repo: Path, backend: _Backend, sink: _Sink, **kwargs: float) -> Predictor:

@@ -292,13 +292,7 @@ def compare(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Verdict:
     note = f" ({' and '.join(skipped)} guard skipped: not reported)" if skipped else ""
     if guards.failures:
         return Verdict("rollback", "guard failed: " + "; ".join(guards.failures), figures)
-    verdict = _quality(policy, canary, stable, figures, note)
-    if verdict.action == "advance" and guards.waiting:
-        waiting = "; ".join(guards.waiting)
-        return Verdict(
-            "hold", f"guards waiting for evidence ({waiting}): {verdict.reason}", figures, True
-        )
-    return verdict
+    return _guarded(_quality(policy, canary, stable, figures, note), guards)
 
 
 def _quality(

@@ -370,6 +370,8 @@ async def test_the_whole_mesh_runs_with_mutual_tls_and_tokens_on_every_hop(
         canary_weights=(0.5,),
         canary_min_samples=1000,  # hold the canary: the test stops once it takes traffic
         canary_step_seconds=5,
+        # Straight to canary: with shadow first, 1000 paired samples would hold it in shadow.
+        shadow_share=0.0,
         drift_after_seconds=None,
         stop_when=_canary_from_live_feedback,
     )

@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from river.datasets import synth
 
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
+from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
 from loopmesh.mesh import quality
 from loopmesh.mesh.events import LabelledExample, ModelPublished, RolloutChanged
 from loopmesh.mesh.settings import KafkaSettings
@@ -530,6 +532,19 @@ async def test_an_abrupt_drift_in_joined_examples_on_kafka_starts_a_drift_run(
         assert json.loads(run.model_dump_json())["drift"]["delay_examples"] == (
             drift.delay_examples
         )
+        # The operator sees the same detection through GetStatus.
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            reply = await trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
+                trainer_pb2.GetStatusRequest(), timeout=10
+            )
+        seen = reply.last_drift
+        assert (seen.detector, seen.model_version, seen.delay_examples) == (
+            drift.detector,
+            drift.model_version,
+            drift.delay_examples,
+        )
+        assert seen.change_at.ToDatetime(tzinfo=UTC) == drift.change_at
+        assert reply.drift_metric == "adwin: loss"
     finally:
         await app.stop()
 

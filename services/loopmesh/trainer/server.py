@@ -190,6 +190,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             response.last_run.CopyFrom(run_message(status.last_run))
         if status.drift_loss is not None:
             response.drift_current = status.drift_loss
+        if (drift := status.last_drift) is not None:
+            response.last_drift.CopyFrom(
+                trainer_pb2.DriftDetection(
+                    detector=drift.detector,
+                    model_version=drift.model_version,
+                    change_at=_timestamp(drift.change_at),
+                    detected_at=_timestamp(drift.detected_at),
+                    delay_examples=drift.delay_examples,
+                    delay_seconds=drift.delay_seconds,
+                    loss_before=drift.loss_before,
+                    loss_after=drift.loss_after,
+                )
+            )
         return response
 
     async def ListRuns(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loopmesh/v1/trainer.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x05\n\x0bTrainingRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.loopmesh.v1.RunStatus\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x61taset_rows\x18\x07 \x01(\x04\x12\x12\n\ntrain_rows\x18\x08 \x01(\x04\x12\x17\n\x0fvalidation_rows\x18\t \x01(\x04\x12\x14\n\x0choldout_rows\x18\n \x01(\x04\x12:\n\tcandidate\x18\x0b \x03(\x0b\x32\'.loopmesh.v1.TrainingRun.CandidateEntry\x12:\n\treference\x18\x0c \x03(\x0b\x32\'.loopmesh.v1.TrainingRun.ReferenceEntry\x12\x16\n\x0ereference_kind\x18\r \x01(\t\x12\x19\n\x11reference_version\x18\x0e \x01(\x04\x12\x10\n\x08\x64\x65\x63ision\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\x04\x12\x14\n\x0cwarm_started\x18\x11 \x01(\x08\x12\x0e\n\x06\x65pochs\x18\x12 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\t\x12\x15\n\rtrain_seconds\x18\x14 \x01(\x01\x12\r\n\x05\x65rror\x18\x15 \x01(\t\x12\x15\n\rfeature_names\x18\x16 \x03(\t\x1a\x30\n\x0e\x43\x61ndidateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eReferenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetStatusRequest\"\xda\x02\n\x11GetStatusResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12)\n\x07running\x18\x02 \x01(\x0b\x32\x18.loopmesh.v1.TrainingRun\x12*\n\x08last_run\x18\x03 \x01(\x0b\x32\x18.loopmesh.v1.TrainingRun\x12\x14\n\x0c\x64\x61taset_rows\x18\x04 \x01(\x04\x12\x14\n\x0cnew_examples\x18\x05 \x01(\x04\x12\x16\n\x0estable_version\x18\x06 \x01(\x04\x12\x16\n\x0enewest_version\x18\x07 \x01(\x04\x12\x14\n\x0c\x64rift_metric\x18\x08 \x01(\t\x12\x17\n\ndrift_best\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rdrift_current\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nruns_total\x18\x0b \x01(\rB\r\n\x0b_drift_bestB\x10\n\x0e_drift_current\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\":\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.loopmesh.v1.TrainingRun\")\n\x13ListVersionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\xa7\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06intact\x18\x05 \x01(\x08\x12\x37\n\x07metrics\x18\x06 \x03(\x0b\x32&.loopmesh.v1.ModelVersion.MetricsEntry\x12\x15\n\rfeature_names\x18\x07 \x03(\t\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x0e\n\x06stable\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"W\n\x14ListVersionsResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.loopmesh.v1.ModelVersion\"J\n\x16TriggerTrainingRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"Q\n\x17TriggerTrainingResponse\x12\x0f\n\x07started\x18\x01 \x01(\x08\x12%\n\x03run\x18\x02 \x01(\x0b\x32\x18.loopmesh.v1.TrainingRun\"\xc7\x02\n\x07\x45xample\x12\x12\n\nexample_id\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x34\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\".loopmesh.v1.Example.FeaturesEntry\x12:\n\x0b\x63\x61tegorical\x18\x04 \x03(\x0b\x32%.loopmesh.v1.Example.CategoricalEntry\x12\x0e\n\x06target\x18\x05 \x01(\x01\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x12\x41\x64\x64\x45xamplesRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.loopmesh.v1.Example\"\'\n\x13\x41\x64\x64\x45xamplesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05*\x89\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x18\n\x14RUN_STATUS_PUBLISHED\x10\x02\x12\x17\n\x13RUN_STATUS_REJECTED\x10\x03\x12\x15\n\x11RUN_STATUS_FAILED\x10\x04\x32\xaa\x03\n\x0eTrainerService\x12J\n\tGetStatus\x12\x1d.loopmesh.v1.GetStatusRequest\x1a\x1e.loopmesh.v1.GetStatusResponse\x12G\n\x08ListRuns\x12\x1c.loopmesh.v1.ListRunsRequest\x1a\x1d.loopmesh.v1.ListRunsResponse\x12S\n\x0cListVersions\x12 .loopmesh.v1.ListVersionsRequest\x1a!.loopmesh.v1.ListVersionsResponse\x12\\\n\x0fTriggerTraining\x12#.loopmesh.v1.TriggerTrainingRequest\x1a$.loopmesh.v1.TriggerTrainingResponse\x12P\n\x0b\x41\x64\x64\x45xamples\x12\x1f.loopmesh.v1.AddExamplesRequest\x1a .loopmesh.v1.AddExamplesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loopmesh/v1/trainer.proto\x12\x0bloopmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x05\n\x0bTrainingRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.loopmesh.v1.RunStatus\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x61taset_rows\x18\x07 \x01(\x04\x12\x12\n\ntrain_rows\x18\x08 \x01(\x04\x12\x17\n\x0fvalidation_rows\x18\t \x01(\x04\x12\x14\n\x0choldout_rows\x18\n \x01(\x04\x12:\n\tcandidate\x18\x0b \x03(\x0b\x32\'.loopmesh.v1.TrainingRun.CandidateEntry\x12:\n\treference\x18\x0c \x03(\x0b\x32\'.loopmesh.v1.TrainingRun.ReferenceEntry\x12\x16\n\x0ereference_kind\x18\r \x01(\t\x12\x19\n\x11reference_version\x18\x0e \x01(\x04\x12\x10\n\x08\x64\x65\x63ision\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\x04\x12\x14\n\x0cwarm_started\x18\x11 \x01(\x08\x12\x0e\n\x06\x65pochs\x18\x12 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\t\x12\x15\n\rtrain_seconds\x18\x14 \x01(\x01\x12\r\n\x05\x65rror\x18\x15 \x01(\t\x12\x15\n\rfeature_names\x18\x16 \x03(\t\x1a\x30\n\x0e\x43\x61ndidateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eReferenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetStatusRequest\"\x8b\x03\n\x11GetStatusResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12)\n\x07running\x18\x02 \x01(\x0b\x32\x18.loopmesh.v1.TrainingRun\x12*\n\x08last_run\x18\x03 \x01(\x0b\x32\x18.loopmesh.v1.TrainingRun\x12\x14\n\x0c\x64\x61taset_rows\x18\x04 \x01(\x04\x12\x14\n\x0cnew_examples\x18\x05 \x01(\x04\x12\x16\n\x0estable_version\x18\x06 \x01(\x04\x12\x16\n\x0enewest_version\x18\x07 \x01(\x04\x12\x14\n\x0c\x64rift_metric\x18\x08 \x01(\t\x12\x17\n\ndrift_best\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rdrift_current\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nruns_total\x18\x0b \x01(\r\x12/\n\nlast_drift\x18\x0c \x01(\x0b\x32\x1b.loopmesh.v1.DriftDetectionB\r\n\x0b_drift_bestB\x10\n\x0e_drift_current\"\xf1\x01\n\x0e\x44riftDetection\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12-\n\tchange_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65tected_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64\x65lay_examples\x18\x05 \x01(\x04\x12\x15\n\rdelay_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bloss_before\x18\x07 \x01(\x01\x12\x12\n\nloss_after\x18\x08 \x01(\x01\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\":\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.loopmesh.v1.TrainingRun\")\n\x13ListVersionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\xa7\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06intact\x18\x05 \x01(\x08\x12\x37\n\x07metrics\x18\x06 \x03(\x0b\x32&.loopmesh.v1.ModelVersion.MetricsEntry\x12\x15\n\rfeature_names\x18\x07 \x03(\t\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x0e\n\x06stable\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"W\n\x14ListVersionsResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.loopmesh.v1.ModelVersion\"J\n\x16TriggerTrainingRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"Q\n\x17TriggerTrainingResponse\x12\x0f\n\x07started\x18\x01 \x01(\x08\x12%\n\x03run\x18\x02 \x01(\x0b\x32\x18.loopmesh.v1.TrainingRun\"\xc7\x02\n\x07\x45xample\x12\x12\n\nexample_id\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x34\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\".loopmesh.v1.Example.FeaturesEntry\x12:\n\x0b\x63\x61tegorical\x18\x04 \x03(\x0b\x32%.loopmesh.v1.Example.CategoricalEntry\x12\x0e\n\x06target\x18\x05 \x01(\x01\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x12\x41\x64\x64\x45xamplesRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.loopmesh.v1.Example\"\'\n\x13\x41\x64\x64\x45xamplesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05*\x89\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x18\n\x14RUN_STATUS_PUBLISHED\x10\x02\x12\x17\n\x13RUN_STATUS_REJECTED\x10\x03\x12\x15\n\x11RUN_STATUS_FAILED\x10\x04\x32\xaa\x03\n\x0eTrainerService\x12J\n\tGetStatus\x12\x1d.loopmesh.v1.GetStatusRequest\x1a\x1e.loopmesh.v1.GetStatusResponse\x12G\n\x08ListRuns\x12\x1c.loopmesh.v1.ListRunsRequest\x1a\x1d.loopmesh.v1.ListRunsResponse\x12S\n\x0cListVersions\x12 .loopmesh.v1.ListVersionsRequest\x1a!.loopmesh.v1.ListVersionsResponse\x12\\\n\x0fTriggerTraining\x12#.loopmesh.v1.TriggerTrainingRequest\x1a$.loopmesh.v1.TriggerTrainingResponse\x12P\n\x0b\x41\x64\x64\x45xamples\x12\x1f.loopmesh.v1.AddExamplesRequest\x1a .loopmesh.v1.AddExamplesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXAMPLE_FEATURESENTRY']._serialized_options = b'8\001'
   _globals['_EXAMPLE_CATEGORICALENTRY']._loaded_options = None
   _globals['_EXAMPLE_CATEGORICALENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATUS']._serialized_start=2297
-  _globals['_RUNSTATUS']._serialized_end=2434
+  _globals['_RUNSTATUS']._serialized_start=2590
+  _globals['_RUNSTATUS']._serialized_end=2727
   _globals['_TRAININGRUN']._serialized_start=76
   _globals['_TRAININGRUN']._serialized_end=789
   _globals['_TRAININGRUN_CANDIDATEENTRY']._serialized_start=691
@@ -53,33 +53,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=791
   _globals['_GETSTATUSREQUEST']._serialized_end=809
   _globals['_GETSTATUSRESPONSE']._serialized_start=812
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1158
-  _globals['_LISTRUNSREQUEST']._serialized_start=1160
-  _globals['_LISTRUNSREQUEST']._serialized_end=1192
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1194
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1252
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1254
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1295
-  _globals['_MODELVERSION']._serialized_start=1298
-  _globals['_MODELVERSION']._serialized_end=1593
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1547
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1593
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1595
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1682
-  _globals['_TRIGGERTRAININGREQUEST']._serialized_start=1684
-  _globals['_TRIGGERTRAININGREQUEST']._serialized_end=1758
-  _globals['_TRIGGERTRAININGRESPONSE']._serialized_start=1760
-  _globals['_TRIGGERTRAININGRESPONSE']._serialized_end=1841
-  _globals['_EXAMPLE']._serialized_start=1844
-  _globals['_EXAMPLE']._serialized_end=2171
-  _globals['_EXAMPLE_FEATURESENTRY']._serialized_start=2072
-  _globals['_EXAMPLE_FEATURESENTRY']._serialized_end=2119
-  _globals['_EXAMPLE_CATEGORICALENTRY']._serialized_start=2121
-  _globals['_EXAMPLE_CATEGORICALENTRY']._serialized_end=2171
-  _globals['_ADDEXAMPLESREQUEST']._serialized_start=2173
-  _globals['_ADDEXAMPLESREQUEST']._serialized_end=2253
-  _globals['_ADDEXAMPLESRESPONSE']._serialized_start=2255
-  _globals['_ADDEXAMPLESRESPONSE']._serialized_end=2294
-  _globals['_TRAINERSERVICE']._serialized_start=2437
-  _globals['_TRAINERSERVICE']._serialized_end=2863
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1207
+  _globals['_DRIFTDETECTION']._serialized_start=1210
+  _globals['_DRIFTDETECTION']._serialized_end=1451
+  _globals['_LISTRUNSREQUEST']._serialized_start=1453
+  _globals['_LISTRUNSREQUEST']._serialized_end=1485
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1487
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1545
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1547
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1588
+  _globals['_MODELVERSION']._serialized_start=1591
+  _globals['_MODELVERSION']._serialized_end=1886
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1840
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1886
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1888
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1975
+  _globals['_TRIGGERTRAININGREQUEST']._serialized_start=1977
+  _globals['_TRIGGERTRAININGREQUEST']._serialized_end=2051
+  _globals['_TRIGGERTRAININGRESPONSE']._serialized_start=2053
+  _globals['_TRIGGERTRAININGRESPONSE']._serialized_end=2134
+  _globals['_EXAMPLE']._serialized_start=2137
+  _globals['_EXAMPLE']._serialized_end=2464
+  _globals['_EXAMPLE_FEATURESENTRY']._serialized_start=2365
+  _globals['_EXAMPLE_FEATURESENTRY']._serialized_end=2412
+  _globals['_EXAMPLE_CATEGORICALENTRY']._serialized_start=2414
+  _globals['_EXAMPLE_CATEGORICALENTRY']._serialized_end=2464
+  _globals['_ADDEXAMPLESREQUEST']._serialized_start=2466
+  _globals['_ADDEXAMPLESREQUEST']._serialized_end=2546
+  _globals['_ADDEXAMPLESRESPONSE']._serialized_start=2548
+  _globals['_ADDEXAMPLESRESPONSE']._serialized_end=2587
+  _globals['_TRAINERSERVICE']._serialized_start=2730
+  _globals['_TRAINERSERVICE']._serialized_end=3156
 # @@protoc_insertion_point(module_scope)

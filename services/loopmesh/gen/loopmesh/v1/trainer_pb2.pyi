@@ -219,6 +219,7 @@ class GetStatusResponse(_message.Message):
     DRIFT_BEST_FIELD_NUMBER: _builtins.int
     DRIFT_CURRENT_FIELD_NUMBER: _builtins.int
     RUNS_TOTAL_FIELD_NUMBER: _builtins.int
+    LAST_DRIFT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     dataset_rows: _builtins.int
     new_examples: _builtins.int
@@ -228,7 +229,9 @@ class GetStatusResponse(_message.Message):
     newest_version: _builtins.int
     """The newest published version (0: none yet)."""
     drift_metric: _builtins.str
-    """Live metric watched by the drift trigger, its best and current window values."""
+    """The drift detector ("adwin: loss", "page_hinkley: loss"; empty: off) and the mean
+    per-example loss of the stream it watches. drift_best is no longer set.
+    """
     drift_best: _builtins.float
     drift_current: _builtins.float
     runs_total: _builtins.int
@@ -239,6 +242,10 @@ class GetStatusResponse(_message.Message):
     @_builtins.property
     def last_run(self) -> Global___TrainingRun:
         """The last finished run; unset before the first."""
+
+    @_builtins.property
+    def last_drift(self) -> Global___DriftDetection:
+        """The last detection; unset before the first."""
 
     def __init__(
         self,
@@ -254,10 +261,11 @@ class GetStatusResponse(_message.Message):
         drift_best: _builtins.float | None = ...,
         drift_current: _builtins.float | None = ...,
         runs_total: _builtins.int = ...,
+        last_drift: Global___DriftDetection | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_drift_best", b"_drift_best", "_drift_current", b"_drift_current", "drift_best", b"drift_best", "drift_current", b"drift_current", "last_run", b"last_run", "running", b"running"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_drift_best", b"_drift_best", "_drift_current", b"_drift_current", "drift_best", b"drift_best", "drift_current", b"drift_current", "last_drift", b"last_drift", "last_run", b"last_run", "running", b"running"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_drift_best", b"_drift_best", "_drift_current", b"_drift_current", "dataset_rows", b"dataset_rows", "drift_best", b"drift_best", "drift_current", b"drift_current", "drift_metric", b"drift_metric", "last_run", b"last_run", "model_name", b"model_name", "new_examples", b"new_examples", "newest_version", b"newest_version", "running", b"running", "runs_total", b"runs_total", "stable_version", b"stable_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_drift_best", b"_drift_best", "_drift_current", b"_drift_current", "dataset_rows", b"dataset_rows", "drift_best", b"drift_best", "drift_current", b"drift_current", "drift_metric", b"drift_metric", "last_drift", b"last_drift", "last_run", b"last_run", "model_name", b"model_name", "new_examples", b"new_examples", "newest_version", b"newest_version", "running", b"running", "runs_total", b"runs_total", "stable_version", b"stable_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__drift_best: _TypeAlias = _typing.Literal["drift_best"]  # noqa: Y015
     _WhichOneofArgType__drift_best: _TypeAlias = _typing.Literal["_drift_best", b"_drift_best"]  # noqa: Y015
@@ -269,6 +277,53 @@ class GetStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__drift_current) -> _WhichOneofReturnType__drift_current | None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class DriftDetection(_message.Message):
+    """One drift of the stable version's per-example loss, as the detector saw it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DETECTOR_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CHANGE_AT_FIELD_NUMBER: _builtins.int
+    DETECTED_AT_FIELD_NUMBER: _builtins.int
+    DELAY_EXAMPLES_FIELD_NUMBER: _builtins.int
+    DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    LOSS_BEFORE_FIELD_NUMBER: _builtins.int
+    LOSS_AFTER_FIELD_NUMBER: _builtins.int
+    detector: _builtins.str
+    model_version: _builtins.int
+    delay_examples: _builtins.int
+    """From the change point to the detection."""
+    delay_seconds: _builtins.float
+    loss_before: _builtins.float
+    loss_after: _builtins.float
+    @_builtins.property
+    def change_at(self) -> _timestamp_pb2.Timestamp:
+        """Prediction time of the first example after the estimated change point."""
+
+    @_builtins.property
+    def detected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        detector: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        change_at: _timestamp_pb2.Timestamp | None = ...,
+        detected_at: _timestamp_pb2.Timestamp | None = ...,
+        delay_examples: _builtins.int = ...,
+        delay_seconds: _builtins.float = ...,
+        loss_before: _builtins.float = ...,
+        loss_after: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_at", b"change_at", "detected_at", b"detected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_at", b"change_at", "delay_examples", b"delay_examples", "delay_seconds", b"delay_seconds", "detected_at", b"detected_at", "detector", b"detector", "loss_after", b"loss_after", "loss_before", b"loss_before", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftDetection: _TypeAlias = DriftDetection  # noqa: Y015
 
 @_typing.final
 class ListRunsRequest(_message.Message):

@@ -238,3 +238,15 @@ async def test_gateway_publishes_error_rate_and_latency_per_version(
         if span.name == f"{topic} publish" and span.context is not None
     }
     assert trace_id in published
+
+
+def test_gateway_snapshots_name_each_versions_task() -> None:
+    windows = OperationalWindows(60.0)
+    windows.record("minutes", 3, failed=False, latency_ms=5.0, at=1.0)
+    windows.record("ctr", 1, failed=False, latency_ms=5.0, at=1.0)
+    tasks = {("minutes", 3): "regression", ("ctr", 1): "binary"}
+    events = to_events(windows.snapshot(now=2.0), 60.0, lambda m, v: tasks[(m, v)])  # type: ignore[arg-type,return-value]
+    assert {(e.model_name, e.task) for e in events} == {
+        ("minutes", "regression"),
+        ("ctr", "binary"),
+    }

@@ -41,6 +41,8 @@ from loopmesh.mesh.bus import (
     EventProducer,
     declare_topics,
 )
+from loopmesh.mesh.errors import LoopMeshError
+from loopmesh.mesh.events import Task
 from loopmesh.mesh.privacy import EntityIdMapper
 from loopmesh.mesh.rpc import GrpcServer
 from loopmesh.mesh.settings import GrpcServerSettings
@@ -218,9 +220,15 @@ class InferenceGateway:
         """Publish the current window's figures now; how many versions were published."""
         if self.windows is None:
             return 0
-        events = to_events(self.windows.snapshot(), self.windows.window_s)
+        events = to_events(self.windows.snapshot(), self.windows.window_s, self._task_of)
         await self.producer.publish_many(self.metrics_topic, events)
         return len(events)
+
+    def _task_of(self, model: str, version: int) -> Task:
+        try:
+            return self.catalog.spec(model, version).task
+        except LoopMeshError:
+            return "binary"  # a version the repository no longer holds: figures still count
 
     async def _publish_periodically(self, interval_s: float) -> None:
         while True:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
-from loopmesh.mesh.events import VersionMetrics
+from loopmesh.mesh.events import Task, VersionMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +180,20 @@ class OperationalWindows:
         return out
 
 
-def to_events(figures: list[OperationalFigures], window_s: float) -> list[VersionMetrics]:
-    """One ``VersionMetrics`` per version: operational figures only, quality fields None."""
+def to_events(
+    figures: list[OperationalFigures],
+    window_s: float,
+    task_of: Callable[[str, int], Task] | None = None,
+) -> list[VersionMetrics]:
+    """One ``VersionMetrics`` per version: operational figures only, quality fields None;
+    ``task_of`` names each version's task (binary when not given)."""
     return [
         VersionMetrics(
             model_name=f.model_name,
             model_version=f.model_version,
             window_seconds=window_s,
             count=f.count,
+            task=task_of(f.model_name, f.model_version) if task_of is not None else "binary",
             error_rate=f.error_rate,
             latency_p99_ms=f.latency_p99_ms,
             latency_samples=f.latency_samples,

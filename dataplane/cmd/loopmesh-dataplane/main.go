@@ -113,11 +113,11 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		return configError{fmt.Errorf("otlp_endpoint: %v", err)}
 	}
 	metrics := telemetry.NewMetrics()
-	backend, err := grpc.NewClient(cfg.Backend,
+	backend, err := grpc.NewClient(cfg.Backend, append(proxy.DialOptions(),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithConnectParams(gateway.ConnectParams),
 		grpc.WithDefaultCallOptions(grpc.ForceCodecV2(proxy.Codec{}),
-			grpc.MaxCallRecvMsgSize(cfg.MaxMessageBytes), grpc.MaxCallSendMsgSize(cfg.MaxMessageBytes)))
+			grpc.MaxCallRecvMsgSize(cfg.MaxMessageBytes), grpc.MaxCallSendMsgSize(cfg.MaxMessageBytes)))...)
 	if err != nil {
 		return configError{fmt.Errorf("backend: %v", err)}
 	}
@@ -133,15 +133,14 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	if cfg.Mode == config.ModeInference {
 		local = []string{gateway.Service}
 	}
-	opts := []grpc.ServerOption{
+	opts := append(proxy.ServerOptions(),
 		grpc.ForceServerCodecV2(proxy.Codec{}),
 		grpc.UnknownServiceHandler(proxy.Handler(backend, local, metrics.Proxied)),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxConcurrentStreams(uint32(cfg.MaxConcurrentStreams)),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
-	}
+	)
 	if cfg.TLS != nil {
 		creds, err := serverCredentials(cfg.TLS)
 		if err != nil {

@@ -38,11 +38,11 @@ type Triton struct {
 func DialTriton(address string, channels int, timeout time.Duration, creds credentials.TransportCredentials, maxMessage int) (*Triton, error) {
 	t := &Triton{timeout: timeout}
 	for i := 0; i < max(channels, 1); i++ {
-		conn, err := grpc.NewClient(address,
+		conn, err := grpc.NewClient(address, append(proxy.DialOptions(),
 			grpc.WithTransportCredentials(creds),
 			grpc.WithConnectParams(ConnectParams),
 			grpc.WithDefaultCallOptions(grpc.ForceCodecV2(proxy.Codec{}),
-				grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))
+				grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))...)
 		if err != nil {
 			t.Close()
 			return nil, err

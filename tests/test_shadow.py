@@ -211,6 +211,45 @@ def test_a_shadow_guard_with_too_few_calls_holds_then_fails_on_evidence() -> Non
     assert failing.action == "rollback" and "guard failed" in failing.reason
 
 
+def test_a_slow_shadow_is_not_dropped_but_goes_to_canary_not_straight_to_stable() -> None:
+    """Shadow calls run beside the answer on a just-loaded version: their p99 says little
+    about serving, so a failed latency guard sends the shadow to canary, where it counts."""
+    better = _paired(300, -0.2, 0.01)
+    slow = Operational(latency_p99_ms=260.0, latency_samples=400, latency_p99_low_ms=250.0)
+    stable = Arm(
+        version=1,
+        latency_p99_ms=100.0,
+        latency_samples=400,
+        latency_p99_low_ms=95.0,
+        latency_p99_high_ms=110.0,
+    )
+    verdict = compare_shadow(SHADOW, better, slow, stable)
+    assert verdict.action == "advance" and verdict.canary_only, verdict
+    assert "to canary only: p99 latency" in verdict.reason
+    record = machine.on_published(_stable(), "m", 2, T0, SHADOW)
+    assert record is not None
+    change = machine.evaluate_shadow(record.record, SHADOW, {2: verdict}, T0)
+    assert change is not None and change.record.state == "canary"
+    fast = compare_shadow(SHADOW, better, Operational(), stable)
+    assert fast.action == "advance" and not fast.canary_only
+    # On a canary the same latency is a rollback.
+    canary = compare(
+        SHADOW,
+        Arm(
+            2,
+            300,
+            0.3,
+            0.01,
+            measured=True,
+            latency_p99_ms=260.0,
+            latency_samples=400,
+            latency_p99_low_ms=250.0,
+        ),
+        stable,
+    )
+    assert canary.action == "rollback" and "p99 latency" in canary.reason
+
+
 def test_the_metrics_book_keeps_paired_figures_apart_from_live_ones() -> None:
     book = MetricsBook()
     live = VersionMetrics(model_name="m", model_version=2, window_seconds=60, count=5, loss=0.9)

@@ -85,6 +85,8 @@ class Verdict:
     figures: dict[str, float] = field(default_factory=dict)
     starved: bool = False
     """True when holding only because an arm lacks samples (too little traffic)."""
+    canary_only: bool = False
+    """A shadow that may advance only to canary (its latency is judged on real traffic)."""
 
 
 def per_example_variance(policy: RolloutPolicy, metrics: VersionMetrics) -> float | None:
@@ -184,10 +186,17 @@ class Guards:
     """What the error-rate and latency guards found."""
 
     failures: list[str]
+    """Error-rate guards that failed."""
     waiting: list[str]
     """Guards that lack evidence: the step holds until they have it."""
     skipped: list[str]
     """Guards whose figures the gateway does not report."""
+    slow: list[str] = field(default_factory=list)
+    """Latency guards that failed."""
+
+    @property
+    def failed(self) -> list[str]:
+        return self.failures + self.slow
 
 
 def _z(confidence: float) -> float:
@@ -213,6 +222,7 @@ def difference_low(canary: Arm, stable: Arm, z: float) -> float:
 def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Guards:
     """Each guard's verdict on the evidence (see the module docstring)."""
     failures: list[str] = []
+    slow: list[str] = []
     waiting: list[str] = []
     skipped: list[str] = []
     need, z = policy.guard_min_requests, _z(policy.confidence)
@@ -253,7 +263,7 @@ def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Guards:
         p99 = canary.latency_p99_ms
         low = canary.latency_p99_low_ms if canary.latency_p99_low_ms is not None else p99
         if policy.max_latency_p99_ms is not None and low > policy.max_latency_p99_ms:
-            failures.append(
+            slow.append(
                 f"p99 latency {p99:.1f} ms > limit {policy.max_latency_p99_ms:.1f} ms "
                 f"(95% bound >= {low:.1f} ms)"
             )
@@ -267,12 +277,12 @@ def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Guards:
                 stable.latency_p99_high_ms if stable.latency_p99_high_ms is not None else math.inf
             )
             if low > policy.max_latency_ratio * high:
-                failures.append(
+                slow.append(
                     f"p99 latency {p99:.1f} ms > {policy.max_latency_ratio:g} x stable "
                     f"{stable.latency_p99_ms:.1f} ms (95% bounds: canary >= {low:.1f} ms, "
                     f"stable <= {high:.1f} ms)"
                 )
-    return Guards(failures, waiting, skipped)
+    return Guards(failures, waiting, skipped, slow)
 
 
 def compare(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Verdict:
@@ -290,8 +300,8 @@ def compare(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Verdict:
     guards = guard_failures(policy, canary, stable)
     skipped = guards.skipped
     note = f" ({' and '.join(skipped)} guard skipped: not reported)" if skipped else ""
-    if guards.failures:
-        return Verdict("rollback", "guard failed: " + "; ".join(guards.failures), figures)
+    if guards.failed:
+        return Verdict("rollback", "guard failed: " + "; ".join(guards.failed), figures)
     return _guarded(_quality(policy, canary, stable, figures, note), guards)
 
 
@@ -342,8 +352,13 @@ def compare_shadow(
     bound is on the mean of one sample of differences, whose variance is far below the sum of
     two arms' (the requests' own difficulty cancels). Sequential: one normal-mixture
     confidence sequence at the policy's confidence. ``auc`` has no per-request form: the
-    shadow's AUC is compared unpaired with stable's live window. The guards see the shadow
-    calls' error rate and latency against stable's requests, as for a canary.
+    shadow's AUC is compared unpaired with stable's live window.
+
+    The guards see the shadow calls' error rate and latency against stable's requests. A
+    failed error-rate guard drops the shadow. A failed latency guard does not: shadow calls
+    run after the answer, beside it, on a version Triton has just loaded, so their latency
+    says little about serving; such a shadow may advance to canary only, where the latency
+    guard judges real traffic.
     """
     figures: dict[str, float] = {}
     arm = arm_from_metrics(policy, 0, shadow, ops)
@@ -356,7 +371,8 @@ def compare_shadow(
     n = shadow.count
     figures.update(shadow_count=n)
     if m == "auc":
-        return _guarded(compare(policy, replace(arm, version=shadow.model_version), stable), guards)
+        unpaired = replace(arm, version=shadow.model_version)
+        return _slow(_guarded(_quality(policy, unpaired, stable, figures, ""), guards), guards)
     if m == "accuracy":
         mean, var = shadow.paired_accuracy_diff, shadow.paired_accuracy_diff_var
         d = -mean if mean is not None else None  # d > 0: the shadow is worse
@@ -382,8 +398,17 @@ def compare_shadow(
     if lo > policy.max_regression:
         return Verdict("rollback", f"shadow is worse: {summary}", figures)
     if hi <= policy.max_regression:
-        return _guarded(Verdict("advance", f"shadow is no worse: {summary}", figures), guards)
+        verdict = Verdict("advance", f"shadow is no worse: {summary}", figures)
+        return _slow(_guarded(verdict, guards), guards)
     return Verdict("hold", f"inconclusive: {summary}", figures)
+
+
+def _slow(verdict: Verdict, guards: Guards) -> Verdict:
+    """A shadow that failed a latency guard advances to canary only (see compare_shadow)."""
+    if verdict.action != "advance" or not guards.slow:
+        return verdict
+    reason = f"{verdict.reason}; to canary only: {'; '.join(guards.slow)} in shadow"
+    return replace(verdict, reason=reason, canary_only=True)
 
 
 def _guarded(verdict: Verdict, guards: Guards) -> Verdict:

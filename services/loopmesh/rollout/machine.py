@@ -244,7 +244,7 @@ def evaluate_shadow(
         upper = verdict.figures.get("upper")
         margin = policy.shadow_promote_margin
         base = replace(record, shadows=(), newest=record.high_water, changed_at=now)
-        if margin is not None and upper is not None and upper < -margin:
+        if margin is not None and upper is not None and upper < -margin and not verdict.canary_only:
             reason = (
                 f"v{best} promoted to stable from shadow (was v{record.stable_version}), "
                 f"better by more than {margin:g} on the same requests: {verdict.reason}{dropped}"

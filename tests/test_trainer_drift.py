@@ -27,7 +27,7 @@ from river.datasets import synth
 
 from loopmesh.devstack.synthetic import SyntheticConfig, SyntheticWorld
 from loopmesh.gen.loopmesh.v1 import trainer_pb2, trainer_pb2_grpc
-from loopmesh.mesh import quality
+from loopmesh.mesh import model_repo, quality
 from loopmesh.mesh.events import LabelledExample, ModelPublished, RolloutChanged
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.trainer.app import TrainerApp
@@ -551,3 +551,33 @@ async def test_an_abrupt_drift_in_joined_examples_on_kafka_starts_a_drift_run(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_a_promotion_does_not_restart_the_detector(tmp_path: Path) -> None:
+    """Versions are promoted every few hundred examples (shadow first makes that quick): a
+    detector restarted on each promotion would hold too little history to see a drift that
+    comes soon after one. The stream goes on across promotions."""
+    scope = TrainerScope(
+        model_name="promo",
+        data_dir=tmp_path / "data",
+        dataset=DatasetSettings(min_rows=100),
+        triggers=TriggerSettings(
+            min_new_examples=None, drift_detector="adwin", check_interval_seconds=3600
+        ),
+    )
+    for version in (1, 2):  # the stable version must be in the repository
+        model_repo.write_version(tmp_path / "repo", "promo", version, b"onnx", {}, n_features=2)
+    core = TrainerCore(scope, tmp_path / "repo")
+    world = SyntheticWorld(SyntheticConfig(seed=5))
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    core.observe_rollout(RolloutChanged(model_name="promo", stable_version=1, state="stable"))
+    assert core.observe_examples(served(world, 400, rule=0, start=at, model="promo")) is None
+    # v2 is promoted; it serves like v1 did, then the world changes.
+    core.observe_rollout(RolloutChanged(model_name="promo", stable_version=2, state="stable"))
+    later = at + timedelta(seconds=400)
+    flipped = served(world, 400, rule=1, start=later, model="promo", version=2)
+    for i in range(0, len(flipped), 25):
+        core.observe_examples(flipped[i : i + 25])
+    assert core.drift is not None and core.drift.last is not None, "no drift detected"
+    drift = core.drift.last
+    assert drift.model_version == 2 and drift.change_at >= later - timedelta(seconds=64)

@@ -114,7 +114,7 @@ def change_point(losses: Sequence[float], min_segment: int = MIN_SEGMENT) -> int
 
 
 class LossDriftDetector:
-    """ADWIN or Page-Hinkley over one stable version's per-example loss.
+    """ADWIN or Page-Hinkley over the per-example loss of whichever version is stable.
 
     ``observe`` returns a ``DriftReport`` when the loss got worse; the detector then starts
     afresh (one drift episode, one report). A drop of the loss detected by ADWIN is no drift to
@@ -129,7 +129,7 @@ class LossDriftDetector:
         self.version = version
         """The stable version whose examples it watches."""
         self.seen = 0
-        """Examples since the detector started (a new stable version or the last detection)."""
+        """Examples since the detector started (or since its last detection)."""
         self.last: DriftReport | None = None
         self._history: deque[tuple[float, float]] = deque(maxlen=HISTORY)
         """(loss, prediction time) of the newest examples since the detector started."""

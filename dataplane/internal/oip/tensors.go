@@ -41,58 +41,67 @@ func CheckInputs(r *InferRequest) string {
 			"(raw contents must be given for every input or for none)", len(r.Raw), len(r.Inputs))
 	}
 	for i := range r.Inputs {
-		t := &r.Inputs[i]
-		name := t.Name
-		if name == "" {
-			name = "unnamed"
-		}
-		where := fmt.Sprintf("inputs[%d] (%s)", i, name)
 		var raw []byte
 		if len(r.Raw) > 0 {
 			raw = r.Raw[i]
 		}
-		if msg := checkTensor(t, raw, len(r.Raw) > 0, where); msg != "" {
+		if msg := checkTensor(&r.Inputs[i], raw, len(r.Raw) > 0, i); msg != "" {
 			return msg
 		}
 	}
 	return ""
 }
 
-func checkTensor(t *Tensor, raw []byte, hasRaw bool, where string) string {
+// checkTensor checks input i; its name goes into a message only when there is one (an
+// accepted request builds no string).
+func checkTensor(t *Tensor, raw []byte, hasRaw bool, i int) string {
+	msg := tensorProblem(t, raw, hasRaw)
+	if msg == "" {
+		return ""
+	}
+	name := t.Name
+	if name == "" {
+		name = "unnamed"
+	}
+	return fmt.Sprintf("inputs[%d] (%s): %s", i, name, msg)
+}
+
+// tensorProblem is what is wrong with a tensor's data, or "".
+func tensorProblem(t *Tensor, raw []byte, hasRaw bool) string {
 	if t.SharedMemory {
-		return where + ": shared memory is not served through the gateway"
+		return "shared memory is not served through the gateway"
 	}
 	dt := t.Datatype
 	size, fixed := ElementBytes[dt]
 	if dt != "BYTES" && !fixed {
-		return fmt.Sprintf("%s: unknown datatype %s", where, PyRepr(dt))
+		return fmt.Sprintf("unknown datatype %s", PyRepr(dt))
 	}
 	elements := num{v: 1}
 	for _, d := range t.Shape {
 		if d < 0 {
-			return fmt.Sprintf("%s: shape %s has a negative dimension", where, PyList(t.Shape))
+			return fmt.Sprintf("shape %s has a negative dimension", PyList(t.Shape))
 		}
 		elements = elements.mul(uint64(d))
 	}
 	if hasRaw {
 		for _, c := range contentsNames {
 			if t.Counts[c.field] > 0 {
-				return where + ": contents given together with raw_input_contents"
+				return "contents given together with raw_input_contents"
 			}
 		}
 		if fixed {
 			if needed := elements.mul(size); !needed.eq(len(raw)) {
-				return fmt.Sprintf("%s: %s shape %s needs %s bytes, raw_input_contents has %d",
-					where, dt, PyList(t.Shape), needed, len(raw))
+				return fmt.Sprintf("%s shape %s needs %s bytes, raw_input_contents has %d",
+					dt, PyList(t.Shape), needed, len(raw))
 			}
 			return ""
 		}
-		return checkRawBytes(elements, raw, t.Shape, where)
+		return checkRawBytes(elements, raw, t.Shape)
 	}
 	expected := typedField[dt]
 	for _, c := range contentsNames {
 		if t.Counts[c.field] > 0 && c.field != expected {
-			return fmt.Sprintf("%s: contents.%s cannot hold %s", where, c.name, dt)
+			return fmt.Sprintf("contents.%s cannot hold %s", c.name, dt)
 		}
 	}
 	given := 0
@@ -100,22 +109,22 @@ func checkTensor(t *Tensor, raw []byte, hasRaw bool, where string) string {
 		given = t.Counts[expected]
 	}
 	if !elements.eq(given) {
-		return fmt.Sprintf("%s: %s shape %s declares %s elements, contents hold %d",
-			where, dt, PyList(t.Shape), elements, given)
+		return fmt.Sprintf("%s shape %s declares %s elements, contents hold %d",
+			dt, PyList(t.Shape), elements, given)
 	}
 	return ""
 }
 
 // checkRawBytes walks BYTES raw contents: (4-byte little-endian length, bytes) elements.
-func checkRawBytes(elements num, raw []byte, shape []int64, where string) string {
+func checkRawBytes(elements num, raw []byte, shape []int64) string {
 	offset, count := 0, 0
 	for offset < len(raw) {
 		if offset+4 > len(raw) {
-			return fmt.Sprintf("%s: BYTES element %d has a truncated length prefix", where, count)
+			return fmt.Sprintf("BYTES element %d has a truncated length prefix", count)
 		}
 		length := uint64(binary.LittleEndian.Uint32(raw[offset:]))
 		if uint64(len(raw)-offset-4) < length {
-			return fmt.Sprintf("%s: BYTES element %d is longer than the data left", where, count)
+			return fmt.Sprintf("BYTES element %d is longer than the data left", count)
 		}
 		offset += 4 + int(length)
 		count++
@@ -128,8 +137,8 @@ func checkRawBytes(elements num, raw []byte, shape []int64, where string) string
 		if elements.less(count) {
 			held = "more"
 		}
-		return fmt.Sprintf("%s: BYTES shape %s declares %s elements, raw_input_contents holds %s",
-			where, PyList(shape), elements, held)
+		return fmt.Sprintf("BYTES shape %s declares %s elements, raw_input_contents holds %s",
+			PyList(shape), elements, held)
 	}
 	return ""
 }

@@ -100,6 +100,9 @@ func parseTensor(b []byte) (Tensor, error) {
 		case num == 3 && typ == protowire.VarintType:
 			t.Shape = append(t.Shape, int64(x))
 		case num == 3 && typ == protowire.BytesType: // packed shape
+			if t.Shape == nil {
+				t.Shape = make([]int64, 0, varints(v))
+			}
 			for len(v) > 0 {
 				d, n := protowire.ConsumeVarint(v)
 				if n < 0 {
@@ -112,6 +115,10 @@ func parseTensor(b []byte) (Tensor, error) {
 		case num == 1:
 			return str(v, &t.Name)
 		case num == 2:
+			if dt, ok := datatypes[string(v)]; ok { // the usual names, without a copy
+				t.Datatype = dt
+				return nil
+			}
 			return str(v, &t.Datatype)
 		case num == 4:
 			key, _, err := parseParamEntry(v)
@@ -125,6 +132,26 @@ func parseTensor(b []byte) (Tensor, error) {
 		return nil
 	})
 	return t, err
+}
+
+// datatypes interns the datatype names the checks know.
+var datatypes = func() map[string]string {
+	m := map[string]string{"BYTES": "BYTES"}
+	for dt := range ElementBytes {
+		m[dt] = dt
+	}
+	return m
+}()
+
+// varints counts the varints of a packed field (the bytes without a continuation bit).
+func varints(v []byte) int {
+	n := 0
+	for _, c := range v {
+		if c < 0x80 {
+			n++
+		}
+	}
+	return n
 }
 
 // countContents adds the element count of each typed field of an InferTensorContents,

@@ -3,6 +3,7 @@ package telemetry
 import (
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -33,6 +34,18 @@ type Metrics struct {
 	storeErrors   *prometheus.CounterVec
 	pairs         *limiter
 	services      *limiter
+	// resolved holds each admitted (method, model, version)'s children, so that a call
+	// records its request without hashing its labels or building the limiter's key again.
+	resolved sync.Map // seriesKey -> *series
+}
+
+type seriesKey struct{ method, model, version string }
+
+// series is one (method, model, version)'s children; ok is created by the first answered
+// call (a series appears only once something was counted in it, as before).
+type series struct {
+	duration prometheus.Observer
+	ok       atomic.Pointer[prometheus.Counter]
 }
 
 // NewMetrics registers the series (and Go runtime/process collectors) on a fresh registry.
@@ -109,9 +122,28 @@ func (m *Metrics) labels(model, version string) (string, string) {
 
 // Request records one answered OIP call. model must be a valid name, "invalid" or "".
 func (m *Metrics) Request(method, model, version string, code codes.Code, seconds float64) {
-	model, version = m.labels(model, version)
-	m.requests.WithLabelValues(method, model, version, CodeName(code)).Inc()
-	m.duration.WithLabelValues(method, model, version).Observe(seconds)
+	key := seriesKey{method, model, version}
+	s, _ := m.resolved.Load(key)
+	if s == nil {
+		model, version = m.labels(model, version)
+		if model == Other { // past the cap: never kept, so the cache stays bounded too
+			m.requests.WithLabelValues(method, model, version, CodeName(code)).Inc()
+			m.duration.WithLabelValues(method, model, version).Observe(seconds)
+			return
+		}
+		s, _ = m.resolved.LoadOrStore(key, &series{duration: m.duration.WithLabelValues(method, model, version)})
+	}
+	r := s.(*series)
+	if code != codes.OK {
+		m.requests.WithLabelValues(method, model, version, CodeName(code)).Inc()
+	} else if ok := r.ok.Load(); ok != nil {
+		(*ok).Inc()
+	} else {
+		c := m.requests.WithLabelValues(method, model, version, CodeName(code))
+		r.ok.Store(&c)
+		c.Inc()
+	}
+	r.duration.Observe(seconds)
 }
 
 // TritonError records a failed Triton call.

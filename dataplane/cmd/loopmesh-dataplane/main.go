@@ -76,6 +76,7 @@ func run() int {
 	log.SetService(cfg.ServiceName)
 	telemetry.InstallGRPCLogger(log)
 	tuneGC()
+	tuneProcs()
 	if err := serve(cfg, log); err != nil {
 		log.Error(err.Error())
 		if errors.As(err, new(configError)) {
@@ -252,6 +253,20 @@ func tuneGC() {
 	}
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(1 << 30)
+	}
+}
+
+// tuneProcs runs Go code on half the CPUs Go would use (at least one) unless GOMAXPROCS
+// says otherwise. The data plane waits on sockets: a call costs it tens of microseconds,
+// mostly system calls. Each processor beyond what it needs costs every call more, not less:
+// threads woken and put back to sleep to hand a call from one goroutine to the next, idle
+// ones spinning to steal work, and gRPC's writer running beside the handler so that a
+// response's headers, message and trailers leave in separate writes instead of one. Measured
+// on two cores beside Triton and the load generator: 10 to 20% less CPU per ModelInfer with
+// one processor than with two. The other half is Triton's and the control plane's.
+func tuneProcs() {
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(max(1, runtime.GOMAXPROCS(0)/2))
 	}
 }
 

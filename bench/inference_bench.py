@@ -4,7 +4,8 @@ concurrent calls, and CPU per request of every process.
 One run starts its own Kafka, tritonserver (a small MLP, one version loaded), a fixed-value
 FeatureService (own process) and the gateway (``python -m loopmesh.inference``, own process,
 as deployed: the Go data plane on the public port, the Python control plane behind it), then
-measures with ghz (third-party, pinned, built with ``go install``), one cell after another:
+measures with ghz (third-party, pinned, built with ``go install``), one concurrency after
+another, its three paths taking turns in short slices (see ``ROUNDS``):
 
 - direct Triton ModelInfer:  the baseline
 - gateway ModelInfer:        the same request through the data plane (routed, no version)
@@ -56,6 +57,11 @@ CONTEXT = ["price", "hour"]
 FEATURES = STORE + CONTEXT
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", "5"))
 """Measured seconds per cell."""
+ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "5")))
+"""Each cell is measured in this many slices of DURATION_S / ROUNDS, the paths of one
+concurrency taking turns (their order reversed every other round): load from outside the
+bench that comes and goes then weighs on direct Triton and on the gateway alike, instead of
+on whichever cell it happened to coincide with. 1: one run per cell."""
 WARMUP_S = 1.0
 CONCURRENCY = (1, 16, 64)
 console = Console(width=150)
@@ -198,6 +204,10 @@ class Cell:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     count: int = 0
+    seconds: float = 0.0
+    """Measured time, all slices together."""
+    latencies_ms: list[float] = field(default_factory=list)
+    """Of every answered call, all slices together."""
     errors: int = 0
     cut: int = 0
     """Calls in flight when ghz closed its connections at the end of the run."""
@@ -222,12 +232,15 @@ def _ghz(
     clients: int,
     *,
     seconds: float = 0.0,
+    skip_first: int = 0,
 ) -> Any:
     seconds = seconds or DURATION_S
     connections = min(clients, 4)
     command = [
         str(ghz),
         "--insecure",
+        "--skipFirst",
+        str(skip_first),
         "--protoset",
         str(protoset),
         "--call",
@@ -282,30 +295,57 @@ def _measure(
     }
     cells = []
     for clients in CONCURRENCY:
+        row = {path: Cell(path, clients) for path in paths}
         for path, (target, call, data) in paths.items():
             # A short unmeasured run first: connections, JIT paths and caches warm up.
             _ghz(ghz, protoset, target, call, data, clients, seconds=WARMUP_S)
-            before = {name: read() for name, read in cpu.items()}
-            report = _ghz(ghz, protoset, target, call, data, clients)
-            cell = Cell(path, clients)
-            cell.cpu_s = {name: read() - before[name] for name, read in cpu.items()}
-            cell.rps = float(report["rps"])
-            cell.count = int(report["count"])
-            quantiles = {
-                int(q["percentage"]): q["latency"] / 1e6
-                for q in report["latencyDistribution"] or []
-            }
-            cell.p50_ms, cell.p99_ms = quantiles.get(50, math.nan), quantiles.get(99, math.nan)
-            errors: dict[str, int] = report.get("errorDistribution") or {}
-            # ghz ends a timed run by closing its connections: the calls still in flight
-            # then fail on the client side. Those are counted apart, not as errors.
-            cut = {m: n for m, n in errors.items() if "use of closed network connection" in m}
-            cell.cut = sum(cut.values())
-            real = {m: n for m, n in errors.items() if m not in cut}
-            cell.errors = sum(real.values())
-            cell.first_error = next(iter(real), "")
+            row[path].cpu_s = dict.fromkeys(cpu, 0.0)
+        for round_ in range(ROUNDS):
+            order = list(paths) if round_ % 2 == 0 else list(paths)[::-1]
+            for path in order:
+                target, call, data = paths[path]
+                cell = row[path]
+                before = {name: read() for name, read in cpu.items()}
+                # Each slice opens new connections: its first call per client is left out.
+                report = _ghz(
+                    ghz,
+                    protoset,
+                    target,
+                    call,
+                    data,
+                    clients,
+                    seconds=DURATION_S / ROUNDS,
+                    skip_first=clients if ROUNDS > 1 else 0,
+                )
+                for name, read in cpu.items():
+                    cell.cpu_s[name] += read() - before[name]
+                _add_slice(cell, report)
+        for cell in row.values():
+            cell.rps = cell.count / cell.seconds if cell.seconds else 0.0
+            if cell.latencies_ms:
+                q50, q99 = np.percentile(cell.latencies_ms, [50, 99])
+                cell.p50_ms, cell.p99_ms = float(q50), float(q99)
+            else:
+                cell.p50_ms = cell.p99_ms = math.nan
             cells.append(cell)
     return cells
+
+
+def _add_slice(cell: Cell, report: Any) -> None:
+    """Adds one ghz run to its cell: calls, time, the latencies of answered calls, errors."""
+    cell.count += int(report["count"])
+    cell.seconds += report["total"] / 1e9
+    cell.latencies_ms.extend(
+        d["latency"] / 1e6 for d in report.get("details") or [] if d.get("status") == "OK"
+    )
+    errors: dict[str, int] = report.get("errorDistribution") or {}
+    # ghz ends a timed run by closing its connections: the calls still in flight then fail
+    # on the client side. Those are counted apart, not as errors.
+    cut = {m: n for m, n in errors.items() if "use of closed network connection" in m}
+    cell.cut += sum(cut.values())
+    real = {m: n for m, n in errors.items() if m not in cut}
+    cell.errors += sum(real.values())
+    cell.first_error = cell.first_error or next(iter(real), "")
 
 
 def _report(cells: list[Cell]) -> None:
@@ -453,8 +493,9 @@ def main() -> None:
             gateway_url = f"127.0.0.1:{gateway_port}"
             _wait_ready(gateway_url, gateway)
             console.print(
-                f"measuring {DURATION_S:.0f}s per cell after {WARMUP_S:.0f}s of warm-up; "
-                f"model: MLP {len(FEATURES)}-32-1 (python backend, CPU)"
+                f"measuring {DURATION_S:.0f}s per cell after {WARMUP_S:.0f}s of warm-up, in "
+                f"{ROUNDS} interleaved slice(s); model: MLP {len(FEATURES)}-32-1 "
+                "(python backend, CPU)"
             )
             gateway_pid, triton_pid, features_pid = gateway.pid, triton.pid, features.pid
             assert triton_pid is not None and features_pid is not None

@@ -113,11 +113,6 @@ RUN groupadd --system --gid "${LOOPMESH_UID}" loopmesh \
     && chown loopmesh:loopmesh /models /var/lib/loopmesh/feature_store /var/lib/loopmesh/trainer
 # Mount points of compose's named volumes exist here, owned by the service user, so Docker
 # initialises each new volume with that owner (a missing path would come up root-owned).
-COPY . /app
-# The checkout's modes come along: a directory the service user cannot read (scripts/protogen.py
-# renames a mkdtemp directory into services/loopmesh/gen, mode 0700) made every service fail
-# with "No module named 'loopmesh.gen.loopmesh'" while the import checks, run as root, passed.
-RUN chmod -R a+rX /app
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
@@ -129,13 +124,19 @@ WORKDIR /var/lib/loopmesh
 EXPOSE 50051 50052 50053 50054 50055 50056 50057 9464
 # No HEALTHCHECK: compose runs `python -m loopmesh.mesh.healthcheck 127.0.0.1:<port>` and
 # Kubernetes uses its grpc probe, both against the gRPC health service.
-# Each target: its venv, then the code installed editable (mesh/feature_repo.py finds the
-# Feast definitions at <source root>/feature_store, which a site-packages install lacks).
+# Each target: its venv, then the source (after the venv, so a code change rebuilds only the
+# layers from here on and never re-copies a venv: the trainer's is gigabytes), then the code
+# installed editable (mesh/feature_repo.py finds the Feast definitions at <source
+# root>/feature_store, which a site-packages install lacks). chmod: the checkout's modes come
+# along, and a directory the service user cannot read (scripts/protogen.py renames a mkdtemp
+# directory into services/loopmesh/gen, mode 0700) made every service fail with "No module
+# named 'loopmesh.gen.loopmesh'" while the import checks, run as root, passed.
 
 FROM runtime AS ingestion
 ARG LOOPMESH_UID
 COPY --from=deps-base /opt/venv /opt/venv
-RUN pip install --no-deps -e /app && python -c "import loopmesh.ingestion.__main__" \
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.ingestion.__main__" \
     && python -c "import importlib.util as u; assert not u.find_spec('torch') and not u.find_spec('feast')"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "ingestion"]
@@ -143,7 +144,8 @@ CMD ["loopmesh", "serve", "ingestion"]
 FROM runtime AS feedback
 ARG LOOPMESH_UID
 COPY --from=deps-base /opt/venv /opt/venv
-RUN pip install --no-deps -e /app && python -c "import loopmesh.feedback.__main__" \
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.feedback.__main__" \
     && python -c "import importlib.util as u; assert not u.find_spec('torch') and not u.find_spec('feast')"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "feedback"]
@@ -153,7 +155,8 @@ ARG LOOPMESH_UID
 COPY --from=deps-features /opt/venv /opt/venv
 # Beside the venv's python, where the features service looks for it (its GetOnlineFeatures).
 COPY --from=dataplane /out/loopmesh-dataplane /opt/venv/bin/loopmesh-dataplane
-RUN pip install --no-deps -e /app && python -c "import loopmesh.features.__main__"
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.features.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "features"]
 
@@ -162,28 +165,32 @@ ARG LOOPMESH_UID
 COPY --from=deps-inference /opt/venv /opt/venv
 # Beside the venv's python, where the gateway looks for it (it runs it as its child).
 COPY --from=dataplane /out/loopmesh-dataplane /opt/venv/bin/loopmesh-dataplane
-RUN pip install --no-deps -e /app && python -c "import loopmesh.inference.__main__"
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.inference.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "inference"]
 
 FROM runtime AS joiner
 ARG LOOPMESH_UID
 COPY --from=deps-joiner /opt/venv /opt/venv
-RUN pip install --no-deps -e /app && python -c "import loopmesh.joiner.__main__"
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.joiner.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "joiner"]
 
 FROM runtime AS trainer
 ARG LOOPMESH_UID
 COPY --from=deps-trainer /opt/venv /opt/venv
-RUN pip install --no-deps -e /app && python -c "import loopmesh.trainer.__main__"
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.trainer.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "trainer"]
 
 FROM runtime AS rollout
 ARG LOOPMESH_UID
 COPY --from=deps-rollout /opt/venv /opt/venv
-RUN pip install --no-deps -e /app && python -c "import loopmesh.rollout.__main__"
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.rollout.__main__"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "rollout"]
 
@@ -191,6 +198,7 @@ FROM runtime AS service
 ARG LOOPMESH_UID
 COPY --from=deps-all /opt/venv /opt/venv
 COPY --from=dataplane /out/loopmesh-dataplane /opt/venv/bin/loopmesh-dataplane
-RUN pip install --no-deps -e /app && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"
+COPY . /app
+RUN chmod -R a+rX /app && pip install --no-deps -e /app && python -c "import loopmesh.cli, loopmesh.mesh.healthcheck"
 USER ${LOOPMESH_UID}:${LOOPMESH_UID}
 CMD ["loopmesh", "serve", "ingestion"]

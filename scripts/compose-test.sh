@@ -9,16 +9,20 @@
 #      podman keeps them, and they are rebuilt only when missing.
 #   3. Every image of compose.yaml + compose.local.yaml built on that base (Dockerfile with
 #      PYTHON_IMAGE/GO_IMAGE pointed at it; Kafka, Triton and Redis from infra/local/).
-#   4. The core stack up (no observability profile), waiting on every healthcheck.
-#   5. scripts/compose_smoke.py through the public ports: ingest -> predict -> feedback ->
-#      retrain -> canary -> promotion, then restarts of the ingestion, feedback and trainer
-#      containers that must lose nothing they acknowledged.
+#   4. The core stack up (no observability profile) with token auth on (fresh tokens in
+#      LOOPMESH_AUTH__TOKENS: one for the smoke, one with the "features" role for the gateway),
+#      waiting on every healthcheck.
+#   5. scripts/compose_smoke.py through the public ports with that token: ingest -> predict ->
+#      feedback -> retrain -> canary -> promotion, then restarts of the ingestion, feedback and
+#      trainer containers that must lose nothing they acknowledged.
 #   6. Teardown (containers, network, volumes); images stay unless COMPOSE_TEST_CLEAN=1.
 #
 # Steps run in order; COMPOSE_TEST_STEPS="setup base images up smoke down" picks some.
 # COMPOSE_TEST_SERVICES="ingestion feedback" builds and starts only those and what they
 # depend on (the smoke then checks the two doors and their restarts only): for a machine
-# without the disk for every image (the trainer's torch with CUDA is about 4.5 GB).
+# without the disk for every image (the trainer's image is 5.8 GB with PyPI's CUDA torch,
+# which it gets where PyTorch's CPU index cannot be reached; CPU-only torch leaves out the
+# 2.7 GB of CUDA libraries).
 # COMPOSE_TEST_KEEP=1 leaves the stack up after the smoke (for a look at it).
 set -euo pipefail
 
@@ -220,23 +224,69 @@ for name in os.environ["COMPOSE_TEST_ORDER"].split():
 }
 
 # ------------------------------------------------------------------------------ 4. up
+# Token auth on, as a deployment runs it: compose.yaml takes LOOPMESH_AUTH__TOKENS and the
+# gateway's LOOPMESH_AUTH__CLIENT_TOKEN from the environment. Fresh tokens at each `up`, kept
+# in $LOGS/auth.env for the smoke (and a later COMPOSE_TEST_STEPS=smoke on a kept stack).
+AUTH_ENV="$LOGS/auth.env"
+new_tokens() {
+  (umask 077 && "$VENV/bin/python" -c '
+import json, secrets
+smoke, gateway = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+tokens = [
+    {"name": "compose-smoke", "token": smoke, "roles": ["ingest", "feedback", "predict", "operator"]},
+    {"name": "gateway", "token": gateway, "roles": ["features"]},
+]
+print(f"LOOPMESH_AUTH__TOKENS=\x27{json.dumps(tokens)}\x27")
+print(f"LOOPMESH_AUTH__CLIENT_TOKEN={gateway}")
+print(f"LOOPMESH_CLIENT__TOKEN={smoke}")
+' >"$AUTH_ENV")
+}
+load_tokens() {
+  set -a
+  # shellcheck disable=SC1090
+  . "$AUTH_ENV"
+  set +a
+}
+
 # podman-compose on podman 4.3 ignores `condition: service_healthy` (and podman runs
 # healthchecks from systemd timers, which a machine without systemd lacks), so the stack
 # comes up here in the order of its depends_on: one layer at a time, each waited on (healthy,
 # or exited 0 for a one-shot) before the next starts, as `docker compose up --wait` would.
 up() {
   local layers
+  new_tokens
+  load_tokens
   layers="$(layers)"
   local -a order
   mapfile -t order <<<"$layers"
   for layer in "${order[@]}"; do
     log "up: $layer"
     # shellcheck disable=SC2086
-    compose up -d --no-deps $layer </dev/null >>"$LOGS/up.log" 2>&1 || { tail -20 "$LOGS/up.log"; return 1; }
+    start_layer $layer
     # shellcheck disable=SC2086
     wait_healthy 600 $layer </dev/null
   done
   log "stack up: $(podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}' | wc -l) containers running"
+}
+
+# `compose up` of one layer. A published port (127.0.0.1:500xx) that another process holds
+# for a moment (on a shared machine, a test's ephemeral port) fails a container's start:
+# its container is removed and the layer started again, twice at most.
+start_layer() {
+  local try svc
+  for try in 1 2 3; do
+    compose up -d --no-deps "$@" </dev/null >>"$LOGS/up.log" 2>&1 && return 0
+    if [ $try = 3 ] || ! tail -30 "$LOGS/up.log" | grep -q 'address already in use'; then
+      tail -20 "$LOGS/up.log"
+      return 1
+    fi
+    log "a published port is taken ($(grep -o 'listen tcp4 [0-9.:]*' "$LOGS/up.log" | tail -1)): again in 10 s"
+    for svc in "$@"; do
+      [ "$(podman inspect -f '{{.State.Status}}' "${PROJECT}_${svc}_1" 2>/dev/null)" = running ] \
+        || podman rm -f "${PROJECT}_${svc}_1" >/dev/null 2>&1 || true
+    done
+    sleep 10
+  done
 }
 
 # Every named service's container healthy (its healthcheck, run here: nothing else runs it),
@@ -280,6 +330,7 @@ smoke() {
   # A partial stack (COMPOSE_TEST_SERVICES) of the two doors gets their part of the smoke.
   local only=()
   [ -n "${COMPOSE_TEST_SERVICES:-}" ] && only=(--doors-only)
+  [ -f "$AUTH_ENV" ] && load_tokens
   "$VENV/bin/python" scripts/compose_smoke.py --restart "podman restart ${PROJECT}_%s_1" "${only[@]}"
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -78,15 +79,19 @@ class Smoke:
         self.restart_command = restart
         self.world = CtrWorld(MODEL, seed=seed)
         self.rng = np.random.default_rng(seed)
+        # The token (LOOPMESH_CLIENT__TOKEN, which Client reads too) when the stack runs with
+        # auth on, as scripts/compose-test.sh starts it: roles ingest, feedback, predict and
+        # operator (TrainerService and RolloutService).
+        token = os.environ.get("LOOPMESH_CLIENT__TOKEN") or None
         self.client = Client(
             ingestion_url=f"{HOST}:{PORTS['ingestion']}",
             feedback_url=f"{HOST}:{PORTS['feedback']}",
             inference_url=f"{HOST}:{PORTS['inference']}",
         )
         self.trainer = trainer_pb2_grpc.TrainerServiceStub(
-            grpc.insecure_channel(f"{HOST}:{PORTS['trainer']}")
+            operator_channel(f"{HOST}:{PORTS['trainer']}", token)
         )
-        self.rollout = rollout_pb2_grpc.RolloutServiceStub(grpc.insecure_channel(ROLLOUT))
+        self.rollout = rollout_pb2_grpc.RolloutServiceStub(operator_channel(ROLLOUT, token))
         self.arms: dict[tuple[int, str], int] = {}
         self.example_seq = 0
 
@@ -134,7 +139,8 @@ class Smoke:
                 lambda: self.status().last_run if not self.status().HasField("running") else None,
                 900,
             )
-        say(f"run {run.run_id}: {run.status} version={run.version} {run.error or ''}".rstrip())
+        status = trainer_pb2.RunStatus.Name(run.status).removeprefix("RUN_STATUS_").lower()
+        say(f"run {run.run_id}: {status} version={run.version} {run.error or ''}".rstrip())
         return run
 
     def traffic(self, n: int) -> int:
@@ -371,6 +377,22 @@ class Smoke:
         assert after.dataset_rows >= before.dataset_rows, (before.dataset_rows, after.dataset_rows)
         assert again == versions, (versions, again)
         say(f"trainer restart: {after.dataset_rows} examples and versions {again} kept")
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """``authorization: Bearer <token>`` on every unary call."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), self.metadata]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def operator_channel(address: str, token: str | None) -> grpc.Channel:
+    channel = grpc.insecure_channel(address)
+    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
 
 
 def read_ids(topic: str) -> set[str]:

@@ -452,13 +452,15 @@ def test_dockerfile(compose: Obj) -> None:
         assert (f'".[{name}]"' in installs) or (not extras[name] and "pip install ." in installs)
         assert re.search(r"^USER \$\{LOOPMESH_UID\}", target, re.M), f"{name} must not run as root"
         assert f'CMD ["loopmesh", "serve", "{name}"]' in target
+        # The source after the venv: a code change never re-copies a venv (the trainer's is
+        # gigabytes); readable by the service user whatever the checkout's modes (a 0700
+        # services/loopmesh/gen once broke every service; the root-run import checks passed).
+        assert venv.start() < target.index("COPY . /app\n"), f"{name}: source before venv"
+        assert target.index("COPY . /app\n") < target.index("RUN chmod -R a+rX /app "), name
     for door in ("ingestion", "feedback"):
         assert "find_spec('torch')" in _stage(text, door), f"{door}: proven free of torch"
     assert "ARG LOOPMESH_UID=10001" in text
-    # The source tree readable by the service user whatever the checkout's modes (a 0700
-    # services/loopmesh/gen once broke every service; the root-run import checks passed).
-    runtime = _stage(text, "runtime")
-    assert runtime.index("COPY . /app\n") < runtime.index("RUN chmod -R a+rX /app\n")
+    assert "COPY . /app" not in _stage(text, "runtime"), "the source goes after each venv"
     ort = re.search(r"^ARG ONNXRUNTIME_VERSION=(\S+)$", text, re.M)
     for extra in ("trainer", "devstack"):  # the exporter's check and the local Triton's model
         assert ort is not None and f"onnxruntime=={ort[1]}" in extras[extra], (

@@ -340,8 +340,13 @@ def _add_slice(cell: Cell, report: Any) -> None:
     )
     errors: dict[str, int] = report.get("errorDistribution") or {}
     # ghz ends a timed run by closing its connections: the calls still in flight then fail
-    # on the client side. Those are counted apart, not as errors.
-    cut = {m: n for m, n in errors.items() if "use of closed network connection" in m}
+    # on the client side (gRPC's words depend on the moment). Those are counted apart, not
+    # as errors.
+    cut = {
+        m: n
+        for m, n in errors.items()
+        if "use of closed network connection" in m or "the client connection is closing" in m
+    }
     cell.cut += sum(cut.values())
     real = {m: n for m, n in errors.items() if m not in cut}
     cell.errors += sum(real.values())

@@ -263,7 +263,8 @@ func tuneGC() {
 // ones spinning to steal work, and gRPC's writer running beside the handler so that a
 // response's headers, message and trailers leave in separate writes instead of one. Measured
 // on two cores beside Triton and the load generator: 10 to 20% less CPU per ModelInfer with
-// one processor than with two. The other half is Triton's and the control plane's.
+// one processor than with two. The other half is Triton's and the control plane's. (Go's
+// default follows the container's CPU limit at start; setting it ends Go's later updates.)
 func tuneProcs() {
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(max(1, runtime.GOMAXPROCS(0)/2))

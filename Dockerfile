@@ -65,10 +65,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-# Dependencies first, from pyproject.toml alone (an empty package stands in for the code),
-# so editing code does not re-download torch. Each deps-* stage is one extra's venv.
-COPY pyproject.toml README.md ./
-RUN mkdir -p services/loopmesh && touch services/loopmesh/__init__.py
+# Dependencies first, from pyproject.toml alone (an empty package and an empty README.md, the
+# readme pyproject.toml names, stand in for the code and the docs), so editing code or docs
+# does not re-download torch. Each deps-* stage is one extra's venv.
+COPY pyproject.toml ./
+RUN mkdir -p services/loopmesh && touch services/loopmesh/__init__.py README.md
 
 FROM build AS deps-base
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install . && /opt/venv/bin/pip uninstall -y loopmesh

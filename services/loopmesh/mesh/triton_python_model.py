@@ -16,12 +16,18 @@ work with numpy 2 (checked against tritonserver 2.45 and numpy 2.4 by
 ``tests/test_triton_server.py``). onnxruntime takes and returns numpy arrays; its CPU wheel
 has no DLPack.
 
+The stub marks a consumed DLPack capsule ``used_dlpack``, not the standard ``used_dltensor``:
+numpy's capsule destructor then takes it for unconsumed and fails, printing a traceback per
+response (tens of thousands a test run, and Triton's CPU). ``_output`` hands the stub the
+capsule itself and renames it to the standard name once the stub has taken it.
+
 Errors are loud by design: a checksum mismatch refuses to load, and a bad request or a model
 output of the wrong shape yields an error response, never an empty tensor.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from pathlib import Path
@@ -33,6 +39,11 @@ import triton_python_backend_utils as pb_utils
 
 INPUT_NAME = "INPUT__0"
 OUTPUT_NAME = "OUTPUT__0"
+_USED = b"used_dltensor"
+"""The DLPack name of a consumed capsule (kept alive here: the capsule points at it)."""
+_set_capsule_name = ctypes.pythonapi.PyCapsule_SetName
+_set_capsule_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_set_capsule_name.restype = ctypes.c_int
 MODEL_FILE = "model.onnx"
 
 
@@ -144,9 +155,16 @@ class TritonPythonModel:
                 continue
             rows = np.ascontiguousarray(outputs[offset : offset + batch_part.shape[0]])
             offset += batch_part.shape[0]
-            out = pb_utils.Tensor.from_dlpack(OUTPUT_NAME, rows)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[self._output(rows)]))
         return responses
+
+    @staticmethod
+    def _output(rows: np.ndarray) -> Any:
+        """The output tensor through DLPack (see the module doc for the capsule's name)."""
+        capsule = rows.__dlpack__()
+        out = pb_utils.Tensor.from_dlpack(OUTPUT_NAME, capsule)
+        _set_capsule_name(capsule, _USED)
+        return out
 
     @staticmethod
     def _host_array(tensor: Any) -> np.ndarray:

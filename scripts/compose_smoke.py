@@ -375,8 +375,9 @@ class Smoke:
             ).versions
         ]
         assert after.dataset_rows >= before.dataset_rows, (before.dataset_rows, after.dataset_rows)
-        assert again == versions, (versions, again)
-        say(f"trainer restart: {after.dataset_rows} examples and versions {again} kept")
+        # Every version kept; the trainer's own trigger may have published one more meanwhile.
+        assert set(versions) <= set(again), (versions, again)
+        say(f"trainer restart: {after.dataset_rows} examples and versions {versions} kept")
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]

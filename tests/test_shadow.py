@@ -230,8 +230,12 @@ def test_a_slow_shadow_is_not_dropped_but_goes_to_canary_not_straight_to_stable(
     assert record is not None
     change = machine.evaluate_shadow(record.record, SHADOW, {2: verdict}, T0)
     assert change is not None and change.record.state == "canary"
-    fast = compare_shadow(SHADOW, better, Operational(), stable)
+    quick = Operational(latency_p99_ms=100.0, latency_samples=400, latency_p99_low_ms=95.0)
+    fast = compare_shadow(SHADOW, better, quick, stable)
     assert fast.action == "advance" and not fast.canary_only
+    # The gateway reports stable's latency but not yet the shadow's: wait for it.
+    unreported = compare_shadow(SHADOW, better, Operational(), stable)
+    assert unreported.action == "hold" and "no gateway report" in unreported.reason
     # On a canary the same latency is a rollback.
     canary = compare(
         SHADOW,
@@ -422,3 +426,15 @@ def test_the_trainer_challenges_the_newest_shadow_or_the_canary() -> None:
     assert challenged_version(event("canary", canary_version=4, canary_weight=0.1)) == 4
     assert challenged_version(event("dropped", canary_version=4)) is None
     assert challenged_version(event("stable")) is None
+
+
+def test_a_canary_guard_waits_for_the_gateways_first_report() -> None:
+    """Seen in compose-test: the controller advanced before the gateway's first report of the
+    canary (every 10 s), saying the guards were skipped. Reported for stable, they wait."""
+    policy = RolloutPolicy(min_samples=10, max_regression=0.1)
+    canary = Arm(2, 500, 0.30, 0.01, measured=True)
+    stable = Arm(1, 500, 0.31, 0.01, measured=True, error_rate=0.0, requests=500)
+    waiting = compare(policy, canary, stable)
+    assert waiting.action == "hold" and "no gateway report for the canary yet" in waiting.reason
+    nobody = compare(policy, canary, Arm(1, 500, 0.31, 0.01, measured=True))
+    assert nobody.action == "advance" and "skipped: not reported" in nobody.reason

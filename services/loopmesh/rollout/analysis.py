@@ -20,7 +20,8 @@ Hanley-McNeil standard error, which needs ``label_rate``.
 
 Guards use the gateway's figures: ``error_rate`` over its ``count`` requests and
 ``latency_p99_ms`` with its confidence interval over ``latency_samples`` latencies. A guard whose
-figures are not reported is skipped (and said to be). One with fewer than
+figures are reported for neither arm is skipped (and said to be); reported for stable but not
+yet for the canary (the gateway reports every few seconds), it waits. One with fewer than
 ``guard_min_requests`` requests or latencies on an arm waits: the step holds (it does not
 advance) and says so. With enough, a guard fails only on a bound: the canary's error rate is
 above the limit at the policy's confidence (Wilson interval), its increase over stable is (an
@@ -226,7 +227,10 @@ def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Guards:
     waiting: list[str] = []
     skipped: list[str] = []
     need, z = policy.guard_min_requests, _z(policy.confidence)
-    if canary.error_rate is None:
+    if canary.error_rate is None and stable.error_rate is not None:
+        # The gateway reports (stable's figures are there): the canary's are yet to come.
+        waiting.append("error rate guard: no gateway report for the canary yet")
+    elif canary.error_rate is None:
         skipped.append("error rate")
     elif canary.requests < need:
         waiting.append(f"error rate guard: canary {canary.requests}/{need} requests")
@@ -248,7 +252,9 @@ def guard_failures(policy: RolloutPolicy, canary: Arm, stable: Arm) -> Guards:
                 f"(+{policy.max_error_rate_increase:.2%} allowed; "
                 f"{policy.confidence:.0%} bound on the increase >= {increase:+.2%})"
             )
-    if canary.latency_p99_ms is None:
+    if canary.latency_p99_ms is None and stable.latency_p99_ms is not None:
+        waiting.append("latency guard: no gateway report for the canary yet")
+    elif canary.latency_p99_ms is None:
         skipped.append("latency")
     elif canary.latency_samples < need or (
         policy.max_latency_ratio is not None

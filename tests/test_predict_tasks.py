@@ -187,19 +187,25 @@ async def client(gateway: InferenceGateway) -> AsyncIterator[AsyncClient]:
         yield connected
 
 
-async def logged(gateway: InferenceGateway, kafka: KafkaSettings) -> dict[str, PredictionLogged]:
-    """Every prediction this module's gateway logged so far, by id."""
+async def logged(
+    gateway: InferenceGateway, kafka: KafkaSettings, ids: Sequence[str]
+) -> dict[str, PredictionLogged]:
+    """Every prediction this module's gateway logged so far, by id, once ``ids`` are among
+    them (the data plane's records reach the log off the answer's path, drained in batches)."""
 
-    answered = sum(stats.answered for stats in gateway.counters.versions.values())
+    async def with_ids() -> dict[str, PredictionLogged] | None:
+        if gateway.logger.pending:
+            return None
+        records = await read_topic(
+            kafka, gateway.predictions_topic.name, expect=gateway.logger.logged
+        )
+        events = [PredictionLogged.model_validate_json(value or b"") for _, value, _ in records]
+        by_id = {event.prediction_id: event for event in events}
+        return by_id if set(ids) <= by_id.keys() else None
 
-    async def drained() -> bool:
-        return gateway.logger.pending == 0 and gateway.logger.logged >= answered
-
-    await eventually(drained, timeout=30)
+    by_id = await eventually(with_ids, timeout=30)
     assert gateway.logger.dropped == 0 and gateway.logger.invalid == 0
-    records = await read_topic(kafka, gateway.predictions_topic.name, expect=gateway.logger.logged)
-    events = [PredictionLogged.model_validate_json(value or b"") for _, value, _ in records]
-    return {event.prediction_id: event for event in events}
+    return by_id
 
 
 CASES: list[tuple[str, dict[str, float], dict[str, str]]] = [
@@ -233,7 +239,7 @@ async def test_multiclass_answers_every_class_probability_and_the_top_class(
     # The encodings differ across the cases, and so do the answers.
     assert len({a.probabilities for a in answers}) == len(CASES)
 
-    by_id = await logged(gateway, kafka_settings)
+    by_id = await logged(gateway, kafka_settings, [a.prediction_id for a in answers])
     for answer, (entity_id, _, categorical) in zip(answers, CASES, strict=True):
         event = by_id[answer.prediction_id]
         assert (event.model_name, event.model_version, event.task) == (MULTICLASS, 1, "multiclass")
@@ -268,7 +274,7 @@ async def test_regression_answers_the_value(
     )
     assert again.score == pytest.approx(answers[0].score, rel=1e-6, abs=1e-6)
 
-    by_id = await logged(gateway, kafka_settings)
+    by_id = await logged(gateway, kafka_settings, [a.prediction_id for a in answers])
     for answer, (_, _, categorical) in zip(answers, CASES, strict=True):
         event = by_id[answer.prediction_id]
         assert (event.task, event.outputs, event.categorical) == ("regression", [], categorical)
@@ -281,7 +287,7 @@ async def test_a_version_from_before_tasks_answers_as_before(
     answer = await client.predict("alice", context={"hour": 7.0}, model_name=BINARY)
     assert answer.task == "binary" and 0.0 < answer.score < 1.0
     assert answer.probabilities == () and answer.predicted_class is None
-    event = (await logged(gateway, kafka_settings))[answer.prediction_id]
+    event = (await logged(gateway, kafka_settings, [answer.prediction_id]))[answer.prediction_id]
     assert (event.task, event.outputs, event.categorical) == ("binary", [], {})
 
 

@@ -40,6 +40,7 @@ import (
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
 	"github.com/loopmesh/loopmesh/dataplane/internal/features"
 	"github.com/loopmesh/loopmesh/dataplane/internal/gateway"
+	"github.com/loopmesh/loopmesh/dataplane/internal/predict"
 	"github.com/loopmesh/loopmesh/dataplane/internal/proxy"
 	"github.com/loopmesh/loopmesh/dataplane/internal/routing"
 	"github.com/loopmesh/loopmesh/dataplane/internal/stats"
@@ -50,6 +51,10 @@ import (
 var version = "0.1.0"
 
 const stopTimeout = 10 * time.Second
+
+// logDrainTimeout bounds the wait, at a stop, for the control plane to drain the prediction
+// records of the last calls (it goes on draining until this process exits).
+const logDrainTimeout = 5 * time.Second
 
 func main() {
 	os.Exit(run())
@@ -152,6 +157,8 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	server := grpc.NewServer(opts...)
 	var adminHandler http.Handler
 	var upstream []any // what the "serving" line names
+	var predictor *predict.Service
+	var records *predict.Records
 	if cfg.Mode == config.ModeFeatures {
 		fs, err := features.New(cfg.Features, metrics, auth.New(tokens), tracing, log)
 		if err != nil {
@@ -177,8 +184,41 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		defer triton.Close()
 		(&gateway.Gateway{Triton: triton, Routes: routes, Stats: rec, Metrics: metrics,
 			Auth: auth.New(tokens), Tracing: tracing}).Register(server)
-		adminHandler = admin.Handler(routes, rec)
-		upstream = []any{"triton", cfg.Triton.Address}
+		if p := cfg.Predict; p != nil {
+			features, err := dialFeatures(p, cfg.MaxMessageBytes)
+			if err != nil {
+				return configError{err}
+			}
+			defer features.Close()
+			delay := time.Duration(p.BatchMaxDelayMs * float64(time.Millisecond))
+			token, model := "", ""
+			if p.Features.Token != nil {
+				token = *p.Features.Token
+			}
+			if p.DefaultModel != nil {
+				model = *p.DefaultModel
+			}
+			var key []byte
+			if p.EntityIDKey != nil {
+				key = []byte(*p.EntityIDKey)
+			}
+			records = predict.NewRecords(p.LogQueueSize)
+			predictor = &predict.Service{
+				Routes:   routes,
+				Features: predict.NewFeatureClient(features, time.Duration(p.Features.TimeoutS*float64(time.Second)), token, p.BatchMaxSize, delay, p.BatchMaxInflight),
+				Scorer:   predict.NewScorer(triton, p.BatchMaxSize, delay, p.BatchMaxInflight),
+				Backend:  backend, Stats: rec, Counts: predict.NewCounts(), Records: records,
+				Metrics: metrics, Auth: auth.New(tokens), Tracing: tracing,
+				Options: predict.Options{
+					DefaultModel: model, Degrade: p.OnFeaturesUnavailable == "degrade", EntityIDKey: key,
+					ShadowMaxInflight: p.ShadowMaxInflight,
+					ShadowTimeout:     time.Duration(p.ShadowTimeoutMs * float64(time.Millisecond)),
+				},
+			}
+			predictor.Register(server)
+		}
+		adminHandler = admin.Handler(routes, rec, predictor)
+		upstream = []any{"triton", cfg.Triton.Address, "predict", cfg.Predict != nil}
 	}
 
 	// Bind everything before saying where: the control plane reads one line and connects.
@@ -221,15 +261,23 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		go func() { _, _ = io.Copy(io.Discard, os.Stdin); close(orphaned) }()
 	}
 	var failed error
+	drain := false
 	select {
 	case sig := <-signals:
 		log.Info("stopping", "signal", sig.String())
+		drain = true
 	case <-orphaned:
 		log.Warn("stopping: standard input closed (the control plane is gone)")
 	case err := <-served:
 		failed = fmt.Errorf("a listener stopped: %v", err)
 	}
 	stopGracefully(server)
+	if predictor != nil {
+		predictor.WaitShadows() // each bounded by the shadow timeout
+		if drain && !drained(records, logDrainTimeout) {
+			log.Warn("stopping with predictions the control plane did not drain", "records", records.Len())
+		}
+	}
 	shutdownCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	_ = adminServer.Shutdown(shutdownCtx)
@@ -281,6 +329,61 @@ func stopGracefully(s *grpc.Server) {
 		s.Stop()
 		<-done
 	}
+}
+
+// drained waits until the control plane took every queued record, or timeout.
+func drained(records *predict.Records, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for records.Len() > 0 {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond) // polled: the drain is the other process' call
+	}
+	return true
+}
+
+// dialFeatures opens the lazy connection Predict reads features through.
+func dialFeatures(p *config.Predict, maxMessage int) (*grpc.ClientConn, error) {
+	creds, err := clientCredentials(p.Features.TLS)
+	if err != nil {
+		return nil, fmt.Errorf("predict.features.%v", err)
+	}
+	conn, err := grpc.NewClient(p.Features.Address, append(proxy.DialOptions(),
+		grpc.WithTransportCredentials(creds),
+		grpc.WithConnectParams(gateway.ConnectParams),
+		grpc.WithDefaultCallOptions(grpc.ForceCodecV2(proxy.Codec{}),
+			grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))...)
+	if err != nil {
+		return nil, fmt.Errorf("predict.features.address: %v", err)
+	}
+	conn.Connect()
+	return conn, nil
+}
+
+func clientCredentials(c *config.ClientTLS) (credentials.TransportCredentials, error) {
+	if c == nil {
+		return insecure.NewCredentials(), nil
+	}
+	conf := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.ServerName != nil {
+		conf.ServerName = *c.ServerName
+	}
+	if c.CAFile != nil {
+		pool, err := loadPool(*c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("tls.ca_file: %v", err)
+		}
+		conf.RootCAs = pool
+	}
+	if c.CertFile != nil && c.KeyFile != nil {
+		cert, err := tls.LoadX509KeyPair(*c.CertFile, *c.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("tls: %v", err)
+		}
+		conf.Certificates = []tls.Certificate{cert}
+	}
+	return credentials.NewTLS(conf), nil
 }
 
 func announce(grpcLis, adminLis, metricsLis net.Listener) error {

@@ -7,8 +7,10 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"strconv"
 
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
+	"github.com/loopmesh/loopmesh/dataplane/internal/predict"
 	"github.com/loopmesh/loopmesh/dataplane/internal/routing"
 	"github.com/loopmesh/loopmesh/dataplane/internal/stats"
 )
@@ -16,8 +18,12 @@ import (
 // maxBody bounds a route table upload.
 const maxBody = 16 << 20
 
-// Handler serves PUT/GET /routes, POST /stats/drain and GET /healthz.
-func Handler(routes *routing.Store, rec *stats.Recorder) http.Handler {
+// drainMax bounds one drain of prediction records.
+const drainMax = 10000
+
+// Handler serves PUT/GET /routes, POST /stats/drain, POST /predictions/drain, GET
+// /predict/totals and GET /healthz. pred is nil when Predict is not served here.
+func Handler(routes *routing.Store, rec *stats.Recorder, pred *predict.Service) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("PUT /routes", func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
@@ -37,7 +43,42 @@ func Handler(routes *routing.Store, rec *stats.Recorder) http.Handler {
 		writeJSON(w, routes.Load())
 	})
 	mux.HandleFunc("POST /stats/drain", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, map[string][]stats.Version{"versions": rec.Drain()})
+		out := struct {
+			Versions []stats.Version `json:"versions"`
+			predict.Drained
+		}{Versions: rec.Drain()}
+		if pred != nil {
+			out.Drained = pred.Counts.Drain()
+		} else {
+			out.Drained = predict.NewCounts().Drain() // empty lists, not nulls
+		}
+		writeJSON(w, out)
+	})
+	mux.HandleFunc("POST /predictions/drain", func(w http.ResponseWriter, r *http.Request) {
+		n := 1000
+		if v := r.URL.Query().Get("max"); v != "" {
+			parsed, err := strconv.Atoi(v)
+			if err != nil || parsed < 1 || parsed > drainMax {
+				http.Error(w, "max: not an integer within [1, 10000]", http.StatusBadRequest)
+				return
+			}
+			n = parsed
+		}
+		out := struct {
+			Predictions []*predict.Record `json:"predictions"`
+			Dropped     int64             `json:"dropped"`
+		}{Predictions: []*predict.Record{}}
+		if pred != nil {
+			out.Predictions, out.Dropped = pred.Records.Drain(n)
+		}
+		writeJSON(w, out)
+	})
+	mux.HandleFunc("GET /predict/totals", func(w http.ResponseWriter, _ *http.Request) {
+		var t predict.Totals
+		if pred != nil {
+			t = pred.Totals()
+		}
+		writeJSON(w, t)
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")

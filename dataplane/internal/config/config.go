@@ -69,6 +69,8 @@ type Config struct {
 	ServiceName          string  `json:"service_name"`
 	// Features is the features mode's schema and online store (required there).
 	Features *Features `json:"features"`
+	// Predict serves loopmesh.v1.InferenceService/Predict here (inference mode; nil: proxied).
+	Predict *Predict `json:"predict"`
 	// StopOnStdinEOF: the data plane stops (gracefully) once its standard input closes,
 	// so a control plane that dies, even by SIGKILL, never leaves it holding the port.
 	StopOnStdinEOF bool `json:"stop_on_stdin_eof"`
@@ -138,6 +140,14 @@ func (c *Config) check() error {
 		}
 	} else if c.Features != nil {
 		return fail("features", "only in mode %q", ModeFeatures)
+	}
+	if c.Predict != nil {
+		if c.Mode != ModeInference {
+			return fail("predict", "only in mode %q", ModeInference)
+		}
+		if err := c.Predict.Check(); err != nil {
+			return fmt.Errorf("config: predict.%v", err)
+		}
 	}
 	if host, _, _ := net.SplitHostPort(c.AdminListen); !loopback(host) {
 		return fail("admin_listen", "%q must be a loopback address", c.AdminListen)

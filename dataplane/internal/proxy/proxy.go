@@ -39,17 +39,23 @@ func Handler(backend *grpc.ClientConn, local []string, done func(service string,
 	}
 }
 
-func forward(ss grpc.ServerStream, backend *grpc.ClientConn, method string) error {
-	md, _ := metadata.FromIncomingContext(ss.Context())
+// OutgoingContext is ctx with the caller's metadata (authorization, traceparent...) set to
+// go out on a call to the backend.
+func OutgoingContext(ctx context.Context) context.Context {
+	md, _ := metadata.FromIncomingContext(ctx)
 	out := md.Copy()
 	// Transport-level entries are the client connection's own business; the deadline
 	// travels with the context.
 	for _, k := range []string{":authority", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"} {
 		delete(out, k)
 	}
+	return metadata.NewOutgoingContext(ctx, out)
+}
+
+func forward(ss grpc.ServerStream, backend *grpc.ClientConn, method string) error {
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
-	cs, err := backend.NewStream(metadata.NewOutgoingContext(ctx, out), streamDesc, method)
+	cs, err := backend.NewStream(OutgoingContext(ctx), streamDesc, method)
 	if err != nil {
 		return err
 	}

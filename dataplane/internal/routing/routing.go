@@ -29,20 +29,27 @@ const (
 	Canary   Arm = "canary"
 	Fallback Arm = "fallback"
 	Pinned   Arm = "pinned"
+	Latest   Arm = "latest"
 )
 
 // maxVersion keeps versions within [1-9][0-9]{0,17}, the form requests carry.
 const maxVersion = 999_999_999_999_999_999
 
 // Route is one model's traffic split. Known lists the versions the repository has
-// published (NOT_FOUND for one of them means "not loaded yet").
+// published (NOT_FOUND for one of them means "not loaded yet"). Shadows score ShadowShare of
+// stable's Predict requests without answering them; Specs are the input contracts Predict
+// needs, by version (JSON keys are the versions as text).
 type Route struct {
-	Stable *int64  `json:"stable"`
-	Canary *int64  `json:"canary"`
-	Weight float64 `json:"weight"`
-	Known  []int64 `json:"known"`
-	model  string  // set by the table, for the bucket's salt
-	known  []int64 // Known plus stable and canary
+	Stable      *int64           `json:"stable"`
+	Canary      *int64           `json:"canary"`
+	Weight      float64          `json:"weight"`
+	Known       []int64          `json:"known"`
+	Shadows     []int64          `json:"shadows,omitempty"`
+	ShadowShare float64          `json:"shadow_share,omitempty"`
+	Specs       map[string]*Spec `json:"specs,omitempty"`
+	model       string           // set by the table, for the bucket's salt
+	known       []int64          // Known plus stable, canary and shadows
+	specs       map[int64]*Spec
 }
 
 // Table is the whole set of routes and the control plane's readiness.
@@ -89,11 +96,24 @@ func Parse(body []byte) (*Table, error) {
 		if math.IsNaN(r.Weight) || r.Weight < 0 || r.Weight > 1 {
 			return nil, fmt.Errorf("routes.%s.weight: %v is not within [0, 1]", name, r.Weight)
 		}
+		if math.IsNaN(r.ShadowShare) || r.ShadowShare < 0 || r.ShadowShare > 1 {
+			return nil, fmt.Errorf("routes.%s.shadow_share: %v is not within [0, 1]", name, r.ShadowShare)
+		}
 		for _, v := range []*int64{r.Stable, r.Canary} {
 			if v != nil && (*v < 1 || *v > maxVersion) {
 				return nil, fmt.Errorf("routes.%s: version %d is not a positive integer of at most 18 digits", name, *v)
 			}
 		}
+		for _, v := range r.Shadows {
+			if v < 1 || v > maxVersion {
+				return nil, fmt.Errorf("routes.%s.shadows: version %d is not a positive integer of at most 18 digits", name, v)
+			}
+		}
+		specs, err := parseSpecs(name, r.Specs)
+		if err != nil {
+			return nil, err
+		}
+		r.specs = specs
 		if r.Known == nil {
 			r.Known = []int64{}
 		}
@@ -108,6 +128,7 @@ func Parse(body []byte) (*Table, error) {
 				r.known = append(r.known, *v)
 			}
 		}
+		r.known = append(r.known, r.Shadows...)
 		r.model = name
 	}
 	return &t, nil
@@ -138,6 +159,15 @@ func (r *Route) Choose(key *string) (version int64, arm Arm, ok bool) {
 		return *r.Canary, Canary, true
 	}
 	return 0, "", false
+}
+
+// ShadowsFor returns the shadow versions that also score one request: all of them for a
+// random ShadowShare of the requests, none for the rest (sampling, not security).
+func (r *Route) ShadowsFor() []int64 {
+	if r == nil || len(r.Shadows) == 0 || rand.Float64() >= r.ShadowShare {
+		return nil
+	}
+	return r.Shadows
 }
 
 // IsKnown reports whether version is published for this route's model (or is its stable or

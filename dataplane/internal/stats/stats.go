@@ -1,4 +1,5 @@
-// Package stats keeps per-(model, version) figures of ModelInfer calls between two drains by
+// Package stats keeps per-(model, version) figures of ModelInfer and Predict calls (and of
+// shadow scoring, kept apart: it feeds the version's guards but answers nobody) between two drains by
 // the control plane, which feeds them to its canary guards. Memory is bounded whatever the
 // load: a ring of the newest latencies per version and a cap on the number of versions.
 package stats
@@ -21,11 +22,14 @@ type Version struct {
 	Answered    int64     `json:"answered"`
 	Failed      int64     `json:"failed"`
 	LatenciesMs []float64 `json:"latencies_ms"`
+	// Shadow: calls that scored a request for a shadow candidate, not answers.
+	Shadow bool `json:"shadow"`
 }
 
 type key struct {
 	model   string
 	version int64
+	shadow  bool
 }
 
 type entry struct {
@@ -58,7 +62,15 @@ func New(maxVersions, maxLatencies int) *Recorder {
 
 // Record counts one call of model/version: answered (ok) or failed, with its latency.
 func (r *Recorder) Record(model string, version int64, ok bool, latencyMs float64) {
-	k := key{model, version}
+	r.record(key{model, version, false}, ok, latencyMs)
+}
+
+// RecordShadow counts one shadow call of model/version (kept apart from the answers).
+func (r *Recorder) RecordShadow(model string, version int64, ok bool, latencyMs float64) {
+	r.record(key{model, version, true}, ok, latencyMs)
+}
+
+func (r *Recorder) record(k key, ok bool, latencyMs float64) {
 	r.mu.Lock()
 	e := r.entries[k]
 	if e == nil {
@@ -97,13 +109,16 @@ func (r *Recorder) Drain() []Version {
 	for k, e := range entries {
 		lat := make([]float64, 0, len(e.ring))
 		lat = append(append(lat, e.ring[e.next:]...), e.ring[:e.next]...)
-		out = append(out, Version{k.model, k.version, e.answered, e.failed, lat})
+		out = append(out, Version{k.model, k.version, e.answered, e.failed, lat, k.shadow})
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].Model != out[j].Model {
 			return out[i].Model < out[j].Model
 		}
-		return out[i].Version < out[j].Version
+		if out[i].Version != out[j].Version {
+			return out[i].Version < out[j].Version
+		}
+		return !out[i].Shadow && out[j].Shadow
 	})
 	return out
 }

@@ -11,11 +11,13 @@ func TestRecordAndDrain(t *testing.T) {
 	r.Record("m", 1, false, 2)
 	r.Record("m", 2, false, 3)
 	r.Record("m", 2, true, 4)
-	r.Record("m", 2, true, 5) // the ring keeps the 3 newest: 3, 4, 5
+	r.Record("m", 2, true, 5)        // the ring keeps the 3 newest: 3, 4, 5
+	r.RecordShadow("m", 2, false, 7) // a shadow call is no answer: kept apart
 	got := r.Drain()
 	want := []Version{
-		{"m", 1, 0, 1, []float64{2}},
-		{"m", 2, 3, 1, []float64{3, 4, 5}},
+		{"m", 1, 0, 1, []float64{2}, false},
+		{"m", 2, 3, 1, []float64{3, 4, 5}, false},
+		{"m", 2, 0, 1, []float64{7}, true},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v", got)

@@ -4,11 +4,12 @@ and the native data plane in front of it all.
 ``InferenceGateway.start`` declares its topics, catches up with ``rollouts`` (so the first
 request already sees the routes in force), opens this process' gRPC server on a loopback port
 (Predict, SetRoute, health), then starts the data plane on the public port: it serves the Open
-Inference Protocol itself and proxies the rest here (``loopmesh.inference.dataplane``).
-``stop`` stops the data plane first (its in-flight calls finish), then this server, then
-flushes the prediction log. Unless disabled, a task publishes each served version's request
-count, error rate and p99 latency over a sliding window (Predict's and the data plane's
-ModelInfer calls alike) to ``metrics.live`` every ``operational_publish_s``.
+Inference Protocol and Predict itself and proxies the rest here
+(``loopmesh.inference.dataplane``). ``stop`` stops the data plane first (its in-flight calls
+finish and its prediction records are drained into the log), then this server, then flushes
+the prediction log. Unless disabled, a task publishes each served version's request count,
+error rate and p99 latency over a sliding window (Predict's and ModelInfer's calls alike) to
+``metrics.live`` every ``operational_publish_s``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class InferenceGateway:
             routes=self.routes,
             catalog=self.catalog,
             counters=self.counters,
+            logger=self.logger,
             routes_ready=self.follower.caught_up.is_set,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -176,6 +178,8 @@ class InferenceGateway:
                 )
                 stack.push_async_callback(_cancel, publisher)
             self.logger.start()
+            # Callbacks run in reverse: the log is flushed after the data plane stopped, whose
+            # last records its stop drains into the log.
             stack.push_async_callback(self.logger.stop)
             await self.follower.follow(scope.routes_catchup_timeout_s)
             stack.push_async_callback(self.follower.stop)
@@ -193,7 +197,10 @@ class InferenceGateway:
     async def stop(self) -> None:
         """Stop serving (in-flight calls finish), then flush the log and close clients."""
         await self._stack.aclose()
+        # Predict rows scored here (what the data plane forwarded, PredictStream) and there.
         requests, rows = self.predictor.batch_stats()
+        requests += self.dataplane.last_totals["triton_requests"]
+        rows += self.dataplane.last_totals["rows"]
         log.info(
             "stopped: Predict sent %d rows in %d Triton requests; %d predictions logged, "
             "%d dropped",

@@ -220,11 +220,14 @@ class Counters:
         answered: int,
         failed: int,
         latencies_ms: list[float],
+        shadow: bool = False,
     ) -> None:
-        """Calls that finished elsewhere (the data plane's ModelInfer), counted in bulk."""
-        stats = self.of(model_name, version)
-        stats.answered += answered
-        stats.failures += failed
+        """Calls that finished elsewhere (the data plane's ModelInfer and Predict), counted in
+        bulk; ``shadow`` calls feed only the operational window, like ``shadowed``."""
+        if not shadow:
+            stats = self.of(model_name, version)
+            stats.answered += answered
+            stats.failures += failed
         if self.windows is not None:
             self.windows.record_many(
                 model_name,

@@ -2,19 +2,25 @@
 process, which is its control plane.
 
 The gateway's public port belongs to the data plane. It serves the Open Inference Protocol
-itself (parse, tensor checks, canary routing, fallback to stable, Triton call) and proxies
-every other service on that port (Predict, SetRoute, health, reflection) to this process's
-gRPC server on a loopback port. Measured on two cores, a Python gateway could not pass 0.4x
-Triton's throughput on ModelInfer (``bench/inference_bench.py``); the Go path is the bar.
+itself (parse, tensor checks, canary routing, fallback to stable, Triton call) and, unless
+``dataplane.predict`` is off, Predict's hot path (features, routing, shadows, Triton); it
+proxies every other call on that port (PredictStream, SetRoute, GetRoute, health, reflection,
+and any Predict it cannot serve with certainty) to this process's gRPC server on a loopback
+port. Measured on two cores, a Python gateway could not pass 0.4x Triton's throughput on
+ModelInfer (``bench/inference_bench.py``) nor 0.09x on Predict; the Go path is the bar.
 
 This module is the control plane's side of it:
 
-* start the binary as a child, its config written on stdin (tokens never on argv or disk);
-  learn its ports from the one JSON line it prints once every listener is bound;
-* push the whole route table (stable, canary, weight, and the versions the repository knows)
-  whenever it changes and whenever the routes' readiness flips;
-* drain the per-version figures of its ModelInfer calls every ``stats_interval_s`` into
-  ``Counters`` (and so into ``metrics.live`` for the canary guards, exactly like Predict's);
+* start the binary as a child, its config written on stdin (tokens and the entity id key
+  never on argv or disk); learn its ports from the one JSON line it prints once every
+  listener is bound;
+* push the whole route table (stable, canary, weight, shadows, the versions the repository
+  knows and their specs) whenever it changes and whenever the routes' readiness flips;
+* drain the per-version figures of its calls every ``stats_interval_s`` into ``Counters``
+  (and so into ``metrics.live`` for the canary guards, exactly like Predict's) and its counts
+  into this process' instruments;
+* drain its prediction records into the ``PredictionLogger`` (each under its Predict's trace),
+  until the child has exited on shutdown;
 * if the child exits, set ``crashed``: the app stops with exit 1 rather than serve Predict
   behind a port nobody answers.
 
@@ -28,19 +34,45 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loopmesh.inference.catalog import ModelCatalog
-from loopmesh.inference.core import Counters
+from opentelemetry import context as otel_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from loopmesh.inference import instruments
+from loopmesh.inference.catalog import TASKS, ModelCatalog
+from loopmesh.inference.core import Counters, PredictionRecord, ShadowAnswer
+from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import RouteTable
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import dataplane as child
 from loopmesh.mesh.dataplane import BINARY, DataPlaneProcess, Listening
+from loopmesh.mesh.errors import LoopMeshError
 
 log = logging.getLogger(__name__)
-__all__ = ["BINARY", "DataPlane", "Listening", "config_of", "find_binary"]
+__all__ = [
+    "BINARY",
+    "DataPlane",
+    "Listening",
+    "config_of",
+    "find_binary",
+    "predict_config",
+    "prediction_of",
+    "spec_of",
+]
+
+WARN_EVERY_S = 10.0
+"""A failing admin call is logged at most this often (it is retried far more often)."""
+RETRY_S = 0.5
+"""Wait before a failed predictions drain is retried."""
+IDLE_POLL_S = 0.005
+"""Least wait after a drain that found nothing (``log_linger_ms`` may be 0: no busy loop)."""
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def find_binary(configured: Path | None) -> Path:
@@ -49,7 +81,7 @@ def find_binary(configured: Path | None) -> Path:
 
 
 def config_of(settings: InferenceSettings, backend: str) -> dict[str, Any]:
-    """The data plane's config: the public server, Triton, auth and telemetry settings."""
+    """The data plane's config: the public server, Triton, auth, telemetry and Predict."""
     scope = settings.inference
     server, plane = scope.server, scope.dataplane
     client = settings.triton_client
@@ -80,11 +112,114 @@ def config_of(settings: InferenceSettings, backend: str) -> dict[str, Any]:
         "max_concurrent_streams": plane.max_concurrent_streams,
         "otlp_endpoint": settings.telemetry.otlp_endpoint,
         "service_name": "inference-dataplane",
+        "predict": predict_config(settings),
     }
 
 
+def predict_config(settings: InferenceSettings) -> dict[str, Any] | None:
+    """The config's ``predict``: what serving Predict needs; None when Python serves it all."""
+    scope = settings.inference
+    if not scope.dataplane.predict:
+        return None
+    client = scope.features_client
+    tls = None
+    if client.tls_enabled:
+        tls = {
+            "ca_file": str(client.tls_cafile) if client.tls_cafile else None,
+            "cert_file": str(client.tls_certfile) if client.tls_certfile else None,
+            "key_file": str(client.tls_keyfile) if client.tls_keyfile else None,
+            "server_name": client.server_name_override,
+        }
+    token = settings.auth.client_token
+    privacy = settings.privacy
+    # The same condition as EntityIdMapper's: Go must store and log the ids Python would.
+    key = privacy.entity_id_key if privacy.pseudonymise_entity_ids else None
+    return {
+        "default_model": scope.default_model,
+        "features": {
+            "address": scope.features_url,
+            "timeout_s": scope.features_timeout_s,
+            "tls": tls,
+            "token": token.get_secret_value() if token is not None else None,
+        },
+        "on_features_unavailable": scope.on_features_unavailable,
+        "batch_max_size": scope.batch_max_size,
+        "batch_max_delay_ms": scope.batch_max_delay_ms,
+        "batch_max_inflight": scope.batch_max_inflight,
+        "shadow_max_inflight": scope.shadow_max_inflight,
+        "shadow_timeout_ms": scope.shadow_timeout_ms,
+        "log_queue_size": scope.log_queue_size,
+        "entity_id_key": key.get_secret_value() if key is not None else None,
+    }
+
+
+def spec_of(catalog: ModelCatalog, model_name: str, version: int) -> dict[str, Any]:
+    """A version's spec as the route table carries it, or ``{"error": ...}`` when it has
+    none Predict can use (the data plane then forwards its requests here, for the error)."""
+    try:
+        spec = catalog.spec(model_name, version)
+    except LoopMeshError as exc:
+        return {"error": str(exc)}
+    return {
+        "feature_names": list(spec.feature_names),
+        "store_refs": list(spec.store_refs),
+        # Resolved here, so there is one order of precedence: the model's, the gateway's,
+        # then default_feature_value.
+        "defaults": {n: catalog.default_for(spec, n) for n in spec.feature_names},
+        "categorical": [
+            {
+                "name": f.name,
+                "buckets": f.buckets,
+                "vocabulary": list(f.vocabulary) if f.vocabulary is not None else None,
+            }
+            for f in spec.categorical
+        ],
+        "task": spec.task,
+        "n_outputs": spec.n_outputs,
+    }
+
+
+def prediction_of(raw: dict[str, Any]) -> tuple[PredictionRecord, otel_context.Context]:
+    """One drained record as the prediction log takes it, with its Predict's trace context.
+
+    Raises KeyError, TypeError or ValueError for a record that does not hold together.
+    """
+    event_time = datetime.fromisoformat(raw["event_time"])
+    if event_time.tzinfo is None:
+        event_time = event_time.replace(tzinfo=UTC)
+    task = next((t for t in TASKS if t == raw.get("task", "binary")), None)
+    if task is None:
+        raise ValueError(f"unknown task {raw.get('task')!r}")
+    record = PredictionRecord(
+        prediction_id=str(raw["prediction_id"]),
+        model_name=str(raw["model_name"]),
+        model_version=int(raw["model_version"]),
+        entity_id=str(raw["entity_id"]),
+        features={str(k): float(v) for k, v in (raw.get("features") or {}).items()},
+        score=float(raw["score"]),
+        latency_ms=float(raw["latency_ms"]),
+        event_time=event_time.astimezone(UTC),
+        categorical={str(k): str(v) for k, v in (raw.get("categorical") or {}).items()},
+        outputs=tuple(float(x) for x in raw.get("outputs") or ()),
+        task=task,
+        shadow=tuple(
+            ShadowAnswer(
+                int(s["model_version"]),
+                float(s["score"]),
+                tuple(float(x) for x in s.get("outputs") or ()),
+            )
+            for s in raw.get("shadow") or ()
+        ),
+    )
+    traceparent = raw.get("traceparent")
+    context = (
+        _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
+    )
+    return record, context
+
+
 class DataPlane:
-    """The child process, its route pushes and its stats drains."""
+    """The child process, its route pushes, its stats drains and its predictions drains."""
 
     def __init__(
         self,
@@ -93,6 +228,7 @@ class DataPlane:
         routes: RouteTable,
         catalog: ModelCatalog,
         counters: Counters,
+        logger: PredictionLogger,
         routes_ready: Callable[[], bool],
     ) -> None:
         self._settings = settings
@@ -100,12 +236,18 @@ class DataPlane:
         self._routes = routes
         self._catalog = catalog
         self._counters = counters
+        self._logger = logger
         self._routes_ready = routes_ready
         self._process: DataPlaneProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._predictions: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._exited = asyncio.Event()
         self._push_lock = asyncio.Lock()
+        self._warned: dict[str, float] = {}
         self.listening: Listening | None = None
+        self.last_totals = {"triton_requests": 0, "rows": 0}
+        """The data plane's Predict batching when it was last asked (at the latest, at stop)."""
         self.crashed = asyncio.Event()
         self.stopping = False
         routes.listen(self._changed.set)
@@ -136,6 +278,10 @@ class DataPlane:
             asyncio.create_task(self._watch_exit(process), name="dataplane-crash"),
             asyncio.create_task(self._sync(), name="dataplane-sync"),
         ]
+        if self._scope.predict:
+            self._predictions = asyncio.create_task(
+                self._drain_predictions(), name="dataplane-predictions"
+            )
         log.info(
             "data plane serving %s (admin %s, metrics %s)",
             self.listening.grpc,
@@ -144,7 +290,8 @@ class DataPlane:
         )
 
     async def stop(self) -> None:
-        """Stop the child (in-flight calls finish), then take its last figures."""
+        """Stop the child (in-flight calls finish) while its predictions are still drained:
+        it exits once its queue is empty (at most 5 s), and only then does draining end."""
         self.stopping = True
         if self._process is not None:
             self._process.stopping = True
@@ -153,10 +300,29 @@ class DataPlane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             await self.drain_stats()
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self.last_totals = await self.predict_totals()
         if self._process is not None:
             await self._process.stop()
+        self._exited.set()
+        if self._predictions is not None:
+            # Its next admin call fails now the child is gone, which ends it; the bound is
+            # for a call that hangs.
+            done, _ = await asyncio.wait(
+                [self._predictions], timeout=self._scope.admin_timeout_s + 1.0
+            )
+            if not done:
+                self._predictions.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._predictions
+            elif (error := self._predictions.exception()) is not None:
+                log.error("the predictions drain failed", exc_info=error)
+            self._predictions = None
+        # The calls that finished while the child stopped: only if its admin API still answers.
+        with contextlib.suppress(OSError, ValueError):
+            await self.drain_stats()
 
     # -- route table ---------------------------------------------------------------------------
 
@@ -166,11 +332,19 @@ class DataPlane:
         names = set(self._routes.all()) | set(self._catalog.models())
         for name in sorted(names):
             route = self._routes.get(name)
+            known = self._catalog.versions(name)
+            shadows = list(route.shadows) if route else []
+            served = {*known, *shadows}
+            if route is not None:
+                served |= {v for v in (route.stable_version, route.canary_version) if v is not None}
             routes[name] = {
                 "stable": route.stable_version if route else None,
                 "canary": route.canary_version if route else None,
                 "weight": route.canary_weight if route else 0.0,
-                "known": self._catalog.versions(name),
+                "known": known,
+                "shadows": shadows,
+                "shadow_share": route.shadow_share if route else 0.0,
+                "specs": {str(v): spec_of(self._catalog, name, v) for v in sorted(served)},
             }
         return {"ready": self._routes_ready(), "routes": routes}
 
@@ -184,10 +358,12 @@ class DataPlane:
     # -- figures ------------------------------------------------------------------------------
 
     async def drain_stats(self) -> int:
-        """Move the calls finished since the last drain into the counters; how many."""
+        """Move the calls finished since the last drain into the counters and the instruments;
+        how many calls."""
         raw = await asyncio.to_thread(self._request, "POST", "/stats/drain", b"")
+        drained = json.loads(raw)
         total = 0
-        for entry in json.loads(raw).get("versions", []):
+        for entry in drained.get("versions", []):
             answered, failed = int(entry["answered"]), int(entry["failed"])
             model, version = entry["model"], int(entry["version"])
             # Callers choose pinned versions: only the repository's are kept (a caller pinning
@@ -204,9 +380,54 @@ class DataPlane:
                 answered=answered,
                 failed=failed,
                 latencies_ms=[float(x) for x in entry.get("latencies_ms", [])],
+                shadow=bool(entry.get("shadow", False)),
             )
             total += answered + failed
+        # Counts by label: the data plane bounds them, so they are kept whatever the version.
+        for entry in drained.get("predictions", []):
+            count, degraded = int(entry["count"]), bool(entry["degraded"])
+            instruments.record_prediction(
+                entry["model"],
+                _version(entry),
+                arm=entry["arm"],
+                degraded=degraded,
+                count=count,
+            )
+            if degraded:
+                self._counters.degraded += count
+        for entry in drained.get("shadow_scores", []):
+            instruments.record_shadow(
+                entry["model"], _version(entry), entry["outcome"], count=int(entry["count"])
+            )
+        for entry in drained.get("triton_errors", []):
+            instruments.record_triton_error(
+                entry["model"], _version(entry), entry["code"], count=int(entry["count"])
+            )
         return total
+
+    async def predict_totals(self) -> dict[str, int]:
+        """The data plane's Predict batching so far: ``triton_requests`` and ``rows``."""
+        raw = await asyncio.to_thread(self._request, "GET", "/predict/totals", b"")
+        totals = json.loads(raw)
+        return {"triton_requests": int(totals["triton_requests"]), "rows": int(totals["rows"])}
+
+    async def drain_predictions(self, limit: int) -> int:
+        """Move up to ``limit`` of the data plane's prediction records into the log; how many
+        it returned (``limit``: more may be waiting)."""
+        path = f"/predictions/drain?max={limit}"
+        drained = json.loads(await asyncio.to_thread(self._request, "POST", path, b""))
+        # Lost in the data plane's full queue: counted as the log's own drops are.
+        self._logger.dropped += int(drained.get("dropped", 0))
+        records = drained.get("predictions", [])
+        for raw in records:
+            try:
+                record, context = prediction_of(raw)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._logger.invalid += 1
+                self._now_and_then("record", "unloggable prediction from the data plane: %r", exc)
+                continue
+            self._logger.log(record, context)  # a full queue drops and counts it
+        return len(records)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -233,6 +454,39 @@ class DataPlane:
             except OSError:
                 log.warning("data plane admin call failed; retrying", exc_info=True)
 
+    async def _drain_predictions(self) -> None:
+        """Drain records until the child has exited: at once while full batches come back,
+        else after ``log_linger_ms`` (the log's batching); a failure is retried shortly."""
+        scope = self._settings.inference
+        limit, linger = scope.log_batch_size, scope.log_linger_ms / 1000.0
+        while True:
+            try:
+                got = await self.drain_predictions(limit)
+            except (OSError, ValueError):
+                if self._exited.is_set():
+                    return  # the child is gone, and its queue with it
+                if not self.stopping:
+                    self._now_and_then(
+                        "drain", "draining the data plane's predictions failed; retrying"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exited.wait(), RETRY_S)
+                continue
+            if got < limit:
+                await asyncio.sleep(linger if got else max(linger, IDLE_POLL_S))
+
+    def _now_and_then(self, key: str, message: str, *args: object) -> None:
+        """Log a warning (with the exception being handled) at most every ``WARN_EVERY_S``."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -math.inf) >= WARN_EVERY_S:
+            self._warned[key] = now
+            log.warning(message, *args, exc_info=True)
+
     async def _watch_exit(self, process: DataPlaneProcess) -> None:
         await process.crashed.wait()
         self.crashed.set()
+
+
+def _version(entry: dict[str, Any]) -> int | None:
+    version = entry.get("version")
+    return int(version) if version is not None else None

@@ -2,7 +2,8 @@
 
 Prometheus names (OTel's conversion): ``loopmesh_inference_predictions_total{model, version,
 arm, degraded}`` and ``loopmesh_inference_triton_errors_total{model, version, code}``. Both
-Predict and the Open Inference ModelInfer door record them. Shadow scoring (never an answer)
+Predict and the Open Inference ModelInfer door record them; the data plane's counts arrive in
+bulk with its stats drains. Shadow scoring (never an answer)
 counts in ``loopmesh_inference_shadow_scores_total{model, version, outcome}``: ``scored``,
 ``failed``, ``timeout`` or ``shed`` (no shadow slot free: shadow work goes first under load).
 """
@@ -31,10 +32,11 @@ _shadow = _meter.create_counter(
 )
 
 
-def record_shadow(model: str, version: int | None, outcome: str) -> None:
-    """One shadow scoring of a request (``version`` None: shed before one was picked)."""
+def record_shadow(model: str, version: int | None, outcome: str, *, count: int = 1) -> None:
+    """``count`` shadow scorings of requests (``version`` None: shed before one was picked);
+    counts above 1 are the data plane's, drained in bulk."""
     _shadow.add(
-        1,
+        count,
         {
             "model": model,
             "version": str(version) if version is not None else "",
@@ -43,10 +45,12 @@ def record_shadow(model: str, version: int | None, outcome: str) -> None:
     )
 
 
-def record_prediction(model: str, version: int | None, *, arm: str, degraded: bool) -> None:
-    """One answer served by ``version`` of ``model``."""
+def record_prediction(
+    model: str, version: int | None, *, arm: str, degraded: bool, count: int = 1
+) -> None:
+    """``count`` answers served by ``version`` of ``model``."""
     _predictions.add(
-        1,
+        count,
         {
             "model": model,
             "version": str(version) if version is not None else "",
@@ -56,8 +60,9 @@ def record_prediction(model: str, version: int | None, *, arm: str, degraded: bo
     )
 
 
-def record_triton_error(model: str, version: int | None, code: str) -> None:
-    """A Triton call for ``model`` (``version`` when known) failed with gRPC ``code``."""
+def record_triton_error(model: str, version: int | None, code: str, *, count: int = 1) -> None:
+    """``count`` Triton calls for ``model`` (``version`` when known) failed with gRPC ``code``."""
     _triton_errors.add(
-        1, {"model": model, "version": str(version) if version is not None else "", "code": code}
+        count,
+        {"model": model, "version": str(version) if version is not None else "", "code": code},
     )

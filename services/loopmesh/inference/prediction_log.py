@@ -51,9 +51,13 @@ class PredictionLogger:
         self.dropped = 0
         self.invalid = 0
 
-    def log(self, record: PredictionRecord) -> bool:
+    def log(self, record: PredictionRecord, context: otel_context.Context | None = None) -> bool:
+        """Queue ``record`` with the trace ``context`` of its Predict (None: the current one;
+        the data plane's records come with theirs); False when the queue is full."""
+        if context is None:
+            context = otel_context.get_current()
         try:
-            self._queue.put_nowait((record, otel_context.get_current()))
+            self._queue.put_nowait((record, context))
         except asyncio.QueueFull:
             self.dropped += 1
             return False

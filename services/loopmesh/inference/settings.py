@@ -36,6 +36,13 @@ class DataPlaneScope(BaseModel):
     """How long it may take to finish in-flight calls on shutdown before it is killed."""
     admin_timeout_s: float = Field(default=5.0, gt=0)
     """Deadline of one call to its loopback admin API."""
+    predict: bool = True
+    """Serve Predict in the data plane (the Go hot path); False: every Predict is proxied to
+    this process. Measured on two cores, the Python Predict path reached 0.09x direct
+    Triton's throughput at 16 concurrent calls. PredictStream, SetRoute and GetRoute stay
+    here, and so does any Predict the data plane cannot serve (an invalid request, an unknown
+    model or version, bad metadata): it forwards those unchanged, so each error message has
+    one definition, this process'."""
 
 
 class InferenceScope(BaseModel):

@@ -6,7 +6,8 @@ door, the joiner, the trainer (dataset sink, core, gRPC) and the rollout control
 one Predict and its Feedback are sent by a client whose calls carry their trace context (the
 OTel gRPC client interceptor), each under a root span; then one training run is triggered.
 
-Proved from the spans (an in-memory exporter on the global provider): the synchronous chains
+Proved from the spans (an in-memory exporter on the global provider, and the gateway's Go
+data plane's, exported over OTLP to a receiver in this process): the synchronous chains
 keep one trace id across the Kafka hops with parent links (Ingest -> ``events.raw`` ->
 features; Predict -> ``predictions`` -> joiner; Feedback -> ``feedback`` -> joiner), and the
 asynchronous causes are span links: the join links to the prediction's trace, the training
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -49,7 +50,7 @@ from loopmesh.inference.app import InferenceGateway
 from loopmesh.joiner.app import JoinerApp
 from loopmesh.mesh.bus import EventProducer, declare_topics
 from loopmesh.mesh.events import FeedbackEvent, PredictionLogged
-from loopmesh.mesh.settings import KafkaSettings
+from loopmesh.mesh.settings import KafkaSettings, TelemetrySettings
 from loopmesh.rollout.app import RolloutApp
 from loopmesh.trainer.app import TrainerApp
 from loopmesh.trainer.runs import RunRecord
@@ -60,6 +61,7 @@ from loopmesh.trainer.settings import (
 )
 from tests.helpers import eventually
 from tests.support.mesh import MeshBuilder
+from tests.support.otlp import ExportedSpan, otlp_receiver
 from tests.test_inference_support import (
     CALL_TIMEOUT,
     FEATURES,
@@ -105,15 +107,22 @@ async def span_named(
     return span
 
 
-def chain(span: ReadableSpan, spans: Spans) -> list[tuple[str, SpanKind]]:
-    """(name, kind) of ``span`` and of each parent up to the root, all within ``spans``."""
-    by_id = {s.context.span_id: s for s in spans}
+def chain(
+    span: ReadableSpan, spans: Spans, exported: Sequence[ExportedSpan] = ()
+) -> list[tuple[str, SpanKind]]:
+    """(name, kind) of ``span`` and of each parent up to the root, all within ``spans`` and
+    the spans another process ``exported`` over OTLP (the data plane's)."""
+    nodes = {
+        s.context.span_id: (s.name, s.kind, s.parent.span_id if s.parent else None) for s in spans
+    }
+    nodes |= {s.span_id: (s.name, s.kind, s.parent_span_id) for s in exported}
     out = [(span.name, span.kind)]
-    current: ReadableSpan | None = span
-    while current is not None and current.parent is not None:
-        current = by_id.get(current.parent.span_id)
-        assert current is not None, f"a parent of {span.name} is missing from its trace: {out}"
-        out.append((current.name, current.kind))
+    parent = span.parent.span_id if span.parent else None
+    while parent is not None:
+        node = nodes.get(parent)
+        assert node is not None, f"a parent of {span.name} is missing from its trace: {out}"
+        out.append((node[0], node[1]))
+        parent = node[2]
     return out
 
 
@@ -225,7 +234,11 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
         intake = ingestion(kafka_settings, events.name)
         door = feedback(kafka_settings, joins.feedback)
         fixed, features_url = await stack.enter_async_context(feature_server())
-        gateway = InferenceGateway(build.inference(features_url, default_model=model))
+        # Predict is served by the gateway's Go data plane, which exports its spans over OTLP.
+        receiver, otlp = await stack.enter_async_context(otlp_receiver())
+        inference = build.inference(features_url, default_model=model)
+        telemetry = TelemetrySettings(otlp_endpoint=otlp)
+        gateway = InferenceGateway(inference.model_copy(update={"telemetry": telemetry}))
         await declare_topics(kafka_settings, [intake.topic, door.topic])
         # The stream apps each wait for a group rebalance: start everything at once.
         joiner = JoinerApp(build.joiner())
@@ -287,6 +300,17 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
         assert (answer.model_name, answer.model_version) == (model, 1)
         predict_trace = root.get_span_context().trace_id
         waiting = await span_named(spans, predict_trace, f"{joins.predictions} process")
+        # The data plane's span comes in its exporter's next batch (every few seconds).
+        served = await eventually(
+            lambda: _ready(
+                [
+                    s
+                    for s in receiver.spans
+                    if s.trace_id == predict_trace and s.service == "inference-dataplane"
+                ]
+            ),
+            timeout=DEADLINE,
+        )
 
         # -- its Feedback -> feedback -> joiner joins -> training.examples -> dataset -------
         async with traced_channel(door.address) as channel:
@@ -328,15 +352,21 @@ async def test_one_event_prediction_and_feedback_are_traced_across_every_hop(
     assert path[1] == (f"{events.name} publish", SpanKind.PRODUCER)
     assert path[-3:] == rpc_chain("/loopmesh.v1.IngestionService/Ingest", "test ingest")
 
-    # Predict: client -> server -> Predict -> predictions publish -> joiner process.
+    # Predict: client -> the data plane's Predict -> its record in predictions -> joiner
+    # process (the log's batch publish links to each record's Predict; each message carries
+    # its own Predict's context).
     predict_spans = finished(spans, predict_trace)
-    path = chain(waiting, predict_spans)
-    assert path[:3] == [
+    path = chain(waiting, predict_spans, served)
+    assert path == [
         (f"{joins.predictions} process", SpanKind.CONSUMER),
-        (f"{joins.predictions} publish", SpanKind.PRODUCER),
-        ("Predict", SpanKind.INTERNAL),
+        ("Predict", SpanKind.SERVER),
+        ("/loopmesh.v1.InferenceService/Predict", SpanKind.CLIENT),
+        ("test predict", SpanKind.INTERNAL),
     ]
-    assert path[-3:] == rpc_chain("/loopmesh.v1.InferenceService/Predict", "test predict")
+    publishes = named(spans.get_finished_spans(), f"{joins.predictions} publish")
+    assert [
+        p.kind for p in publishes if any(link.context.trace_id == predict_trace for link in p.links)
+    ] == [SpanKind.PRODUCER]
 
     # Feedback: client -> server -> feedback publish -> the join, which links to the Predict.
     feedback_spans = finished(spans, feedback_trace)

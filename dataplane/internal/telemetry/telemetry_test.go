@@ -43,6 +43,29 @@ func TestTracingContinuesTheCallersTrace(t *testing.T) {
 	}
 }
 
+// OpenTelemetry Python (1.45) sends flags 03: sampled plus Trace Context Level 2's random bit.
+func TestTracingContinuesATraceWithTheRandomFlag(t *testing.T) {
+	exporter := tracetest.NewInMemoryExporter()
+	tr := withExporter(exporter, "test")
+	_, span, _ := tr.Start(incoming("traceparent", parent[:53]+"03"), "Predict")
+	span.End()
+	if err := tr.provider.ForceFlush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	spans := exporter.GetSpans()
+	if len(spans) != 1 || spans[0].SpanContext.TraceID().String() != "0af7651916cd43dd8448eb211c80319c" ||
+		spans[0].Parent.SpanID().String() != "b7ad6b7169203331" || !spans[0].SpanContext.IsSampled() {
+		t.Fatalf("a new trace instead of the caller's: %+v", spans)
+	}
+	for in, want := range map[string]string{
+		parent[:53] + "03": parent, parent[:53] + "02": parent[:53] + "00", parent: parent, "garbage": "garbage",
+	} {
+		if got := sampledOnly(in); got != want {
+			t.Errorf("sampledOnly(%s) = %s, want %s", in, got, want)
+		}
+	}
+}
+
 func TestTracingOffForwardsTraceHeaders(t *testing.T) {
 	tr, err := NewTracing(context.Background(), "", "test", nil)
 	if err != nil {

@@ -2,6 +2,7 @@ package telemetry
 
 import (
 	"context"
+	"strconv"
 	"strings"
 
 	"go.opentelemetry.io/otel"
@@ -88,9 +89,26 @@ type carrier metadata.MD
 
 func (c carrier) Get(key string) string {
 	if v := metadata.MD(c).Get(key); len(v) > 0 {
+		if key == "traceparent" {
+			return sampledOnly(v[0])
+		}
 		return v[0]
 	}
 	return ""
+}
+
+// sampledOnly keeps only the sampled bit of a version-00 traceparent's flags. Trace Context
+// Level 2 adds a "random" bit (0x02), which OpenTelemetry Python sets on every trace; this
+// otel-go refuses version-00 flags above 0x02 and would start a new trace instead.
+func sampledOnly(tp string) string {
+	if len(tp) != 55 || tp[:3] != "00-" || tp[52] != '-' {
+		return tp
+	}
+	flags, err := strconv.ParseUint(tp[53:], 16, 8)
+	if err != nil || flags <= 1 {
+		return tp
+	}
+	return tp[:53] + "0" + strconv.FormatUint(flags&1, 10)
 }
 
 func (c carrier) Set(key, value string) { metadata.MD(c).Set(key, value) }

@@ -20,8 +20,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.helpers import create_ssl_context
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
 from pydantic import ValidationError
 
 from loopmesh.mesh.errors import Unavailable
@@ -125,18 +126,23 @@ def group_options(settings: KafkaSettings, service: str, group_id: str) -> dict[
     return options
 
 
+MAX_LINKS = 128
+"""Most links a batch's publish span keeps (OpenTelemetry's default span limit)."""
+
+
 def encode(event: Event) -> bytes:
     return event.model_dump_json(by_alias=True).encode()
 
 
-def event_headers(event: Event) -> KafkaHeaders:
-    """Headers every produced event carries: its id, schema and the current trace context."""
+def event_headers(event: Event, context: Context | None = None) -> KafkaHeaders:
+    """Headers every produced event carries: its id, schema and the trace context (the
+    current one unless ``context`` is given)."""
     headers: KafkaHeaders = [
         ("event_id", event.event_id.encode()),
         ("schema", event.schema_.encode()),
         ("content-type", b"application/json"),
     ]
-    return inject_headers(headers)
+    return inject_headers(headers, context)
 
 
 async def declare_topics(
@@ -215,18 +221,32 @@ class EventProducer:
         await self.publish_many(topic, [event], keys=[key] if key is not None else None)
 
     async def publish_many(
-        self, topic: Topic, events: Sequence[Event], *, keys: Sequence[str | None] | None = None
+        self,
+        topic: Topic,
+        events: Sequence[Event],
+        *,
+        keys: Sequence[str | None] | None = None,
+        contexts: Sequence[Context] | None = None,
     ) -> None:
         """Produce a batch and wait until every event of it is acknowledged.
+
+        ``contexts``: each event's own trace context (where it was created, e.g. its Predict),
+        which its headers carry so that its consumer continues that trace; the batch's span
+        links to them. Without it every event carries the batch's span.
 
         Raises the first delivery error (``KafkaError``); events before it may have landed,
         which is why consumers deduplicate by event id.
         """
         if not events:
             return
+        links = None
+        if contexts is not None:
+            spans = (trace.get_current_span(c).get_span_context() for c in contexts)
+            links = [Link(sc) for sc in spans if sc.is_valid][:MAX_LINKS]
         with self._tracer.start_as_current_span(
             f"{topic.name} publish",
             kind=SpanKind.PRODUCER,
+            links=links,
             attributes={
                 "messaging.system": "kafka",
                 "messaging.destination.name": topic.name,
@@ -243,7 +263,7 @@ class EventProducer:
                         topic.name,
                         value=encode(event),
                         key=key.encode(),
-                        headers=event_headers(event),
+                        headers=event_headers(event, contexts[i] if contexts else None),
                     )
                 )
             await asyncio.gather(*futures)

@@ -4,8 +4,9 @@ One run prepares and applies its own Feast repo (SQLite online store), writes th
 100 entities (folded from events by the service's own ``EntityFold``, pushed through
 ``FeastGateway``), starts the features service in its own process as deployed, without agents:
 the Go data plane on the public port (``GetOnlineFeatures`` read from the online store by the
-data plane) in front of the Python FeatureService on its loopback port. It measures sequential
-calls for 1 and 100 entities, every feature of both views:
+data plane) in front of the Python FeatureService on its loopback port (that setup lives in
+``bench/_feature_store.py``, shared with ``inference_bench``). It measures sequential calls for
+1 and 100 entities, every feature of both views:
 
 - direct:  ``FeatureStore.get_online_features`` in this process (the baseline)
 - gRPC:    ``GetOnlineFeatures`` on the public port, from ``loopmesh-callbench`` (a lean Go
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -34,18 +34,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from loopmesh.devstack.process import free_port
+from bench._feature_store import block_torch, feature_service
 from loopmesh.gen.loopmesh.v1 import features_pb2, features_pb2_grpc
-from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
 
 SIZES = (1, 100)
 CALLS = {
@@ -56,101 +53,6 @@ ROUNDS = 3
 TARGET_P99 = {1: 2.0, 100: 1.3}
 """Most gRPC p99 / direct p99 (issue 17)."""
 console = Console()
-
-
-def _block_torch() -> bool:
-    """Keep feast from importing torch (only for to_tensor), as loopmesh.features.__main__
-    does; True when this call put the block in place."""
-    if "torch" in sys.modules:
-        return False
-    sys.modules["torch"] = None  # type: ignore[assignment]
-    return True
-
-
-def _scope(repo: Path, port: int = 0) -> Any:
-    from loopmesh.features.settings import FeaturesScope
-    from loopmesh.mesh.settings import GrpcServerSettings
-
-    return FeaturesScope(repo_path=repo, server=GrpcServerSettings(port=port))
-
-
-def _serve(repo: str, port: int, backend_port: int) -> None:
-    """The server process, as deployed without agents or Kafka (reads only): the data plane
-    on ``port`` in front of FeatureService on ``backend_port``."""
-    _block_torch()
-    from loopmesh.features.dataplane import FeaturesDataPlane
-    from loopmesh.features.server import SERVICE_NAME, FeatureServicer
-    from loopmesh.features.settings import DataPlaneScope, FeaturesSettings
-    from loopmesh.features.store import FeastGateway
-    from loopmesh.mesh.events import EntityErased
-    from loopmesh.mesh.rpc import GrpcServer
-    from loopmesh.mesh.settings import GrpcServerSettings
-
-    async def refuse(event: EntityErased) -> None:
-        raise RuntimeError("the benchmark does not erase")
-
-    async def run() -> None:
-        scope = _scope(Path(repo), port).model_copy(
-            update={"dataplane": DataPlaneScope(backend_port=backend_port)}
-        )
-        settings = FeaturesSettings(features=scope)
-        store = FeastGateway.open(scope)
-        server = GrpcServer(
-            "features-bench", GrpcServerSettings(host="127.0.0.1", port=backend_port)
-        )
-        features_pb2_grpc.add_FeatureServiceServicer_to_server(
-            FeatureServicer(store, refuse, max_entities=1000), server.server
-        )
-        await server.start([SERVICE_NAME])
-        plane = FeaturesDataPlane(settings, store)
-        await plane.start(server.address)
-        try:
-            await plane.crashed.wait()
-        finally:
-            await plane.stop()
-
-    asyncio.run(run())
-
-
-async def _serving(address: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service="loopmesh.v1.FeatureService"), timeout=2
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.5)
-    raise RuntimeError(f"FeatureService at {address} did not come up in {timeout:.0f} s")
-
-
-def _seed(gateway: Any, n: int) -> list[str]:
-    """Rows for ``n`` entities, folded from events the way the agents fold them."""
-    from loopmesh.features.core import EntityFold, event_columns
-    from loopmesh.mesh.events import InteractionEvent
-
-    now = datetime.now(UTC)
-    views = gateway.definitions.views_of("entity_id")
-    ids, rows = [], []
-    for i in range(n):
-        fold = EntityFold("entity_id", f"bench-{i}", views)
-        for j in range(5):
-            event = InteractionEvent(
-                entity_id=fold.value,
-                event_type="view",
-                event_time=now - timedelta(minutes=j * 7),
-                numeric={"value": float(i + j), "amount": 2.0},
-                categorical={"category": "c"},
-            )
-            fold.apply(event, event_columns(event))
-        ids.append(fold.value)
-        rows.append(fold.rows())
-    asyncio.run(gateway.write(rows))
-    return ids
 
 
 async def _time(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
@@ -272,7 +174,7 @@ async def _measure(
 
 
 def main() -> None:
-    blocked = _block_torch()
+    blocked = block_torch()
     try:
         _run()
     finally:
@@ -282,31 +184,18 @@ def main() -> None:
 
 
 def _run() -> None:
-    from loopmesh.features.store import FeastGateway
-
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:
-        with console.status("preparing and applying the Feast repo"):
-            repo = prepare_repo(Path(tmp) / "repo")
-            apply_repo(repo)
-        gateway = FeastGateway.open(_scope(repo))
-        ids = _seed(gateway, max(SIZES))
-        refs = [spec.ref for spec in gateway.schema.features]
-        port, backend_port = free_port(), free_port()
-        server = multiprocessing.get_context("spawn").Process(
-            target=_serve, args=(str(repo), port, backend_port), daemon=True
+    with (
+        tempfile.TemporaryDirectory(prefix="features-bench-") as tmp,
+        feature_service(Path(tmp), max(SIZES), console) as service,
+    ):
+        client = CallBench(Path(tmp), service.address)
+        refs = service.refs
+        results = asyncio.run(
+            _measure(
+                service.gateway.store, refs, service.ids, service.address, service.backend, client
+            )
         )
-        server.start()
-        try:
-            address = f"127.0.0.1:{port}"
-            backend = f"127.0.0.1:{backend_port}"
-            asyncio.run(_serving(address))
-            client = CallBench(Path(tmp), address)
-            results = asyncio.run(_measure(gateway.store, refs, ids, address, backend, client))
-        finally:
-            server.terminate()
-            server.join(timeout=20)
-            gateway.close()
     load_after = os.getloadavg()
 
     table = Table(title=f"GetOnlineFeatures, {len(refs)} features, sequential calls (ms)")

@@ -1,15 +1,26 @@
 """Inference gateway vs direct Triton, driven by ghz: requests/s, p50/p99 at 1, 16 and 64
 concurrent calls, and CPU per request of every process.
 
-One run starts its own Kafka, tritonserver (a small MLP, one version loaded), a fixed-value
-FeatureService (own process) and the gateway (``python -m loopmesh.inference``, own process,
-as deployed: the Go data plane on the public port, the Python control plane behind it), then
-measures with ghz (third-party, pinned, built with ``go install``), one concurrency after
-another, its three paths taking turns in short slices (see ``ROUNDS``):
+One run starts its own Kafka, tritonserver (a small MLP, one version loaded), the features
+service and the gateway (``python -m loopmesh.inference``, own process, as deployed: the Go
+data plane on the public port, the Python control plane behind it), then measures with ghz
+(third-party, pinned, built with ``go install``), one concurrency after another, its three
+paths taking turns in short slices (see ``ROUNDS``):
 
 - direct Triton ModelInfer:  the baseline
 - gateway ModelInfer:        the same request through the data plane (routed, no version)
 - gateway Predict:           entity_id + context -> features, Triton, prediction log
+
+The features service is the real one, as users deploy it (``bench/_feature_store.py``, shared
+with ``features_bench``): its own process, the Go features data plane on its public port
+reading Feast's SQLite online store, in front of the Python FeatureService, over a Feast repo
+of the project's definitions applied here with rows for ``ENTITIES`` entities. The model takes
+every numeric feature of that repo ("view:feature") plus two context numbers (``CONTEXT``), and
+ghz spreads Predict over those entities, so every feature read hits a real row (checked once
+before measuring: an answer that is degraded, or that defaulted a store feature, stops the
+run). A Python grpc.aio fake with fixed values stood here before: it measured a service nobody
+deploys, at its own cost (~170 us of CPU per Predict at 16 calls); the "features" column of
+the CPU table is now the deployed service's.
 
 Targets: gateway ModelInfer >= 0.8x direct throughput at 16 and 64 concurrent calls and
 <= +0.5 ms p50 at 1; Predict >= 0.5x direct at 16. Everything shares this machine's cores, so
@@ -19,16 +30,15 @@ that contention too.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,22 +49,18 @@ from rich.console import Console
 from rich.table import Table
 from tritonclient.grpc import service_pb2
 
+from bench._feature_store import ENTITY_PREFIX, feature_service
 from loopmesh.devstack.kafka import KafkaBroker
 from loopmesh.devstack.process import free_port
 from loopmesh.devstack.triton import TritonServer
-from loopmesh.gen.loopmesh.v1 import (
-    common_pb2,
-    features_pb2,
-    features_pb2_grpc,
-    inference_pb2,
-    inference_pb2_grpc,
-)
+from loopmesh.gen.loopmesh.v1 import inference_pb2, inference_pb2_grpc
 from loopmesh.mesh import model_repo
 
 MODEL = "bench"
-STORE = [f"entity_activity:f{i}" for i in range(8)]
+ENTITIES = 1000
+"""Entities with rows in the online store; Predict's entity_id cycles through them."""
 CONTEXT = ["price", "hour"]
-FEATURES = STORE + CONTEXT
+"""Plain names: given in every Predict's context, never read from the store."""
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", "5"))
 """Measured seconds per cell."""
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "5")))
@@ -70,47 +76,19 @@ console = Console(width=150)
 # -- the peer services ------------------------------------------------------------------------
 
 
-class _FixedFeatures(features_pb2_grpc.FeatureServiceServicer):
-    async def GetOnlineFeatures(
-        self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
-    ) -> features_pb2.GetOnlineFeaturesResponse:
-        response = features_pb2.GetOnlineFeaturesResponse(feature_refs=request.feature_refs)
-        for entity_id in request.entity_ids:
-            entity = response.entities.add(entity_id=entity_id)
-            for i, _ in enumerate(request.feature_refs):
-                entity.values.add(
-                    value=common_pb2.Value(number=(len(entity_id) + i) / 10.0),
-                    status=features_pb2.FEATURE_STATUS_PRESENT,
-                )
-        return response
-
-
-def _serve_features(port: int) -> None:
-    os.setsid()  # own process group, for the CPU accounting
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        features_pb2_grpc.add_FeatureServiceServicer_to_server(_FixedFeatures(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
-
-
-def _model_bytes() -> bytes:
+def _model_bytes(n_features: int) -> bytes:
     import torch  # only the setup needs torch
 
     from loopmesh.trainer.export import export_module
 
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(
-        torch.nn.Linear(len(FEATURES), 32),
+        torch.nn.Linear(n_features, 32),
         torch.nn.ReLU(),
         torch.nn.Linear(32, 1),
         torch.nn.Sigmoid(),
     ).eval()
-    return export_module(mlp, np.random.default_rng(0).normal(size=(64, len(FEATURES)))).onnx
+    return export_module(mlp, np.random.default_rng(0).normal(size=(64, n_features))).onnx
 
 
 # -- measurement ------------------------------------------------------------------------------
@@ -264,29 +242,57 @@ def _ghz(
     return json.loads(done.stdout)
 
 
+def _predict_request(entity_id: str) -> dict[str, Any]:
+    return {"model_name": MODEL, "entity_id": entity_id, "context": {"price": 9.5, "hour": 13.0}}
+
+
+def _check_features(gateway_url: str, store_refs: list[str]) -> None:
+    """One Predict through the gateway must have read every store feature: not degraded (the
+    features service answered), none of ``store_refs`` defaulted (the entity's row was there);
+    else the measurement would not be of what users deploy, and the run stops."""
+    from google.protobuf import json_format
+
+    request = json_format.ParseDict(
+        _predict_request(f"{ENTITY_PREFIX}{ENTITIES // 2}"), inference_pb2.PredictRequest()
+    )
+    with grpc.insecure_channel(gateway_url) as channel:
+        reply = inference_pb2_grpc.InferenceServiceStub(channel).Predict(request, timeout=10)
+    defaulted = sorted(set(reply.defaulted_features) & set(store_refs))
+    if reply.degraded or defaulted:
+        raise RuntimeError(
+            f"Predict did not read its features from the features service (degraded="
+            f"{reply.degraded}, defaulted {defaulted or 'none'} of {store_refs}): not measuring"
+        )
+    console.print(
+        f"features check: Predict for {request.entity_id} read all {len(store_refs)} store "
+        f"features (not degraded, none defaulted), score {reply.score:.4f}"
+    )
+
+
 def _measure(
-    triton_url: str, gateway_url: str, cpu: dict[str, Callable[[], float]], root: Path
+    triton_url: str,
+    gateway_url: str,
+    cpu: dict[str, Callable[[], float]],
+    root: Path,
+    store_refs: list[str],
 ) -> list[Cell]:
     ghz = ghz_binary()
     protoset = root / "apis.protoset"
     write_protoset(protoset)
-    x = np.random.default_rng(0).normal(size=(1, len(FEATURES))).astype(np.float32)
+    n_features = len(store_refs) + len(CONTEXT)
+    x = np.random.default_rng(0).normal(size=(1, n_features)).astype(np.float32)
     infer = service_pb2.ModelInferRequest(model_name=MODEL, id="bench")
     infer.inputs.add(name=model_repo.INPUT_NAME, datatype="FP32", shape=list(x.shape))
     infer.raw_input_contents.append(x.tobytes())
     infer_file = root / "infer.bin"
     infer_file.write_bytes(infer.SerializeToString())
-    predict = json.dumps(
-        {
-            "model_name": MODEL,
-            "entity_id": "user-{{.RequestNumber}}",
-            "context": {"price": 9.5, "hour": 13.0},
-        }
-    )
+    # ghz fills the template per call (sprig's mod): entity ids cycle through those with rows.
+    predict = json.dumps(_predict_request(f"{ENTITY_PREFIX}{{{{mod .RequestNumber {ENTITIES}}}}}"))
     with grpc.insecure_channel(gateway_url) as channel:
         inference_pb2_grpc.InferenceServiceStub(channel).SetRoute(
             inference_pb2.SetRouteRequest(model_name=MODEL, stable_version=1), timeout=10
         )
+    _check_features(gateway_url, store_refs)
     infer_call = "inference.GRPCInferenceService.ModelInfer"
     paths = {
         "direct Triton ModelInfer": (triton_url, infer_call, ["--binary-file", str(infer_file)]),
@@ -454,21 +460,31 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="loopmesh-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="loopmesh-bench-") as tmp, ExitStack() as stack:
         root = Path(tmp)
+        # The real features service first: the model's features are its repo's.
+        features = stack.enter_context(
+            feature_service(root / "features", ENTITIES, console, own_group=True)
+        )
+        # Not the event timestamps (unix seconds): unscaled, they saturate the MLP, and every
+        # answer would be 0 (Triton's work is the same, but a bench should answer sensibly).
+        store_refs = [r for r in features.numeric_refs if not r.endswith("_ts")]
+        feature_names = store_refs + CONTEXT
         repo = root / "models"
         repo.mkdir()
         model_repo.write_version(
-            repo, MODEL, 1, _model_bytes(), {"feature_names": FEATURES}, n_features=len(FEATURES)
+            repo,
+            MODEL,
+            1,
+            _model_bytes(len(feature_names)),
+            {"feature_names": feature_names},
+            n_features=len(feature_names),
         )
         kafka = KafkaBroker(root / "kafka")
         triton = TritonServer(repo, root / "triton")
-        features_port, gateway_port = free_port(), free_port()
-        features = multiprocessing.get_context("spawn").Process(
-            target=_serve_features, args=(features_port,), daemon=True
-        )
+        gateway_port = free_port()
         gateway: subprocess.Popen[bytes] | None = None
-        with console.status("starting Kafka, tritonserver, features and the gateway"):
+        with console.status("starting Kafka and tritonserver"):
             kafka.start()
             triton.start()
         try:
@@ -477,14 +493,13 @@ def main() -> None:
             loader = grpcclient.InferenceServerClient(triton.grpc_url)
             loader.load_model(MODEL, client_timeout=120)
             loader.close()
-            features.start()
             env = {
                 **os.environ,
                 "LOOPMESH_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                 "LOOPMESH_TRITON_URL": triton.grpc_url,
                 "LOOPMESH_MODEL_REPOSITORY": str(repo),
                 "LOOPMESH_INFERENCE__SERVER__PORT": str(gateway_port),
-                "LOOPMESH_INFERENCE__FEATURES_URL": f"127.0.0.1:{features_port}",
+                "LOOPMESH_INFERENCE__FEATURES_URL": features.address,
             }
             log = (root / "gateway.log").open("wb")
             # Own session: its process group is what the CPU accounting reads.
@@ -499,20 +514,22 @@ def main() -> None:
             _wait_ready(gateway_url, gateway)
             console.print(
                 f"measuring {DURATION_S:.0f}s per cell after {WARMUP_S:.0f}s of warm-up, in "
-                f"{ROUNDS} interleaved slice(s); model: MLP {len(FEATURES)}-32-1 "
-                "(python backend, CPU)"
+                f"{ROUNDS} interleaved slice(s); model: MLP {len(feature_names)}-32-1 "
+                f"(python backend, CPU) on {len(store_refs)} store features of {ENTITIES} "
+                f"entities ({', '.join(store_refs)}) and {len(CONTEXT)} context numbers"
             )
             gateway_pid, triton_pid, features_pid = gateway.pid, triton.pid, features.pid
-            assert triton_pid is not None and features_pid is not None
+            assert triton_pid is not None
             plane = "loopmesh-datapl"  # the kernel keeps 15 characters of a command name
             cpu = {
                 "ghz": lambda: _children_cpu_s(),
                 "data plane": lambda: _group_cpu_s(gateway_pid, name=plane),
                 "control plane": lambda: _group_cpu_s(gateway_pid, exclude=plane),
                 "triton": lambda: _group_cpu_s(triton_pid),
+                # Its own process group: the Python FeatureService and its Go data plane.
                 "features": lambda: _group_cpu_s(features_pid),
             }
-            _report(_measure(triton.grpc_url, gateway_url, cpu, root))
+            _report(_measure(triton.grpc_url, gateway_url, cpu, root, store_refs))
         finally:
             if gateway is not None:
                 gateway.terminate()
@@ -520,8 +537,6 @@ def main() -> None:
                 for line in (root / "gateway.log").read_text(errors="replace").splitlines():
                     if "stopped:" in line:
                         console.print(f"gateway {line.split('stopped:', 1)[1].strip()}")
-            if features.is_alive():
-                features.terminate()
             triton.stop()
             kafka.stop()
 

@@ -29,6 +29,7 @@ from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import Route, RouteTable
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import model_repo
+from loopmesh.mesh.bus import event_headers
 from loopmesh.mesh.topics import PREDICTIONS
 
 pytestmark = pytest.mark.unit
@@ -413,12 +414,17 @@ async def test_drained_records_reach_the_log_under_their_trace_and_drops_are_cou
 
 
 async def test_the_log_publishes_each_record_under_the_context_it_was_given() -> None:
-    published: list[tuple[str, int]] = []
+    published: list[tuple[str, str | None]] = []
 
     class Producer:
-        async def publish(self, topic: Any, event: Any) -> None:
-            span = trace.get_current_span().get_span_context()
-            published.append((event.prediction_id, span.trace_id))
+        async def publish_many(self, topic: Any, events: Any, *, contexts: Any) -> None:
+            # One publish per batch; each message's headers carry its own record's trace.
+            for event, context in zip(events, contexts, strict=True):
+                headers = dict(event_headers(event, context))
+                trace_id = (
+                    headers["traceparent"].decode()[3:35] if "traceparent" in headers else None
+                )
+                published.append((event.prediction_id, trace_id))
 
     logger = PredictionLogger(
         Producer(),  # type: ignore[arg-type]
@@ -432,7 +438,7 @@ async def test_the_log_publishes_each_record_under_the_context_it_was_given() ->
     assert logger.log(record, context)
     assert logger.log(prediction_of(raw_record(prediction_id="d" * 32))[0])  # the current one
     await logger.stop()
-    assert published == [("a" * 32, int(TRACE, 16)), ("d" * 32, 0)]
+    assert published == [("a" * 32, TRACE), ("d" * 32, None)]
 
 
 async def test_the_drain_loop_goes_on_at_once_while_batches_are_full_and_ends_with_the_child(

@@ -208,7 +208,7 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 				Features: predict.NewFeatureClient(features, time.Duration(p.Features.TimeoutS*float64(time.Second)), token, p.BatchMaxSize, delay, p.BatchMaxInflight),
 				Scorer:   predict.NewScorer(triton, p.BatchMaxSize, delay, p.BatchMaxInflight),
 				Backend:  backend, Stats: rec, Counts: predict.NewCounts(), Records: records,
-				Metrics: metrics, Auth: auth.New(tokens), Tracing: tracing,
+				Metrics: metrics, Auth: auth.New(tokens), Tracing: tracing, Calls: stats.New(64, 0), Log: log,
 				Options: predict.Options{
 					DefaultModel: model, Degrade: p.OnFeaturesUnavailable == "degrade", EntityIDKey: key,
 					ShadowMaxInflight: p.ShadowMaxInflight,
@@ -343,7 +343,7 @@ func drained(records *predict.Records, timeout time.Duration) bool {
 	return true
 }
 
-// dialFeatures opens the lazy connection Predict reads features through.
+// dialFeatures opens the connection Predict reads features through (lazily).
 func dialFeatures(p *config.Predict, maxMessage int) (*grpc.ClientConn, error) {
 	creds, err := clientCredentials(p.Features.TLS)
 	if err != nil {
@@ -357,7 +357,8 @@ func dialFeatures(p *config.Predict, maxMessage int) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("predict.features.address: %v", err)
 	}
-	conn.Connect()
+	// Connected by the first call, as Python's channels are: dialled now, a features service
+	// still starting would put it in reconnect backoff, and calls fail fast until it retries.
 	return conn, nil
 }
 

@@ -46,9 +46,11 @@ func Handler(routes *routing.Store, rec *stats.Recorder, pred *predict.Service) 
 		out := struct {
 			Versions []stats.Version `json:"versions"`
 			predict.Drained
-		}{Versions: rec.Drain()}
+			Calls []stats.Call `json:"calls"`
+		}{Versions: rec.Drain(), Calls: []stats.Call{}}
 		if pred != nil {
 			out.Drained = pred.Counts.Drain()
+			out.Calls = pred.DrainCalls()
 		} else {
 			out.Drained = predict.NewCounts().Drain() // empty lists, not nulls
 		}

@@ -43,10 +43,10 @@ func TestAdminAPI(t *testing.T) {
 	rec.Record("m", 2, false, 2.5)
 	if w := do(h, "POST", "/stats/drain", ""); w.Body.String() !=
 		`{"versions":[{"model":"m","version":2,"answered":1,"failed":1,"latencies_ms":[1.5,2.5],"shadow":false}],`+
-			`"predictions":[],"shadow_scores":[],"triton_errors":[]}` {
+			`"predictions":[],"shadow_scores":[],"triton_errors":[],"calls":[]}` {
 		t.Fatalf("drain: %s", w.Body)
 	}
-	if w := do(h, "POST", "/stats/drain", ""); w.Body.String() != `{"versions":[],"predictions":[],"shadow_scores":[],"triton_errors":[]}` {
+	if w := do(h, "POST", "/stats/drain", ""); w.Body.String() != `{"versions":[],"predictions":[],"shadow_scores":[],"triton_errors":[],"calls":[]}` {
 		t.Fatalf("second drain: %s", w.Body)
 	}
 	if w := do(h, "POST", "/predictions/drain?max=5", ""); w.Body.String() != `{"predictions":[],"dropped":0}` {

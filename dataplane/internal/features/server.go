@@ -51,22 +51,12 @@ type Server struct {
 	current atomic.Pointer[catalog]
 }
 
-// Call is one (method, code)'s calls since the previous drain.
-type Call struct {
-	Method      string    `json:"method"`
-	Code        string    `json:"code"`
-	Count       int64     `json:"count"`
-	LatenciesMs []float64 `json:"latencies_ms"` // the newest, at most stats.MaxLatencies
-}
+// Call is one (method, status code)'s calls (stats.Call).
+type Call = stats.Call
 
 // DrainCalls returns the calls answered since the previous drain.
 func (s *Server) DrainCalls() []Call {
-	drained := s.Calls.Drain()
-	out := make([]Call, len(drained))
-	for i, d := range drained {
-		out[i] = Call{Method: d.Model, Code: telemetry.CodeName(codes.Code(d.Version)), Count: d.Answered + d.Failed, LatenciesMs: d.LatenciesMs}
-	}
-	return out
+	return s.Calls.DrainCalls(func(c int64) string { return telemetry.CodeName(codes.Code(c)) })
 }
 
 // New opens the configured store and serves cfg.

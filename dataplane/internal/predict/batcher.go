@@ -33,6 +33,7 @@ type Batcher[I, O any] struct {
 // a caller that left).
 type waiter[I, O any] struct {
 	item   I
+	ctx    context.Context // the submitter's: its values (the trace) reach the flush
 	done   chan result[O]
 	queued bool // in pending (under mu)
 }
@@ -44,8 +45,8 @@ type result[O any] struct {
 
 // NewBatcher returns a Batcher over flush, which must return one result per item, in order
 // (else every item of the batch gets an error); its error goes to every item of the batch.
-// flush runs with context.Background(): a batch serves several callers, so flush applies its
-// own deadline. maxSize and maxInflight below 1 count as 1, a negative maxDelay as 0.
+// flush runs with the first caller's context values but none of its deadline or cancellation:
+// a batch serves several callers, so flush applies its own deadline. maxSize and maxInflight below 1 count as 1, a negative maxDelay as 0.
 func NewBatcher[I, O any](flush func(ctx context.Context, items []I) ([]O, error), maxSize int, maxDelay time.Duration, maxInflight int) *Batcher[I, O] {
 	return &Batcher[I, O]{
 		flush:       flush,
@@ -63,7 +64,7 @@ func (b *Batcher[I, O]) Submit(ctx context.Context, item I) (O, error) {
 		var zero O
 		return zero, err
 	}
-	w := &waiter[I, O]{item: item, done: make(chan result[O], 1), queued: true}
+	w := &waiter[I, O]{item: item, ctx: ctx, done: make(chan result[O], 1), queued: true}
 	b.mu.Lock()
 	b.pending = append(b.pending, w)
 	if b.inflight < b.maxInflight || len(b.pending) >= b.maxSize {
@@ -157,7 +158,9 @@ func (b *Batcher[I, O]) run(batch []*waiter[I, O]) {
 	for i, w := range batch {
 		items[i] = w.item
 	}
-	outs, err := b.flush(context.Background(), items)
+	// The first caller's values (its trace: the batch's call continues it, as Python's
+	// coalescer does), never its deadline or cancellation: the batch serves every caller.
+	outs, err := b.flush(context.WithoutCancel(batch[0].ctx), items)
 	if err == nil && len(outs) != len(batch) {
 		err = fmt.Errorf("flush returned %d results for %d items", len(outs), len(batch))
 	}

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	otelcodes "go.opentelemetry.io/otel/codes"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -37,6 +38,9 @@ func (e *FeaturesUnavailable) Error() string { return e.Msg }
 // FeatureClient reads online features from a FeatureService (Python's FeatureClient):
 // concurrent fetches of the same refs share one GetOnlineFeatures call.
 type FeatureClient struct {
+	// Tracing, when set, gives each call a CLIENT span under its batch's first caller's.
+	Tracing *telemetry.Tracing
+
 	conn               *grpc.ClientConn
 	timeout            time.Duration
 	md                 metadata.MD // nil without a token
@@ -76,15 +80,15 @@ func (c *FeatureClient) Fetch(ctx context.Context, entityID string, refs []strin
 		c.mu.Lock()
 		if rb = c.batchers[key]; rb == nil {
 			rb = &refsBatcher{refs: slices.Clone(refs)}
-			rb.b = NewBatcher(func(_ context.Context, ids []string) ([]map[string]Reading, error) {
-				return c.get(rb.refs, ids)
+			rb.b = NewBatcher(func(ctx context.Context, ids []string) ([]map[string]Reading, error) {
+				return c.get(ctx, rb.refs, ids)
 			}, c.maxBatch, c.maxDelay, c.inflight)
 			c.batchers[key] = rb
 		}
 		c.mu.Unlock()
 	}
 	if !slices.Equal(rb.refs, refs) { // refs holding "\x00" that collide with another list
-		found, err := c.get(refs, []string{entityID})
+		found, err := c.get(ctx, refs, []string{entityID})
 		if err != nil {
 			return nil, err
 		}
@@ -107,7 +111,7 @@ func (c *FeatureClient) Stats() (calls, fetches uint64) {
 
 // get makes one GetOnlineFeatures call for ids (deduplicated, order kept) and returns each
 // id's readings (Python's FeatureClient._get).
-func (c *FeatureClient) get(refs, ids []string) ([]map[string]Reading, error) {
+func (c *FeatureClient) get(parent context.Context, refs, ids []string) ([]map[string]Reading, error) {
 	unique := make([]string, 0, len(ids))
 	seen := make(map[string]struct{}, len(ids))
 	for _, id := range ids {
@@ -116,14 +120,17 @@ func (c *FeatureClient) get(refs, ids []string) ([]map[string]Reading, error) {
 			unique = append(unique, id)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	span, traceMD := c.Tracing.StartClient(parent, methodGetOnlineFeatures)
+	defer span.End()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(parent), c.timeout)
 	defer cancel()
-	if c.md != nil {
-		ctx = metadata.NewOutgoingContext(ctx, c.md)
+	if md := metadata.Join(c.md, traceMD); len(md) > 0 {
+		ctx = metadata.NewOutgoingContext(ctx, md)
 	}
 	var resp []byte
 	if err := c.conn.Invoke(ctx, methodGetOnlineFeatures, encodeFeaturesRequest(unique, refs), &resp, rawCodec); err != nil {
 		s := status.Convert(err)
+		span.SetStatus(otelcodes.Error, s.Message())
 		return nil, &FeaturesUnavailable{Msg: telemetry.CodeName(s.Code()) + ": " + s.Message()}
 	}
 	found, err := parseFeaturesResponse(resp, refs)
@@ -169,6 +176,8 @@ type scoreKey struct {
 // Scorer scores rows with Triton (Python's TritonPool.score_rows and ready_versions): rows
 // for the same version share one ModelInfer call.
 type Scorer struct {
+	// Tracing, when set, gives each call a CLIENT span under its batch's first caller's.
+	Tracing *telemetry.Tracing
 	// OnError, when set (before the first Score), is told of each failed ModelInfer call
 	// once, with the code name as Python's instruments.record_triton_error gets it
 	// ("BAD_ANSWER" for an unusable answer); Score's error goes to every row of the call.
@@ -213,8 +222,8 @@ func (s *Scorer) Score(ctx context.Context, model string, version int64, row []f
 	if b == nil {
 		s.mu.Lock()
 		if b = s.batchers[key]; b == nil {
-			b = NewBatcher(func(_ context.Context, rows [][]float32) ([][]float64, error) {
-				return s.scoreRows(model, version, rows)
+			b = NewBatcher(func(ctx context.Context, rows [][]float32) ([][]float64, error) {
+				return s.scoreRows(ctx, model, version, rows)
 			}, s.maxBatch, s.maxDelay, s.inflight)
 			s.batchers[key] = b
 		}
@@ -236,7 +245,7 @@ func (s *Scorer) Stats() (requests, rows uint64) {
 
 // scoreRows makes one ModelInfer call for rows (all of one width) and returns each row's
 // outputs, failing as TritonPool.score_rows does.
-func (s *Scorer) scoreRows(model string, version int64, rows [][]float32) ([][]float64, error) {
+func (s *Scorer) scoreRows(parent context.Context, model string, version int64, rows [][]float32) ([][]float64, error) {
 	name := model + "/" + strconv.FormatInt(version, 10)
 	width := len(rows[0])
 	flat := make([]float32, 0, len(rows)*width)
@@ -247,9 +256,12 @@ func (s *Scorer) scoreRows(model string, version int64, rows [][]float32) ([][]f
 		}
 		flat = append(flat, r...)
 	}
-	resp, err := s.triton.Call(context.Background(), methodModelInfer,
-		encodeInferRequest(model, version, flat, len(rows), width), nil)
+	span, traceMD := s.Tracing.StartClient(parent, methodModelInfer)
+	defer span.End()
+	resp, err := s.triton.Call(context.WithoutCancel(parent), methodModelInfer,
+		encodeInferRequest(model, version, flat, len(rows), width), traceMD)
 	if err != nil {
+		span.SetStatus(otelcodes.Error, status.Convert(err).Message())
 		st := status.Convert(err)
 		code := telemetry.CodeName(st.Code())
 		return nil, s.fail(model, version, code, &BackendError{Code: st.Code(),

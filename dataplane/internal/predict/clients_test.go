@@ -24,6 +24,7 @@ import (
 	"github.com/loopmesh/loopmesh/dataplane/internal/oip"
 	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
 	"github.com/loopmesh/loopmesh/dataplane/internal/proxy"
+	"github.com/loopmesh/loopmesh/dataplane/internal/telemetry"
 )
 
 // fakeServer answers the unary methods of one service with answer(method, req) and
@@ -197,6 +198,21 @@ func TestFeatureClientNoToken(t *testing.T) {
 	}
 }
 
+// The call continues the trace of its batch's first caller, next to the token.
+func TestFeatureClientCarriesTheCallersTrace(t *testing.T) {
+	f, conn := newFeatureServer(t, func(_ context.Context, req []byte) ([]byte, error) { return featureAnswer(t, req), nil })
+	c := NewFeatureClient(conn, time.Second, "s3cret", 64, time.Millisecond, 2)
+	const tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+	ctx := telemetry.WithOutgoing(context.Background(), metadata.Pairs("traceparent", tp))
+	if _, err := c.Fetch(ctx, "u1", []string{"v:a"}); err != nil {
+		t.Fatal(err)
+	}
+	md := f.seen()[0].md
+	if got := md.Get("traceparent"); !slices.Equal(got, []string{tp}) || len(md.Get("authorization")) != 1 {
+		t.Fatalf("metadata %v", md)
+	}
+}
+
 func TestFeatureClientCoalesces(t *testing.T) {
 	gate := make(chan struct{})
 	var n atomic.Int32
@@ -275,7 +291,7 @@ func TestFeatureClientCoalesces(t *testing.T) {
 func TestFeatureClientKeepsOrder(t *testing.T) {
 	f, conn := newFeatureServer(t, func(_ context.Context, req []byte) ([]byte, error) { return featureAnswer(t, req), nil })
 	c := NewFeatureClient(conn, time.Second, "", 64, time.Millisecond, 1)
-	out, err := c.get([]string{"v:a"}, []string{"u3", "u1", "u3", "u2", "u1"})
+	out, err := c.get(context.Background(), []string{"v:a"}, []string{"u3", "u1", "u3", "u2", "u1"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 	"math"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -70,7 +71,13 @@ type Service struct {
 	Metrics  *telemetry.Metrics
 	Auth     *auth.Auth
 	Tracing  *telemetry.Tracing
+	// Calls holds each call answered here (method, code, latency) until the control plane
+	// drains them into its own rpc.server metrics (the ones it forwards it records itself).
+	Calls *stats.Recorder
+	Log   *telemetry.Logger
 	Options
+
+	degradedWarned atomic.Int64 // unix seconds of the last "features unavailable" warning
 
 	slots   chan struct{} // shadow work in flight
 	shadows sync.WaitGroup
@@ -81,6 +88,7 @@ type Service struct {
 func (s *Service) Register(server *grpc.Server) {
 	s.slots = make(chan struct{}, s.ShadowMaxInflight)
 	s.Scorer.OnError = s.Counts.TritonError
+	s.Scorer.Tracing, s.Features.Tracing = s.Tracing, s.Tracing
 	server.RegisterService(&grpc.ServiceDesc{
 		ServiceName: ServiceName,
 		HandlerType: (*any)(nil),
@@ -110,7 +118,7 @@ var errForward = errors.New("forward")
 func (s *Service) handle(_ any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
 	start := time.Now()
 	if err := s.Auth.CheckMethod(metadata.ValueFromIncomingContext(ctx, "authorization"), role, pathPredict); err != nil {
-		s.Metrics.Request("Predict", "", "", status.Code(err), time.Since(start).Seconds())
+		s.answered(start, "", 0, err)
 		return nil, err
 	}
 	var raw []byte
@@ -124,8 +132,26 @@ func (s *Service) handle(_ any, ctx context.Context, dec func(any) error, _ grpc
 		s.Metrics.Proxied(ServiceName, status.Code(err))
 		return resp, err
 	}
-	s.Metrics.Request("Predict", c.model, telemetry.Version(c.version), status.Code(err), time.Since(start).Seconds())
+	s.answered(start, c.model, c.version, err)
 	return resp, err
+}
+
+// answered records a call answered here.
+func (s *Service) answered(start time.Time, model string, version int64, err error) {
+	elapsed := time.Since(start)
+	code := status.Code(err)
+	s.Metrics.Request("Predict", model, telemetry.Version(version), code, elapsed.Seconds())
+	if s.Calls != nil {
+		s.Calls.Record(pathPredict, int64(code), true, float64(elapsed.Nanoseconds())/1e6)
+	}
+}
+
+// DrainCalls returns the calls answered here since the previous drain.
+func (s *Service) DrainCalls() []stats.Call {
+	if s.Calls == nil {
+		return []stats.Call{}
+	}
+	return s.Calls.DrainCalls(func(c int64) string { return telemetry.CodeName(codes.Code(c)) })
 }
 
 // call collects the metric labels as the handler learns them.
@@ -199,6 +225,7 @@ func (s *Service) predict(ctx context.Context, raw []byte, start time.Time, c *c
 	c.model, c.version = name, version
 	ctx, span, traceMD := s.Tracing.Start(ctx, "Predict", attribute.String("model.name", name))
 	defer span.End()
+	ctx = telemetry.WithOutgoing(ctx, traceMD) // the feature read and Triton call continue it
 	fail := func(err error) (any, error) {
 		span.SetStatus(otelcodes.Error, status.Convert(err).Message())
 		return nil, err
@@ -357,6 +384,7 @@ func (s *Service) inputs(ctx context.Context, r *Request, entity, name string, v
 			if !errors.As(err, &down) {
 				return nil, status.FromContextError(err).Err()
 			}
+			s.warnDegraded(down)
 			if !s.Degrade {
 				return nil, status.Error(codes.Unavailable, cut("feature service unavailable: "+down.Error()))
 			}
@@ -397,6 +425,17 @@ func (s *Service) inputs(ctx context.Context, r *Request, entity, name string, v
 		in.row = append(in.row, float32(declared.Index(in.categorical[declared.Name])))
 	}
 	return in, nil
+}
+
+// warnDegraded logs why features could not be read, at most every 10 s (each answer that
+// defaulted says so in its own fields and counts).
+func (s *Service) warnDegraded(err error) {
+	now := time.Now().Unix()
+	last := s.degradedWarned.Load()
+	if s.Log == nil || now-last < 10 || !s.degradedWarned.CompareAndSwap(last, now) {
+		return
+	}
+	s.Log.Warn("feature service unavailable", "error", err.Error(), "degrade", s.Degrade)
 }
 
 // score is one row's outputs from that version, checked against its spec: k finite numbers,

@@ -122,3 +122,23 @@ func (r *Recorder) Drain() []Version {
 	})
 	return out
 }
+
+// Call is one (method, status code)'s calls, for a control plane's own RPC metrics (its
+// rpc.server.calls and rpc.server.duration) when its data plane answered them.
+type Call struct {
+	Method      string    `json:"method"`
+	Code        string    `json:"code"`
+	Count       int64     `json:"count"`
+	LatenciesMs []float64 `json:"latencies_ms"` // the newest, at most MaxLatencies
+}
+
+// DrainCalls reads a recorder used as (method, code as version) and starts afresh; codeName
+// turns a code number into its name.
+func (r *Recorder) DrainCalls(codeName func(int64) string) []Call {
+	drained := r.Drain()
+	out := make([]Call, len(drained))
+	for i, d := range drained {
+		out[i] = Call{Method: d.Model, Code: codeName(d.Version), Count: d.Answered + d.Failed, LatenciesMs: d.LatenciesMs}
+	}
+	return out
+}

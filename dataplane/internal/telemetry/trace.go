@@ -76,6 +76,28 @@ func (t *Tracing) Start(ctx context.Context, name string, attrs ...attribute.Key
 	return ctx, span, out
 }
 
+type outgoingKey struct{}
+
+// WithOutgoing keeps md, the trace headers Start returned, in ctx for the calls a handler
+// makes on the request's behalf (StartClient with tracing off sends them on).
+func WithOutgoing(ctx context.Context, md metadata.MD) context.Context {
+	return context.WithValue(ctx, outgoingKey{}, md)
+}
+
+// StartClient begins a CLIENT span named method under ctx's span and returns the metadata
+// that carries it to the server called. Off, it returns a no-op span and the request's own
+// trace headers (WithOutgoing).
+func (t *Tracing) StartClient(ctx context.Context, method string) (trace.Span, metadata.MD) {
+	if t == nil || t.provider == nil {
+		md, _ := ctx.Value(outgoingKey{}).(metadata.MD)
+		return noopSpan, md
+	}
+	ctx, span := t.tracer.Start(ctx, method, trace.WithSpanKind(trace.SpanKindClient))
+	out := metadata.MD{}
+	t.prop.Inject(ctx, carrier(out))
+	return span, out
+}
+
 // Shutdown flushes the spans still batched.
 func (t *Tracing) Shutdown(ctx context.Context) error {
 	if t.provider == nil {

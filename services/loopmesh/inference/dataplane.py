@@ -53,6 +53,7 @@ from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import dataplane as child
 from loopmesh.mesh.dataplane import BINARY, DataPlaneProcess, Listening
 from loopmesh.mesh.errors import LoopMeshError
+from loopmesh.mesh.telemetry import rpc_instruments
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -403,6 +404,15 @@ class DataPlane:
             instruments.record_triton_error(
                 entry["model"], _version(entry), entry["code"], count=int(entry["count"])
             )
+        # The Predict calls it answered, in this process' rpc.server metrics as before (the
+        # ones it forwards, this server records itself).
+        calls, duration = rpc_instruments("inference")
+        for entry in drained.get("calls", []):
+            method = str(entry["method"])
+            attributes = {"rpc.method": method, "rpc.grpc.status_code": str(entry["code"])}
+            calls.add(int(entry["count"]), attributes)
+            for ms in entry.get("latencies_ms", []):
+                duration.record(float(ms), {"rpc.method": method})
         return total
 
     async def predict_totals(self) -> dict[str, int]:

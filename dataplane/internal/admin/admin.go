@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
@@ -86,7 +87,17 @@ func Handler(routes *routing.Store, rec *stats.Recorder, pred *predict.Service) 
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = io.WriteString(w, "ok")
 	})
+	profiling(mux)
 	return mux
+}
+
+// profiling serves Go's profiles (GET /debug/pprof/...) on the loopback admin API, where an
+// operator on the host can reach them and nobody else can.
+func profiling(mux *http.ServeMux) {
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 }
 
 // Features serves PUT/GET /features (the whole features config: schema and store), POST

@@ -55,6 +55,9 @@ func TestAdminAPI(t *testing.T) {
 	if w := do(h, "POST", "/predictions/drain?max=0", ""); w.Code != http.StatusBadRequest {
 		t.Fatalf("max=0: %d", w.Code)
 	}
+	if w := do(h, "GET", "/debug/pprof/", ""); w.Code != http.StatusOK || !strings.Contains(w.Body.String(), "goroutine") {
+		t.Fatalf("profiles: %d", w.Code)
+	}
 	if w := do(h, "GET", "/stats/drain", ""); w.Code != http.StatusMethodNotAllowed {
 		t.Fatalf("GET drain: %d", w.Code)
 	}

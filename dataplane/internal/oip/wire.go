@@ -1,8 +1,6 @@
 package oip
 
 import (
-	"unicode/utf8"
-
 	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/loopmesh/loopmesh/dataplane/internal/pbwire"
@@ -53,11 +51,11 @@ func ParseInferRequest(b []byte) (*InferRequest, error) {
 		}
 		switch num {
 		case 1:
-			return str(v, &r.ModelName)
+			return pbwire.String(v, &r.ModelName)
 		case 2:
-			return str(v, &r.ModelVersion)
+			return pbwire.String(v, &r.ModelVersion)
 		case 3:
-			return str(v, &r.ID)
+			return pbwire.String(v, &r.ID)
 		case 4:
 			key, p, err := parseParamEntry(v)
 			if err == nil && key == "routing_key" {
@@ -75,7 +73,7 @@ func ParseInferRequest(b []byte) (*InferRequest, error) {
 				}
 				switch num {
 				case 1:
-					return utf(v)
+					return pbwire.UTF8(v)
 				case 2:
 					_, _, err := parseParamEntry(v)
 					return err
@@ -113,13 +111,13 @@ func parseTensor(b []byte) (Tensor, error) {
 			}
 		case typ != protowire.BytesType:
 		case num == 1:
-			return str(v, &t.Name)
+			return pbwire.String(v, &t.Name)
 		case num == 2:
 			if dt, ok := datatypes[string(v)]; ok { // the usual names, without a copy
 				t.Datatype = dt
 				return nil
 			}
-			return str(v, &t.Datatype)
+			return pbwire.String(v, &t.Datatype)
 		case num == 4:
 			key, _, err := parseParamEntry(v)
 			if key == "shared_memory_region" {
@@ -219,7 +217,7 @@ func parseParamEntry(b []byte) (string, param, error) {
 		}
 		switch num {
 		case 1:
-			return str(v, &key)
+			return pbwire.String(v, &key)
 		case 2: // a repeated message field merges: the oneof member set last wins
 			return pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 				switch {
@@ -228,7 +226,7 @@ func parseParamEntry(b []byte) (string, param, error) {
 					p = param{kind: num}
 				case num == 3 && typ == protowire.BytesType:
 					p = param{kind: num}
-					return str(v, &p.str)
+					return pbwire.String(v, &p.str)
 				}
 				return nil
 			})
@@ -246,9 +244,9 @@ func ParseModelRequest(b []byte) (name, version string, err error) {
 		}
 		switch num {
 		case 1:
-			return str(v, &name)
+			return pbwire.String(v, &name)
 		case 2:
-			return str(v, &version)
+			return pbwire.String(v, &version)
 		}
 		return nil
 	})
@@ -276,19 +274,4 @@ func ReadBool(b []byte, num protowire.Number) (bool, error) {
 // string field's value (the last one wins) without touching the rest.
 func StringField(num protowire.Number, s string) []byte {
 	return protowire.AppendString(protowire.AppendTag(nil, num, protowire.BytesType), s)
-}
-
-func str(v []byte, dst *string) error {
-	if !utf8.Valid(v) {
-		return ErrMalformed
-	}
-	*dst = string(v)
-	return nil
-}
-
-func utf(v []byte) error {
-	if !utf8.Valid(v) {
-		return ErrMalformed
-	}
-	return nil
 }

@@ -4,6 +4,7 @@ package pbwire
 
 import (
 	"errors"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -44,6 +45,23 @@ func Walk(b []byte, fn func(num protowire.Number, typ protowire.Type, v []byte, 
 		if err := fn(num, typ, v, x); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// String sets *dst to the string field v; ErrMalformed when v is not UTF-8 (as protobuf).
+func String(v []byte, dst *string) error {
+	if err := UTF8(v); err != nil {
+		return err
+	}
+	*dst = string(v)
+	return nil
+}
+
+// UTF8 is ErrMalformed when v, a string field, is not UTF-8.
+func UTF8(v []byte) error {
+	if !utf8.Valid(v) {
+		return ErrMalformed
 	}
 	return nil
 }

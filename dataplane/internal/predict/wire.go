@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
 
@@ -50,7 +49,7 @@ func ParseRequest(b []byte) (*Request, error) {
 		}
 		switch num {
 		case 1:
-			return str(v, &r.EntityID)
+			return pbwire.String(v, &r.EntityID)
 		case 2:
 			var key string
 			var val float64
@@ -58,7 +57,7 @@ func ParseRequest(b []byte) (*Request, error) {
 			err := pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
 				switch {
 				case num == 1 && typ == protowire.BytesType:
-					return str(v, &key)
+					return pbwire.String(v, &key)
 				case num == 2 && typ == protowire.Fixed64Type:
 					val = math.Float64frombits(x)
 				default:
@@ -74,20 +73,20 @@ func ParseRequest(b []byte) (*Request, error) {
 			}
 			r.Context[key] = val
 		case 3:
-			return str(v, &r.ModelName)
+			return pbwire.String(v, &r.ModelName)
 		case 4:
-			return str(v, &r.ModelVersion)
+			return pbwire.String(v, &r.ModelVersion)
 		case 5:
-			return str(v, &r.RequestID)
+			return pbwire.String(v, &r.RequestID)
 		case 6:
 			var key, val string
 			unknown := false
 			err := pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 				switch {
 				case num == 1 && typ == protowire.BytesType:
-					return str(v, &key)
+					return pbwire.String(v, &key)
 				case num == 2 && typ == protowire.BytesType:
-					return str(v, &val)
+					return pbwire.String(v, &val)
 				default:
 					unknown = true
 				}
@@ -275,7 +274,7 @@ func parseInferResponse(b []byte, nRows int) ([][]float64, error) {
 		}
 		switch num {
 		case 1, 2, 3:
-			return utf(v)
+			return pbwire.UTF8(v)
 		case 4:
 			return validParamEntry(v)
 		case 5:
@@ -406,9 +405,9 @@ func parseOutTensor(b []byte, t *outTensor, full bool) error {
 			}
 		case typ != protowire.BytesType:
 		case num == 1:
-			return str(v, &t.name)
+			return pbwire.String(v, &t.name)
 		case num == 2:
-			return str(v, &t.datatype)
+			return pbwire.String(v, &t.datatype)
 		case num == 4:
 			return validParamEntry(v)
 		case num == 5:
@@ -466,11 +465,11 @@ func validParamEntry(b []byte) error {
 		}
 		switch num {
 		case 1:
-			return utf(v)
+			return pbwire.UTF8(v)
 		case 2:
 			return pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
 				if num == 3 && typ == protowire.BytesType { // string_param
-					return utf(v)
+					return pbwire.UTF8(v)
 				}
 				return nil
 			})
@@ -500,13 +499,13 @@ func parseRepositoryIndex(b []byte) (map[string][]int64, error) {
 			}
 			switch num {
 			case 1:
-				return str(v, &name)
+				return pbwire.String(v, &name)
 			case 2:
-				return str(v, &version)
+				return pbwire.String(v, &version)
 			case 3:
-				return str(v, &state)
+				return pbwire.String(v, &state)
 			case 4:
-				return str(v, &reason)
+				return pbwire.String(v, &reason)
 			}
 			return nil
 		})
@@ -605,7 +604,7 @@ func parseFeaturesResponse(b []byte, refs []string) (map[string]map[string]Readi
 		switch num {
 		case 1:
 			var s string
-			if err := str(v, &s); err != nil {
+			if err := pbwire.String(v, &s); err != nil {
 				return err
 			}
 			names = append(names, s)
@@ -633,7 +632,7 @@ func parseFeaturesResponse(b []byte, refs []string) (map[string]map[string]Readi
 			}
 			switch num {
 			case 1:
-				return str(v, &p.id)
+				return pbwire.String(v, &p.id)
 			case 2:
 				r, err := parseFeatureValue(v)
 				p.readings = append(p.readings, r)
@@ -675,7 +674,7 @@ func parseFeatureValue(b []byte) (Reading, error) {
 					val = Reading{Kind: KindNumber, Number: math.Float64frombits(x)}
 				case num == 2 && typ == protowire.BytesType:
 					var s string
-					if err := str(v, &s); err != nil {
+					if err := pbwire.String(v, &s); err != nil {
 						return err
 					}
 					val = Reading{Kind: KindText, Text: s}
@@ -694,21 +693,6 @@ func parseFeatureValue(b []byte) (Reading, error) {
 	}
 	val.Stale = status == statusStale
 	return val, nil
-}
-
-func str(v []byte, dst *string) error {
-	if !utf8.Valid(v) {
-		return pbwire.ErrMalformed
-	}
-	*dst = string(v)
-	return nil
-}
-
-func utf(v []byte) error {
-	if !utf8.Valid(v) {
-		return pbwire.ErrMalformed
-	}
-	return nil
 }
 
 // isMalformed says whether err comes from bytes that are not the expected message.

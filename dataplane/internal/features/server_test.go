@@ -197,8 +197,11 @@ func wantStatus(t *testing.T, err error, code codes.Code, msg string) {
 	}
 }
 
-func sqliteFixture(t *testing.T) config.Store {
-	now := time.Now().Unix()
+func sqliteFixture(t *testing.T) config.Store { return sqliteFixtureAt(t, time.Now().Unix()) }
+
+// sqliteFixtureAt writes rows whose event times are relative to now (the caller's clock: one
+// read twice could cross a second).
+func sqliteFixtureAt(t *testing.T, now int64) config.Store {
 	u1, u2, sku := entityKey("entity_id", "u1"), entityKey("entity_id", "u2"), entityKey("item_id", "sku")
 	path := feastSQLite(t, map[string][][4]any{
 		"proj_activity": {{u1, "count", i64(3), now - 10}, {u1, "kind", str("buy"), now - 10},
@@ -210,8 +213,8 @@ func sqliteFixture(t *testing.T) config.Store {
 }
 
 func TestServesSQLiteRowsLikePython(t *testing.T) {
-	conn := serve(t, testConfig(sqliteFixture(t)))
 	now := time.Now().Unix()
+	conn := serve(t, testConfig(sqliteFixtureAt(t, now)))
 	resp, err := call(conn, encodeRequest([]string{"u1", "u2", "nobody", "u1"}, nil, ""))
 	if err != nil {
 		t.Fatal(err)

@@ -466,8 +466,9 @@ def main() -> None:
         features = stack.enter_context(
             feature_service(root / "features", ENTITIES, console, own_group=True)
         )
-        # Not the event timestamps (unix seconds): unscaled, they saturate the MLP, and every
-        # answer would be 0 (Triton's work is the same, but a bench should answer sensibly).
+        # Not the event timestamps (unix seconds): no model takes them as they are. (The
+        # untrained MLP still answers about 0 on these unscaled counts; Triton's work is the
+        # same whatever the values.)
         store_refs = [r for r in features.numeric_refs if not r.endswith("_ts")]
         feature_names = store_refs + CONTEXT
         repo = root / "models"

@@ -547,6 +547,12 @@ def main() -> None:
                 for line in (root / "gateway.log").read_text(errors="replace").splitlines():
                     if "stopped:" in line:
                         console.print(f"gateway {line.split('stopped:', 1)[1].strip()}")
+                    elif '"predictions produced"' in line:  # the data plane's own producer
+                        produced = json.loads(line)
+                        console.print(
+                            f"data plane: {produced['logged']} predictions produced to Kafka, "
+                            f"{produced['dropped']} dropped"
+                        )
             triton.stop()
             kafka.stop()
 

@@ -1,5 +1,5 @@
 """The control plane's side of Predict in the data plane (issue 19), without the child: the
-config's ``predict``, the route table's specs, the stats and predictions drains and the stop.
+config's ``predict`` (its Kafka log included), the route table's specs and the stats drain.
 
 The child's admin API is replaced by fakes of ``DataPlane._request`` / the process; what the
 data plane itself does with these is tested in Go (``dataplane/``).
@@ -7,9 +7,7 @@ data plane itself does with these is tested in Go (``dataplane/``).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,19 +15,19 @@ from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from loopmesh.inference import dataplane as dp
 from loopmesh.inference import instruments
 from loopmesh.inference.catalog import ModelCatalog
 from loopmesh.inference.core import Counters, PredictionRecord, ShadowAnswer
-from loopmesh.inference.dataplane import DataPlane, config_of, prediction_of, spec_of
+from loopmesh.inference.dataplane import DataPlane, config_of, spec_of
 from loopmesh.inference.operational import OperationalWindows
 from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import Route, RouteTable
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import model_repo
-from loopmesh.mesh.bus import event_headers
+from loopmesh.mesh.bus import DLQ_MAX_BYTES, encode, event_headers
+from loopmesh.mesh.events import PredictionLogged, ShadowScore
 from loopmesh.mesh.topics import PREDICTIONS
 
 pytestmark = pytest.mark.unit
@@ -89,8 +87,8 @@ def answering(answers: dict[str, Any], calls: list[str] | None = None) -> Callab
     return request
 
 
-def raw_record(**overrides: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
+def record(**overrides: Any) -> PredictionRecord:
+    fields: dict[str, Any] = {
         "prediction_id": "a" * 32,
         "model_name": "m",
         "model_version": 1,
@@ -98,15 +96,12 @@ def raw_record(**overrides: Any) -> dict[str, Any]:
         "features": {"v:a": 0.5, "b": 3.0},
         "categorical": {"country": "FR"},
         "score": 0.73,
-        "outputs": [],
-        "task": "binary",
         "latency_ms": 1.9,
-        "event_time": "2026-12-07T10:00:00.123456Z",
-        "shadow": [{"model_version": 3, "score": 0.41, "outputs": []}],
-        "traceparent": TRACEPARENT,
+        "event_time": datetime(2026, 12, 7, 10, 0, 0, 123456, tzinfo=UTC),
+        "shadow": (ShadowAnswer(3, 0.41, ()),),
     }
-    record.update(overrides)
-    return record
+    fields.update(overrides)
+    return PredictionRecord(**fields)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -142,8 +137,57 @@ def test_predict_config_carries_features_batching_shadows_and_the_log_queue(
         "shadow_max_inflight": 8,
         "shadow_timeout_ms": 750.0,
         "log_queue_size": 123,
+        "log": {
+            "topic": "predictions",
+            "brokers": ["127.0.0.1:9092"],
+            "client_id": "loopmesh-inference-dataplane",
+            "security_protocol": "PLAINTEXT",
+            "sasl_mechanism": None,
+            "sasl_username": None,
+            "sasl_password": None,
+            "tls": None,
+            "linger_ms": 20.0,
+            "request_timeout_ms": 15000,
+            "max_message_bytes": DLQ_MAX_BYTES,
+        },
         "entity_id_key": None,
     }
+
+
+def test_the_log_config_has_sasl_and_tls_only_when_the_kafka_settings_use_them(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    secured = InferenceSettings(
+        model_repository=tmp_path,
+        kafka={
+            "bootstrap_servers": "k1:9093, k2:9093",
+            "client_id": "shop",
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "mesh",
+            "sasl_password": "p" * 20,
+            "ssl_cafile": ca,
+        },
+        inference={"predictions_topic": "shop.predictions", "log_linger_ms": 0.0},
+    )
+    log = config_of(secured, "127.0.0.1:1")["predict"]["log"]
+    assert log["topic"] == "shop.predictions"
+    assert log["brokers"] == ["k1:9093", "k2:9093"]
+    assert log["client_id"] == "shop-inference-dataplane"
+    assert (log["security_protocol"], log["sasl_mechanism"]) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert (log["sasl_username"], log["sasl_password"]) == ("mesh", "p" * 20)
+    assert log["tls"] == {"ca_file": str(ca), "cert_file": None, "key_file": None}
+    assert log["linger_ms"] == 0.0
+    # SASL over plaintext: no TLS; SSL alone: no SASL, even with SASL fields set.
+    for protocol, sasl, tls in (("SASL_PLAINTEXT", True, False), ("SSL", False, True)):
+        kafka = {**secured.kafka.model_dump(), "security_protocol": protocol}
+        kafka["sasl_password"] = "p" * 20
+        log = config_of(InferenceSettings(model_repository=tmp_path, kafka=kafka), "127.0.0.1:1")[
+            "predict"
+        ]["log"]
+        assert (log["sasl_mechanism"] is not None, log["sasl_password"] is not None) == (sasl, sasl)
+        assert (log["tls"] is not None) == tls
 
 
 def test_predict_config_has_the_token_tls_and_key_only_when_set(tmp_path: Path) -> None:
@@ -301,10 +345,15 @@ async def test_stats_drain_counts_answers_apart_from_shadow_calls(
                     {"model": "m", "version": None, "outcome": "shed", "count": 2},
                 ],
                 "triton_errors": [{"model": "m", "version": 2, "code": "UNAVAILABLE", "count": 1}],
+                "log": {"logged": 9, "dropped": 2},
             }
         }
     )
+    logger = Captured()
+    target._logger = logger
     assert await target.drain_stats() == 7  # 999 is not the repository's: not counted
+    # What the data plane produced to Kafka itself, in the log's counts.
+    assert (logger.logged, logger.dropped) == (9, 2)
     # The shadow calls are no answers: only the operational window has them.
     assert set(counters.versions) == {("m", 1)}
     assert (counters.versions[("m", 1)].answered, counters.versions[("m", 1)].failures) == (3, 1)
@@ -341,78 +390,6 @@ def test_instruments_add_a_count_in_one_call(monkeypatch: pytest.MonkeyPatch) ->
 # -- predictions drain -------------------------------------------------------------------------
 
 
-def test_a_drained_record_becomes_the_prediction_record_python_would_log() -> None:
-    record, context = prediction_of(raw_record())
-    assert record == PredictionRecord(
-        prediction_id="a" * 32,
-        model_name="m",
-        model_version=1,
-        entity_id="u1",
-        features={"v:a": 0.5, "b": 3.0},
-        score=0.73,
-        latency_ms=1.9,
-        event_time=datetime(2026, 12, 7, 10, 0, 0, 123456, tzinfo=UTC),
-        categorical={"country": "FR"},
-        outputs=(),
-        task="binary",
-        shadow=(ShadowAnswer(3, 0.41, ()),),
-    )
-    span = trace.get_current_span(context).get_span_context()
-    assert span.trace_id == int(TRACE, 16) and span.is_remote
-    multiclass, untraced = prediction_of(
-        raw_record(
-            task="multiclass",
-            outputs=[0.2, 0.8],
-            score=0.8,
-            event_time="2026-12-07T12:00:00.5+02:00",
-            shadow=[],
-            traceparent="",
-        )
-    )
-    assert multiclass.outputs == (0.2, 0.8) and multiclass.shadow == ()
-    assert multiclass.event_time == datetime(2026, 12, 7, 10, 0, 0, 500000, tzinfo=UTC)
-    assert multiclass.event_time.tzinfo is UTC
-    assert not trace.get_current_span(untraced).get_span_context().is_valid
-    with pytest.raises(ValueError, match="unknown task"):
-        prediction_of(raw_record(task="ranking"))
-    with pytest.raises(KeyError):
-        prediction_of({k: v for k, v in raw_record().items() if k != "score"})
-
-
-async def test_drained_records_reach_the_log_under_their_trace_and_drops_are_counted(
-    tmp_path: Path,
-) -> None:
-    logger = Captured(queue_size=2)
-    target = plane(tmp_path, logger=logger, log_batch_size=50)
-    calls: list[str] = []
-    bad = raw_record(event_time="yesterday")
-    target._request = answering(  # type: ignore[method-assign]
-        {
-            "/predictions/drain": {
-                "predictions": [
-                    raw_record(),
-                    bad,
-                    raw_record(prediction_id="b" * 32),
-                    raw_record(prediction_id="c" * 32),
-                ],
-                "dropped": 5,
-            }
-        },
-        calls,
-    )
-    assert await target.drain_predictions(50) == 4
-    assert calls == ["POST /predictions/drain?max=50"]
-    assert [r.prediction_id for r, _ in logger.got] == ["a" * 32, "b" * 32, "c" * 32]
-    assert logger.invalid == 1
-    # 5 lost in the data plane's queue, 1 here (this queue holds 2).
-    assert logger.dropped == 6 and logger.pending == 2
-    contexts = [c for _, c in logger.got]
-    assert all(
-        c is not None and trace.get_current_span(c).get_span_context().trace_id == int(TRACE, 16)
-        for c in contexts
-    )
-
-
 async def test_the_log_publishes_each_record_under_the_context_it_was_given() -> None:
     published: list[tuple[str, str | None]] = []
 
@@ -434,92 +411,34 @@ async def test_the_log_publishes_each_record_under_the_context_it_was_given() ->
         linger_s=0.0,
     )
     logger.start()
-    record, context = prediction_of(raw_record())
-    assert logger.log(record, context)
-    assert logger.log(prediction_of(raw_record(prediction_id="d" * 32))[0])  # the current one
+    context = TraceContextTextMapPropagator().extract({"traceparent": TRACEPARENT})
+    assert logger.log(record(), context)
+    assert logger.log(record(prediction_id="d" * 32))  # the current one: none
     await logger.stop()
     assert published == [("a" * 32, TRACE), ("d" * 32, None)]
 
 
-async def test_the_drain_loop_goes_on_at_once_while_batches_are_full_and_ends_with_the_child(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(dp, "RETRY_S", 0.0)
-    logger = Captured()
-    target = plane(tmp_path, logger=logger, log_batch_size=2, log_linger_ms=0.0)
-    answers: list[Any] = [
-        ConnectionRefusedError("not yet"),  # retried: the child has not exited
-        [raw_record(prediction_id="1" * 32), raw_record(prediction_id="2" * 32)],
-        [raw_record(prediction_id="3" * 32)],
-        [],
-        "exit",
-    ]
-
-    def request(method: str, path: str, body: bytes) -> bytes:
-        assert path == "/predictions/drain?max=2"
-        answer = answers.pop(0)
-        if answer == "exit":
-            target._exited.set()  # as stop() does once the child is gone
-            raise ConnectionRefusedError("gone")
-        if isinstance(answer, Exception):
-            raise answer
-        return json.dumps({"predictions": answer, "dropped": 0}).encode()
-
-    target._request = request  # type: ignore[method-assign]
-    await asyncio.wait_for(target._drain_predictions(), timeout=10)
-    assert answers == []
-    assert [r.prediction_id for r, _ in logger.got] == ["1" * 32, "2" * 32, "3" * 32]
-
-
-# -- shutdown ----------------------------------------------------------------------------------
-
-
-class FakeChild:
-    """A data plane stopping as protocol E says: records keep coming while its calls finish,
-    and it exits only once its queue has been drained (or after 5 s)."""
-
-    def __init__(self, queued: int) -> None:
-        self.stopping = False
-        self.alive = True
-        self.queue = [raw_record(prediction_id=f"{i:032x}") for i in range(queued)]
-        self.lock = threading.Lock()
-        self.drained = threading.Event()
-        self.stats_drains_alive = 0
-        self.requests_after_exit = 0
-
-    def request(self, method: str, path: str, body: bytes = b"") -> bytes:
-        with self.lock:
-            if not self.alive:
-                self.requests_after_exit += 1
-                raise ConnectionRefusedError("exited")
-            if path == "/stats/drain":
-                self.stats_drains_alive += 1
-                return b'{"versions": []}'
-            limit = int(path.partition("max=")[2])
-            taken, self.queue = self.queue[:limit], self.queue[limit:]
-            if not self.queue and self.stopping:
-                self.drained.set()
-            return json.dumps({"predictions": taken, "dropped": 0}).encode()
-
-    async def stop(self) -> None:
-        with self.lock:
-            self.stopping = True
-            # In-flight Predicts finishing during the graceful stop.
-            self.queue += [raw_record(prediction_id=f"{i:032x}") for i in range(100, 103)]
-        assert await asyncio.to_thread(self.drained.wait, 5.0), "queue never drained"
-        with self.lock:
-            self.alive = False
-
-
-async def test_stop_drains_predictions_until_the_child_has_exited(tmp_path: Path) -> None:
-    logger = Captured()
-    target = plane(tmp_path, logger=logger, log_batch_size=2, log_linger_ms=0.0)
-    fake = FakeChild(queued=5)
-    target._process = fake  # type: ignore[assignment]
-    target._predictions = asyncio.create_task(target._drain_predictions())
-    await target.stop()
-    ids = [r.prediction_id for r, _ in logger.got]
-    assert ids == [f"{i:032x}" for i in [*range(5), *range(100, 103)]]
-    assert target._predictions is None
-    assert fake.stats_drains_alive == 1  # the one before the stop; the last one found it gone
-    assert fake.requests_after_exit >= 2  # the drain's last call(s), then the last stats drain
+def test_the_data_planes_event_is_a_prediction_logged() -> None:
+    """The data plane writes PredictionLogged itself: its Go test encodes a fixed record into
+    this file byte for byte, and here the Pydantic model, the event's one definition, must
+    read it as that record and write the same JSON (field for field) back."""
+    golden = (
+        Path(__file__).parents[1] / "dataplane/internal/predict/testdata/prediction_logged.json"
+    ).read_bytes()
+    event = PredictionLogged.model_validate_json(golden)
+    assert event == PredictionLogged(
+        event_id="fedcba9876543210fedcba9876543210",
+        event_time=datetime(2026, 12, 7, 13, 15, 23, 123456, tzinfo=UTC),
+        prediction_id="0123456789abcdef0123456789abcdef",
+        model_name="churn",
+        model_version=3,
+        entity_id="pseudo-7f",
+        features={"hour": 9.0, "price": 12.5, "activity:events_1h": 1e-7},
+        categorical={"country": "NL"},
+        score=0.8125,
+        outputs=[0.1875, 0.8125],
+        task="multiclass",
+        latency_ms=1.234,
+        shadow=[ShadowScore(model_version=4, score=0.75, outputs=[])],
+    )
+    assert json.loads(encode(event)) == json.loads(golden)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
 from loopmesh.devstack.triton import TritonServer
@@ -30,7 +33,7 @@ from loopmesh.mesh.model_spec import ContextField
 from loopmesh.mesh.privacy import PrivacySettings, pseudonymise
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import PREDICTIONS, ROLLOUTS
-from tests.helpers import eventually, read_topic, unique_topic
+from tests.helpers import eventually, unique_topic
 from tests.test_inference_support import (
     CALL_TIMEOUT,
     DEFAULTS,
@@ -224,13 +227,28 @@ async def test_the_data_plane_serves_and_logs_predict_itself(
     by_id = {a.prediction_id: (i, a) for i, a in enumerate(answers)}
     topic = gateway.predictions_topic.name
 
-    async def logged() -> list[PredictionLogged]:
-        records = await read_topic(kafka_settings, topic, expect=1, timeout=10)
-        events = [PredictionLogged.model_validate_json(v) for _, v, _ in records if v]
-        return [e for e in events if e.prediction_id in by_id] if events else []
+    partitions: list[int] = []
 
-    events = await eventually(lambda: _all_logged(logged, n), timeout=60)
-    for event in events:
+    async def logged() -> list[tuple[PredictionLogged, Message]]:
+        messages, partitions[:] = await _read_with_partitions(kafka_settings, topic)
+        events = [(PredictionLogged.model_validate_json(m.value), m) for m in messages if m.value]
+        return [(e, m) for e, m in events if e.prediction_id in by_id]
+
+    logged_events = await eventually(lambda: _all_logged(logged, n), timeout=60)
+    assert logged_events is not None
+    # The data plane produced these itself: as EventProducer would, keyed by prediction id on
+    # the partition aiokafka's murmur2 picks (the joiner meets its feedback there), with the
+    # event's id, schema and the Predict's trace in the headers.
+    assert len(partitions) > 1  # else any partitioner would do
+    for event, message in logged_events:
+        assert message.key == event.prediction_id.encode()
+        assert message.partition == DefaultPartitioner()(message.key, partitions, partitions)
+        headers = dict(message.headers)
+        assert headers["event_id"] == event.event_id.encode()
+        assert headers["schema"] == b"prediction.v1"
+        assert headers["content-type"] == b"application/json"
+    assert len({e.event_id for e, _ in logged_events}) == n
+    for event, _ in logged_events:
         i, answer = by_id[event.prediction_id]
         assert event.entity_id == pseudonymise(f"log-{i}", KEY)
         assert event.model_name == CAT
@@ -243,6 +261,38 @@ async def test_the_data_plane_serves_and_logs_predict_itself(
         assert event.latency_ms > 0
 
 
-async def _all_logged(read: object, n: int) -> list[PredictionLogged] | None:
-    events = await read()  # type: ignore[operator]
+async def _all_logged(
+    read: Callable[[], Awaitable[list[tuple[PredictionLogged, Message]]]], n: int
+) -> list[tuple[PredictionLogged, Message]] | None:
+    events = await read()
     return events if len(events) >= n else None
+
+
+async def _read_with_partitions(
+    settings: KafkaSettings, topic: str
+) -> tuple[list[Message], list[int]]:
+    """Every message of ``topic`` so far, with its partition, and the topic's partitions."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        out: list[Message] = []
+        while batch := await consumer.getmany(timeout_ms=1000):
+            for records in batch.values():
+                out.extend(Message(r.partition, r.key, r.value, list(r.headers)) for r in records)
+        return out, sorted(consumer.partitions_for_topic(topic) or ())
+    finally:
+        await consumer.stop()
+
+
+@dataclass(frozen=True)
+class Message:
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]

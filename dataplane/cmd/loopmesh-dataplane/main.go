@@ -14,7 +14,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -52,8 +51,8 @@ var version = "0.1.0"
 
 const stopTimeout = 10 * time.Second
 
-// logDrainTimeout bounds the wait, at a stop, for the control plane to drain the prediction
-// records of the last calls (it goes on draining until this process exits).
+// logDrainTimeout bounds the wait, at a stop, for Kafka to acknowledge the prediction
+// records of the last calls.
 const logDrainTimeout = 5 * time.Second
 
 func main() {
@@ -158,7 +157,7 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	var adminHandler http.Handler
 	var upstream []any // what the "serving" line names
 	var predictor *predict.Service
-	var records *predict.Records
+	var predictions *predict.PredictionLog
 	if cfg.Mode == config.ModeFeatures {
 		fs, err := features.New(cfg.Features, metrics, auth.New(tokens), tracing, log)
 		if err != nil {
@@ -202,12 +201,14 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 			if p.EntityIDKey != nil {
 				key = []byte(*p.EntityIDKey)
 			}
-			records = predict.NewRecords(p.LogQueueSize)
+			if predictions, err = predict.NewPredictionLog(p.Log, p.LogQueueSize, tracing, metrics, log); err != nil {
+				return configError{err}
+			}
 			predictor = &predict.Service{
 				Routes:   routes,
 				Features: predict.NewFeatureClient(features, time.Duration(p.Features.TimeoutS*float64(time.Second)), token, p.BatchMaxSize, delay, p.BatchMaxInflight),
 				Scorer:   predict.NewScorer(triton, p.BatchMaxSize, delay, p.BatchMaxInflight),
-				Backend:  backend, Stats: rec, Counts: predict.NewCounts(), Records: records,
+				Backend:  backend, Stats: rec, Counts: predict.NewCounts(), Predictions: predictions,
 				Metrics: metrics, Auth: auth.New(tokens), Tracing: tracing, Calls: stats.New(64, 0), Log: log,
 				Options: predict.Options{
 					DefaultModel: model, Degrade: p.OnFeaturesUnavailable == "degrade", EntityIDKey: key,
@@ -217,7 +218,7 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 			}
 			predictor.Register(server)
 		}
-		adminHandler = admin.Handler(routes, rec, predictor)
+		adminHandler = admin.Handler(routes, rec, predictor, predictions)
 		upstream = []any{"triton", cfg.Triton.Address, "predict", cfg.Predict != nil}
 	}
 
@@ -261,11 +262,9 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		go func() { _, _ = io.Copy(io.Discard, os.Stdin); close(orphaned) }()
 	}
 	var failed error
-	drain := false
 	select {
 	case sig := <-signals:
 		log.Info("stopping", "signal", sig.String())
-		drain = true
 	case <-orphaned:
 		log.Warn("stopping: standard input closed (the control plane is gone)")
 	case err := <-served:
@@ -274,9 +273,12 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 	stopGracefully(server)
 	if predictor != nil {
 		predictor.WaitShadows() // each bounded by the shadow timeout
-		if drain && !drained(records, logDrainTimeout) {
-			log.Warn("stopping with predictions the control plane did not drain", "records", records.Len())
+		// Records still buffered get up to logDrainTimeout (brokers away: they are lost).
+		if !predictions.Close(logDrainTimeout) {
+			log.Warn("stopping with predictions Kafka did not acknowledge")
 		}
+		totals := predictions.Totals()
+		log.Info("predictions produced", "logged", totals.Logged, "dropped", totals.Dropped)
 	}
 	shutdownCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
@@ -331,18 +333,6 @@ func stopGracefully(s *grpc.Server) {
 	}
 }
 
-// drained waits until the control plane took every queued record, or timeout.
-func drained(records *predict.Records, timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for records.Len() > 0 {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond) // polled: the drain is the other process' call
-	}
-	return true
-}
-
 // dialFeatures opens the connection Predict reads features through (lazily).
 func dialFeatures(p *config.Predict, maxMessage int) (*grpc.ClientConn, error) {
 	creds, err := clientCredentials(p.Features.TLS)
@@ -366,23 +356,9 @@ func clientCredentials(c *config.ClientTLS) (credentials.TransportCredentials, e
 	if c == nil {
 		return insecure.NewCredentials(), nil
 	}
-	conf := &tls.Config{MinVersion: tls.VersionTLS12}
-	if c.ServerName != nil {
-		conf.ServerName = *c.ServerName
-	}
-	if c.CAFile != nil {
-		pool, err := loadPool(*c.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("tls.ca_file: %v", err)
-		}
-		conf.RootCAs = pool
-	}
-	if c.CertFile != nil && c.KeyFile != nil {
-		cert, err := tls.LoadX509KeyPair(*c.CertFile, *c.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("tls: %v", err)
-		}
-		conf.Certificates = []tls.Certificate{cert}
+	conf, err := c.Config()
+	if err != nil {
+		return nil, err
 	}
 	return credentials.NewTLS(conf), nil
 }
@@ -413,7 +389,7 @@ func serverCredentials(c *config.TLS) (credentials.TransportCredentials, error) 
 	}
 	conf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	if c.ClientCAFile != nil {
-		pool, err := loadPool(*c.ClientCAFile)
+		pool, err := config.LoadPool(*c.ClientCAFile)
 		if err != nil {
 			return nil, fmt.Errorf("tls.client_ca_file: %v", err)
 		}
@@ -428,7 +404,7 @@ func tritonCredentials(c *config.TritonTLS) (credentials.TransportCredentials, e
 	}
 	conf := &tls.Config{MinVersion: tls.VersionTLS12}
 	if c.CAFile != nil {
-		pool, err := loadPool(*c.CAFile)
+		pool, err := config.LoadPool(*c.CAFile)
 		if err != nil {
 			return nil, fmt.Errorf("triton.tls.ca_file: %v", err)
 		}
@@ -442,16 +418,4 @@ func tritonCredentials(c *config.TritonTLS) (credentials.TransportCredentials, e
 		conf.Certificates = []tls.Certificate{cert}
 	}
 	return credentials.NewTLS(conf), nil
-}
-
-func loadPool(path string) (*x509.CertPool, error) {
-	pem, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, errors.New(path + ": no PEM certificate in it")
-	}
-	return pool, nil
 }

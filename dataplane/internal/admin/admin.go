@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/pprof"
-	"strconv"
 
 	"github.com/loopmesh/loopmesh/dataplane/internal/config"
 	"github.com/loopmesh/loopmesh/dataplane/internal/predict"
@@ -19,12 +18,9 @@ import (
 // maxBody bounds a route table upload.
 const maxBody = 16 << 20
 
-// drainMax bounds one drain of prediction records.
-const drainMax = 10000
-
-// Handler serves PUT/GET /routes, POST /stats/drain, POST /predictions/drain, GET
-// /predict/totals and GET /healthz. pred is nil when Predict is not served here.
-func Handler(routes *routing.Store, rec *stats.Recorder, pred *predict.Service) http.Handler {
+// Handler serves PUT/GET /routes, POST /stats/drain, GET /predict/totals and GET /healthz.
+// pred and predictions (its log) are nil when Predict is not served here.
+func Handler(routes *routing.Store, rec *stats.Recorder, pred *predict.Service, predictions *predict.PredictionLog) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("PUT /routes", func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
@@ -47,32 +43,15 @@ func Handler(routes *routing.Store, rec *stats.Recorder, pred *predict.Service) 
 		out := struct {
 			Versions []stats.Version `json:"versions"`
 			predict.Drained
-			Calls []stats.Call `json:"calls"`
+			Calls []stats.Call      `json:"calls"`
+			Log   predict.LogCounts `json:"log"`
 		}{Versions: rec.Drain(), Calls: []stats.Call{}}
 		if pred != nil {
 			out.Drained = pred.Counts.Drain()
 			out.Calls = pred.DrainCalls()
+			out.Log = predictions.Drain()
 		} else {
 			out.Drained = predict.NewCounts().Drain() // empty lists, not nulls
-		}
-		writeJSON(w, out)
-	})
-	mux.HandleFunc("POST /predictions/drain", func(w http.ResponseWriter, r *http.Request) {
-		n := 1000
-		if v := r.URL.Query().Get("max"); v != "" {
-			parsed, err := strconv.Atoi(v)
-			if err != nil || parsed < 1 || parsed > drainMax {
-				http.Error(w, "max: not an integer within [1, 10000]", http.StatusBadRequest)
-				return
-			}
-			n = parsed
-		}
-		out := struct {
-			Predictions []*predict.Record `json:"predictions"`
-			Dropped     int64             `json:"dropped"`
-		}{Predictions: []*predict.Record{}}
-		if pred != nil {
-			out.Predictions, out.Dropped = pred.Records.Drain(n)
 		}
 		writeJSON(w, out)
 	})
@@ -139,6 +118,7 @@ func Features[C any](replace func(*config.Features) error, current func() *confi
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = io.WriteString(w, "ok")
 	})
+	profiling(mux)
 	return mux
 }
 

@@ -19,7 +19,7 @@ func do(h http.Handler, method, path, body string) *httptest.ResponseRecorder {
 
 func TestAdminAPI(t *testing.T) {
 	store, rec := routing.NewStore(), stats.New(0, 0)
-	h := Handler(store, rec, nil)
+	h := Handler(store, rec, nil, nil)
 	if w := do(h, "GET", "/healthz", ""); w.Code != 200 || w.Body.String() != "ok" {
 		t.Fatalf("healthz: %d %q", w.Code, w.Body)
 	}
@@ -43,17 +43,14 @@ func TestAdminAPI(t *testing.T) {
 	rec.Record("m", 2, false, 2.5)
 	if w := do(h, "POST", "/stats/drain", ""); w.Body.String() !=
 		`{"versions":[{"model":"m","version":2,"answered":1,"failed":1,"latencies_ms":[1.5,2.5],"shadow":false}],`+
-			`"predictions":[],"shadow_scores":[],"triton_errors":[],"calls":[]}` {
+			`"predictions":[],"shadow_scores":[],"triton_errors":[],"calls":[],"log":{"logged":0,"dropped":0}}` {
 		t.Fatalf("drain: %s", w.Body)
 	}
-	if w := do(h, "POST", "/stats/drain", ""); w.Body.String() != `{"versions":[],"predictions":[],"shadow_scores":[],"triton_errors":[],"calls":[]}` {
+	if w := do(h, "POST", "/stats/drain", ""); w.Body.String() != `{"versions":[],"predictions":[],"shadow_scores":[],"triton_errors":[],"calls":[],"log":{"logged":0,"dropped":0}}` {
 		t.Fatalf("second drain: %s", w.Body)
 	}
-	if w := do(h, "POST", "/predictions/drain?max=5", ""); w.Body.String() != `{"predictions":[],"dropped":0}` {
-		t.Fatalf("predictions drain without Predict here: %s", w.Body)
-	}
-	if w := do(h, "POST", "/predictions/drain?max=0", ""); w.Code != http.StatusBadRequest {
-		t.Fatalf("max=0: %d", w.Code)
+	if w := do(h, "POST", "/predictions/drain?max=5", ""); w.Code != http.StatusNotFound {
+		t.Fatalf("predictions drain (gone: the data plane produces them): %d", w.Code)
 	}
 	if w := do(h, "GET", "/debug/pprof/", ""); w.Code != http.StatusOK || !strings.Contains(w.Body.String(), "goroutine") {
 		t.Fatalf("profiles: %d", w.Code)
@@ -88,5 +85,8 @@ func TestFeaturesAPI(t *testing.T) {
 	}
 	if w := do(h, "GET", "/healthz", ""); w.Code != 200 {
 		t.Fatal(w.Code)
+	}
+	if w := do(h, "GET", "/debug/pprof/", ""); w.Code != http.StatusOK || !strings.Contains(w.Body.String(), "goroutine") {
+		t.Fatalf("profiles: %d", w.Code)
 	}
 }

@@ -96,3 +96,50 @@ func TestFeaturesMode(t *testing.T) {
 		t.Fatalf("%v", err)
 	}
 }
+
+const logOK = `{"topic": "predictions", "brokers": ["k1:9092", "k2:9092"], "client_id": "loopmesh-inference-dataplane",
+	"security_protocol": "PLAINTEXT", "sasl_mechanism": null, "sasl_username": null, "sasl_password": null,
+	"tls": null, "linger_ms": 20, "request_timeout_ms": 15000, "max_message_bytes": 8388608}`
+
+func withPredict(log string) string {
+	return `{"backend": "b:1", "triton": {"address": "t:1"}, "predict": {"features": {"address": "f:1"}, "log": ` + log + `}}`
+}
+
+func TestPredictLogIsRequiredAndChecked(t *testing.T) {
+	c, err := Load(strings.NewReader(withPredict(logOK)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := c.Predict.Log; l.Topic != "predictions" || len(l.Brokers) != 2 || l.LingerMs != 20 || c.Predict.LogQueueSize != 10000 {
+		t.Fatalf("%+v", l)
+	}
+	if conf, err := c.Predict.Log.TLSConfig(); conf != nil || err != nil {
+		t.Fatalf("PLAINTEXT has no TLS: %v %v", conf, err)
+	}
+	sasl := strings.NewReplacer(`"PLAINTEXT"`, `"SASL_SSL"`, `"sasl_mechanism": null`, `"sasl_mechanism": "SCRAM-SHA-256"`,
+		`"sasl_username": null`, `"sasl_username": "mesh"`, `"tls": null`, `"tls": {"ca_file": null}`).Replace(logOK)
+	if _, err := Load(strings.NewReader(withPredict(sasl))); err != nil {
+		t.Fatalf("SASL_SSL: %v", err)
+	}
+	cases := map[string]string{
+		strings.Replace(logOK, `"predictions"`, `""`, 1):                                     "predict.log.topic:",
+		strings.Replace(logOK, `["k1:9092", "k2:9092"]`, `[]`, 1):                            "predict.log.brokers:",
+		strings.Replace(logOK, `"k2:9092"`, `"k2"`, 1):                                       "predict.log.brokers:",
+		strings.Replace(logOK, `"PLAINTEXT"`, `"KERBEROS"`, 1):                               "predict.log.security_protocol:",
+		strings.Replace(logOK, `"PLAINTEXT"`, `"SASL_PLAINTEXT"`, 1):                         "predict.log.sasl_mechanism:",
+		strings.Replace(sasl, `"SCRAM-SHA-256"`, `"GSSAPI"`, 1):                              "predict.log.sasl_mechanism:",
+		strings.Replace(sasl, `"mesh"`, `""`, 1):                                             "predict.log.sasl_username:",
+		strings.Replace(sasl, `{"ca_file": null}`, `null`, 1):                                "predict.log.tls:",
+		strings.Replace(logOK, `"tls": null`, `"tls": {"ca_file": "/ca.pem"}`, 1):            "predict.log.tls:",
+		strings.Replace(logOK, `"linger_ms": 20`, `"linger_ms": -1`, 1):                      "predict.log.linger_ms:",
+		strings.Replace(logOK, `"request_timeout_ms": 15000`, `"request_timeout_ms": 0`, 1):  "predict.log.request_timeout_ms:",
+		strings.Replace(logOK, `"max_message_bytes": 8388608`, `"max_message_bytes": 10`, 1): "predict.log.max_message_bytes:",
+		`null`: "predict.log: missing",
+	}
+	for log, want := range cases {
+		_, err := Load(strings.NewReader(withPredict(log)))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: got %v, want %q", log, err, want)
+		}
+	}
+}

@@ -67,10 +67,11 @@ type Service struct {
 	Backend  *grpc.ClientConn // the control plane, for what is not served here
 	Stats    *stats.Recorder
 	Counts   *Counts
-	Records  *Records
-	Metrics  *telemetry.Metrics
-	Auth     *auth.Auth
-	Tracing  *telemetry.Tracing
+	// Predictions takes each answered prediction (PredictionLog: to Kafka).
+	Predictions Sink
+	Metrics     *telemetry.Metrics
+	Auth        *auth.Auth
+	Tracing     *telemetry.Tracing
 	// Calls holds each call answered here (method, code, latency) until the control plane
 	// drains them into its own rpc.server metrics (the ones it forwards it records itself).
 	Calls *stats.Recorder
@@ -280,6 +281,9 @@ func (s *Service) predict(ctx context.Context, raw []byte, start time.Time, c *c
 	}
 	if tp := traceMD.Get("traceparent"); len(tp) > 0 {
 		rec.Traceparent = tp[0]
+		if ts := traceMD.Get("tracestate"); len(ts) > 0 {
+			rec.Tracestate = ts[0]
+		}
 	}
 	if rec.Outputs == nil {
 		rec.Outputs = []float64{}
@@ -290,13 +294,13 @@ func (s *Service) predict(ctx context.Context, raw []byte, start time.Time, c *c
 	}
 	switch {
 	case len(shadows) == 0:
-		s.Records.Add(rec)
+		s.Predictions.Log(rec)
 	case s.takeSlot():
 		s.shadows.Add(1)
 		go s.shadow(rec, r, entity, route, shadows, in.readings)
 	default: // shadow work goes first under load, never the answer
 		s.Counts.Shadow(name, 0, "shed")
-		s.Records.Add(rec)
+		s.Predictions.Log(rec)
 	}
 	out := &Response{
 		PredictionID:      rec.PredictionID,
@@ -523,7 +527,7 @@ func (s *Service) shadow(rec *Record, r *Request, entity string, route *routing.
 			rec.Shadow = append(rec.Shadow, *answers[i])
 		}
 	}
-	s.Records.Add(rec)
+	s.Predictions.Log(rec)
 }
 
 // shadowOne is one shadow's answer (nil when it failed): its own declared inputs, from what

@@ -5,9 +5,8 @@ import (
 	"sync"
 )
 
-// Record is what the prediction log keeps of one answer (loopmesh.inference.core.
-// PredictionRecord): the control plane drains these and produces the PredictionLogged events,
-// whose one definition is its Pydantic model.
+// Record is one answered prediction: PredictionLogged's fields after the event's own
+// (PredictionLog adds event_id, schema and event_time), and the trace context of its Predict.
 type Record struct {
 	PredictionID string             `json:"prediction_id"`
 	ModelName    string             `json:"model_name"`
@@ -19,9 +18,10 @@ type Record struct {
 	Outputs      []float64          `json:"outputs"`
 	Task         string             `json:"task"`
 	LatencyMs    float64            `json:"latency_ms"`
-	EventTime    string             `json:"event_time"`
 	Shadow       []ShadowAnswer     `json:"shadow"`
-	Traceparent  string             `json:"traceparent"`
+	EventTime    string             `json:"-"` // RFC 3339 UTC, microseconds
+	Traceparent  string             `json:"-"`
+	Tracestate   string             `json:"-"`
 }
 
 // ShadowAnswer is a shadow candidate's answer to a request it did not serve.
@@ -29,67 +29,6 @@ type ShadowAnswer struct {
 	ModelVersion int64     `json:"model_version"`
 	Score        float64   `json:"score"`
 	Outputs      []float64 `json:"outputs"`
-}
-
-// Records is the bounded queue of records waiting for the control plane's drain: when full,
-// a record is dropped and counted (the answer never waits for the log).
-type Records struct {
-	mu      sync.Mutex
-	queue   []*Record
-	head    int
-	max     int
-	dropped int64
-	added   chan struct{} // signalled (not closed) when a record is added
-}
-
-// NewRecords returns a queue holding at most max records.
-func NewRecords(max int) *Records {
-	return &Records{max: max, added: make(chan struct{}, 1)}
-}
-
-// Add queues r; false when the queue was full and r was dropped.
-func (q *Records) Add(r *Record) bool {
-	q.mu.Lock()
-	if len(q.queue)-q.head >= q.max {
-		q.dropped++
-		q.mu.Unlock()
-		return false
-	}
-	q.queue = append(q.queue, r)
-	q.mu.Unlock()
-	select {
-	case q.added <- struct{}{}:
-	default:
-	}
-	return true
-}
-
-// Drain removes and returns up to max of the oldest records, and the drops since the last
-// drain.
-func (q *Records) Drain(max int) ([]*Record, int64) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	n := min(max, len(q.queue)-q.head)
-	out := make([]*Record, n)
-	copy(out, q.queue[q.head:q.head+n])
-	clear(q.queue[q.head : q.head+n])
-	q.head += n
-	if q.head == len(q.queue) { // empty: reuse the backing array from its start
-		q.queue, q.head = q.queue[:0], 0
-	} else if q.head > len(q.queue)/2 && q.head > 1024 { // mostly consumed: compact
-		q.queue = append(q.queue[:0], q.queue[q.head:]...)
-		q.head = 0
-	}
-	dropped := q.dropped
-	q.dropped = 0
-	return out, dropped
-}
-
-// Len is the number of records waiting.
-func (q *Records) Len() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.queue) - q.head
 }
 
 // maxCountKeys bounds each counts map; labels come from pushed versions, so it is never

@@ -6,24 +6,6 @@ import (
 	"testing"
 )
 
-func TestRecordsAreBoundedAndDrainedOldestFirst(t *testing.T) {
-	q := NewRecords(3)
-	for i := range 5 {
-		q.Add(&Record{PredictionID: string(rune('a' + i))})
-	}
-	got, dropped := q.Drain(2)
-	if len(got) != 2 || got[0].PredictionID != "a" || got[1].PredictionID != "b" || dropped != 2 {
-		t.Fatalf("got %v, dropped %d", got, dropped)
-	}
-	if !q.Add(&Record{PredictionID: "f"}) {
-		t.Fatal("room was made by the drain")
-	}
-	got, dropped = q.Drain(10)
-	if len(got) != 2 || got[0].PredictionID != "c" || got[1].PredictionID != "f" || dropped != 0 || q.Len() != 0 {
-		t.Fatalf("got %v, dropped %d", got, dropped)
-	}
-}
-
 func TestCountsDrainAndStartAfresh(t *testing.T) {
 	c := NewCounts()
 	c.Prediction("m", 1, "stable", false)

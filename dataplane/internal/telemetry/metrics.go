@@ -32,6 +32,7 @@ type Metrics struct {
 	featuresTime  *prometheus.HistogramVec
 	featureValues *prometheus.CounterVec
 	storeErrors   *prometheus.CounterVec
+	logged        *prometheus.CounterVec
 	pairs         *limiter
 	services      *limiter
 	// resolved holds each admitted (method, model, version)'s children, so that a call
@@ -95,11 +96,15 @@ func NewMetrics() *Metrics {
 			Name: "loopmesh_dataplane_online_store_errors_total",
 			Help: "Online-store reads that failed (answered UNAVAILABLE), by store.",
 		}, []string{"store"}),
+		logged: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "loopmesh_dataplane_predictions_logged_total",
+			Help: "Predictions produced to Kafka by outcome: logged (acknowledged), dropped (buffer full), failed.",
+		}, []string{"outcome"}),
 		pairs:    newLimiter(maxModelVersions),
 		services: newLimiter(maxServices),
 	}
 	reg.MustRegister(m.requests, m.duration, m.tritonErrors, m.fallbacks, m.proxied, m.statsOverflow,
-		m.features, m.featuresTime, m.featureValues, m.storeErrors,
+		m.features, m.featuresTime, m.featureValues, m.storeErrors, m.logged,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -186,6 +191,9 @@ func (m *Metrics) FeatureValues(present, missing, stale int) {
 
 // StoreError counts a failed online-store read.
 func (m *Metrics) StoreError(store string) { m.storeErrors.WithLabelValues(store).Inc() }
+
+// PredictionLogged counts a prediction record's outcome ("logged", "dropped" or "failed").
+func (m *Metrics) PredictionLogged(outcome string) { m.logged.WithLabelValues(outcome).Inc() }
 
 // StatsOverflow counts a call the per-version figures could not hold.
 func (m *Metrics) StatsOverflow() { m.statsOverflow.Inc() }

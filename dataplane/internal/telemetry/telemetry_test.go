@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 
@@ -78,6 +79,35 @@ func TestTracingOffForwardsTraceHeaders(t *testing.T) {
 	}
 	if _, _, out := tr.Start(context.Background(), "ModelInfer"); out != nil {
 		t.Fatal("no trace headers, no metadata")
+	}
+}
+
+// A message to Kafka gets a PRODUCER span under the Predict it logs; its headers carry that
+// span, so the consumer continues the same trace through it.
+func TestProducerSpanContinuesThePredictsTrace(t *testing.T) {
+	exporter := tracetest.NewInMemoryExporter()
+	tr := withExporter(exporter, "test")
+	span, headers := tr.StartProducer(parent, "a=b", "predictions publish", "predictions")
+	EndSpan(span, errors.New("broker gone"))
+	if err := tr.provider.ForceFlush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	spans := exporter.GetSpans()
+	if len(spans) != 1 || spans[0].Name != "predictions publish" || spans[0].SpanKind != trace.SpanKindProducer ||
+		spans[0].Parent.SpanID().String() != "b7ad6b7169203331" || spans[0].Status.Description != "broker gone" {
+		t.Fatalf("%+v", spans)
+	}
+	want := "00-0af7651916cd43dd8448eb211c80319c-" + spans[0].SpanContext.SpanID().String() + "-01"
+	if len(headers) != 2 || headers[0] != [2]string{"traceparent", want} || headers[1] != [2]string{"tracestate", "a=b"} {
+		t.Fatalf("headers %v, want traceparent %s and the tracestate", headers, want)
+	}
+	// Tracing off: the Predict's own context, as it came; none without one.
+	off, _ := NewTracing(context.Background(), "", "test", nil)
+	if _, h := off.StartProducer(parent, "", "predictions publish", "predictions"); len(h) != 1 || h[0] != [2]string{"traceparent", parent} {
+		t.Fatalf("off: %v", h)
+	}
+	if _, h := off.StartProducer("", "", "predictions publish", "predictions"); h != nil {
+		t.Fatalf("off, untraced: %v", h)
 	}
 }
 

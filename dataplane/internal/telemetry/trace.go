@@ -7,6 +7,7 @@ import (
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/sdk/resource"
@@ -96,6 +97,51 @@ func (t *Tracing) StartClient(ctx context.Context, method string) (trace.Span, m
 	out := metadata.MD{}
 	t.prop.Inject(ctx, carrier(out))
 	return span, out
+}
+
+// StartProducer begins a PRODUCER span named name (a message to Kafka topic) under the W3C
+// trace context traceparent/tracestate (a Predict's, kept with its record) and returns the
+// headers that carry the span in the message. Off, it returns a no-op span and the context
+// as it was given (none when traceparent is empty).
+func (t *Tracing) StartProducer(traceparent, tracestate, name, topic string) (trace.Span, [][2]string) {
+	if t == nil || t.provider == nil {
+		if traceparent == "" {
+			return noopSpan, nil
+		}
+		headers := [][2]string{{"traceparent", traceparent}}
+		if tracestate != "" {
+			headers = append(headers, [2]string{"tracestate", tracestate})
+		}
+		return noopSpan, headers
+	}
+	in := metadata.MD{}
+	if traceparent != "" {
+		in.Set("traceparent", traceparent)
+		if tracestate != "" {
+			in.Set("tracestate", tracestate)
+		}
+	}
+	ctx := t.prop.Extract(context.Background(), carrier(in))
+	ctx, span := t.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(attribute.String("messaging.system", "kafka"),
+			attribute.String("messaging.destination.name", topic)))
+	out := metadata.MD{}
+	t.prop.Inject(ctx, carrier(out))
+	var headers [][2]string
+	for _, key := range []string{"traceparent", "tracestate"} {
+		if v := out.Get(key); len(v) > 0 {
+			headers = append(headers, [2]string{key, v[0]})
+		}
+	}
+	return span, headers
+}
+
+// EndSpan ends span, marked failed when err is not nil.
+func EndSpan(span trace.Span, err error) {
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
 }
 
 // Shutdown flushes the spans still batched.

@@ -6,10 +6,11 @@ request already sees the routes in force), opens this process' gRPC server on a 
 (Predict, SetRoute, health), then starts the data plane on the public port: it serves the Open
 Inference Protocol and Predict itself and proxies the rest here
 (``loopmesh.inference.dataplane``). ``stop`` stops the data plane first (its in-flight calls
-finish and its prediction records are drained into the log), then this server, then flushes
-the prediction log. Unless disabled, a task publishes each served version's request count,
-error rate and p99 latency over a sliding window (Predict's and ModelInfer's calls alike) to
-``metrics.live`` every ``operational_publish_s``.
+finish and it flushes the predictions it produces to Kafka itself), then this server, then
+flushes this process' prediction log (the Predicts answered here). Unless disabled, a task
+publishes each served version's request count, error rate and p99 latency over a sliding
+window (Predict's and ModelInfer's calls alike) to ``metrics.live`` every
+``operational_publish_s``.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class InferenceGateway:
                 stack.push_async_callback(_cancel, publisher)
             self.logger.start()
             # Callbacks run in reverse: the log is flushed after the data plane stopped, whose
-            # last records its stop drains into the log.
+            # last forwarded Predicts it holds.
             stack.push_async_callback(self.logger.stop)
             await self.follower.follow(scope.routes_catchup_timeout_s)
             stack.push_async_callback(self.follower.stop)

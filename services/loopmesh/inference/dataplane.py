@@ -19,8 +19,9 @@ This module is the control plane's side of it:
 * drain the per-version figures of its calls every ``stats_interval_s`` into ``Counters``
   (and so into ``metrics.live`` for the canary guards, exactly like Predict's) and its counts
   into this process' instruments;
-* drain its prediction records into the ``PredictionLogger`` (each under its Predict's trace),
-  until the child has exited on shutdown;
+* hand it the Kafka settings: it produces the predictions it answers to ``predictions``
+  itself (``PredictionLogged``, the Pydantic model its JSON is checked against), and its
+  logged and dropped counts come back with the figures;
 * if the child exits, set ``crashed``: the app stops with exit 1 rather than serve Predict
   behind a port nobody answers.
 
@@ -34,23 +35,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import context as otel_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
 from loopmesh.inference import instruments
-from loopmesh.inference.catalog import TASKS, ModelCatalog
-from loopmesh.inference.core import Counters, PredictionRecord, ShadowAnswer
+from loopmesh.inference.catalog import ModelCatalog
+from loopmesh.inference.core import Counters
 from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import RouteTable
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import dataplane as child
+from loopmesh.mesh.bus import DLQ_MAX_BYTES
 from loopmesh.mesh.dataplane import BINARY, DataPlaneProcess, Listening
 from loopmesh.mesh.errors import LoopMeshError
 from loopmesh.mesh.telemetry import rpc_instruments
@@ -62,18 +58,10 @@ __all__ = [
     "Listening",
     "config_of",
     "find_binary",
+    "log_config",
     "predict_config",
-    "prediction_of",
     "spec_of",
 ]
-
-WARN_EVERY_S = 10.0
-"""A failing admin call is logged at most this often (it is retried far more often)."""
-RETRY_S = 0.5
-"""Wait before a failed predictions drain is retried."""
-IDLE_POLL_S = 0.005
-"""Least wait after a drain that found nothing (``log_linger_ms`` may be 0: no busy loop)."""
-_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def find_binary(configured: Path | None) -> Path:
@@ -150,7 +138,36 @@ def predict_config(settings: InferenceSettings) -> dict[str, Any] | None:
         "shadow_max_inflight": scope.shadow_max_inflight,
         "shadow_timeout_ms": scope.shadow_timeout_ms,
         "log_queue_size": scope.log_queue_size,
+        "log": log_config(settings),
         "entity_id_key": key.get_secret_value() if key is not None else None,
+    }
+
+
+def log_config(settings: InferenceSettings) -> dict[str, Any]:
+    """The config's ``predict.log``: the Kafka settings and producer options every
+    ``EventProducer`` has (``client_options``), for the predictions the data plane produces."""
+    kafka = settings.kafka
+    sasl = kafka.security_protocol.startswith("SASL")
+    tls = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        tls = {
+            "ca_file": str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
+            "cert_file": str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
+            "key_file": str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
+        }
+    password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+    return {
+        "topic": settings.inference.predictions_topic,
+        "brokers": [b.strip() for b in kafka.bootstrap_servers.split(",") if b.strip()],
+        "client_id": f"{kafka.client_id}-inference-dataplane",
+        "security_protocol": kafka.security_protocol,
+        "sasl_mechanism": kafka.sasl_mechanism if sasl else None,
+        "sasl_username": kafka.sasl_username if sasl else None,
+        "sasl_password": password if sasl else None,
+        "tls": tls,
+        "linger_ms": settings.inference.log_linger_ms,
+        "request_timeout_ms": kafka.request_timeout_ms,
+        "max_message_bytes": DLQ_MAX_BYTES,
     }
 
 
@@ -180,47 +197,8 @@ def spec_of(catalog: ModelCatalog, model_name: str, version: int) -> dict[str, A
     }
 
 
-def prediction_of(raw: dict[str, Any]) -> tuple[PredictionRecord, otel_context.Context]:
-    """One drained record as the prediction log takes it, with its Predict's trace context.
-
-    Raises KeyError, TypeError or ValueError for a record that does not hold together.
-    """
-    event_time = datetime.fromisoformat(raw["event_time"])
-    if event_time.tzinfo is None:
-        event_time = event_time.replace(tzinfo=UTC)
-    task = next((t for t in TASKS if t == raw.get("task", "binary")), None)
-    if task is None:
-        raise ValueError(f"unknown task {raw.get('task')!r}")
-    record = PredictionRecord(
-        prediction_id=str(raw["prediction_id"]),
-        model_name=str(raw["model_name"]),
-        model_version=int(raw["model_version"]),
-        entity_id=str(raw["entity_id"]),
-        features={str(k): float(v) for k, v in (raw.get("features") or {}).items()},
-        score=float(raw["score"]),
-        latency_ms=float(raw["latency_ms"]),
-        event_time=event_time.astimezone(UTC),
-        categorical={str(k): str(v) for k, v in (raw.get("categorical") or {}).items()},
-        outputs=tuple(float(x) for x in raw.get("outputs") or ()),
-        task=task,
-        shadow=tuple(
-            ShadowAnswer(
-                int(s["model_version"]),
-                float(s["score"]),
-                tuple(float(x) for x in s.get("outputs") or ()),
-            )
-            for s in raw.get("shadow") or ()
-        ),
-    )
-    traceparent = raw.get("traceparent")
-    context = (
-        _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
-    )
-    return record, context
-
-
 class DataPlane:
-    """The child process, its route pushes, its stats drains and its predictions drains."""
+    """The child process, its route pushes and its stats drains."""
 
     def __init__(
         self,
@@ -241,11 +219,8 @@ class DataPlane:
         self._routes_ready = routes_ready
         self._process: DataPlaneProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._predictions: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self._exited = asyncio.Event()
         self._push_lock = asyncio.Lock()
-        self._warned: dict[str, float] = {}
         self.listening: Listening | None = None
         self.last_totals = {"triton_requests": 0, "rows": 0}
         """The data plane's Predict batching when it was last asked (at the latest, at stop)."""
@@ -279,10 +254,6 @@ class DataPlane:
             asyncio.create_task(self._watch_exit(process), name="dataplane-crash"),
             asyncio.create_task(self._sync(), name="dataplane-sync"),
         ]
-        if self._scope.predict:
-            self._predictions = asyncio.create_task(
-                self._drain_predictions(), name="dataplane-predictions"
-            )
         log.info(
             "data plane serving %s (admin %s, metrics %s)",
             self.listening.grpc,
@@ -291,8 +262,8 @@ class DataPlane:
         )
 
     async def stop(self) -> None:
-        """Stop the child (in-flight calls finish) while its predictions are still drained:
-        it exits once its queue is empty (at most 5 s), and only then does draining end."""
+        """Stop the child: its in-flight calls finish, then it waits (at most 5 s) for Kafka to
+        acknowledge the predictions it still holds."""
         self.stopping = True
         if self._process is not None:
             self._process.stopping = True
@@ -307,20 +278,6 @@ class DataPlane:
             self.last_totals = await self.predict_totals()
         if self._process is not None:
             await self._process.stop()
-        self._exited.set()
-        if self._predictions is not None:
-            # Its next admin call fails now the child is gone, which ends it; the bound is
-            # for a call that hangs.
-            done, _ = await asyncio.wait(
-                [self._predictions], timeout=self._scope.admin_timeout_s + 1.0
-            )
-            if not done:
-                self._predictions.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._predictions
-            elif (error := self._predictions.exception()) is not None:
-                log.error("the predictions drain failed", exc_info=error)
-            self._predictions = None
         # The calls that finished while the child stopped: only if its admin API still answers.
         with contextlib.suppress(OSError, ValueError):
             await self.drain_stats()
@@ -413,6 +370,10 @@ class DataPlane:
             calls.add(int(entry["count"]), attributes)
             for ms in entry.get("latencies_ms", []):
                 duration.record(float(ms), {"rpc.method": method})
+        # The predictions it produced to Kafka, in the log's own counts.
+        produced = drained.get("log", {})
+        self._logger.logged += int(produced.get("logged", 0))
+        self._logger.dropped += int(produced.get("dropped", 0))
         return total
 
     async def predict_totals(self) -> dict[str, int]:
@@ -420,24 +381,6 @@ class DataPlane:
         raw = await asyncio.to_thread(self._request, "GET", "/predict/totals", b"")
         totals = json.loads(raw)
         return {"triton_requests": int(totals["triton_requests"]), "rows": int(totals["rows"])}
-
-    async def drain_predictions(self, limit: int) -> int:
-        """Move up to ``limit`` of the data plane's prediction records into the log; how many
-        it returned (``limit``: more may be waiting)."""
-        path = f"/predictions/drain?max={limit}"
-        drained = json.loads(await asyncio.to_thread(self._request, "POST", path, b""))
-        # Lost in the data plane's full queue: counted as the log's own drops are.
-        self._logger.dropped += int(drained.get("dropped", 0))
-        records = drained.get("predictions", [])
-        for raw in records:
-            try:
-                record, context = prediction_of(raw)
-            except (KeyError, TypeError, ValueError) as exc:
-                self._logger.invalid += 1
-                self._now_and_then("record", "unloggable prediction from the data plane: %r", exc)
-                continue
-            self._logger.log(record, context)  # a full queue drops and counts it
-        return len(records)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -463,34 +406,6 @@ class DataPlane:
                 await self.drain_stats()
             except OSError:
                 log.warning("data plane admin call failed; retrying", exc_info=True)
-
-    async def _drain_predictions(self) -> None:
-        """Drain records until the child has exited: at once while full batches come back,
-        else after ``log_linger_ms`` (the log's batching); a failure is retried shortly."""
-        scope = self._settings.inference
-        limit, linger = scope.log_batch_size, scope.log_linger_ms / 1000.0
-        while True:
-            try:
-                got = await self.drain_predictions(limit)
-            except (OSError, ValueError):
-                if self._exited.is_set():
-                    return  # the child is gone, and its queue with it
-                if not self.stopping:
-                    self._now_and_then(
-                        "drain", "draining the data plane's predictions failed; retrying"
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._exited.wait(), RETRY_S)
-                continue
-            if got < limit:
-                await asyncio.sleep(linger if got else max(linger, IDLE_POLL_S))
-
-    def _now_and_then(self, key: str, message: str, *args: object) -> None:
-        """Log a warning (with the exception being handled) at most every ``WARN_EVERY_S``."""
-        now = time.monotonic()
-        if now - self._warned.get(key, -math.inf) >= WARN_EVERY_S:
-            self._warned[key] = now
-            log.warning(message, *args, exc_info=True)
 
     async def _watch_exit(self, process: DataPlaneProcess) -> None:
         await process.crashed.wait()

@@ -52,8 +52,8 @@ class PredictionLogger:
         self.invalid = 0
 
     def log(self, record: PredictionRecord, context: otel_context.Context | None = None) -> bool:
-        """Queue ``record`` with the trace ``context`` of its Predict (None: the current one;
-        the data plane's records come with theirs); False when the queue is full."""
+        """Queue ``record`` with the trace ``context`` of its Predict (None: the current one);
+        False when the queue is full."""
         if context is None:
             context = otel_context.get_current()
         try:

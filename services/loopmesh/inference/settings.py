@@ -93,12 +93,14 @@ class InferenceScope(BaseModel):
     routes_catchup_timeout_s: float = Field(default=30.0, gt=0)
     """How long start-up may take to read ``rollouts`` to its end before serving."""
     log_queue_size: int = Field(default=10_000, ge=1)
-    """Predictions waiting to be logged; when full, responses still go out and a counter
-    records the drop."""
+    """Predictions waiting to be logged (here, and in the data plane's producer buffer); when
+    full, responses still go out and a counter records the drop."""
     log_batch_size: int = Field(default=500, ge=1)
-    """Most prediction events produced to Kafka in one batch."""
+    """Most prediction events this process' log produces to Kafka in one batch (the data
+    plane's producer batches by bytes, franz-go's default)."""
     log_linger_ms: float = Field(default=20.0, ge=0)
-    """How long the log waits for more predictions before producing a batch."""
+    """How long the log (this process' and the data plane's producer) waits for more
+    predictions before producing a batch."""
     catalog_refresh_s: float = Field(default=5.0, gt=0)
     """How long the list of published versions (for models without a route) is cached."""
     operational_metrics: bool = True

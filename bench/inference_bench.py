@@ -8,6 +8,11 @@ data plane on the public port, the Python control plane behind it), then measure
 paths taking turns in short slices (see ``ROUNDS``):
 
 - direct Triton ModelInfer:  the baseline
+- Go pass-through ModelInfer: the floor of any gRPC-go proxy, the same request through
+                             ``loopmesh-passthrough`` (dataplane/cmd: raw bytes to Triton over
+                             one connection, the data plane's transport options and process
+                             tuning, nothing else): what is left to the data plane is the gap
+                             between this row and the next
 - gateway ModelInfer:        the same request through the data plane (routed, no version)
 - gateway Predict:           entity_id + context -> features, Triton, prediction log
 
@@ -37,8 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +75,7 @@ bench that comes and goes then weighs on direct Triton and on the gateway alike,
 on whichever cell it happened to coincide with. 1: one run per cell."""
 WARMUP_S = 1.0
 CONCURRENCY = (1, 16, 64)
+FLOOR = "Go pass-through ModelInfer"
 console = Console(width=150)
 
 
@@ -201,6 +207,35 @@ class Cell:
         return sum(self.cpu_us(n) for n in self.cpu_s if n != "ghz")
 
 
+@contextmanager
+def passthrough(upstream: str) -> Iterator[tuple[str, int]]:
+    """``loopmesh-passthrough`` (built here with ``go build``) in front of ``upstream``, in its
+    own process group, with the data plane's GOMAXPROCS and GOGC: (its address, its pid)."""
+    binary = Path(".loopmesh/bin/loopmesh-passthrough").resolve()
+    with console.status("building loopmesh-passthrough (go build)"):
+        subprocess.run(
+            ["go", "build", "-trimpath", "-o", str(binary), "./cmd/loopmesh-passthrough"],
+            cwd=Path(__file__).resolve().parent.parent / "dataplane",
+            check=True,
+        )
+    procs = max(1, (os.cpu_count() or 2) // 2)  # the data plane's own tuneProcs and tuneGC
+    proc = subprocess.Popen(
+        [str(binary), "-listen", "127.0.0.1:0", "-upstream", upstream],
+        env={**os.environ, "GOMAXPROCS": str(procs), "GOGC": "400", "GOMEMLIMIT": "1GiB"},
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().decode().strip()  # its first line, once it listens
+        if not address:
+            raise RuntimeError(f"loopmesh-passthrough exited with {proc.wait()}")
+        yield address, proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _ghz(
     ghz: Path,
     protoset: Path,
@@ -271,6 +306,7 @@ def _check_features(gateway_url: str, store_refs: list[str]) -> None:
 
 def _measure(
     triton_url: str,
+    passthrough_url: str,
     gateway_url: str,
     cpu: dict[str, Callable[[], float]],
     root: Path,
@@ -301,6 +337,7 @@ def _measure(
     infer_call = "inference.GRPCInferenceService.ModelInfer"
     paths = {
         "direct Triton ModelInfer": (triton_url, infer_call, ["--binary-file", str(infer_file)]),
+        FLOOR: (passthrough_url, infer_call, ["--binary-file", str(infer_file)]),
         "gateway ModelInfer": (gateway_url, infer_call, ["--binary-file", str(infer_file)]),
         "gateway Predict": (
             gateway_url,
@@ -424,17 +461,22 @@ def _report(cells: list[Cell]) -> None:
         return "met" if ok else "NOT met"
 
     for clients in CONCURRENCY:
-        b, g = base[clients], cell("gateway ModelInfer", clients)
+        b, g, f = base[clients], cell("gateway ModelInfer", clients), cell(FLOOR, clients)
         ratio, added = g.rps / b.rps, g.p50_ms - b.p50_ms
+        floor = (
+            f"; a bare Go pass-through: {f.rps / b.rps:.2f}x, p50 {f.p50_ms - b.p50_ms:+.2f} ms, "
+            f"{f.cpu_us('pass-through'):,.0f} us of CPU a call vs the data plane's "
+            f"{g.cpu_us('data plane'):,.0f}"
+        )
         if clients == 1:
             console.print(
                 f" 1 call at a time: gateway ModelInfer p50 {added:+.2f} ms -> target "
-                f"(<= +0.5 ms) {verdict(added <= 0.5)} ({ratio:.2f}x throughput)"
+                f"(<= +0.5 ms) {verdict(added <= 0.5)} ({ratio:.2f}x throughput{floor})"
             )
         else:
             console.print(
                 f"{clients:>2} concurrent: gateway ModelInfer {ratio:.2f}x direct throughput -> "
-                f"target (>= 0.8x) {verdict(ratio >= 0.8)} (p50 {added:+.2f} ms)"
+                f"target (>= 0.8x) {verdict(ratio >= 0.8)} (p50 {added:+.2f} ms{floor})"
             )
     if 16 in CONCURRENCY:
         p = cell("gateway Predict", 16)
@@ -528,6 +570,7 @@ def main() -> None:
                 f"(python backend, CPU) on {len(store_refs)} store features of {ENTITIES} "
                 f"entities ({', '.join(store_refs)}) and {len(CONTEXT)} context numbers"
             )
+            floor_url, floor_pid = stack.enter_context(passthrough(triton.grpc_url))
             gateway_pid, triton_pid, features_pid = gateway.pid, triton.pid, features.pid
             assert triton_pid is not None
             plane = "loopmesh-datapl"  # the kernel keeps 15 characters of a command name
@@ -538,8 +581,9 @@ def main() -> None:
                 "triton": lambda: _group_cpu_s(triton_pid),
                 # Its own process group: the Python FeatureService and its Go data plane.
                 "features": lambda: _group_cpu_s(features_pid),
+                "pass-through": lambda: _group_cpu_s(floor_pid),
             }
-            _report(_measure(triton.grpc_url, gateway_url, cpu, root, store_refs))
+            _report(_measure(triton.grpc_url, floor_url, gateway_url, cpu, root, store_refs))
         finally:
             if gateway is not None:
                 gateway.terminate()
@@ -551,7 +595,10 @@ def main() -> None:
                         produced = json.loads(line)
                         console.print(
                             f"data plane: {produced['logged']} predictions produced to Kafka, "
-                            f"{produced['dropped']} dropped"
+                            f"{produced['dropped']} dropped; {produced['rows']} rows in "
+                            f"{produced['triton_requests']} Triton requests, features of "
+                            f"{produced['feature_fetches']} entities in "
+                            f"{produced['feature_calls']} GetOnlineFeatures calls"
                         )
             triton.stop()
             kafka.stop()

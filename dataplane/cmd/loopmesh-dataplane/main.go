@@ -277,8 +277,10 @@ func serve(cfg *config.Config, log *telemetry.Logger) error {
 		if !predictions.Close(logDrainTimeout) {
 			log.Warn("stopping with predictions Kafka did not acknowledge")
 		}
-		totals := predictions.Totals()
-		log.Info("predictions produced", "logged", totals.Logged, "dropped", totals.Dropped)
+		logged, batching := predictions.Totals(), predictor.Totals()
+		log.Info("predictions produced", "logged", logged.Logged, "dropped", logged.Dropped,
+			"rows", batching.Rows, "triton_requests", batching.TritonRequests,
+			"feature_fetches", batching.FeatureFetches, "feature_calls", batching.FeatureCalls)
 	}
 	shutdownCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()

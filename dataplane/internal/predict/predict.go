@@ -102,12 +102,15 @@ func (s *Service) Register(server *grpc.Server) {
 type Totals struct {
 	TritonRequests uint64 `json:"triton_requests"`
 	Rows           uint64 `json:"rows"`
+	FeatureCalls   uint64 `json:"feature_calls"`
+	FeatureFetches uint64 `json:"feature_fetches"`
 }
 
 // Totals reports the batching so far.
 func (s *Service) Totals() Totals {
 	requests, rows := s.Scorer.Stats()
-	return Totals{TritonRequests: requests, Rows: rows}
+	calls, fetches := s.Features.Stats()
+	return Totals{TritonRequests: requests, Rows: rows, FeatureCalls: calls, FeatureFetches: fetches}
 }
 
 // WaitShadows waits for shadow work in flight (each is bounded by ShadowTimeout).

@@ -26,7 +26,7 @@ from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import Route, RouteTable
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import model_repo
-from loopmesh.mesh.bus import DLQ_MAX_BYTES, encode, event_headers
+from loopmesh.mesh.bus import encode, event_headers
 from loopmesh.mesh.events import PredictionLogged, ShadowScore
 from loopmesh.mesh.topics import PREDICTIONS
 
@@ -148,7 +148,6 @@ def test_predict_config_carries_features_batching_shadows_and_the_log_queue(
             "tls": None,
             "linger_ms": 20.0,
             "request_timeout_ms": 15000,
-            "max_message_bytes": DLQ_MAX_BYTES,
         },
         "entity_id_key": None,
     }

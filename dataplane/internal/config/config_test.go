@@ -99,7 +99,7 @@ func TestFeaturesMode(t *testing.T) {
 
 const logOK = `{"topic": "predictions", "brokers": ["k1:9092", "k2:9092"], "client_id": "loopmesh-inference-dataplane",
 	"security_protocol": "PLAINTEXT", "sasl_mechanism": null, "sasl_username": null, "sasl_password": null,
-	"tls": null, "linger_ms": 20, "request_timeout_ms": 15000, "max_message_bytes": 8388608}`
+	"tls": null, "linger_ms": 20, "request_timeout_ms": 15000}`
 
 func withPredict(log string) string {
 	return `{"backend": "b:1", "triton": {"address": "t:1"}, "predict": {"features": {"address": "f:1"}, "log": ` + log + `}}`
@@ -122,18 +122,17 @@ func TestPredictLogIsRequiredAndChecked(t *testing.T) {
 		t.Fatalf("SASL_SSL: %v", err)
 	}
 	cases := map[string]string{
-		strings.Replace(logOK, `"predictions"`, `""`, 1):                                     "predict.log.topic:",
-		strings.Replace(logOK, `["k1:9092", "k2:9092"]`, `[]`, 1):                            "predict.log.brokers:",
-		strings.Replace(logOK, `"k2:9092"`, `"k2"`, 1):                                       "predict.log.brokers:",
-		strings.Replace(logOK, `"PLAINTEXT"`, `"KERBEROS"`, 1):                               "predict.log.security_protocol:",
-		strings.Replace(logOK, `"PLAINTEXT"`, `"SASL_PLAINTEXT"`, 1):                         "predict.log.sasl_mechanism:",
-		strings.Replace(sasl, `"SCRAM-SHA-256"`, `"GSSAPI"`, 1):                              "predict.log.sasl_mechanism:",
-		strings.Replace(sasl, `"mesh"`, `""`, 1):                                             "predict.log.sasl_username:",
-		strings.Replace(sasl, `{"ca_file": null}`, `null`, 1):                                "predict.log.tls:",
-		strings.Replace(logOK, `"tls": null`, `"tls": {"ca_file": "/ca.pem"}`, 1):            "predict.log.tls:",
-		strings.Replace(logOK, `"linger_ms": 20`, `"linger_ms": -1`, 1):                      "predict.log.linger_ms:",
-		strings.Replace(logOK, `"request_timeout_ms": 15000`, `"request_timeout_ms": 0`, 1):  "predict.log.request_timeout_ms:",
-		strings.Replace(logOK, `"max_message_bytes": 8388608`, `"max_message_bytes": 10`, 1): "predict.log.max_message_bytes:",
+		strings.Replace(logOK, `"predictions"`, `""`, 1):                                    "predict.log.topic:",
+		strings.Replace(logOK, `["k1:9092", "k2:9092"]`, `[]`, 1):                           "predict.log.brokers:",
+		strings.Replace(logOK, `"k2:9092"`, `"k2"`, 1):                                      "predict.log.brokers:",
+		strings.Replace(logOK, `"PLAINTEXT"`, `"KERBEROS"`, 1):                              "predict.log.security_protocol:",
+		strings.Replace(logOK, `"PLAINTEXT"`, `"SASL_PLAINTEXT"`, 1):                        "predict.log.sasl_mechanism:",
+		strings.Replace(sasl, `"SCRAM-SHA-256"`, `"GSSAPI"`, 1):                             "predict.log.sasl_mechanism:",
+		strings.Replace(sasl, `"mesh"`, `""`, 1):                                            "predict.log.sasl_username:",
+		strings.Replace(sasl, `{"ca_file": null}`, `null`, 1):                               "predict.log.tls:",
+		strings.Replace(logOK, `"tls": null`, `"tls": {"ca_file": "/ca.pem"}`, 1):           "predict.log.tls:",
+		strings.Replace(logOK, `"linger_ms": 20`, `"linger_ms": -1`, 1):                     "predict.log.linger_ms:",
+		strings.Replace(logOK, `"request_timeout_ms": 15000`, `"request_timeout_ms": 0`, 1): "predict.log.request_timeout_ms:",
 		`null`: "predict.log: missing",
 	}
 	for log, want := range cases {

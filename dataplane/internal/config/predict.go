@@ -53,7 +53,6 @@ type PredictLog struct {
 	TLS              *ClientTLS `json:"tls"`
 	LingerMs         float64    `json:"linger_ms"`
 	RequestTimeoutMs int        `json:"request_timeout_ms"`
-	MaxMessageBytes  int        `json:"max_message_bytes"`
 }
 
 var protocols = []string{"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
@@ -100,9 +99,6 @@ func (l *PredictLog) Check() error {
 	}
 	if l.RequestTimeoutMs < 1 {
 		return fail("request_timeout_ms", "%d is below 1", l.RequestTimeoutMs)
-	}
-	if l.MaxMessageBytes < 1024 {
-		return fail("max_message_bytes", "%d is below 1024", l.MaxMessageBytes)
 	}
 	return nil
 }

@@ -58,7 +58,8 @@ func NewPredictionLog(c *config.PredictLog, queue int, tracing *telemetry.Tracin
 		kgo.ProducerBatchCompression(kgo.NoCompression()),    // consumers need no codec
 		kgo.ProducerLinger(time.Duration(c.LingerMs * float64(time.Millisecond))),
 		kgo.MaxBufferedRecords(queue),
-		kgo.ProducerBatchMaxBytes(int32(c.MaxMessageBytes)),
+		// Batches stay within franz-go's default size, Kafka's default message.max.bytes: a
+		// prediction is small, and a larger batch would be refused whole by such a broker.
 		kgo.ProduceRequestTimeout(time.Duration(c.RequestTimeoutMs) * time.Millisecond),
 	}
 	tlsConf, err := c.TLSConfig()

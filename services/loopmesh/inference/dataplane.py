@@ -46,7 +46,6 @@ from loopmesh.inference.prediction_log import PredictionLogger
 from loopmesh.inference.routing import RouteTable
 from loopmesh.inference.settings import InferenceSettings
 from loopmesh.mesh import dataplane as child
-from loopmesh.mesh.bus import DLQ_MAX_BYTES
 from loopmesh.mesh.dataplane import BINARY, DataPlaneProcess, Listening
 from loopmesh.mesh.errors import LoopMeshError
 from loopmesh.mesh.telemetry import rpc_instruments
@@ -167,7 +166,6 @@ def log_config(settings: InferenceSettings) -> dict[str, Any]:
         "tls": tls,
         "linger_ms": settings.inference.log_linger_ms,
         "request_timeout_ms": kafka.request_timeout_ms,
-        "max_message_bytes": DLQ_MAX_BYTES,
     }
 
 

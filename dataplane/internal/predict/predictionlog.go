@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,7 +39,8 @@ type PredictionLog struct {
 
 	logged, dropped           atomic.Int64 // since the last Drain
 	totalLogged, totalDropped atomic.Int64
-	lastWarn                  atomic.Int64 // unix seconds of the last failure warning
+	lastWarn                  atomic.Int64   // unix seconds of the last failure warning
+	unsettled                 sync.WaitGroup // records whose promise has not run yet
 }
 
 // LogCounts are the records logged and dropped (buffer full or failed) since the last drain.
@@ -123,9 +125,11 @@ func (l *PredictionLog) Log(r *Record) {
 		headers = append(headers, kgo.RecordHeader{Key: h[0], Value: []byte(h[1])})
 	}
 	record := &kgo.Record{Key: []byte(r.PredictionID), Value: value, Headers: headers}
+	l.unsettled.Add(1)
 	l.client.TryProduce(context.Background(), record, func(_ *kgo.Record, err error) {
 		telemetry.EndSpan(span, err)
 		l.settled(err)
+		l.unsettled.Done()
 	})
 }
 
@@ -160,11 +164,13 @@ func (l *PredictionLog) Totals() LogCounts {
 }
 
 // Close waits up to timeout for the buffered records to be acknowledged, then closes the
-// client; false when some were left (they are lost, and counted as dropped).
+// client; false when some were left (they are lost, and counted as dropped by the time Close
+// returns).
 func (l *PredictionLog) Close(timeout time.Duration) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	flushed := l.client.Flush(ctx) == nil
-	l.client.Close() // fails what is left, through each record's promise
+	l.client.Close()   // fails what is left, through each record's promise...
+	l.unsettled.Wait() // ...which runs on the client's goroutine, maybe after Close returned
 	return flushed
 }

@@ -36,10 +36,8 @@ async def eventually(
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
 
 
-async def read_topic(
-    settings: KafkaSettings, topic: str, *, expect: int, timeout: float = 60.0
-) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
-    """Read ``topic`` from the beginning until ``expect`` messages arrived (or fail)."""
+async def from_the_beginning(settings: KafkaSettings, topic: str) -> AIOKafkaConsumer:
+    """A started consumer of ``topic`` from its first offset, in no group (stop it after)."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=settings.bootstrap_servers,
@@ -48,6 +46,14 @@ async def read_topic(
         group_id=None,
     )
     await consumer.start()
+    return consumer
+
+
+async def read_topic(
+    settings: KafkaSettings, topic: str, *, expect: int, timeout: float = 60.0
+) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+    """Read ``topic`` from the beginning until ``expect`` messages arrived (or fail)."""
+    consumer = await from_the_beginning(settings, topic)
     out: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
     deadline = time.monotonic() + timeout
     try:

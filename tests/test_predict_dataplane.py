@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
@@ -33,7 +32,7 @@ from loopmesh.mesh.model_spec import ContextField
 from loopmesh.mesh.privacy import PrivacySettings, pseudonymise
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import PREDICTIONS, ROLLOUTS
-from tests.helpers import eventually, unique_topic
+from tests.helpers import eventually, from_the_beginning, unique_topic
 from tests.test_inference_support import (
     CALL_TIMEOUT,
     DEFAULTS,
@@ -272,14 +271,7 @@ async def _read_with_partitions(
     settings: KafkaSettings, topic: str
 ) -> tuple[list[Message], list[int]]:
     """Every message of ``topic`` so far, with its partition, and the topic's partitions."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    await consumer.start()
+    consumer = await from_the_beginning(settings, topic)
     try:
         out: list[Message] = []
         while batch := await consumer.getmany(timeout_ms=1000):

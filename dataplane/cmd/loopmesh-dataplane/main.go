@@ -404,20 +404,9 @@ func tritonCredentials(c *config.TritonTLS) (credentials.TransportCredentials, e
 	if c == nil {
 		return insecure.NewCredentials(), nil
 	}
-	conf := &tls.Config{MinVersion: tls.VersionTLS12}
-	if c.CAFile != nil {
-		pool, err := config.LoadPool(*c.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("triton.tls.ca_file: %v", err)
-		}
-		conf.RootCAs = pool
-	}
-	if c.CertFile != nil && c.KeyFile != nil {
-		cert, err := tls.LoadX509KeyPair(*c.CertFile, *c.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("triton.tls: %v", err)
-		}
-		conf.Certificates = []tls.Certificate{cert}
+	conf, err := (&config.ClientTLS{CAFile: c.CAFile, CertFile: c.CertFile, KeyFile: c.KeyFile}).Config()
+	if err != nil {
+		return nil, fmt.Errorf("triton.%v", err)
 	}
 	return credentials.NewTLS(conf), nil
 }

@@ -16,6 +16,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from opentelemetry import trace
@@ -29,6 +30,9 @@ from loopmesh.devstack.triton import TritonServer
 from loopmesh.mesh.bus import EventProducer
 from loopmesh.mesh.feature_repo import apply_repo, prepare_repo
 from loopmesh.mesh.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from tests.test_inference_support import FixedFeatureService
 
 os.environ.setdefault("LOOPMESH_TELEMETRY__SERVICE_NAMESPACE", "loopmesh-tests")
 
@@ -135,3 +139,13 @@ def spans() -> InMemorySpanExporter:
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
+
+
+@pytest.fixture(scope="module")
+async def fixed_features() -> AsyncIterator[tuple[FixedFeatureService, str]]:
+    """A FeatureService with fixed values per entity (tests.test_inference_support), one per
+    module: (the servicer, its address)."""
+    from tests.test_inference_support import feature_server  # torch: only where it is used
+
+    async with feature_server() as served:
+        yield served

@@ -42,7 +42,6 @@ from tests.test_inference_support import (
     FixedFeatureService,
     direct_scores,
     expected_row,
-    feature_server,
     load,
     publish,
     running,
@@ -59,7 +58,7 @@ def own_settings(
     kafka_settings: KafkaSettings,
     triton: TritonServer,
     model_repository: Path,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     model: str,
 ) -> InferenceSettings:
     """A gateway's settings on the session's infrastructure, with topics of its own."""
@@ -67,7 +66,7 @@ def own_settings(
         kafka_settings,
         triton.grpc_url,
         model_repository,
-        features[1],
+        fixed_features[1],
         predictions_topic=unique_topic(PREDICTIONS).name,
         rollouts_topic=unique_topic(ROLLOUTS).name,
         default_model=model,
@@ -82,20 +81,14 @@ async def model(triton: TritonServer, model_repository: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-async def features() -> AsyncIterator[tuple[FixedFeatureService, str]]:
-    async with feature_server() as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
 async def gateway(
     kafka_settings: KafkaSettings,
     triton: TritonServer,
     model_repository: Path,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     model: str,
 ) -> AsyncIterator[InferenceGateway]:
-    settings = own_settings(kafka_settings, triton, model_repository, features, model)
+    settings = own_settings(kafka_settings, triton, model_repository, fixed_features, model)
     async with running(settings) as gw:
         yield gw
 
@@ -105,11 +98,11 @@ def fresh_settings(
     kafka_settings: KafkaSettings,
     triton: TritonServer,
     model_repository: Path,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     model: str,
 ) -> InferenceSettings:
     """Settings of a gateway of the test's own (the module's one stays as it is)."""
-    return own_settings(kafka_settings, triton, model_repository, features, model)
+    return own_settings(kafka_settings, triton, model_repository, fixed_features, model)
 
 
 @pytest.fixture(scope="module")
@@ -408,13 +401,13 @@ async def test_failing_canary_falls_back_to_stable_and_counts_against_it(
 async def test_feature_service_down_degrades_or_fails_as_configured(
     gateway: InferenceGateway,
     stub: inference_pb2_grpc.InferenceServiceStub,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     triton: TritonServer,
     kafka_settings: KafkaSettings,
     model_repository: Path,
 ) -> None:
     await set_route(stub, stable=1)
-    service, url = features
+    service, url = fixed_features
     service.down = True
     try:
         answer = await stub.Predict(
@@ -455,13 +448,13 @@ async def test_feature_service_down_degrades_or_fails_as_configured(
 async def test_concurrent_predicts_are_coalesced(
     gateway: InferenceGateway,
     stub: inference_pb2_grpc.InferenceServiceStub,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     triton: TritonServer,
 ) -> None:
     await set_route(stub, stable=2)
     # Predict is the data plane's: its own figures (the Python Predictor sees none of these).
     before = await gateway.dataplane.predict_totals()
-    feature_calls_before = features[0].calls
+    feature_calls_before = fixed_features[0].calls
     n = 64
     answers = await asyncio.gather(
         *(
@@ -472,7 +465,7 @@ async def test_concurrent_predicts_are_coalesced(
     after = await gateway.dataplane.predict_totals()
     assert after["rows"] - before["rows"] == n
     assert after["triton_requests"] - before["triton_requests"] < n, "no calls were coalesced"
-    assert features[0].calls - feature_calls_before < n
+    assert fixed_features[0].calls - feature_calls_before < n
     # Coalescing must not mix answers up between callers.
     x = np.array([expected_row(f"c{i}", {}, FEATURES) for i in range(n)])
     direct = await direct_scores(triton.grpc_url, MODEL, 2, x)

@@ -38,7 +38,6 @@ from tests.test_inference_support import (
     DEFAULTS,
     FEATURES,
     FixedFeatureService,
-    feature_server,
     load,
     onnx_model,
     publish,
@@ -77,24 +76,18 @@ async def model(triton: TritonServer, model_repository: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-async def features() -> AsyncIterator[tuple[FixedFeatureService, str]]:
-    async with feature_server() as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
 async def gateway(
     kafka_settings: KafkaSettings,
     triton: TritonServer,
     model_repository: Path,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     model: str,
 ) -> AsyncIterator[InferenceGateway]:
     settings = settings_for(
         kafka_settings,
         triton.grpc_url,
         model_repository,
-        features[1],
+        fixed_features[1],
         predictions_topic=unique_topic(PREDICTIONS).name,
         rollouts_topic=unique_topic(ROLLOUTS).name,
         default_model=model,

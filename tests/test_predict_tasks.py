@@ -36,7 +36,6 @@ from tests.test_inference_support import (
     FEATURES,
     FixedFeatureService,
     expected_row,
-    feature_server,
     load,
     publish,
     running,
@@ -150,24 +149,18 @@ async def modules(triton: TritonServer, model_repository: Path) -> dict[str, nn.
 
 
 @pytest.fixture(scope="module")
-async def features() -> AsyncIterator[tuple[FixedFeatureService, str]]:
-    async with feature_server() as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
 async def gateway(
     kafka_settings: KafkaSettings,
     triton: TritonServer,
     model_repository: Path,
-    features: tuple[FixedFeatureService, str],
+    fixed_features: tuple[FixedFeatureService, str],
     modules: dict[str, nn.Module],
 ) -> AsyncIterator[InferenceGateway]:
     settings = settings_for(
         kafka_settings,
         triton.grpc_url,
         model_repository,
-        features[1],
+        fixed_features[1],
         predictions_topic=unique_topic(PREDICTIONS).name,
         rollouts_topic=unique_topic(ROLLOUTS).name,
     )

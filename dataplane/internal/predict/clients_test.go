@@ -408,7 +408,7 @@ func newTriton(t *testing.T, timeout time.Duration) (*fakeTriton, *Scorer) {
 	ft := &fakeTriton{}
 	f, addr := serve(t, gateway.Service, []string{"ModelInfer", "RepositoryIndex"}, func(ctx context.Context, method string, req []byte) ([]byte, error) {
 		if method == "RepositoryIndex" {
-			if ok, err := readBool(req, 2); err != nil || !ok {
+			if ok, err := oip.ReadBool(req, 2); err != nil || !ok {
 				t.Errorf("RepositoryIndex request %x", req)
 			}
 			return ft.index()
@@ -432,17 +432,6 @@ func newTriton(t *testing.T, timeout time.Duration) (*fakeTriton, *Scorer) {
 	}
 	t.Cleanup(triton.Close)
 	return ft, NewScorer(triton, 64, time.Hour, 1)
-}
-
-func readBool(b []byte, num protowire.Number) (bool, error) {
-	var out bool
-	err := pbwire.Walk(b, func(n protowire.Number, typ protowire.Type, _ []byte, x uint64) error {
-		if n == num && typ == protowire.VarintType {
-			out = x != 0
-		}
-		return nil
-	})
-	return out, err
 }
 
 func sumsAnswer(r *oip.InferRequest) []byte {

@@ -53,19 +53,11 @@ func ParseRequest(b []byte) (*Request, error) {
 		case 2:
 			var key string
 			var val float64
-			unknown := false
-			err := pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
-				switch {
-				case num == 1 && typ == protowire.BytesType:
-					return pbwire.String(v, &key)
-				case num == 2 && typ == protowire.Fixed64Type:
-					val = math.Float64frombits(x)
-				default:
-					unknown = true
-				}
-				return nil
+			known, err := mapEntry(v, &key, func(typ protowire.Type, _ []byte, x uint64) (bool, error) {
+				val = math.Float64frombits(x)
+				return typ == protowire.Fixed64Type, nil
 			})
-			if err != nil || unknown {
+			if err != nil || !known {
 				return err
 			}
 			if r.Context == nil {
@@ -80,19 +72,13 @@ func ParseRequest(b []byte) (*Request, error) {
 			return pbwire.String(v, &r.RequestID)
 		case 6:
 			var key, val string
-			unknown := false
-			err := pbwire.Walk(v, func(num protowire.Number, typ protowire.Type, v []byte, _ uint64) error {
-				switch {
-				case num == 1 && typ == protowire.BytesType:
-					return pbwire.String(v, &key)
-				case num == 2 && typ == protowire.BytesType:
-					return pbwire.String(v, &val)
-				default:
-					unknown = true
+			known, err := mapEntry(v, &key, func(typ protowire.Type, v []byte, _ uint64) (bool, error) {
+				if typ != protowire.BytesType {
+					return false, nil
 				}
-				return nil
+				return true, pbwire.String(v, &val)
 			})
-			if err != nil || unknown {
+			if err != nil || !known {
 				return err
 			}
 			if r.Categorical == nil {
@@ -106,6 +92,26 @@ func ParseRequest(b []byte) (*Request, error) {
 		return nil, err
 	}
 	return r, nil
+}
+
+// mapEntry reads a map entry: its string key (field 1) into key and its value (field 2)
+// through value, which says whether the wire type fits. known is false for an entry holding
+// another field, or one of the wrong wire type: upb keeps such an entry as an unknown field.
+func mapEntry(b []byte, key *string, value func(typ protowire.Type, v []byte, x uint64) (bool, error)) (known bool, err error) {
+	known = true
+	err = pbwire.Walk(b, func(num protowire.Number, typ protowire.Type, v []byte, x uint64) error {
+		switch {
+		case num == 1 && typ == protowire.BytesType:
+			return pbwire.String(v, key)
+		case num == 2:
+			fits, err := value(typ, v, x)
+			known = known && fits
+			return err
+		}
+		known = false
+		return nil
+	})
+	return known, err
 }
 
 // Response is a loopmesh.v1.PredictResponse without its error (Go answers only successes).

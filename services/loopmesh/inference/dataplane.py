@@ -75,11 +75,7 @@ def config_of(settings: InferenceSettings, backend: str) -> dict[str, Any]:
     client = settings.triton_client
     triton_tls = None
     if client.tls_enabled:
-        triton_tls = {
-            "ca_file": str(client.tls_cafile) if client.tls_cafile else None,
-            "cert_file": str(client.tls_certfile) if client.tls_certfile else None,
-            "key_file": str(client.tls_keyfile) if client.tls_keyfile else None,
-        }
+        triton_tls = _tls_files(client.tls_cafile, client.tls_certfile, client.tls_keyfile)
     metrics = None
     if plane.metrics_port is not None:
         metrics = f"{settings.telemetry.metrics_host}:{plane.metrics_port}"
@@ -113,9 +109,7 @@ def predict_config(settings: InferenceSettings) -> dict[str, Any] | None:
     tls = None
     if client.tls_enabled:
         tls = {
-            "ca_file": str(client.tls_cafile) if client.tls_cafile else None,
-            "cert_file": str(client.tls_certfile) if client.tls_certfile else None,
-            "key_file": str(client.tls_keyfile) if client.tls_keyfile else None,
+            **_tls_files(client.tls_cafile, client.tls_certfile, client.tls_keyfile),
             "server_name": client.server_name_override,
         }
     token = settings.auth.client_token
@@ -149,11 +143,7 @@ def log_config(settings: InferenceSettings) -> dict[str, Any]:
     sasl = kafka.security_protocol.startswith("SASL")
     tls = None
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        tls = {
-            "ca_file": str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
-            "cert_file": str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
-            "key_file": str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
-        }
+        tls = _tls_files(kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile)
     password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
     return {
         "topic": settings.inference.predictions_topic,
@@ -166,6 +156,15 @@ def log_config(settings: InferenceSettings) -> dict[str, Any]:
         "tls": tls,
         "linger_ms": settings.inference.log_linger_ms,
         "request_timeout_ms": kafka.request_timeout_ms,
+    }
+
+
+def _tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, str | None]:
+    """A client's TLS files as the config names them (None: the system's CAs, no certificate)."""
+    return {
+        "ca_file": str(ca) if ca else None,
+        "cert_file": str(cert) if cert else None,
+        "key_file": str(key) if key else None,
     }
 
 

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,11 @@ from aiokafka.errors import KafkaError
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from loopmesh.client import AsyncClient, BatchPolicy, ClientConfig, Feedback, RetryPolicy
-from loopmesh.devstack.kafka import KafkaCluster
+from loopmesh.devstack.kafka import KafkaCluster, PartitionState
 from loopmesh.gen.loopmesh.v1 import ingestion_pb2 as ipb
 from loopmesh.joiner.core import example_id
 from loopmesh.mesh.bus import EventProducer, declare_topics
+from loopmesh.mesh.errors import SetupError
 from loopmesh.mesh.events import InteractionEvent, LabelledExample, PredictionLogged
 from loopmesh.mesh.settings import KafkaSettings
 from loopmesh.mesh.topics import ENTITIES_ERASED, EVENTS_RAW, Topic
@@ -200,6 +202,14 @@ def failed_calls(spans: InMemorySpanExporter, method: str, since_ns: int) -> lis
     return codes
 
 
+async def _known_partitions(cluster: KafkaCluster, topic: str) -> dict[int, PartitionState] | None:
+    """The topic's partitions, or None while the node asked does not know the topic yet."""
+    try:
+        return await asyncio.to_thread(cluster.partitions, topic)
+    except SetupError:
+        return None
+
+
 async def test_leader_sigkill_under_100k_ingest_loses_nothing_and_counts_once(
     cluster: KafkaCluster,
     kafka: KafkaSettings,
@@ -219,7 +229,10 @@ async def test_leader_sigkill_under_100k_ingest_loses_nothing_and_counts_once(
     for topic in (events, predictions, feedback):
         overrides = await topic_overrides(kafka, topic.name)
         assert overrides["min.insync.replicas"] == "2", overrides
-        assert all(len(p.replicas) == 3 for p in cluster.partitions(topic.name).values())
+        # The controller has the topic once declare_topics returns; a broker's metadata may
+        # learn of it a moment later (UNKNOWN_TOPIC_OR_PARTITION until then).
+        partitions = await eventually(partial(_known_partitions, cluster, topic.name), timeout=30)
+        assert all(len(p.replicas) == 3 for p in partitions.values())
 
     app_id = f"cl-features-{run}"
     joiner_app = f"cl-joiner-{run}"

@@ -363,10 +363,12 @@ def _list_rollouts(mesh: Mesh) -> tuple[st.SearchStrategy[Case], Any, Checker]:
         request = rollout_pb2.ListRolloutsRequest(model_name=name, limit=limit)
         if name and bad_model_name(name):
             return case([request], INVALID, fields=["model_name"])
+        if name:  # a valid name with no rollout (e.g. "A") is NOT_FOUND naming the field
+            return case([request], OK, NOT_FOUND, fields=["model_name"])
         return case([request], OK)
 
     names = st.one_of(st.just(""), st.sampled_from(TRAVERSAL), hostile_text(64))
-    return st.builds(as_case, names, st.integers(0, 2**32 - 1)), (OK, INVALID), None
+    return st.builds(as_case, names, st.integers(0, 2**32 - 1)), (OK, INVALID, NOT_FOUND), None
 
 
 def _nothing(normal: Sequence[grpc.StatusCode]) -> Any:

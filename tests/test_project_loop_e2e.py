@@ -161,14 +161,21 @@ class Loop:
         return event
 
     async def routed(self, state: str, **fields: int) -> None:
-        """Until the gateway routes by that state (it follows ``rollouts`` on its own)."""
+        """Until the gateway routes by that state (it follows ``rollouts`` on its own): its
+        table, and the data plane's, which answers Predict and gets the table pushed after."""
 
         async def follows() -> bool:
             route = self.gateway.routes.get(MODEL)
-            return (
+            if not (
                 route is not None
                 and route.state == state
                 and all(getattr(route, k) == v for k, v in fields.items())
+            ):
+                return False
+            plane = (await self.gateway.dataplane.routes_in_force())["routes"].get(MODEL, {})
+            return (plane.get("stable"), plane.get("canary")) == (
+                route.stable_version,
+                route.canary_version,
             )
 
         await eventually(follows, timeout=DEADLINE)

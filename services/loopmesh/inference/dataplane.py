@@ -310,6 +310,11 @@ class DataPlane:
             body = json.dumps(self.table()).encode()
             await asyncio.to_thread(self._request, "PUT", "/routes", body)
 
+    async def routes_in_force(self) -> dict[str, Any]:
+        """The table the data plane routes by now (``GET /routes``): a change reaches it with
+        the push that follows it in this process, a moment later."""
+        return dict(json.loads(await asyncio.to_thread(self._request, "GET", "/routes", b"")))
+
     # -- figures ------------------------------------------------------------------------------
 
     async def drain_stats(self) -> int:
